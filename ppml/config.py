@@ -1,0 +1,104 @@
+"""One typed settings object, read from ``PPML_*`` environment variables."""
+
+from __future__ import annotations
+
+import secrets
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["Limits", "Settings", "WorkerSettings", "get_settings"]
+
+
+class Limits(BaseModel):
+    """Caps on what one request or job may ask for (all reported in 4xx problem bodies)."""
+
+    max_upload_bytes: int = 256 * 1024 * 1024
+    max_rows: int = 1_000_000
+    max_columns: int = 10_000
+    max_classes: int = 1_000
+    max_epochs: int = 1_000
+    max_sample_epochs: int = 200_000_000  # epochs × training records
+    max_parameters: int = 50_000_000
+    max_page_size: int = 200
+    default_page_size: int = 50
+
+
+class WorkerSettings(BaseModel):
+    """How workers run jobs and keep their rows honest."""
+
+    lease_seconds: int = 60
+    report_every_steps: int = 50
+    job_time_limit_s: int = 6 * 3600
+    queue: str = "training"
+
+
+class Settings(BaseSettings):
+    """Service configuration. Nested groups use ``__``: ``PPML_LIMITS__MAX_ROWS=10``."""
+
+    model_config = SettingsConfigDict(env_prefix="PPML_", env_nested_delimiter="__")
+
+    environment: Literal["local", "production"] = "local"
+    data_dir: Path = Path(".ppml")
+    database_url: str | None = None
+    broker_url: str | None = None
+    admin_token: str | None = Field(default=None, repr=False)
+    limits: Limits = Limits()
+    worker: WorkerSettings = WorkerSettings()
+
+    @model_validator(mode="after")
+    def _refuse_unsafe_production(self) -> Settings:
+        if self.environment == "production":
+            if not self.admin_token or len(self.admin_token) < 16:
+                raise ValueError("production needs PPML_ADMIN_TOKEN of at least 16 characters")
+            if self.database_url is None or self.database_url.startswith("sqlite"):
+                raise ValueError("production needs PPML_DATABASE_URL on PostgreSQL")
+            if self.broker_url is None:
+                raise ValueError("production needs PPML_BROKER_URL (Redis)")
+        return self
+
+    @property
+    def resolved_database_url(self) -> str:
+        """The database URL, defaulting to a SQLite file under the data dir."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'ppml.db').resolve()}"
+
+    @property
+    def resolved_broker_url(self) -> str:
+        """The broker URL, defaulting to kombu's filesystem transport (no server)."""
+        return self.broker_url or "filesystem://"
+
+    @property
+    def broker_folder(self) -> Path:
+        """Folder of the serverless filesystem broker."""
+        return (self.data_dir / "broker").resolve()
+
+    @property
+    def datasets_dir(self) -> Path:
+        return (self.data_dir / "datasets").resolve()
+
+    @property
+    def artifacts_dir(self) -> Path:
+        return (self.data_dir / "artifacts").resolve()
+
+    def ensure_admin_token(self) -> str:
+        """The admin token; in local use, one is generated once and kept under the data dir."""
+        if self.admin_token:
+            return self.admin_token
+        path = self.data_dir / "admin_token"
+        if not path.exists():
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            path.write_text(secrets.token_urlsafe(32))
+            path.chmod(0o600)
+        self.admin_token = path.read_text().strip()
+        return self.admin_token
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings (cached; tests build their own ``Settings``)."""
+    return Settings()

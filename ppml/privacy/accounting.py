@@ -1,0 +1,302 @@
+"""RDP accounting on a fixed, versioned grid of orders, without torch.
+
+Every charge is a mechanism event (Poisson-sampled Gaussian, repeated ``steps`` times) turned
+into an RDP curve by Google's ``dp-accounting``. Curves are stored as integers in units of
+``1 / UNITS_PER_NAT`` nats, rounded *up* for charges and *down* for caps, so composition is
+exact integer addition and admission compares without tolerance (PRIVACY.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from fractions import Fraction
+from functools import lru_cache
+from importlib.metadata import version
+from typing import Any
+
+import dp_accounting
+from dp_accounting.rdp import rdp_privacy_accountant as rdp_lib
+
+__all__ = [
+    "GRID_VERSION",
+    "ORDERS",
+    "UNITS_PER_NAT",
+    "Curve",
+    "MechanismEvent",
+    "add",
+    "calibrate_noise",
+    "caps",
+    "epsilon",
+    "filter_epsilon",
+    "fits",
+    "library_versions",
+    "plan_dp_sgd",
+    "pld_epsilon",
+    "rdp_curve",
+    "subtract",
+    "zero",
+]
+
+#: Orders at which every curve is kept. Changing them needs a new ``GRID_VERSION``.
+ORDERS: tuple[float, ...] = (
+    1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0,
+    10.0, 12.0, 16.0, 20.0, 24.0, 32.0, 48.0, 64.0, 128.0, 256.0,
+)  # fmt: skip
+GRID_VERSION = "rdp-v1"
+UNITS_PER_NAT = 10**9
+#: Stand-in for an infinite RDP value: far above any cap, still summable exactly.
+INFINITE_UNITS = 10**18
+
+#: An RDP curve on ``ORDERS`` in integer units.
+Curve = tuple[int, ...]
+
+SAMPLING_POISSON = "poisson"
+
+# dp-accounting logs a warning each time an order fails to converge; that order is then
+# treated as infinite (unusable), which is the conservative outcome, so keep logs quiet.
+logging.getLogger("absl").setLevel(logging.ERROR)
+
+
+@dataclass(frozen=True, kw_only=True)
+class MechanismEvent:
+    """What a job does to its dataset, enough to recompute every figure later.
+
+    Attributes:
+        sample_rate: Poisson sampling rate q of each step (1.0 for full batches).
+        noise_multiplier: Gaussian noise σ relative to the clipping norm.
+        steps: Number of compositions (optimiser steps or federated rounds).
+        sampling: Sampling method; only ``"poisson"`` is certified.
+        unit: Privacy unit protected by the mechanism: ``"record"`` or ``"client"``.
+    """
+
+    sample_rate: float
+    noise_multiplier: float
+    steps: int
+    sampling: str = SAMPLING_POISSON
+    unit: str = "record"
+
+    def with_steps(self, steps: int) -> MechanismEvent:
+        """The same mechanism run for ``steps`` steps."""
+        return MechanismEvent(
+            sample_rate=self.sample_rate,
+            noise_multiplier=self.noise_multiplier,
+            steps=steps,
+            sampling=self.sampling,
+            unit=self.unit,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready description, with the grid and library versions that priced it."""
+        return {**asdict(self), "grid_version": GRID_VERSION, "libraries": library_versions()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MechanismEvent:
+        """Inverse of :meth:`to_dict` (extra keys are ignored)."""
+        return cls(
+            sample_rate=float(data["sample_rate"]),
+            noise_multiplier=float(data["noise_multiplier"]),
+            steps=int(data["steps"]),
+            sampling=str(data.get("sampling", SAMPLING_POISSON)),
+            unit=str(data.get("unit", "record")),
+        )
+
+
+@lru_cache(maxsize=1)
+def library_versions() -> dict[str, str]:
+    """Versions of the accounting libraries, stored with every charge."""
+    return {"dp-accounting": version("dp-accounting")}
+
+
+def _dp_event(event: MechanismEvent) -> dp_accounting.DpEvent:
+    if event.sampling != SAMPLING_POISSON:
+        raise ValueError(f"sampling {event.sampling!r} has no certified accounting")
+    step = dp_accounting.PoissonSampledDpEvent(
+        event.sample_rate, dp_accounting.GaussianDpEvent(event.noise_multiplier)
+    )
+    return dp_accounting.SelfComposedDpEvent(step, event.steps)
+
+
+def _ceil_units(value: float) -> int:
+    if not math.isfinite(value):
+        return INFINITE_UNITS
+    return min(INFINITE_UNITS, math.ceil(Fraction(value) * UNITS_PER_NAT))
+
+
+def _floor_units(value: float) -> int:
+    return math.floor(Fraction(value) * UNITS_PER_NAT)
+
+
+def zero() -> Curve:
+    """The curve of no charge at all."""
+    return (0,) * len(ORDERS)
+
+
+def add(*curves: Sequence[int]) -> Curve:
+    """Order-by-order sum (RDP composition)."""
+    return tuple(sum(values) for values in zip(*curves, strict=True)) if curves else zero()
+
+
+def subtract(a: Sequence[int], b: Sequence[int]) -> Curve:
+    """Order-by-order difference ``a - b``."""
+    return tuple(x - y for x, y in zip(a, b, strict=True))
+
+
+@lru_cache(maxsize=4096)
+def rdp_curve(event: MechanismEvent) -> Curve:
+    """RDP curve of ``event`` on ``ORDERS``, rounded up to integer units.
+
+    A zero-step event costs nothing. Curves are linear in steps only before rounding, so a
+    partial run is priced with its own event rather than by scaling a curve.
+    """
+    if event.steps == 0:
+        return zero()
+    accountant = rdp_lib.RdpAccountant(orders=list(ORDERS))
+    accountant.compose(_dp_event(event))
+    # ``_rdp`` is the accountant's composed curve; dp-accounting has no public getter.
+    return tuple(_ceil_units(float(value)) for value in accountant._rdp)
+
+
+def epsilon(curve: Sequence[int], delta: float) -> float:
+    """(ε, δ) conversion of a curve (Balle et al. 2020, as in ``dp-accounting``)."""
+    if all(value == 0 for value in curve):
+        return 0.0
+    rdp = [value / UNITS_PER_NAT for value in curve]
+    eps, _order = rdp_lib.compute_epsilon(list(ORDERS), rdp, delta)
+    return float(eps)
+
+
+def _conversion_offset(order: float, delta: float) -> float:
+    """ε − cap(α): what converting at order α with δ split across the grid costs."""
+    split = delta / len(ORDERS)
+    return math.log1p(-1 / order) - (math.log(split) + math.log(order)) / (order - 1)
+
+
+@lru_cache(maxsize=1024)
+def caps(epsilon_total: float, delta_total: float) -> Curve:
+    """Per-order caps of the RDP filter for a budget, rounded down.
+
+    ``cap(α) = ε_total − log(1 − 1/α) + (log(δ_total/|A|) + log α)/(α − 1)``: if the
+    composed curve stays under the cap at any one order, the whole (adaptive) sequence is
+    (ε_total, δ_total)-DP (Feldman & Zrnic 2021 with the Balle et al. conversion, δ split
+    across the |A| orders).
+    """
+    return tuple(
+        _floor_units(epsilon_total - _conversion_offset(order, delta_total)) for order in ORDERS
+    )
+
+
+def fits(used: Sequence[int], job: Sequence[int], budget_caps: Sequence[int]) -> bool:
+    """Admission rule: some order keeps ``used + job`` at or under its cap (exact integers)."""
+    return any(u + j <= c for u, j, c in zip(used, job, budget_caps, strict=True))
+
+
+def filter_epsilon(curve: Sequence[int], delta_total: float) -> float:
+    """The smallest ε_total whose filter would still hold ``curve`` (rounded up)."""
+    if all(value == 0 for value in curve):
+        return 0.0
+    best = min(
+        value / UNITS_PER_NAT + _conversion_offset(order, delta_total)
+        for order, value in zip(ORDERS, curve, strict=True)
+    )
+    return max(0.0, best)
+
+
+def plan_dp_sgd(*, num_records: int, batch_size: int, epochs: int) -> tuple[float, int, int]:
+    """Poisson rate and step schedule of a DP-SGD job: ``(q, steps_per_epoch, total_steps)``.
+
+    ``q = batch_size / n`` so the expected batch is ``batch_size``; an epoch is
+    ``ceil(n / batch_size)`` steps.
+    """
+    if num_records <= 0 or batch_size <= 0 or epochs <= 0:
+        raise ValueError("num_records, batch_size and epochs must be positive")
+    if batch_size > num_records:
+        raise ValueError("batch_size exceeds the number of records")
+    steps_per_epoch = math.ceil(num_records / batch_size)
+    return batch_size / num_records, steps_per_epoch, epochs * steps_per_epoch
+
+
+def _job_epsilon(sigma: float, *, sample_rate: float, steps: int, delta: float, unit: str) -> float:
+    event = MechanismEvent(sample_rate=sample_rate, noise_multiplier=sigma, steps=steps, unit=unit)
+    return epsilon(rdp_curve(event), delta)
+
+
+@lru_cache(maxsize=4096)
+def calibrate_noise(
+    *, target_epsilon: float, delta: float, sample_rate: float, steps: int, unit: str = "record"
+) -> float:
+    """Smallest σ (to 1e-4 relative) whose stored curve converts to at most ``target_epsilon``.
+
+    Uses ``dp-accounting``'s calibration, then checks the figure on the rounded curve that
+    the ledger will charge, so a job never reports more than its target.
+
+    Raises:
+        ValueError: when no σ reaches the target (for instance δ too small).
+    """
+
+    def make_event(sigma: float) -> dp_accounting.DpEvent:
+        return _dp_event(
+            MechanismEvent(sample_rate=sample_rate, noise_multiplier=sigma, steps=steps)
+        )
+
+    sigma = float(
+        dp_accounting.calibrate_dp_mechanism(
+            lambda: rdp_lib.RdpAccountant(orders=list(ORDERS)),
+            make_event,
+            target_epsilon,
+            delta,
+            bracket_interval=dp_accounting.LowerEndpointAndGuess(1e-3, 1.0),
+            tol=1e-5,
+        )
+    )
+    for _ in range(100):
+        if _job_epsilon(sigma, sample_rate=sample_rate, steps=steps, delta=delta, unit=unit) <= (
+            target_epsilon
+        ):
+            return sigma
+        sigma *= 1 + 1e-4
+    raise ValueError("could not calibrate the noise multiplier for this target")
+
+
+def largest_fitting_epsilon(
+    *,
+    used: Sequence[int],
+    budget_caps: Sequence[int],
+    sample_rate: float,
+    steps: int,
+    delta: float,
+    unit: str = "record",
+) -> float | None:
+    """Largest target ε for this job shape that the filter would still admit, or None."""
+
+    def job(sigma: float) -> Curve:
+        return rdp_curve(
+            MechanismEvent(sample_rate=sample_rate, noise_multiplier=sigma, steps=steps, unit=unit)
+        )
+
+    high = 1.0
+    while not fits(used, job(high), budget_caps):
+        high *= 2
+        if high > 1e4:
+            return None
+    low = high / 2 if high > 1.0 else 1e-3
+    if fits(used, job(low), budget_caps):
+        return epsilon(job(low), delta)
+    for _ in range(40):
+        mid = (low + high) / 2
+        if fits(used, job(mid), budget_caps):
+            high = mid
+        else:
+            low = mid
+    return epsilon(job(high), delta)
+
+
+def pld_epsilon(events: Iterable[MechanismEvent], delta: float) -> float:
+    """ε of the composed events by privacy-loss distributions (tighter; for reporting only)."""
+    accountant = dp_accounting.pld.PLDAccountant(value_discretization_interval=1e-3)
+    for event in events:
+        if event.steps:
+            accountant.compose(_dp_event(event))
+    return float(accountant.get_epsilon(delta))

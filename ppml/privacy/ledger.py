@@ -1,0 +1,228 @@
+"""The budget ledger: reserve at admission, commit what was run, release the rest.
+
+Entries are append-only and keyed ``job_id:kind`` so a retried commit or release is a no-op.
+Each dataset's budget row caches the fold of its entries:
+
+* ``committed = Σ commit``
+* ``reserved  = Σ reserve − Σ commit − Σ release``
+
+Every mutation runs under the budget row's lock (``FOR UPDATE`` on PostgreSQL; the writer
+session's ``BEGIN IMMEDIATE`` on SQLite) and updates entries and cache in one transaction.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ppml.db.models import DatasetBudget, Job, LedgerEntry, LedgerKind, new_id, utcnow
+from ppml.db.repositories import Repositories
+from ppml.errors import BudgetExceeded, Conflict
+from ppml.privacy import accounting as acc
+
+__all__ = ["BudgetStatus", "Ledger", "budget_status"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class BudgetStatus:
+    """A dataset's budget as users see it (ε figures at the dataset's δ)."""
+
+    epsilon_total: float
+    delta_total: float
+    epsilon_spent: float
+    epsilon_reserved: float
+    epsilon_remaining: float
+    unit: str
+
+
+def _units(curve: Sequence[int]) -> dict[str, object]:
+    return {"grid": acc.GRID_VERSION, "units": list(curve)}
+
+
+def _curve(data: dict[str, object]) -> acc.Curve:
+    units = data["units"]
+    assert isinstance(units, list)
+    return tuple(int(value) for value in units)
+
+
+def budget_status(budget: DatasetBudget) -> BudgetStatus:
+    """Spent, reserved and remaining ε of a budget row.
+
+    Spent is the tight conversion of the committed curve; remaining is what the admission
+    filter still allows (it splits δ across the orders, so it is slightly more cautious).
+    """
+    committed, reserved = _curve(budget.committed), _curve(budget.reserved)
+    used = acc.add(committed, reserved)
+    spent = acc.epsilon(committed, budget.delta_total)
+    held = acc.epsilon(used, budget.delta_total)
+    remaining = budget.epsilon_total - acc.filter_epsilon(used, budget.delta_total)
+    return BudgetStatus(
+        epsilon_total=budget.epsilon_total,
+        delta_total=budget.delta_total,
+        epsilon_spent=spent,
+        epsilon_reserved=max(0.0, held - spent),
+        epsilon_remaining=max(0.0, remaining),
+        unit=budget.unit,
+    )
+
+
+class Ledger:
+    """Ledger operations over one unit of work (the caller commits the transaction)."""
+
+    def __init__(self, repos: Repositories) -> None:
+        self.repos = repos
+
+    def open_budget(
+        self, *, dataset_id: str, epsilon_total: float, delta_total: float, unit: str
+    ) -> DatasetBudget:
+        budget = DatasetBudget(
+            dataset_id=dataset_id,
+            epsilon_total=epsilon_total,
+            delta_total=delta_total,
+            unit=unit,
+            grid_version=acc.GRID_VERSION,
+            committed=_units(acc.zero()),
+            reserved=_units(acc.zero()),
+            version=0,
+        )
+        self.repos.add(budget)
+        return budget
+
+    def lock(self, dataset_id: str) -> DatasetBudget | None:
+        return self.repos.budget(dataset_id, lock=True)
+
+    def admits(self, budget: DatasetBudget, job_curve: Sequence[int]) -> bool:
+        used = acc.add(_curve(budget.committed), _curve(budget.reserved))
+        return acc.fits(used, job_curve, acc.caps(budget.epsilon_total, budget.delta_total))
+
+    def refusal(
+        self, budget: DatasetBudget, event: acc.MechanismEvent, *, requested: float, delta: float
+    ) -> BudgetExceeded:
+        """The 409 for a job that does not fit, with the largest ε that would."""
+        status = budget_status(budget)
+        used = acc.add(_curve(budget.committed), _curve(budget.reserved))
+        largest = acc.largest_fitting_epsilon(
+            used=used,
+            budget_caps=acc.caps(budget.epsilon_total, budget.delta_total),
+            sample_rate=event.sample_rate,
+            steps=event.steps,
+            delta=delta,
+            unit=event.unit,
+        )
+        return BudgetExceeded(
+            f"This job would spend ε={requested:.4g} but the dataset has "
+            f"ε={status.epsilon_remaining:.4g} left of {status.epsilon_total:g}.",
+            epsilon_remaining=status.epsilon_remaining,
+            epsilon_requested=requested,
+            max_target_epsilon=largest,
+        )
+
+    def reserve(
+        self, budget: DatasetBudget, job: Job, event: acc.MechanismEvent
+    ) -> LedgerEntry | None:
+        """Reserve a job's full curve on a locked budget; raises if the filter refuses."""
+        curve = acc.rdp_curve(event)
+        if not self.admits(budget, curve):
+            requested = acc.epsilon(curve, budget.delta_total)
+            raise self.refusal(budget, event, requested=requested, delta=budget.delta_total)
+        entry = self._append(budget, job.id, LedgerKind.RESERVE, curve, event)
+        budget.reserved = _units(acc.add(_curve(budget.reserved), curve))
+        self._touch(budget)
+        return entry
+
+    def settle(
+        self, budget: DatasetBudget, job_id: str, *, steps: int | None, note: str
+    ) -> tuple[LedgerEntry | None, LedgerEntry | None]:
+        """Commit the curve of ``steps`` steps (None: nothing ran) and release the rest.
+
+        Idempotent: a job is settled once; later calls return the existing entries.
+        """
+        reserve = self.repos.ledger_entry(f"{job_id}:{LedgerKind.RESERVE}")
+        if reserve is None:
+            return None, None
+        existing_commit = self.repos.ledger_entry(f"{job_id}:{LedgerKind.COMMIT}")
+        existing_release = self.repos.ledger_entry(f"{job_id}:{LedgerKind.RELEASE}")
+        if existing_commit is not None or existing_release is not None:
+            return existing_commit, existing_release
+        reserved_curve = _curve(reserve.rdp)
+        planned = acc.MechanismEvent.from_dict(reserve.event)
+        commit_entry = None
+        committed = acc.zero()
+        if steps:
+            used_event = planned.with_steps(min(steps, planned.steps))
+            # Fewer steps never cost more; min() only guards against numerical failures
+            # at single orders (stored as "infinite") in the partial run.
+            committed = tuple(
+                min(a, b) for a, b in zip(acc.rdp_curve(used_event), reserved_curve, strict=True)
+            )
+            commit_entry = self._append(budget, job_id, LedgerKind.COMMIT, committed, used_event)
+            budget.committed = _units(acc.add(_curve(budget.committed), committed))
+        rest = acc.subtract(reserved_curve, committed)
+        release_entry = self._append(budget, job_id, LedgerKind.RELEASE, rest, planned, note=note)
+        budget.reserved = _units(acc.subtract(_curve(budget.reserved), reserved_curve))
+        self._touch(budget)
+        return commit_entry, release_entry
+
+    def fold(self, dataset_id: str) -> tuple[acc.Curve, acc.Curve]:
+        """Recompute ``(committed, reserved)`` from the entries alone."""
+        committed, reserved = acc.zero(), acc.zero()
+        for entry in self.repos.ledger_entries(dataset_id):
+            curve = _curve(entry.rdp)
+            if entry.kind == LedgerKind.RESERVE:
+                reserved = acc.add(reserved, curve)
+            elif entry.kind == LedgerKind.COMMIT:
+                committed = acc.add(committed, curve)
+                reserved = acc.subtract(reserved, curve)
+            else:
+                reserved = acc.subtract(reserved, curve)
+        return committed, reserved
+
+    def verify(self, *, repair: bool = False) -> list[str]:
+        """Dataset ids whose cached totals differ from the fold of their entries.
+
+        With ``repair``, the cache is rebuilt from the entries (they are the truth).
+        """
+        mismatched = []
+        for budget in self.repos.all_budgets():
+            committed, reserved = self.fold(budget.dataset_id)
+            if committed != _curve(budget.committed) or reserved != _curve(budget.reserved):
+                mismatched.append(budget.dataset_id)
+                log.error("ledger cache of dataset %s differs from its entries", budget.dataset_id)
+                if repair:
+                    budget.committed, budget.reserved = _units(committed), _units(reserved)
+                    self._touch(budget)
+        return mismatched
+
+    def _append(
+        self,
+        budget: DatasetBudget,
+        job_id: str,
+        kind: LedgerKind,
+        curve: Sequence[int],
+        event: acc.MechanismEvent,
+        *,
+        note: str | None = None,
+    ) -> LedgerEntry:
+        if budget.grid_version != acc.GRID_VERSION:
+            raise Conflict("the dataset's budget was priced on another grid of orders")
+        entry = LedgerEntry(
+            id=new_id("led"),
+            dataset_id=budget.dataset_id,
+            job_id=job_id,
+            kind=kind,
+            idempotency_key=f"{job_id}:{kind}",
+            rdp=_units(curve),
+            event=event.to_dict(),
+            epsilon=acc.epsilon(curve, budget.delta_total),
+            note=note,
+        )
+        self.repos.add(entry)
+        return entry
+
+    @staticmethod
+    def _touch(budget: DatasetBudget) -> None:
+        budget.version += 1
+        budget.updated_at = utcnow()

@@ -1,0 +1,141 @@
+"""Job specifications: what a user asks for, validated before anything is stored.
+
+Pure pydantic (no torch): the API validates and prices jobs with these, the worker reads the
+stored spec back with the same models.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+__all__ = [
+    "ARCHITECTURES",
+    "FederatedSpec",
+    "JobSpec",
+    "ModelSpec",
+    "PartitionSpec",
+    "PrivacySpec",
+    "TrainingSpec",
+    "count_parameters",
+    "request_hash",
+]
+
+ARCHITECTURES = ("logreg", "mlp", "cnn1d")
+
+PositiveSize = Annotated[int, Field(ge=1, le=4096)]
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSpec(_Spec):
+    """Architecture of the model to train."""
+
+    arch: Literal["logreg", "mlp", "cnn1d"] = Field(description="Model architecture.")
+    hidden_sizes: list[PositiveSize] = Field(
+        default=[128], max_length=8, description="Widths of the hidden layers (mlp)."
+    )
+    channels: list[PositiveSize] = Field(
+        default=[16, 32], min_length=1, max_length=6, description="Conv channels (cnn1d)."
+    )
+    kernel_size: int = Field(default=5, ge=1, le=31, description="Conv kernel size (cnn1d).")
+
+
+class TrainingSpec(_Spec):
+    """Optimisation settings."""
+
+    epochs: int = Field(ge=1, le=10_000, description="Passes over the training records.")
+    batch_size: int = Field(ge=1, le=65_536, description="Expected batch size.")
+    learning_rate: float = Field(gt=0, le=100, description="Optimiser learning rate.")
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    momentum: float = Field(default=0.0, ge=0, lt=1, description="SGD momentum.")
+    seed: int = Field(default=0, ge=0, le=2**31 - 1)
+    max_runtime_s: int | None = Field(
+        default=None, ge=1, description="Stop the job after this many seconds (capped)."
+    )
+
+
+class PrivacySpec(_Spec):
+    """Differential privacy of the job. σ is calibrated so the job spends ``target_epsilon``."""
+
+    target_epsilon: float = Field(gt=0, le=100, description="ε this job may spend.")
+    delta: float | None = Field(
+        default=None, gt=0, lt=1, description="δ of the job; defaults to the dataset's δ."
+    )
+    max_grad_norm: float = Field(default=1.0, gt=0, le=1e4, description="Clipping norm C.")
+    level: Literal["sample", "client"] = Field(
+        default="sample", description="Privacy unit: one record, or one federated client."
+    )
+    sampling: Literal["poisson", "shuffle"] = Field(
+        default="poisson",
+        description="Batch sampling. Only Poisson sampling matches the accountant; "
+        "shuffling is refused.",
+    )
+
+
+class PartitionSpec(_Spec):
+    scheme: Literal["iid", "dirichlet", "column"] = "iid"
+    alpha: float = Field(default=0.5, gt=0, le=1e4, description="Dirichlet concentration.")
+
+
+class FederatedSpec(_Spec):
+    """Federated simulation over clients carved out of the dataset."""
+
+    num_clients: int = Field(ge=1, le=100_000)
+    clients_per_round: int = Field(ge=1, le=100_000)
+    rounds: int = Field(ge=1, le=100_000)
+    local_epochs: int = Field(default=1, ge=1, le=1_000)
+    partition: PartitionSpec = PartitionSpec()
+    strategy: Literal["fedavg", "fedprox", "fedadam"] = "fedavg"
+    mu: float = Field(default=0.01, ge=0, description="FedProx proximal weight.")
+    server_learning_rate: float = Field(default=1.0, gt=0, description="Server step size.")
+    dropout: float = Field(default=0.0, ge=0, lt=1, description="Fraction of clients lost.")
+
+    @model_validator(mode="after")
+    def _clients_per_round(self) -> FederatedSpec:
+        if self.clients_per_round > self.num_clients:
+            raise ValueError("clients_per_round must not exceed num_clients")
+        return self
+
+
+class JobSpec(_Spec):
+    """A training job on one dataset."""
+
+    name: str = Field(min_length=1, max_length=200)
+    dataset_id: str = Field(min_length=1, max_length=40)
+    model: ModelSpec
+    training: TrainingSpec
+    privacy: PrivacySpec | None = Field(
+        description="null trains without privacy (only on datasets without a budget)."
+    )
+    federated: FederatedSpec | None = None
+
+
+def request_hash(spec: JobSpec) -> str:
+    """Canonical hash of a job request, for ``Idempotency-Key`` comparisons."""
+    canonical = json.dumps(spec.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def count_parameters(model: ModelSpec, *, num_features: int, num_classes: int) -> int:
+    """Number of trainable parameters, computed without building the model."""
+    if model.arch == "logreg":
+        return (num_features + 1) * num_classes
+    if model.arch == "mlp":
+        widths = [num_features, *model.hidden_sizes, num_classes]
+        return sum((a + 1) * b for a, b in itertools.pairwise(widths))
+    length, c_in, total = num_features, 1, 0
+    for c_out in model.channels:
+        total += c_in * c_out * model.kernel_size + c_out  # conv
+        total += 2 * c_out  # group norm affine
+        c_in = c_out
+        if length >= 2:
+            length = math.floor(length / 2)
+    return total + (length * c_in + 1) * num_classes
