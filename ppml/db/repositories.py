@@ -1,0 +1,212 @@
+"""Repositories: every SQL statement of ppml lives here.
+
+Each takes an open :class:`~sqlalchemy.orm.Session`; the caller owns the transaction.
+Every tenant-owned lookup takes the tenant id, so ownership cannot be forgotten.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from ppml.db.models import (
+    ApiKey,
+    Dataset,
+    DatasetBudget,
+    Job,
+    JobStatus,
+    LedgerEntry,
+    Tenant,
+    utcnow,
+)
+
+__all__ = ["Page", "Repositories"]
+
+Page = tuple[list[Any], str | None]
+
+TERMINAL = [JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED]
+
+
+class Repositories:
+    """Typed queries over one session."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    # --- tenants and keys -------------------------------------------------------------
+    def add(self, *objects: Any) -> None:
+        self.session.add_all(objects)
+        self.session.flush()
+
+    def tenant_by_name(self, name: str) -> Tenant | None:
+        return self.session.scalar(select(Tenant).where(Tenant.name == name))
+
+    def tenant(self, tenant_id: str) -> Tenant | None:
+        return self.session.get(Tenant, tenant_id)
+
+    def list_tenants(self, *, page_size: int, page_token: str | None) -> Page:
+        stmt = select(Tenant)
+        return self._page(stmt, Tenant.id, page_size, page_token, descending=False)
+
+    def tenant_id_for_key_hash(self, key_hash: str) -> str | None:
+        return self.session.scalar(select(ApiKey.tenant_id).where(ApiKey.key_hash == key_hash))
+
+    # --- datasets ---------------------------------------------------------------------
+    def dataset(self, tenant_id: str, dataset_id: str) -> Dataset | None:
+        return self.session.scalar(
+            select(Dataset).where(Dataset.id == dataset_id, Dataset.tenant_id == tenant_id)
+        )
+
+    def dataset_by_id(self, dataset_id: str) -> Dataset | None:
+        """Unscoped lookup, for workers only (they act for the job's owner)."""
+        return self.session.get(Dataset, dataset_id)
+
+    def list_datasets(self, tenant_id: str, *, page_size: int, page_token: str | None) -> Page:
+        stmt = select(Dataset).where(Dataset.tenant_id == tenant_id)
+        return self._page(stmt, Dataset.id, page_size, page_token)
+
+    def budget(self, dataset_id: str, *, lock: bool = False) -> DatasetBudget | None:
+        """The budget row; ``lock`` takes ``FOR UPDATE`` (a no-op on SQLite, whose writer
+        sessions already hold the database lock from ``BEGIN IMMEDIATE``)."""
+        stmt = select(DatasetBudget).where(DatasetBudget.dataset_id == dataset_id)
+        if lock:
+            stmt = stmt.with_for_update()
+            # Within a transaction that read the row before, make sure we see the newest.
+            stmt = stmt.execution_options(populate_existing=True)
+        return self.session.scalar(stmt)
+
+    def all_budgets(self) -> Sequence[DatasetBudget]:
+        return self.session.scalars(select(DatasetBudget)).all()
+
+    # --- jobs -------------------------------------------------------------------------
+    def job(self, tenant_id: str, job_id: str) -> Job | None:
+        return self.session.scalar(select(Job).where(Job.id == job_id, Job.tenant_id == tenant_id))
+
+    def job_by_id(self, job_id: str, *, lock: bool = False) -> Job | None:
+        """Unscoped lookup, for workers only."""
+        stmt = select(Job).where(Job.id == job_id).execution_options(populate_existing=True)
+        if lock:
+            stmt = stmt.with_for_update()
+        return self.session.scalar(stmt)
+
+    def job_by_idempotency_key(self, tenant_id: str, key: str) -> Job | None:
+        return self.session.scalar(
+            select(Job).where(Job.tenant_id == tenant_id, Job.idempotency_key == key)
+        )
+
+    def list_jobs(
+        self,
+        tenant_id: str,
+        *,
+        status: str | None,
+        dataset_id: str | None,
+        page_size: int,
+        page_token: str | None,
+    ) -> Page:
+        stmt = select(Job).where(Job.tenant_id == tenant_id)
+        if status is not None:
+            stmt = stmt.where(Job.status == status)
+        if dataset_id is not None:
+            stmt = stmt.where(Job.dataset_id == dataset_id)
+        return self._page(stmt, Job.id, page_size, page_token)
+
+    def count_jobs(self, tenant_id: str, status: str) -> int:
+        stmt = select(func.count()).where(Job.tenant_id == tenant_id, Job.status == status)
+        return int(self.session.scalar(stmt) or 0)
+
+    def claim_job(self, job_id: str, *, owner: str, lease_until: datetime) -> bool:
+        """Conditional update queued → running; False when another worker got it first."""
+        now = utcnow()
+        result = self.session.execute(
+            update(Job)
+            .where(
+                Job.id == job_id, Job.status == JobStatus.QUEUED, Job.cancel_requested.is_(False)
+            )
+            .values(
+                status=JobStatus.RUNNING,
+                lease_owner=owner,
+                lease_expires_at=lease_until,
+                attempts=Job.attempts + 1,
+                data_touched=True,
+                started_at=func.coalesce(Job.started_at, now),
+                updated_at=now,
+            )
+            .execution_options(synchronize_session=False)
+        )
+        return bool(getattr(result, "rowcount", 0) == 1)
+
+    def heartbeat(
+        self,
+        job_id: str,
+        *,
+        owner: str,
+        lease_until: datetime,
+        progress: dict[str, Any],
+        steps: int,
+    ) -> tuple[bool, bool]:
+        """Record progress under the lease. Returns ``(still_owner, cancel_requested)``."""
+        result = self.session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.lease_owner == owner, Job.status == JobStatus.RUNNING)
+            .values(
+                progress=progress,
+                steps_done=steps,
+                lease_expires_at=lease_until,
+                updated_at=utcnow(),
+            )
+            .execution_options(synchronize_session=False)
+        )
+        if getattr(result, "rowcount", 0) != 1:
+            return False, True
+        cancel = self.session.scalar(select(Job.cancel_requested).where(Job.id == job_id))
+        return True, bool(cancel)
+
+    def mark_enqueued(self, job_id: str) -> None:
+        self.session.execute(
+            update(Job)
+            .where(Job.id == job_id)
+            .values(enqueued_at=utcnow())
+            .execution_options(synchronize_session=False)
+        )
+
+    # --- ledger -----------------------------------------------------------------------
+    def ledger_entry(self, idempotency_key: str) -> LedgerEntry | None:
+        return self.session.scalar(
+            select(LedgerEntry).where(LedgerEntry.idempotency_key == idempotency_key)
+        )
+
+    def ledger_entries(self, dataset_id: str) -> Sequence[LedgerEntry]:
+        stmt = select(LedgerEntry).where(LedgerEntry.dataset_id == dataset_id)
+        return self.session.scalars(stmt.order_by(LedgerEntry.id)).all()
+
+    def job_ledger_entries(self, job_id: str) -> Sequence[LedgerEntry]:
+        stmt = select(LedgerEntry).where(LedgerEntry.job_id == job_id)
+        return self.session.scalars(stmt.order_by(LedgerEntry.id)).all()
+
+    def list_ledger(self, dataset_id: str, *, page_size: int, page_token: str | None) -> Page:
+        stmt = select(LedgerEntry).where(LedgerEntry.dataset_id == dataset_id)
+        return self._page(stmt, LedgerEntry.id, page_size, page_token, descending=False)
+
+    # --- helpers ----------------------------------------------------------------------
+    def _page(
+        self,
+        stmt: Any,
+        key: Any,
+        page_size: int,
+        page_token: str | None,
+        *,
+        descending: bool = True,
+    ) -> Page:
+        """Keyset pagination on a creation-ordered id; the token is the last id served."""
+        if page_token is not None:
+            stmt = stmt.where(key < page_token if descending else key > page_token)
+        stmt = stmt.order_by(key.desc() if descending else key.asc()).limit(page_size + 1)
+        rows = list(self.session.scalars(stmt).all())
+        if len(rows) > page_size:
+            rows = rows[:page_size]
+            return rows, str(getattr(rows[-1], "id"))  # noqa: B009
+        return rows, None
