@@ -1,0 +1,33 @@
+"""Torch-only training core: model zoo, DP-SGD / non-private loop, safetensors export.
+
+Only the worker imports this package; the API process must never import torch, so
+nothing outside ``ppml.training`` imports it at module import time.
+"""
+
+from ppml.training.dp_sgd import (
+    DPPlan,
+    Progress,
+    TrainingCallbacks,
+    TrainingPlan,
+    TrainResult,
+    evaluate,
+    train,
+)
+from ppml.training.export import architecture_metadata, load_model, save_model
+from ppml.training.models import ARCHITECTURES, build_model, count_parameters
+
+__all__ = [
+    "ARCHITECTURES",
+    "DPPlan",
+    "Progress",
+    "TrainResult",
+    "TrainingCallbacks",
+    "TrainingPlan",
+    "architecture_metadata",
+    "build_model",
+    "count_parameters",
+    "evaluate",
+    "load_model",
+    "save_model",
+    "train",
+]
