@@ -1,0 +1,63 @@
+"""The FastAPI application factory."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from api.errors import install_error_handlers
+from api.limits import BodySizeLimit
+from api.routes import datasets, health, jobs, models, tenants
+from ppml.config import Settings, get_settings
+from ppml.db.session import Database
+from ppml.queue import make_celery
+from ppml.services.jobs import JobService
+from ppml.storage import ArtifactStore
+
+__all__ = ["create_app"]
+
+log = logging.getLogger(__name__)
+
+DESCRIPTION = """Train models on sensitive data with differential privacy.
+
+Register a dataset with a privacy budget (ε, δ), submit DP-SGD jobs, poll them, and download
+the trained model with its privacy receipt. A ledger refuses any job that would overspend a
+dataset's budget. All `/v1` routes take `Authorization: Bearer <key>`.
+"""
+
+
+def create_app(settings: Settings | None = None, db: Database | None = None) -> FastAPI:
+    """Build the app. The database schema must already be migrated (``ppml db upgrade``)."""
+    settings = settings or get_settings()
+    db = db or Database(settings.resolved_database_url)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        yield
+        db.dispose()
+
+    app = FastAPI(
+        title="ppml",
+        version="1.0.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        openapi_tags=[
+            {"name": "tenants", "description": "Admin: tenants and API keys."},
+            {"name": "datasets", "description": "Datasets, budgets and ledgers."},
+            {"name": "jobs", "description": "Training jobs."},
+            {"name": "models", "description": "Trained models and their privacy receipts."},
+            {"name": "health", "description": "Liveness, readiness, metrics."},
+        ],
+    )
+    app.state.settings = settings
+    app.state.db = db
+    app.state.store = ArtifactStore(settings.data_dir)
+    app.state.jobs = JobService(db, settings, make_celery(settings))
+    install_error_handlers(app)
+    for module in (tenants, datasets, jobs, models, health):
+        app.include_router(module.router)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.limits.max_upload_bytes)
+    return app

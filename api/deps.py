@@ -1,0 +1,124 @@
+"""Request dependencies as ``Annotated`` aliases: a route's signature says what it needs."""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, Path, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.orm import Session
+
+from ppml.config import Settings
+from ppml.db.models import Dataset, Job
+from ppml.db.repositories import Repositories
+from ppml.db.session import Database
+from ppml.errors import NotFound, Unauthorized
+from ppml.services.jobs import JobService
+from ppml.services.tenants import tenant_for_key
+from ppml.storage import ArtifactStore
+
+__all__ = [
+    "AdminAuth",
+    "CurrentTenant",
+    "DatabaseDep",
+    "JobServiceDep",
+    "OwnedDataset",
+    "OwnedJob",
+    "ReposDep",
+    "SettingsDep",
+    "StoreDep",
+]
+
+_bearer = HTTPBearer(auto_error=False, description="An API key, or the admin token.")
+
+
+def _database(request: Request) -> Database:
+    db: Database = request.app.state.db
+    return db
+
+
+def _settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def _store(request: Request) -> ArtifactStore:
+    store: ArtifactStore = request.app.state.store
+    return store
+
+
+def _job_service(request: Request) -> JobService:
+    service: JobService = request.app.state.jobs
+    return service
+
+
+DatabaseDep = Annotated[Database, Depends(_database)]
+SettingsDep = Annotated[Settings, Depends(_settings)]
+StoreDep = Annotated[ArtifactStore, Depends(_store)]
+JobServiceDep = Annotated[JobService, Depends(_job_service)]
+Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+
+
+def _session(request: Request, db: DatabaseDep) -> Iterator[Session]:
+    """The request's unit of work: committed when the route returns, rolled back on error."""
+    with db.session(write=request.method not in ("GET", "HEAD")) as session:
+        yield session
+
+
+def _repos(session: Annotated[Session, Depends(_session)]) -> Repositories:
+    return Repositories(session)
+
+
+ReposDep = Annotated[Repositories, Depends(_repos)]
+
+
+def _admin(credentials: Credentials, settings: SettingsDep) -> None:
+    if credentials is None:
+        raise Unauthorized("missing bearer token")
+    expected = settings.ensure_admin_token()
+    if not hmac.compare_digest(credentials.credentials.encode(), expected.encode()):
+        raise Unauthorized("invalid admin token")
+
+
+def _tenant(credentials: Credentials, db: DatabaseDep) -> str:
+    if credentials is None:
+        raise Unauthorized("missing bearer token")
+    # A short read of its own: the request's writer transaction must not start here.
+    with db.session() as session:
+        tenant_id = tenant_for_key(Repositories(session), credentials.credentials)
+    if tenant_id is None:
+        raise Unauthorized("invalid API key")
+    return tenant_id
+
+
+AdminAuth = Annotated[None, Depends(_admin)]
+CurrentTenant = Annotated[str, Depends(_tenant)]
+
+
+def _owned_dataset(
+    tenant_id: CurrentTenant,
+    repos: ReposDep,
+    dataset_id: Annotated[str, Path(max_length=64)],
+) -> Dataset:
+    dataset = repos.dataset(tenant_id, dataset_id)
+    if dataset is None:
+        raise NotFound("dataset not found")
+    return dataset
+
+
+def _owned_job(
+    tenant_id: CurrentTenant,
+    db: DatabaseDep,
+    job_id: Annotated[str, Path(max_length=64)],
+) -> Job:
+    with db.session() as session:
+        job = Repositories(session).job(tenant_id, job_id)
+    if job is None:
+        raise NotFound("job not found")
+    return job
+
+
+OwnedDataset = Annotated[Dataset, Depends(_owned_dataset)]
+OwnedJob = Annotated[Job, Depends(_owned_job)]

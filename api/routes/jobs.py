@@ -1,0 +1,132 @@
+"""Jobs: submit (with admission), quote, poll, list, cancel, follow."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Header, Query, Response
+from fastapi.responses import StreamingResponse
+
+from api.deps import CurrentTenant, DatabaseDep, JobServiceDep, OwnedJob, ReposDep
+from api.routes.common import PageToken, errors
+from api.schemas import Job, JobPage, JobSpec, Quote
+from ppml.db import models
+from ppml.db.repositories import Repositories
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+StatusFilter = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+
+
+def to_schema(row: models.Job) -> Job:
+    return Job.model_validate(row, from_attributes=True)
+
+
+@router.post(
+    "",
+    status_code=202,
+    operation_id="create_job",
+    responses=errors(404, 409),
+    response_model=Job,
+)
+def create_job(
+    spec: JobSpec,
+    tenant_id: CurrentTenant,
+    jobs: JobServiceDep,
+    response: Response,
+    idempotency_key: Annotated[
+        str | None,
+        Header(alias="Idempotency-Key", max_length=200, description="Replays return the job."),
+    ] = None,
+) -> Job:
+    """Submit a training job. Its privacy cost is reserved now, or the job is refused (409)."""
+    job, _created = jobs.submit(tenant_id, spec, idempotency_key=idempotency_key)
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    return to_schema(job)
+
+
+@router.post("/quote", operation_id="quote_job", responses=errors(404, 409), response_model=Quote)
+def quote_job(spec: JobSpec, tenant_id: CurrentTenant, jobs: JobServiceDep) -> Quote:
+    """Price a job (ε, σ) and say whether it fits the budget. Reserves nothing."""
+    quote = jobs.quote(tenant_id, spec)
+    return Quote.model_validate(quote, from_attributes=True)
+
+
+@router.get("", operation_id="list_jobs", responses=errors(), response_model=JobPage)
+def list_jobs(
+    tenant_id: CurrentTenant,
+    repos: ReposDep,
+    status: StatusFilter | None = None,
+    dataset_id: Annotated[str | None, Query(max_length=64)] = None,
+    page_size: Annotated[int, Query(ge=1, le=200)] = 50,
+    page_token: PageToken = None,
+) -> JobPage:
+    """List the tenant's jobs, newest first."""
+    rows, token = repos.list_jobs(
+        tenant_id, status=status, dataset_id=dataset_id, page_size=page_size, page_token=page_token
+    )
+    return JobPage(items=[to_schema(r) for r in rows], next_page_token=token)
+
+
+@router.get("/{job_id}", operation_id="get_job", responses=errors(404), response_model=Job)
+def get_job(job: OwnedJob) -> Job:
+    """A job's status, progress, metrics and privacy figures."""
+    return to_schema(job)
+
+
+@router.post(
+    "/{job_id}/cancel",
+    status_code=202,
+    operation_id="cancel_job",
+    responses=errors(404, 409),
+    response_model=Job,
+)
+def cancel_job(job: OwnedJob, tenant_id: CurrentTenant, jobs: JobServiceDep) -> Job:
+    """Cancel a job. Queued jobs stop at once with a full refund; running jobs stop at the next
+    step and are charged for the steps they ran. Finished jobs answer 409."""
+    return to_schema(jobs.cancel(tenant_id, job.id))
+
+
+def _events(db: DatabaseDep, tenant_id: str, job_id: str, poll_s: float) -> Iterator[str]:
+    last_status, last_progress = None, None
+    deadline = time.monotonic() + 24 * 3600
+    while time.monotonic() < deadline:
+        with db.session() as session:
+            row = Repositories(session).job(tenant_id, job_id)
+        if row is None:
+            return
+        job = to_schema(row)
+        if job.status != last_status:
+            last_status = job.status
+            yield f"event: status\ndata: {json.dumps({'status': job.status})}\n\n"
+        progress = job.progress.model_dump()
+        if progress != last_progress:
+            last_progress = progress
+            yield f"event: progress\ndata: {json.dumps(progress)}\n\n"
+        if job.status in ("succeeded", "failed", "cancelled"):
+            yield f"event: end\ndata: {job.model_dump_json()}\n\n"
+            return
+        time.sleep(poll_s)
+
+
+@router.get(
+    "/{job_id}/events",
+    operation_id="stream_job_events",
+    responses={
+        **errors(404),
+        200: {"content": {"text/event-stream": {}}, "description": "Server-sent events."},
+    },
+    response_class=StreamingResponse,
+)
+def stream_job_events(
+    job: OwnedJob, tenant_id: CurrentTenant, db: DatabaseDep
+) -> StreamingResponse:
+    """Server-sent events (``status``, ``progress``, then ``end``) until the job finishes."""
+    return StreamingResponse(
+        _events(db, tenant_id, job.id, poll_s=0.5),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache"},
+    )

@@ -1,0 +1,51 @@
+"""Admin routes: tenants and their API keys."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Query
+
+from api.deps import AdminAuth, ReposDep
+from api.routes.common import PageToken, errors
+from api.schemas import ApiKeyCreated, Tenant, TenantCreate, TenantPage
+from ppml.services import tenants
+
+router = APIRouter(prefix="/v1/tenants", tags=["tenants"])
+
+
+@router.post(
+    "", status_code=201, operation_id="create_tenant", responses=errors(409), response_model=Tenant
+)
+def create_tenant(body: TenantCreate, _admin: AdminAuth, repos: ReposDep) -> Tenant:
+    """Create a tenant (admin token)."""
+    row = tenants.create_tenant(repos, name=body.name)
+    return Tenant.model_validate(row, from_attributes=True)
+
+
+@router.get("", operation_id="list_tenants", responses=errors(), response_model=TenantPage)
+def list_tenants(
+    _admin: AdminAuth,
+    repos: ReposDep,
+    page_size: Annotated[int, Query(ge=1, le=200)] = 50,
+    page_token: PageToken = None,
+) -> TenantPage:
+    """List tenants (admin token)."""
+    rows, token = repos.list_tenants(page_size=page_size, page_token=page_token)
+    items = [Tenant.model_validate(r, from_attributes=True) for r in rows]
+    return TenantPage(items=items, next_page_token=token)
+
+
+@router.post(
+    "/{tenant_id}/api-keys",
+    status_code=201,
+    operation_id="create_api_key",
+    responses=errors(404),
+    response_model=ApiKeyCreated,
+)
+def create_api_key(
+    tenant_id: Annotated[str, Path(max_length=64)], _admin: AdminAuth, repos: ReposDep
+) -> ApiKeyCreated:
+    """Create an API key for a tenant (admin token). The key is shown once."""
+    row, key = tenants.create_api_key(repos, tenant_id=tenant_id)
+    return ApiKeyCreated(id=row.id, tenant_id=row.tenant_id, key=key, created_at=row.created_at)

@@ -1,0 +1,66 @@
+"""The Celery application shared by the API (which only sends) and the workers.
+
+Tasks are addressed by name, with ids only; the API never imports task code.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import Celery
+from kombu import Queue
+
+from ppml.config import Settings
+
+__all__ = ["RUN_JOB", "enqueue_job", "make_celery"]
+
+RUN_JOB = "ppml.run_job"
+
+log = logging.getLogger(__name__)
+
+
+def make_celery(settings: Settings) -> Celery:
+    """A Celery app configured for long, idempotent training tasks."""
+    app = Celery("ppml", broker=settings.resolved_broker_url)
+    transport_options: dict[str, Any] = {
+        # Redeliver only after the longest job could have finished (Celery's Redis docs).
+        "visibility_timeout": settings.worker.job_time_limit_s + 3600,
+    }
+    if settings.resolved_broker_url.startswith("filesystem://"):
+        folder = settings.broker_folder
+        (folder / "processed").mkdir(parents=True, exist_ok=True)
+        transport_options.update(
+            data_folder_in=str(folder), data_folder_out=str(folder), store_processed=False
+        )
+    queue = settings.worker.queue
+    app.conf.update(
+        broker_transport_options=transport_options,
+        broker_connection_retry_on_startup=True,
+        task_queues=[Queue(queue)],
+        task_default_queue=queue,
+        task_routes={RUN_JOB: {"queue": queue}},
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_ignore_result=True,
+        task_serializer="json",
+        accept_content=["json"],
+        task_time_limit=settings.worker.job_time_limit_s + 300,
+        worker_hijack_root_logger=False,
+    )
+    return app
+
+
+def enqueue_job(app: Celery, job_id: str) -> bool:
+    """Send ``run_job(job_id)``; False (logged) when the broker is unreachable.
+
+    A job that could not be enqueued stays ``queued`` with no ``enqueued_at``; the reaper
+    sends it again.
+    """
+    try:
+        app.send_task(RUN_JOB, args=[job_id], queue=app.conf.task_default_queue, retry=False)
+    except Exception:
+        log.exception("could not enqueue job %s", job_id)
+        return False
+    return True

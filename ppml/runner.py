@@ -1,0 +1,306 @@
+"""Running one job on a worker: claim, train, publish the model, settle the ledger.
+
+Idempotent by construction: a job is claimed with a conditional update, so a duplicate
+delivery of the same message finds it taken (or finished) and does nothing; the ledger's
+idempotency keys make a retried settlement harmless.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+from ppml import datasets as data
+from ppml.config import Settings
+from ppml.db.models import Dataset, Job, JobStatus, utcnow
+from ppml.db.repositories import Repositories
+from ppml.db.session import Database
+from ppml.privacy import accounting as acc
+from ppml.privacy.ledger import Ledger
+from ppml.specs import JobSpec
+from ppml.storage import ArtifactStore
+
+if TYPE_CHECKING:
+    from ppml.training.dp_sgd import Progress, TrainResult
+
+__all__ = ["JobRunner", "worker_identity"]
+
+log = logging.getLogger(__name__)
+
+
+def worker_identity() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+@dataclass
+class _Heartbeat:
+    """Training callbacks: progress to the job row under the lease, and cancellation."""
+
+    runner: JobRunner
+    job_id: str
+    total_steps: int
+    deadline: float
+    steps_reported: int = 0
+    cancel: bool = False
+    lost: bool = False
+    timed_out: bool = False
+    last: dict[str, Any] = field(default_factory=dict)
+
+    def on_progress(self, progress: Progress) -> None:
+        self.steps_reported = progress.steps_done
+        self.last = {
+            "fraction": round(progress.fraction, 6),
+            "epoch": progress.epoch,
+            "round": None,
+            "steps": progress.steps_done,
+        }
+        owner, cancel = self.runner.heartbeat(self.job_id, self.last, progress.steps_done)
+        self.lost = not owner
+        self.cancel = cancel
+
+    def should_stop(self) -> bool:
+        if time.monotonic() > self.deadline:
+            self.timed_out = True
+        return self.cancel or self.lost or self.timed_out
+
+
+class JobRunner:
+    """Runs jobs for one worker process."""
+
+    def __init__(self, db: Database, settings: Settings, *, owner: str | None = None) -> None:
+        self.db, self.settings = db, settings
+        self.owner = owner or worker_identity()
+        self.store = ArtifactStore(settings.data_dir)
+
+    def _lease_until(self) -> Any:
+        return utcnow() + timedelta(seconds=self.settings.worker.lease_seconds)
+
+    def heartbeat(self, job_id: str, progress: dict[str, Any], steps: int) -> tuple[bool, bool]:
+        with self.db.session(write=True) as session:
+            return Repositories(session).heartbeat(
+                job_id,
+                owner=self.owner,
+                lease_until=self._lease_until(),
+                progress=progress,
+                steps=steps,
+            )
+
+    def claim(self, job_id: str) -> tuple[Job, Dataset] | None:
+        with self.db.session(write=True) as session:
+            repos = Repositories(session)
+            job = repos.job_by_id(job_id)
+            if job is None or job.status != JobStatus.QUEUED:
+                return None
+            if not repos.claim_job(job_id, owner=self.owner, lease_until=self._lease_until()):
+                return None
+            job = repos.job_by_id(job_id)
+            dataset = repos.dataset_by_id(job.dataset_id) if job else None
+        assert job is not None and dataset is not None
+        return job, dataset
+
+    def run(self, job_id: str) -> str:
+        """Run ``job_id`` if it is still queued; returns the final status or ``"skipped"``."""
+        claimed = self.claim(job_id)
+        if claimed is None:
+            log.info("job %s is not queued; nothing to do", job_id)
+            return "skipped"
+        job, dataset = claimed
+        spec = JobSpec.model_validate(job.spec)
+        limit = spec.training.max_runtime_s or self.settings.worker.job_time_limit_s
+        limit = min(limit, self.settings.worker.job_time_limit_s)
+        _, steps_per_epoch, total = acc.plan_dp_sgd(
+            num_records=dataset.num_train,
+            batch_size=spec.training.batch_size,
+            epochs=spec.training.epochs,
+        )
+        beat = _Heartbeat(self, job_id, total, deadline=time.monotonic() + limit)
+        try:
+            result = self._train(job, dataset, spec, steps_per_epoch, total, beat)
+        except Exception as exc:
+            log.exception("job %s failed", job_id)
+            steps = min(total, beat.steps_reported + self.settings.worker.report_every_steps)
+            failure = {"code": "training_error", "message": type(exc).__name__}
+            return self._finish(
+                job, JobStatus.FAILED, steps=steps, schedule=(steps_per_epoch, total), error=failure
+            )
+        if beat.lost:
+            log.warning("job %s: lease lost; another worker owns it now", job_id)
+            return "lost"
+        status = JobStatus.SUCCEEDED
+        error: dict[str, Any] | None = None
+        if result.stopped and beat.cancel:
+            status = JobStatus.CANCELLED
+        elif result.stopped and beat.timed_out:
+            status = JobStatus.FAILED
+            error = {"code": "time_limit", "message": f"stopped after {limit} s"}
+        artifact = self._save_model(job, dataset, spec, result) if status != "failed" else None
+        return self._finish(
+            job,
+            status,
+            steps=result.steps_done,
+            schedule=(steps_per_epoch, total),
+            error=error,
+            result=result,
+            artifact=artifact,
+        )
+
+    def _train(
+        self,
+        job: Job,
+        dataset: Dataset,
+        spec: JobSpec,
+        steps_per_epoch: int,
+        total: int,
+        beat: _Heartbeat,
+    ) -> TrainResult:
+        from ppml.training.dp_sgd import DPPlan, TrainingPlan, train  # torch: worker only
+
+        arrays = data.load_arrays(self.store.path(dataset.storage_key))
+        plan = TrainingPlan(
+            arch=spec.model.arch,
+            hidden_sizes=tuple(spec.model.hidden_sizes),
+            channels=tuple(spec.model.channels),
+            kernel_size=spec.model.kernel_size,
+            epochs=spec.training.epochs,
+            batch_size=spec.training.batch_size,
+            learning_rate=spec.training.learning_rate,
+            optimizer=spec.training.optimizer,
+            momentum=spec.training.momentum,
+            seed=spec.training.seed,
+            steps_per_epoch=steps_per_epoch,
+            total_steps=total,
+        )
+        dp = None
+        if job.privacy is not None and spec.privacy is not None:
+            dp = DPPlan(
+                noise_multiplier=float(job.privacy["noise_multiplier"]),
+                max_grad_norm=spec.privacy.max_grad_norm,
+                sample_rate=float(job.privacy["sample_rate"]),
+                delta=float(job.privacy["delta"]),
+            )
+        return train(
+            x_train=arrays.x_train,
+            y_train=arrays.y_train,
+            x_test=arrays.x_test,
+            y_test=arrays.y_test,
+            num_classes=arrays.num_classes,
+            plan=plan,
+            dp=dp,
+            callbacks=beat,
+            report_every=self.settings.worker.report_every_steps,
+        )
+
+    def _save_model(
+        self, job: Job, dataset: Dataset, spec: JobSpec, result: TrainResult
+    ) -> tuple[str, str]:
+        from ppml.training.export import architecture_metadata, save_model
+
+        receipt = receipt_metadata(job, dataset, steps=result.steps_done)
+        receipt["architecture"] = architecture_metadata(
+            arch=spec.model.arch,
+            num_features=dataset.num_features,
+            num_classes=dataset.num_classes,
+            hidden_sizes=tuple(spec.model.hidden_sizes),
+            channels=tuple(spec.model.channels),
+            kernel_size=spec.model.kernel_size,
+        )
+        receipt["classes"] = json.dumps(dataset.classes.get("labels", []))
+        key = f"models/{job.id}.safetensors"
+        with self.store.staging(".safetensors") as staged:
+            digest = save_model(staged, result.state_dict, metadata=receipt)
+            self.store.publish(staged, key)
+        return key, digest
+
+    def _finish(
+        self,
+        job: Job,
+        status: JobStatus,
+        *,
+        steps: int,
+        schedule: tuple[int, int],
+        error: dict[str, Any] | None = None,
+        result: TrainResult | None = None,
+        artifact: tuple[str, str] | None = None,
+    ) -> str:
+        with self.db.session(write=True) as session:
+            repos = Repositories(session)
+            ledger = Ledger(repos)
+            budget = ledger.lock(job.dataset_id)
+            row = repos.job_by_id(job.id, lock=True)
+            if row is None or JobStatus(row.status).terminal or row.lease_owner != self.owner:
+                return "skipped"
+            commit = None
+            if budget is not None:
+                commit, _ = ledger.settle(budget, job.id, steps=steps, note=status.value)
+            row.status = status
+            row.error = error
+            row.steps_done = steps
+            row.finished_at = utcnow()
+            row.updated_at = row.finished_at
+            row.lease_expires_at = None
+            if result is not None:
+                row.metrics = {k: float(v) for k, v in result.metrics.items()}
+                row.progress = _progress(result.steps_done, *schedule)
+            if row.privacy is not None:
+                row.privacy = _final_privacy(row.privacy, steps, commit.id if commit else None)
+            if artifact is not None:
+                row.artifact_key, row.artifact_sha256 = artifact
+        log.info("job %s %s after %d steps", job.id, status.value, steps)
+        return status.value
+
+
+def _progress(steps: int, steps_per_epoch: int, total: int) -> dict[str, Any]:
+    return {
+        "fraction": round(min(1.0, steps / total), 6),
+        "epoch": steps // steps_per_epoch,
+        "round": None,
+        "steps": steps,
+    }
+
+
+def _final_privacy(plan: dict[str, Any], steps: int, ledger_entry_id: str | None) -> dict[str, Any]:
+    event = acc.MechanismEvent(
+        sample_rate=float(plan["sample_rate"]),
+        noise_multiplier=float(plan["noise_multiplier"]),
+        steps=steps,
+        unit=str(plan.get("unit", "record")),
+    )
+    return {
+        **plan,
+        "steps": steps,
+        "epsilon_spent": acc.epsilon(acc.rdp_curve(event), float(plan["delta"])),
+        "ledger_entry_id": ledger_entry_id,
+    }
+
+
+def receipt_metadata(job: Job, dataset: Dataset, *, steps: int) -> dict[str, str]:
+    """The privacy receipt, as string metadata for the model artefacts."""
+    receipt: dict[str, str] = {
+        "format": "ppml-model-v1",
+        "job_id": job.id,
+        "dataset_id": dataset.id,
+        "privacy_unit": dataset.privacy_unit,
+    }
+    if job.privacy is None:
+        receipt["private"] = "false"
+        return receipt
+    final = _final_privacy(job.privacy, steps, None)
+    receipt.update(
+        private="true",
+        epsilon=repr(final["epsilon_spent"]),
+        delta=repr(final["delta"]),
+        accountant="rdp",
+        noise_multiplier=repr(final["noise_multiplier"]),
+        max_grad_norm=repr(final["max_grad_norm"]),
+        sample_rate=repr(final["sample_rate"]),
+        sampling=str(final["sampling"]),
+        steps=str(steps),
+        grid_version=acc.GRID_VERSION,
+    )
+    return receipt

@@ -1,0 +1,38 @@
+"""The Celery worker: one thin task that hands a job id to :class:`ppml.runner.JobRunner`."""
+
+from __future__ import annotations
+
+import logging
+from functools import lru_cache
+
+from sqlalchemy.exc import OperationalError
+
+from ppml.config import get_settings
+from ppml.db.session import Database
+from ppml.queue import RUN_JOB, make_celery
+from ppml.runner import JobRunner
+
+__all__ = ["celery_app", "run_job"]
+
+log = logging.getLogger(__name__)
+
+celery_app = make_celery(get_settings())
+
+
+@lru_cache(maxsize=1)
+def _runner() -> JobRunner:
+    # One engine per worker process, made after fork.
+    settings = get_settings()
+    return JobRunner(Database(settings.resolved_database_url, pool_size=2), settings)
+
+
+@celery_app.task(
+    name=RUN_JOB,
+    acks_late=True,
+    autoretry_for=(OperationalError,),  # the database blinked before the job was claimed
+    retry_backoff=True,
+    max_retries=5,
+)
+def run_job(job_id: str) -> str:
+    """Run a queued job. Safe to deliver twice: only one delivery can claim it."""
+    return _runner().run(job_id)
