@@ -48,10 +48,16 @@ def problem(
     detail: str,
     *,
     headers: dict[str, str] | None = None,
-    **extra: Any,
+    extra: dict[str, Any] | None = None,
 ) -> JSONResponse:
-    body = {"type": f"/problems/{code}", "title": title, "status": status, "detail": detail}
-    body.update({k: v for k, v in extra.items() if k not in body})
+    """A problem+json response; ``extra`` members never override the standard ones."""
+    body: dict[str, Any] = {
+        "type": f"/problems/{code}",
+        "title": title,
+        "status": status,
+        "detail": detail,
+    }
+    body.update({k: v for k, v in (extra or {}).items() if k not in body})
     return JSONResponse(
         jsonable_encoder(body), status_code=status, media_type=PROBLEM_MEDIA_TYPE, headers=headers
     )
@@ -81,7 +87,7 @@ async def _ppml_error(_request: Request, exc: Exception) -> JSONResponse:
         headers = {"WWW-Authenticate": "Bearer"}
     if status == 429 and "retry_after" in extra:
         headers = {"Retry-After": str(int(extra["retry_after"]))}
-    return problem(status, exc.code, exc.title, exc.detail, headers=headers, **extra)
+    return problem(status, exc.code, exc.title, exc.detail, headers=headers, extra=extra)
 
 
 async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
@@ -96,8 +102,7 @@ async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
         "validation-error",
         "Invalid request",
         f"{first['field']}: {first['message']}",
-        field=first["field"],
-        errors=problems,
+        extra={"field": first["field"], "errors": problems},
     )
 
 

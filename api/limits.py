@@ -58,7 +58,7 @@ class BodySizeLimit:
             "payload-too-large",
             "Payload too large",
             f"request bodies are limited to {self.max_bytes} bytes",
-            limit=self.max_bytes,
+            extra={"limit": self.max_bytes},
         )
         response.headers["Connection"] = "close"
         await response(scope, receive, send)

@@ -29,9 +29,12 @@ def make_celery(settings: Settings) -> Celery:
     }
     if settings.resolved_broker_url.startswith("filesystem://"):
         folder = settings.broker_folder
-        (folder / "processed").mkdir(parents=True, exist_ok=True)
+        (folder / "control").mkdir(parents=True, exist_ok=True)
         transport_options.update(
-            data_folder_in=str(folder), data_folder_out=str(folder), store_processed=False
+            data_folder_in=str(folder),
+            data_folder_out=str(folder),
+            control_folder=str(folder / "control"),  # default is ./control in the cwd
+            store_processed=False,
         )
     queue = settings.worker.queue
     app.conf.update(

@@ -290,7 +290,7 @@ class JobService:
             job = repos.job_by_id(job_id, lock=True)
             assert job is not None
             if JobStatus(job.status).terminal:
-                raise JobNotCancellable(f"job is already {job.status}", status=job.status)
+                raise JobNotCancellable(f"job is already {job.status}", job_status=job.status)
             job.cancel_requested = True
             job.updated_at = utcnow()
             if job.status == JobStatus.QUEUED:

@@ -1,0 +1,123 @@
+"""Shared fixtures: real databases built by the migrations, apps, tenants, service processes."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import create_engine, text
+
+from api.app import create_app
+from ppml.config import Settings
+from ppml.db.migrate import upgrade
+from ppml.db.session import Database
+
+PG_ADMIN_URL = os.environ.get(
+    "PPML_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+)
+REDIS_URL = os.environ.get("PPML_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+ADMIN_TOKEN = "test-admin-token-0123456789"
+
+
+def _pg_url(name: str) -> str:
+    return PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+
+
+@pytest.fixture
+def pg_database_url() -> Iterator[str]:
+    """A fresh, empty PostgreSQL database, dropped afterwards."""
+    name = f"ppml_test_{secrets.token_hex(6)}"
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield _pg_url(name)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture
+def sqlite_database_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'ppml.db'}"
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Each test using it runs on SQLite and on PostgreSQL."""
+    if request.param == "sqlite":
+        return str(request.getfixturevalue("sqlite_database_url"))
+    return str(request.getfixturevalue("pg_database_url"))
+
+
+@pytest.fixture
+def database(database_url: str) -> Iterator[Database]:
+    """A database whose schema was built by the Alembic migrations."""
+    upgrade(database_url)
+    db = Database(database_url)
+    yield db
+    db.dispose()
+
+
+@pytest.fixture
+def settings(tmp_path: Path, database_url: str) -> Settings:
+    return Settings(
+        data_dir=tmp_path / "data",
+        database_url=database_url,
+        # Nothing listens here: tests of the API alone must not reach a real queue.
+        broker_url="memory://",
+        admin_token=ADMIN_TOKEN,
+    )
+
+
+@pytest.fixture
+def client(settings: Settings, database: Database) -> Iterator[TestClient]:
+    app = create_app(settings, database)
+    with TestClient(app) as test_client:
+        yield test_client
+
+
+def admin_headers() -> dict[str, str]:
+    return {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+def new_tenant(client: Any, name: str | None = None) -> dict[str, str]:
+    """Create a tenant and a key; returns the auth headers of that tenant."""
+    name = name or f"t{secrets.token_hex(4)}"
+    tenant = client.post("/v1/tenants", json={"name": name}, headers=admin_headers())
+    assert tenant.status_code == 201, tenant.text
+    key = client.post(f"/v1/tenants/{tenant.json()['id']}/api-keys", headers=admin_headers())
+    assert key.status_code == 201, key.text
+    return {"Authorization": f"Bearer {key.json()['key']}"}
+
+
+@pytest.fixture
+def tenant(client: TestClient) -> dict[str, str]:
+    return new_tenant(client)
+
+
+def register_digits(
+    client: Any, headers: dict[str, str], *, epsilon: float | None = 8.0, delta: float = 1e-5
+) -> str:
+    budget = None if epsilon is None else {"epsilon": epsilon, "delta": delta}
+    body = {"name": "digits", "source": {"builtin": "digits"}, "privacy_budget": budget}
+    response = client.post("/v1/datasets", json=body, headers=headers)
+    assert response.status_code == 201, response.text
+    return str(response.json()["id"])
+
+
+def dp_job_spec(dataset_id: str, *, epsilon: float = 3.0, epochs: int = 30) -> dict[str, Any]:
+    return {
+        "name": "digits-dp",
+        "dataset_id": dataset_id,
+        "model": {"arch": "mlp", "hidden_sizes": [128]},
+        "training": {"epochs": epochs, "batch_size": 128, "learning_rate": 0.5, "seed": 0},
+        "privacy": {"target_epsilon": epsilon, "delta": 1e-5, "max_grad_norm": 1.0},
+        "federated": None,
+    }
