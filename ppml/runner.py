@@ -139,7 +139,7 @@ class JobRunner:
         elif result.stopped and beat.timed_out:
             status = JobStatus.FAILED
             error = {"code": "time_limit", "message": f"stopped after {limit} s"}
-        artifact = self._save_model(job, dataset, spec, result) if status != "failed" else None
+        artifacts = self._save_model(job, dataset, spec, result) if status != "failed" else None
         return self._finish(
             job,
             status,
@@ -147,7 +147,7 @@ class JobRunner:
             schedule=(steps_per_epoch, total),
             error=error,
             result=result,
-            artifact=artifact,
+            artifacts=artifacts,
         )
 
     def _train(
@@ -198,7 +198,7 @@ class JobRunner:
 
     def _save_model(
         self, job: Job, dataset: Dataset, spec: JobSpec, result: TrainResult
-    ) -> tuple[str, str]:
+    ) -> dict[str, dict[str, str]]:
         from ppml.training.export import architecture_metadata, save_model
 
         receipt = receipt_metadata(job, dataset, steps=result.steps_done)
@@ -215,7 +215,7 @@ class JobRunner:
         with self.store.staging(".safetensors") as staged:
             digest = save_model(staged, result.state_dict, metadata=receipt)
             self.store.publish(staged, key)
-        return key, digest
+        return {"safetensors": {"key": key, "sha256": digest}}
 
     def _finish(
         self,
@@ -226,7 +226,7 @@ class JobRunner:
         schedule: tuple[int, int],
         error: dict[str, Any] | None = None,
         result: TrainResult | None = None,
-        artifact: tuple[str, str] | None = None,
+        artifacts: dict[str, dict[str, str]] | None = None,
     ) -> str:
         with self.db.session(write=True) as session:
             repos = Repositories(session)
@@ -249,8 +249,8 @@ class JobRunner:
                 row.progress = _progress(result.steps_done, *schedule)
             if row.privacy is not None:
                 row.privacy = _final_privacy(row.privacy, steps, commit.id if commit else None)
-            if artifact is not None:
-                row.artifact_key, row.artifact_sha256 = artifact
+            if artifacts is not None:
+                row.artifacts = artifacts
         log.info("job %s %s after %d steps", job.id, status.value, steps)
         return status.value
 

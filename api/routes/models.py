@@ -27,10 +27,11 @@ class ModelNotReady(Conflict):
     title = "Model not available"
 
 
-def _artifact(job: Job, store: ArtifactStore) -> Path:
-    if job.status != JobStatus.SUCCEEDED or not job.artifact_key:
+def _artifact(job: Job, store: ArtifactStore, fmt: str = "safetensors") -> Path:
+    artifacts = job.artifacts or {}
+    if job.status != JobStatus.SUCCEEDED or fmt not in artifacts:
         raise ModelNotReady(f"the job is {job.status}; models exist for succeeded jobs")
-    return store.path(job.artifact_key)
+    return store.path(artifacts[fmt]["key"])
 
 
 def read_safetensors_metadata(path: Path) -> dict[str, str]:
@@ -69,7 +70,7 @@ def download_model(
         path,
         media_type="application/octet-stream",
         filename=f"{job.id}.safetensors",
-        headers={"X-Content-SHA256": job.artifact_sha256 or ""},
+        headers={"X-Content-SHA256": (job.artifacts or {})["safetensors"]["sha256"]},
     )
 
 
@@ -87,5 +88,5 @@ def get_model_card(job: OwnedJob, store: StoreDep) -> ModelCard:
         dataset_id=job.dataset_id,
         receipt=read_safetensors_metadata(path),
         metrics=job.metrics,
-        artifacts={"safetensors": {"sha256": job.artifact_sha256 or ""}},
+        artifacts={fmt: {"sha256": a["sha256"]} for fmt, a in (job.artifacts or {}).items()},
     )

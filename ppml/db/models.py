@@ -185,8 +185,8 @@ class Job(Base):
     lease_owner: Mapped[str | None] = mapped_column(String(200))
     lease_expires_at: Mapped[datetime | None]
     enqueued_at: Mapped[datetime | None]
-    artifact_key: Mapped[str | None] = mapped_column(String(200))
-    artifact_sha256: Mapped[str | None] = mapped_column(String(64))
+    # {"safetensors": {"key": ..., "sha256": ...}, "onnx": {...}}: files the worker published.
+    artifacts: Mapped[dict[str, Any] | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
