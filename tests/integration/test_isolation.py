@@ -1,0 +1,55 @@
+"""Tenant isolation: every route with an id in its path answers 404 to another tenant.
+
+The routes come from the app itself, so a new route with an id fails here until it has a case.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from fastapi.testclient import TestClient
+
+from tests.conftest import dp_job_spec, new_tenant, register_digits
+
+# Body to send for each (method, path template); routes not listed send no body.
+BODIES: dict[tuple[str, str], dict[str, Any]] = {
+    ("POST", "/v1/jobs/{job_id}/predict"): {"inputs": [[0.0] * 64]},
+}
+# Admin routes are scoped by the admin token, not by tenant.
+ADMIN_ONLY = {"/v1/tenants/{tenant_id}/api-keys"}
+
+
+def _id_routes(client: TestClient) -> list[tuple[str, str]]:
+    paths = client.app.openapi()["paths"]  # type: ignore[attr-defined]
+    return [
+        (method.upper(), path)
+        for path, operations in paths.items()
+        if "{" in path and path not in ADMIN_ONLY
+        for method in operations
+    ]
+
+
+def test_every_id_route_hides_other_tenants_objects(client: TestClient) -> None:
+    # arrange: tenant A owns a dataset and a job; tenant B owns nothing
+    owner, stranger = new_tenant(client), new_tenant(client)
+    dataset_id = register_digits(client, owner)
+    job_id = client.post("/v1/jobs", json=dp_job_spec(dataset_id), headers=owner).json()["id"]
+    ids = {"dataset_id": dataset_id, "job_id": job_id}
+    routes = _id_routes(client)
+    assert len(routes) >= 8
+    for method, template in routes:
+        path = re.sub(r"\{(\w+)\}", lambda m: ids[m.group(1)], template)
+        body = BODIES.get((method, template))
+        # act
+        answer = client.request(method, path, json=body, headers=stranger)
+        # assert
+        assert answer.status_code == 404, f"{method} {template} answered {answer.status_code}"
+        assert answer.headers["content-type"] == "application/problem+json"
+    # the owner still sees its objects, unchanged by the stranger's attempts
+    job = client.get(f"/v1/jobs/{job_id}", headers=owner).json()
+    assert job["status"] == "queued" and not job["cancel_requested"]
+    assert [d["id"] for d in client.get("/v1/datasets", headers=stranger).json()["items"]] == []
+    assert client.get("/v1/jobs", headers=stranger).json()["items"] == []
+    filtered = client.get("/v1/jobs", params={"dataset_id": dataset_id}, headers=stranger)
+    assert filtered.json()["items"] == []
