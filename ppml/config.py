@@ -34,6 +34,10 @@ class WorkerSettings(BaseModel):
     report_every_steps: int = 50
     job_time_limit_s: int = 6 * 3600
     queue: str = "training"
+    reaper_interval_s: float = 15.0
+    # Re-send a queued job's message after this long: a broker restart without persistence
+    # loses messages; duplicates are harmless (only one delivery can claim the job).
+    requeue_after_s: float = 300.0
 
 
 class Settings(BaseSettings):

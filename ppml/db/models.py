@@ -184,6 +184,7 @@ class Job(Base):
     steps_done: Mapped[int] = mapped_column(Integer, default=0)
     lease_owner: Mapped[str | None] = mapped_column(String(200))
     lease_expires_at: Mapped[datetime | None]
+    heartbeat_at: Mapped[datetime | None]  # last progress report; None = progress unknown
     enqueued_at: Mapped[datetime | None]
     # {"safetensors": {"key": ..., "sha256": ...}, "onnx": {...}}: files the worker published.
     artifacts: Mapped[dict[str, Any] | None]

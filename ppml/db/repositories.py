@@ -156,6 +156,7 @@ class Repositories:
                 progress=progress,
                 steps_done=steps,
                 lease_expires_at=lease_until,
+                heartbeat_at=utcnow(),
                 updated_at=utcnow(),
             )
             .execution_options(synchronize_session=False)
@@ -164,6 +165,26 @@ class Repositories:
             return False, True
         cancel = self.session.scalar(select(Job.cancel_requested).where(Job.id == job_id))
         return True, bool(cancel)
+
+    def expired_leases(self, now: datetime, *, limit: int = 100) -> list[str]:
+        """Running jobs whose worker stopped renewing its lease."""
+        stmt = (
+            select(Job.id)
+            .where(Job.status == JobStatus.RUNNING, Job.lease_expires_at < now)
+            .order_by(Job.id)
+            .limit(limit)
+        )
+        return list(self.session.scalars(stmt).all())
+
+    def unsent_jobs(self, *, created_before: datetime, sent_before: datetime) -> list[str]:
+        """Queued jobs never enqueued (after a grace period) or enqueued long ago."""
+        stmt = select(Job.id).where(
+            Job.status == JobStatus.QUEUED,
+            Job.cancel_requested.is_(False),
+            ((Job.enqueued_at.is_(None)) & (Job.created_at < created_before))
+            | (Job.enqueued_at < sent_before),
+        )
+        return list(self.session.scalars(stmt.order_by(Job.id).limit(500)).all())
 
     def mark_enqueued(self, job_id: str) -> None:
         self.session.execute(
