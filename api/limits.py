@@ -9,12 +9,13 @@ from api.errors import problem
 __all__ = ["BodySizeLimit"]
 
 
-class _TooLarge(Exception):
-    pass
-
-
 class BodySizeLimit:
-    """413 on a declared ``Content-Length`` over the limit, or as soon as streamed bytes pass it."""
+    """413 on a declared ``Content-Length`` over the limit, or as soon as streamed bytes pass it.
+
+    When a streamed body passes the limit, the guard answers 413 itself and tells the app the
+    client went away, so no parser wraps the refusal into another error; whatever the app
+    sends afterwards is dropped.
+    """
 
     def __init__(self, app: ASGIApp, *, max_bytes: int, slack: int = 64 * 1024) -> None:
         # Multipart framing and form fields ride along with the file: allow some slack.
@@ -29,28 +30,30 @@ class BodySizeLimit:
             await self._refuse(scope, receive, send)
             return
         seen = 0
-        started = False
+        started = refused = False
 
         async def counting_receive() -> Message:
-            nonlocal seen
+            nonlocal seen, refused
+            if refused:
+                return {"type": "http.disconnect"}
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise _TooLarge
+                if seen > self.max_bytes and not started:
+                    refused = True
+                    await self._refuse(scope, receive, send)
+                    return {"type": "http.disconnect"}
             return message
 
-        async def tracking_send(message: Message) -> None:
+        async def guarded_send(message: Message) -> None:
             nonlocal started
+            if refused:
+                return
             if message["type"] == "http.response.start":
                 started = True
             await send(message)
 
-        try:
-            await self.app(scope, counting_receive, tracking_send)
-        except _TooLarge:
-            if not started:
-                await self._refuse(scope, receive, send)
+        await self.app(scope, counting_receive, guarded_send)
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
         response = problem(

@@ -23,6 +23,7 @@ class Limits(BaseModel):
     max_epochs: int = 1_000
     max_sample_epochs: int = 200_000_000  # epochs × training records
     max_parameters: int = 50_000_000
+    max_active_jobs_per_tenant: int = 256  # queued + running
     max_page_size: int = 200
     default_page_size: int = 50
 

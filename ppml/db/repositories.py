@@ -114,8 +114,9 @@ class Repositories:
             stmt = stmt.where(Job.dataset_id == dataset_id)
         return self._page(stmt, Job.id, page_size, page_token)
 
-    def count_jobs(self, tenant_id: str, status: str) -> int:
-        stmt = select(func.count()).where(Job.tenant_id == tenant_id, Job.status == status)
+    def count_active_jobs(self, tenant_id: str) -> int:
+        active = (JobStatus.QUEUED, JobStatus.RUNNING)
+        stmt = select(func.count()).where(Job.tenant_id == tenant_id, Job.status.in_(active))
         return int(self.session.scalar(stmt) or 0)
 
     def claim_job(self, job_id: str, *, owner: str, lease_until: datetime) -> bool:

@@ -23,6 +23,7 @@ from ppml.errors import (
     JobNotCancellable,
     NotFound,
     PrivacyRequired,
+    TooManyRequests,
 )
 from ppml.privacy import accounting as acc
 from ppml.privacy.ledger import Ledger, budget_status
@@ -253,6 +254,13 @@ class JobService:
                 if existing is not None:
                     _check_same_request(existing, digest)
                     return existing, False
+            limit = self.settings.limits.max_active_jobs_per_tenant
+            if repos.count_active_jobs(tenant_id) >= limit:
+                raise TooManyRequests(
+                    f"at most {limit} queued or running jobs per tenant; retry when some finish",
+                    limit=limit,
+                    retry_after=30,
+                )
             job = Job(
                 id=new_id("job"),
                 tenant_id=tenant_id,
