@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Iterator
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Path, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -14,7 +14,7 @@ from ppml.config import Settings
 from ppml.db.models import Dataset, Job
 from ppml.db.repositories import Repositories
 from ppml.db.session import Database
-from ppml.errors import NotFound, Unauthorized
+from ppml.errors import InvalidInput, NotFound, Unauthorized
 from ppml.services.jobs import JobService
 from ppml.services.tenants import tenant_for_key
 from ppml.storage import ArtifactStore
@@ -91,6 +91,25 @@ def _tenant(credentials: Credentials, db: DatabaseDep) -> str:
     if tenant_id is None:
         raise Unauthorized("invalid API key")
     return tenant_id
+
+
+def reject_unknown_query(request: Request) -> None:
+    """A query parameter the route does not declare is a 422 (a typo must not pass silently)."""
+    route = request.scope.get("route")
+    dependant = getattr(route, "dependant", None)
+    if dependant is None:
+        return
+    known = {param.alias for param in _all_query_params(dependant)}
+    for name in request.query_params:
+        if name not in known:
+            raise InvalidInput(f"unknown query parameter {name!r}", field=name)
+
+
+def _all_query_params(dependant: Any) -> list[Any]:
+    params = list(dependant.query_params)
+    for sub in dependant.dependencies:
+        params += _all_query_params(sub)
+    return params
 
 
 AdminAuth = Annotated[None, Depends(_admin)]

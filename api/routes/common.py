@@ -13,8 +13,11 @@ __all__ = ["PageToken", "errors", "page_size_param"]
 
 
 def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI ``responses`` entries declaring problem+json bodies for these statuses."""
-    statuses = tuple(sorted({401, 422, *statuses}))
+    """OpenAPI ``responses`` entries declaring problem+json bodies for these statuses.
+
+    400 (a body that cannot be decoded at all), 401 and 422 can answer any operation.
+    """
+    statuses = tuple(sorted({400, 401, 422, *statuses}))
     return {
         status: {"model": Problem, "content": {PROBLEM_MEDIA_TYPE: {}}, "description": "Problem"}
         for status in statuses
