@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hmac
+import threading
+import time
 from collections.abc import Iterator
 from typing import Annotated, Any
 
@@ -16,7 +18,7 @@ from ppml.db.repositories import Repositories
 from ppml.db.session import Database
 from ppml.errors import InvalidInput, NotFound, Unauthorized
 from ppml.services.jobs import JobService
-from ppml.services.tenants import tenant_for_key
+from ppml.services.tenants import hash_key, tenant_for_key
 from ppml.storage import ArtifactStore
 
 __all__ = [
@@ -82,14 +84,48 @@ def _admin(credentials: Credentials, settings: SettingsDep) -> None:
         raise Unauthorized("invalid admin token")
 
 
+class _KeyCache:
+    """Valid keys' tenants for a few seconds, so most requests skip the key lookup.
+
+    Only successful lookups are cached (a guessed key always reaches the database), and an
+    entry lives ``ttl`` seconds, which bounds how long a deleted key keeps working.
+    """
+
+    def __init__(self, ttl: float = 30.0, size: int = 4096) -> None:
+        self.ttl, self.size = ttl, size
+        self._entries: dict[str, tuple[str, float]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> str | None:
+        with self._lock:
+            entry = self._entries.get(key)
+        if entry is None or entry[1] < time.monotonic():
+            return None
+        return entry[0]
+
+    def put(self, key: str, tenant_id: str) -> None:
+        with self._lock:
+            if len(self._entries) >= self.size:
+                self._entries.clear()
+            self._entries[key] = (tenant_id, time.monotonic() + self.ttl)
+
+
+_keys = _KeyCache()
+
+
 def _tenant(credentials: Credentials, db: DatabaseDep) -> str:
     if credentials is None:
         raise Unauthorized("missing bearer token")
+    key = hash_key(credentials.credentials)
+    tenant_id = _keys.get(key)
+    if tenant_id is not None:
+        return tenant_id
     # A short read of its own: the request's writer transaction must not start here.
     with db.session() as session:
         tenant_id = tenant_for_key(Repositories(session), credentials.credentials)
     if tenant_id is None:
         raise Unauthorized("invalid API key")
+    _keys.put(key, tenant_id)
     return tenant_id
 
 
