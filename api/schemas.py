@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -20,10 +20,14 @@ __all__ = [
     "JobSpec",
     "LedgerEntry",
     "LedgerPage",
+    "ModelArchitecture",
     "ModelCard",
+    "PredictRequest",
+    "PredictResponse",
     "PrivacyBudget",
     "Problem",
     "Quote",
+    "ReceiptPrivacy",
     "Tenant",
     "TenantCreate",
     "TenantPage",
@@ -148,9 +152,12 @@ class Job(BaseModel):
     name: str
     dataset_id: str
     status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
-    spec: dict[str, Any]
+    spec: JobSpec
     progress: Progress
     metrics: dict[str, float] | None
+    metrics_history: list[dict[str, float]] | None = Field(
+        default=None, description="Held-out metrics per round (federated jobs)."
+    )
     privacy: dict[str, Any] | None
     error: dict[str, Any] | None
     cancel_requested: bool
@@ -177,9 +184,68 @@ class Quote(BaseModel):
     )
 
 
+class ReceiptPrivacy(BaseModel):
+    """The differential-privacy guarantee of a model, as its receipt states it."""
+
+    epsilon: float = Field(description="ε spent by the training run (RDP accountant).")
+    delta: float
+    accountant: str = Field(examples=["rdp"])
+    privacy_unit: Literal["record", "client"]
+    noise_multiplier: float = Field(description="σ of the Gaussian noise.")
+    max_grad_norm: float = Field(description="Clipping norm C.")
+    sample_rate: float = Field(description="Poisson sampling rate q.")
+    sampling: str = Field(examples=["poisson"])
+    steps: int = Field(description="Noisy steps (or federated rounds) actually run.")
+    grid_version: str | None = Field(description="The RDP order grid that priced the charge.")
+    ledger_entry_id: str | None = Field(
+        description="The budget-ledger entry that committed this charge."
+    )
+
+
+class ModelArchitecture(BaseModel):
+    arch: str
+    num_features: int
+    num_classes: int
+    hidden_sizes: list[int]
+    channels: list[int]
+    kernel_size: int
+
+
 class ModelCard(BaseModel):
+    """A trained model's privacy receipt, metrics on held-out data and artefact digests."""
+
     job_id: str
     dataset_id: str
+    private: bool
+    privacy: ReceiptPrivacy | None = Field(description="null for a non-private model.")
+    privacy_unit: Literal["record", "client"]
+    architecture: ModelArchitecture | None
+    classes: list[str] = Field(description="Class labels, in the order of the model's outputs.")
+    libraries: dict[str, str] = Field(description="Versions of ppml, torch, opacus, dp-accounting.")
+    metrics: dict[str, float] | None = Field(description="Metrics on the held-out split.")
     receipt: dict[str, str] = Field(description="The privacy receipt, as in the file metadata.")
-    metrics: dict[str, float] | None
     artifacts: dict[str, dict[str, str]] = Field(description="sha256 of each artefact format.")
+
+
+FiniteFloat = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+
+
+class PredictRequest(_In):
+    inputs: list[list[FiniteFloat]] = Field(
+        min_length=1,
+        description="Rows of num_features finite numbers (features scaled as in training).",
+        examples=[[[0.0, 0.25, 1.0]]],
+    )
+
+
+class PredictResponse(BaseModel):
+    predictions: list[str] = Field(description="The predicted class label of each row.")
+    class_indices: list[int] = Field(description="The predicted class index of each row.")
+    probabilities: list[list[float]] = Field(
+        description="Class probabilities of each row, in the order of the model card's classes."
+    )
+    receipt_id: str | None = Field(
+        description="The ledger entry of the model's privacy charge (the card's "
+        "privacy.ledger_entry_id); null for a non-private model."
+    )
+    model_sha256: str = Field(description="sha256 of the ONNX artefact that answered.")

@@ -24,6 +24,8 @@ class Limits(BaseModel):
     max_sample_epochs: int = 200_000_000  # epochs × training records
     max_parameters: int = 50_000_000
     max_active_jobs_per_tenant: int = 256  # queued + running
+    max_predict_rows: int = 4096
+    model_cache_size: int = 32  # loaded ONNX sessions kept by each API process
     max_page_size: int = 200
     default_page_size: int = 50
 

@@ -23,11 +23,15 @@ from ppml.db.repositories import Repositories
 from ppml.db.session import Database
 from ppml.privacy import accounting as acc
 from ppml.privacy.ledger import Ledger
+from ppml.services.pricing import Schedule, schedule
 from ppml.specs import JobSpec
 from ppml.storage import ArtifactStore
 
 if TYPE_CHECKING:
     from ppml.training.dp_sgd import Progress, TrainResult
+    from ppml.training.federated import FederatedResult
+
+    Outcome = TrainResult | FederatedResult
 
 __all__ = ["JobRunner", "worker_identity"]
 
@@ -44,29 +48,38 @@ class _Heartbeat:
 
     runner: JobRunner
     job_id: str
-    total_steps: int
     deadline: float
+    renew_every: float  # seconds: a third of the lease, so one missed beat is survivable
+    last: dict[str, Any]
     steps_reported: int = 0
     cancel: bool = False
     lost: bool = False
     timed_out: bool = False
-    last: dict[str, Any] = field(default_factory=dict)
+    last_beat: float = field(default_factory=time.monotonic)
 
     def on_progress(self, progress: Progress) -> None:
         self.steps_reported = progress.steps_done
         self.last = {
             "fraction": round(progress.fraction, 6),
             "epoch": progress.epoch,
-            "round": None,
+            "round": getattr(progress, "round", None),
             "steps": progress.steps_done,
         }
-        owner, cancel = self.runner.heartbeat(self.job_id, self.last, progress.steps_done)
+        self._beat()
+
+    def _beat(self) -> None:
+        owner, cancel = self.runner.heartbeat(self.job_id, self.last, self.steps_reported)
+        self.last_beat = time.monotonic()
         self.lost = not owner
         self.cancel = cancel
 
     def should_stop(self) -> bool:
-        if time.monotonic() > self.deadline:
+        """Checked before every step: cheap, except a lease renewal every few seconds."""
+        now = time.monotonic()
+        if now > self.deadline:
             self.timed_out = True
+        if now - self.last_beat > self.renew_every:
+            self._beat()
         return self.cancel or self.lost or self.timed_out
 
 
@@ -114,21 +127,25 @@ class JobRunner:
         spec = JobSpec.model_validate(job.spec)
         limit = spec.training.max_runtime_s or self.settings.worker.job_time_limit_s
         limit = min(limit, self.settings.worker.job_time_limit_s)
-        _, steps_per_epoch, total = acc.plan_dp_sgd(
-            num_records=dataset.num_train,
-            batch_size=spec.training.batch_size,
-            epochs=spec.training.epochs,
+        plan = schedule(spec, dataset)  # the same schedule the job was priced with
+        total = plan.total_steps
+        # Progress is "known" from the first beat on: a lost worker is charged what it
+        # reported plus one reporting interval instead of its whole reservation.
+        beat = _Heartbeat(
+            self,
+            job_id,
+            deadline=time.monotonic() + limit,
+            renew_every=self.settings.worker.lease_seconds / 3,
+            last=_progress(0, plan, spec),
         )
-        beat = _Heartbeat(self, job_id, total, deadline=time.monotonic() + limit)
+        beat._beat()
         try:
-            result = self._train(job, dataset, spec, steps_per_epoch, total, beat)
+            result = self._train(job, dataset, spec, plan, beat)
         except Exception as exc:
             log.exception("job %s failed", job_id)
             steps = min(total, beat.steps_reported + self.settings.worker.report_every_steps)
             failure = {"code": "training_error", "message": type(exc).__name__}
-            return self._finish(
-                job, JobStatus.FAILED, steps=steps, schedule=(steps_per_epoch, total), error=failure
-            )
+            return self._finish(job, JobStatus.FAILED, steps=steps, schedule=plan, error=failure)
         if beat.lost:
             log.warning("job %s: lease lost; another worker owns it now", job_id)
             return "lost"
@@ -144,22 +161,16 @@ class JobRunner:
             job,
             status,
             steps=result.steps_done,
-            schedule=(steps_per_epoch, total),
+            schedule=plan,
             error=error,
             result=result,
             artifacts=artifacts,
         )
 
     def _train(
-        self,
-        job: Job,
-        dataset: Dataset,
-        spec: JobSpec,
-        steps_per_epoch: int,
-        total: int,
-        beat: _Heartbeat,
-    ) -> TrainResult:
-        from ppml.training.dp_sgd import DPPlan, TrainingPlan, train  # torch: worker only
+        self, job: Job, dataset: Dataset, spec: JobSpec, schedule: Schedule, beat: _Heartbeat
+    ) -> TrainResult | FederatedResult:
+        from ppml.training.dp_sgd import TrainingPlan  # torch: worker only
 
         arrays = data.load_arrays(self.store.path(dataset.storage_key))
         plan = TrainingPlan(
@@ -167,41 +178,79 @@ class JobRunner:
             hidden_sizes=tuple(spec.model.hidden_sizes),
             channels=tuple(spec.model.channels),
             kernel_size=spec.model.kernel_size,
-            epochs=spec.training.epochs,
+            epochs=spec.training.epochs if spec.federated is None else 1,
             batch_size=spec.training.batch_size,
             learning_rate=spec.training.learning_rate,
             optimizer=spec.training.optimizer,
             momentum=spec.training.momentum,
             seed=spec.training.seed,
-            steps_per_epoch=steps_per_epoch,
-            total_steps=total,
+            steps_per_epoch=schedule.steps_per_epoch if spec.federated is None else 1,
+            total_steps=schedule.total_steps if spec.federated is None else 1,
         )
+        private = job.privacy if spec.privacy is not None else None
+        common: dict[str, Any] = {
+            "x_train": arrays.x_train,
+            "y_train": arrays.y_train,
+            "x_test": arrays.x_test,
+            "y_test": arrays.y_test,
+            "num_classes": arrays.num_classes,
+            "plan": plan,
+            "callbacks": beat,
+        }
+        if spec.federated is not None:
+            return self._train_federated(spec, private, arrays, common)
+        from ppml.training.dp_sgd import DPPlan, train
+
         dp = None
-        if job.privacy is not None and spec.privacy is not None:
+        if private is not None and spec.privacy is not None:
             dp = DPPlan(
-                noise_multiplier=float(job.privacy["noise_multiplier"]),
+                noise_multiplier=float(private["noise_multiplier"]),
                 max_grad_norm=spec.privacy.max_grad_norm,
-                sample_rate=float(job.privacy["sample_rate"]),
-                delta=float(job.privacy["delta"]),
+                sample_rate=float(private["sample_rate"]),
+                delta=float(private["delta"]),
             )
-        return train(
-            x_train=arrays.x_train,
-            y_train=arrays.y_train,
-            x_test=arrays.x_test,
-            y_test=arrays.y_test,
-            num_classes=arrays.num_classes,
-            plan=plan,
-            dp=dp,
-            callbacks=beat,
-            report_every=self.settings.worker.report_every_steps,
+        return train(**common, dp=dp, report_every=self.settings.worker.report_every_steps)
+
+    @staticmethod
+    def _train_federated(
+        spec: JobSpec,
+        private: dict[str, Any] | None,
+        arrays: data.DatasetArrays,
+        common: dict[str, Any],
+    ) -> FederatedResult:
+        from ppml.training.federated import FederatedDP, FederatedPlan, train_federated
+
+        fed = spec.federated
+        assert fed is not None
+        dp = None
+        if private is not None and spec.privacy is not None:
+            dp = FederatedDP(
+                level=spec.privacy.level,
+                noise_multiplier=float(private["noise_multiplier"]),
+                clip_norm=spec.privacy.max_grad_norm,
+                sample_rate=float(private["sample_rate"]),
+                delta=float(private["delta"]),
+            )
+        plan = FederatedPlan(
+            num_clients=fed.num_clients,
+            clients_per_round=fed.clients_per_round,
+            rounds=fed.rounds,
+            local_epochs=fed.local_epochs,
+            partition=fed.partition.scheme,
+            alpha=fed.partition.alpha,
+            strategy=fed.strategy,
+            mu=fed.mu,
+            server_learning_rate=fed.server_learning_rate,
+            dropout=fed.dropout,
         )
+        return train_federated(**common, clients_train=arrays.clients_train, fed=plan, dp=dp)
 
     def _save_model(
-        self, job: Job, dataset: Dataset, spec: JobSpec, result: TrainResult
+        self, job: Job, dataset: Dataset, spec: JobSpec, result: Outcome
     ) -> dict[str, dict[str, str]]:
-        from ppml.training.export import architecture_metadata, save_model
+        from ppml.training.export import architecture_metadata, export_onnx, save_model
 
-        receipt = receipt_metadata(job, dataset, steps=result.steps_done)
+        receipt = receipt_metadata(job, dataset, steps=result.steps_done, metrics=result.metrics)
         receipt["architecture"] = architecture_metadata(
             arch=spec.model.arch,
             num_features=dataset.num_features,
@@ -215,7 +264,19 @@ class JobRunner:
         with self.store.staging(".safetensors") as staged:
             digest = save_model(staged, result.state_dict, metadata=receipt)
             self.store.publish(staged, key)
-        return {"safetensors": {"key": key, "sha256": digest}}
+        artifacts = {"safetensors": {"key": key, "sha256": digest}}
+        onnx_key = f"models/{job.id}.onnx"
+        try:
+            with self.store.staging(".onnx") as staged:
+                onnx_digest = export_onnx(staged, result.state_dict, metadata=receipt)
+                self.store.publish(staged, onnx_key)
+        except Exception:
+            # The budget is spent and the weights are safe: a failed export must not lose the
+            # job. The API answers 409 for the missing format.
+            log.exception("job %s: ONNX export failed; serving safetensors only", job.id)
+        else:
+            artifacts["onnx"] = {"key": onnx_key, "sha256": onnx_digest}
+        return artifacts
 
     def _finish(
         self,
@@ -223,9 +284,9 @@ class JobRunner:
         status: JobStatus,
         *,
         steps: int,
-        schedule: tuple[int, int],
+        schedule: Schedule,
         error: dict[str, Any] | None = None,
-        result: TrainResult | None = None,
+        result: Outcome | None = None,
         artifacts: dict[str, dict[str, str]] | None = None,
     ) -> str:
         with self.db.session(write=True) as session:
@@ -246,25 +307,35 @@ class JobRunner:
             row.lease_expires_at = None
             if result is not None:
                 row.metrics = {k: float(v) for k, v in result.metrics.items()}
-                row.progress = _progress(result.steps_done, *schedule)
+                row.progress = _progress(
+                    result.steps_done, schedule, JobSpec.model_validate(row.spec)
+                )
+                history = getattr(result, "history", None)
+                if history:
+                    row.metrics_history = list(history)
             if row.privacy is not None:
-                row.privacy = _final_privacy(row.privacy, steps, commit.id if commit else None)
+                row.privacy = final_privacy(row.privacy, steps, commit.id if commit else None)
             if artifacts is not None:
                 row.artifacts = artifacts
         log.info("job %s %s after %d steps", job.id, status.value, steps)
         return status.value
 
 
-def _progress(steps: int, steps_per_epoch: int, total: int) -> dict[str, Any]:
-    return {
-        "fraction": round(min(1.0, steps / total), 6),
-        "epoch": steps // steps_per_epoch,
-        "round": None,
-        "steps": steps,
-    }
+def _progress(steps: int, schedule: Schedule, spec: JobSpec) -> dict[str, Any]:
+    fraction = round(min(1.0, steps / schedule.total_steps), 6)
+    if spec.federated is None:
+        return {
+            "fraction": fraction,
+            "epoch": steps // schedule.steps_per_epoch,
+            "round": None,
+            "steps": steps,
+        }
+    rounds = steps // schedule.steps_per_epoch
+    epochs = rounds * spec.federated.local_epochs
+    return {"fraction": fraction, "epoch": epochs, "round": rounds, "steps": steps}
 
 
-def _final_privacy(plan: dict[str, Any], steps: int, ledger_entry_id: str | None) -> dict[str, Any]:
+def final_privacy(plan: dict[str, Any], steps: int, ledger_entry_id: str | None) -> dict[str, Any]:
     event = acc.MechanismEvent(
         sample_rate=float(plan["sample_rate"]),
         noise_multiplier=float(plan["noise_multiplier"]),
@@ -279,23 +350,43 @@ def _final_privacy(plan: dict[str, Any], steps: int, ledger_entry_id: str | None
     }
 
 
-def receipt_metadata(job: Job, dataset: Dataset, *, steps: int) -> dict[str, str]:
-    """The privacy receipt, as string metadata for the model artefacts."""
+def receipt_metadata(
+    job: Job, dataset: Dataset, *, steps: int, metrics: dict[str, float] | None = None
+) -> dict[str, str]:
+    """The privacy receipt, as string metadata for the model artefacts (safetensors and ONNX).
+
+    Nested values (``libraries``, ``metrics``) are JSON strings. The ledger entry id is not
+    here: the commit entry is written after the artefacts; the model card adds it.
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    def _version(package: str) -> str:
+        try:
+            return version(package)
+        except PackageNotFoundError:
+            return "unknown"
+
+    libraries = {name: _version(name) for name in ("ppml", "torch", "opacus", "dp-accounting")}
     receipt: dict[str, str] = {
         "format": "ppml-model-v1",
         "job_id": job.id,
         "dataset_id": dataset.id,
         "privacy_unit": dataset.privacy_unit,
+        "libraries": json.dumps(libraries, sort_keys=True),
+        "metrics": json.dumps({k: float(v) for k, v in (metrics or {}).items()}, sort_keys=True),
     }
+    federated = (job.spec or {}).get("federated")
+    if federated:
+        receipt["rounds_planned"] = str(federated.get("rounds"))
     if job.privacy is None:
         receipt["private"] = "false"
         return receipt
-    final = _final_privacy(job.privacy, steps, None)
+    final = final_privacy(job.privacy, steps, None)
     receipt.update(
         private="true",
         epsilon=repr(final["epsilon_spent"]),
         delta=repr(final["delta"]),
-        accountant="rdp",
+        accountant=str(final.get("accountant", "rdp")),
         noise_multiplier=repr(final["noise_multiplier"]),
         max_grad_norm=repr(final["max_grad_norm"]),
         sample_rate=repr(final["sample_rate"]),

@@ -5,11 +5,13 @@ from __future__ import annotations
 import logging
 from functools import lru_cache
 
+from celery.signals import worker_ready, worker_shutdown
 from sqlalchemy.exc import OperationalError
 
 from ppml.config import get_settings
 from ppml.db.session import Database
 from ppml.queue import RUN_JOB, make_celery
+from ppml.reaper import Reaper
 from ppml.runner import JobRunner
 
 __all__ = ["celery_app", "run_job"]
@@ -24,6 +26,25 @@ def _runner() -> JobRunner:
     # One engine per worker process, made after fork.
     settings = get_settings()
     return JobRunner(Database(settings.resolved_database_url, pool_size=2), settings)
+
+
+@lru_cache(maxsize=1)
+def _reaper() -> Reaper:
+    settings = get_settings()
+    return Reaper(Database(settings.resolved_database_url, pool_size=1), settings, celery_app)
+
+
+@worker_ready.connect
+def _start_reaper(**_kwargs: object) -> None:
+    # Import torch and the training code now, not inside the first job's lease.
+    import ppml.training.dp_sgd  # noqa: F401
+
+    _reaper().start()
+
+
+@worker_shutdown.connect
+def _stop_reaper(**_kwargs: object) -> None:
+    _reaper().stop()
 
 
 @celery_app.task(

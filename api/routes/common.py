@@ -9,7 +9,7 @@ from fastapi import Query
 from api.errors import PROBLEM_MEDIA_TYPE
 from api.schemas import Problem
 
-__all__ = ["PageToken", "errors", "page_size_param"]
+__all__ = ["PageToken", "errors"]
 
 
 def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
@@ -18,14 +18,15 @@ def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     400 (a body that cannot be decoded at all), 401 and 422 can answer any operation.
     """
     statuses = tuple(sorted({400, 401, 422, *statuses}))
+    problem_schema = {"schema": {"$ref": "#/components/schemas/Problem"}}
     return {
-        status: {"model": Problem, "content": {PROBLEM_MEDIA_TYPE: {}}, "description": "Problem"}
+        status: {
+            "model": Problem,  # registers the schema under components
+            "content": {PROBLEM_MEDIA_TYPE: problem_schema},
+            "description": "Problem",
+        }
         for status in statuses
     }
 
 
 PageToken = Annotated[str | None, Query(max_length=64, description="From next_page_token.")]
-
-
-def page_size_param(default: int, maximum: int) -> Any:
-    return Query(default, ge=1, le=maximum, description="Items per page.")

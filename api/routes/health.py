@@ -3,31 +3,42 @@
 from __future__ import annotations
 
 from fastapi import APIRouter
-from fastapi.responses import PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
+from pydantic import BaseModel
 from sqlalchemy import func, select, text
 
 from api.deps import DatabaseDep
 from api.errors import problem
+from api.schemas import Problem
 from ppml.db.models import Job
 
 router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz", operation_id="get_health")
-def get_health() -> dict[str, str]:
+class Health(BaseModel):
+    status: str
+
+
+@router.get("/healthz", operation_id="get_health", response_model=Health)
+def get_health() -> Health:
     """The process is up."""
-    return {"status": "ok"}
+    return Health(status="ok")
 
 
-@router.get("/readyz", operation_id="get_readiness", response_model=None)
-def get_readiness(db: DatabaseDep) -> dict[str, str] | object:
+@router.get(
+    "/readyz",
+    operation_id="get_readiness",
+    response_model=Health,
+    responses={503: {"model": Problem, "description": "The database is unreachable."}},
+)
+def get_readiness(db: DatabaseDep) -> Health | JSONResponse:
     """The database answers."""
     try:
         with db.session() as session:
             session.execute(text("SELECT 1"))
     except Exception:
         return problem(503, "not-ready", "Not ready", "the database is unreachable")
-    return {"status": "ready"}
+    return Health(status="ready")
 
 
 @router.get("/metrics", operation_id="get_metrics", response_class=PlainTextResponse)

@@ -1,25 +1,40 @@
-"""Trained models: download with the privacy receipt, and the model card."""
+"""Trained models: downloads with the privacy receipt, the model card, and predictions.
+
+Predictions run onnxruntime in the API process (never torch), from the ONNX artefact the
+worker exported; sessions are cached per ``(job id, sha256)``.
+"""
 
 from __future__ import annotations
 
 import json
 import struct
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter
+import numpy as np
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import FileResponse
 
-from api.deps import OwnedJob, StoreDep
+from api.deps import OwnedJob, SettingsDep, StoreDep
 from api.routes.common import errors
-from api.schemas import ModelCard
+from api.schemas import (
+    ModelArchitecture,
+    ModelCard,
+    PredictRequest,
+    PredictResponse,
+    ReceiptPrivacy,
+)
 from ppml.db.models import Job, JobStatus
 from ppml.errors import Conflict, InvalidInput
+from ppml.inference import ModelCache
 from ppml.storage import ArtifactStore
 
 router = APIRouter(prefix="/v1/jobs", tags=["models"])
 
 _MAX_HEADER = 16 * 1024 * 1024
+
+Format = Literal["safetensors", "onnx"]
+Unit = Literal["record", "client"]
 
 
 class ModelNotReady(Conflict):
@@ -27,11 +42,14 @@ class ModelNotReady(Conflict):
     title = "Model not available"
 
 
-def _artifact(job: Job, store: ArtifactStore, fmt: str = "safetensors") -> Path:
+def _artifact(job: Job, store: ArtifactStore, fmt: str = "safetensors") -> tuple[Path, str]:
+    """Path and sha256 of a succeeded job's artefact in ``fmt``; 409 otherwise."""
     artifacts = job.artifacts or {}
-    if job.status != JobStatus.SUCCEEDED or fmt not in artifacts:
+    if job.status != JobStatus.SUCCEEDED:
         raise ModelNotReady(f"the job is {job.status}; models exist for succeeded jobs")
-    return store.path(artifacts[fmt]["key"])
+    if fmt not in artifacts:
+        raise ModelNotReady(f"this job's model has no {fmt} artefact", format=fmt)
+    return store.path(artifacts[fmt]["key"]), str(artifacts[fmt]["sha256"])
 
 
 def read_safetensors_metadata(path: Path) -> dict[str, str]:
@@ -45,33 +63,88 @@ def read_safetensors_metadata(path: Path) -> dict[str, str]:
     return {str(k): str(v) for k, v in metadata.items()}
 
 
+async def _model_cache(request: Request) -> ModelCache:
+    """The app's model cache, made on first use (async: on the event loop, so no race and no
+    thread-pool hop per prediction)."""
+    state = request.app.state
+    cache: ModelCache | None = getattr(state, "model_cache", None)
+    if cache is None:
+        size = state.settings.limits.model_cache_size
+        cache = state.model_cache = ModelCache(capacity=size)
+    return cache
+
+
+ModelCacheDep = Annotated[ModelCache, Depends(_model_cache)]
+
+_BINARY = {"schema": {"type": "string", "format": "binary"}}
+
+
 @router.get(
     "/{job_id}/model",
     operation_id="download_model",
     responses={
         **errors(404, 409),
         200: {
-            "content": {
-                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}
-            },
-            "description": "The model as safetensors; __metadata__ holds the privacy receipt.",
+            "content": {"application/octet-stream": _BINARY},
+            "description": "The model as safetensors (default) or ONNX (`format=onnx`); both "
+            "carry the privacy receipt in their metadata. `X-Content-SHA256` gives the digest.",
         },
     },
     response_class=FileResponse,
 )
 def download_model(
-    job: OwnedJob, store: StoreDep, format: Literal["safetensors", "onnx"] = "safetensors"
+    job: OwnedJob,
+    store: StoreDep,
+    format: Annotated[
+        Format,
+        Query(
+            description="safetensors (weights; receipt in `__metadata__`) or onnx (graph "
+            "with input `input` [batch, num_features] and output `logits`; receipt in "
+            "`metadata_props`)."
+        ),
+    ] = "safetensors",
 ) -> FileResponse:
-    """Download the trained model (safetensors, privacy receipt in its metadata)."""
-    if format == "onnx":
-        raise InvalidInput("ONNX export is not available on this server yet", field="format")
-    path = _artifact(job, store)
+    """Download the trained model with its privacy receipt (safetensors or ONNX)."""
+    path, digest = _artifact(job, store, format)
     return FileResponse(
         path,
         media_type="application/octet-stream",
-        filename=f"{job.id}.safetensors",
-        headers={"X-Content-SHA256": (job.artifacts or {})["safetensors"]["sha256"]},
+        filename=f"{job.id}.{format}",
+        headers={"X-Content-SHA256": digest},
     )
+
+
+def _number(receipt: dict[str, str], key: str) -> float:
+    return float(receipt[key])
+
+
+def _unit(receipt: dict[str, str]) -> Unit:
+    return "client" if receipt.get("privacy_unit") == "client" else "record"
+
+
+def _privacy(job: Job, receipt: dict[str, str], unit: Unit) -> ReceiptPrivacy | None:
+    if receipt.get("private") != "true":
+        return None
+    return ReceiptPrivacy(
+        epsilon=_number(receipt, "epsilon"),
+        delta=_number(receipt, "delta"),
+        accountant=receipt.get("accountant", "rdp"),
+        privacy_unit=unit,
+        noise_multiplier=_number(receipt, "noise_multiplier"),
+        max_grad_norm=_number(receipt, "max_grad_norm"),
+        sample_rate=_number(receipt, "sample_rate"),
+        sampling=receipt.get("sampling", "poisson"),
+        steps=int(receipt["steps"]),
+        grid_version=receipt.get("grid_version"),
+        ledger_entry_id=(job.privacy or {}).get("ledger_entry_id"),
+    )
+
+
+def _json(receipt: dict[str, str], key: str, default: Any) -> Any:
+    try:
+        return json.loads(receipt[key])
+    except (KeyError, json.JSONDecodeError):
+        return default
 
 
 @router.get(
@@ -81,12 +154,79 @@ def download_model(
     response_model=ModelCard,
 )
 def get_model_card(job: OwnedJob, store: StoreDep) -> ModelCard:
-    """The privacy receipt and held-out metrics of a trained model."""
-    path = _artifact(job, store)
+    """The privacy receipt, held-out metrics and artefact digests of a trained model."""
+    path, _ = _artifact(job, store)
+    receipt = read_safetensors_metadata(path)
+    unit = _unit(receipt)
+    architecture = _json(receipt, "architecture", None)
+    metrics = job.metrics or _json(receipt, "metrics", None)
     return ModelCard(
         job_id=job.id,
         dataset_id=job.dataset_id,
-        receipt=read_safetensors_metadata(path),
-        metrics=job.metrics,
+        private=receipt.get("private") == "true",
+        privacy=_privacy(job, receipt, unit),
+        privacy_unit=unit,
+        architecture=ModelArchitecture(**architecture) if architecture else None,
+        classes=[str(c) for c in _json(receipt, "classes", [])],
+        libraries=_json(receipt, "libraries", {}),
+        metrics=metrics,
+        receipt=receipt,
         artifacts={fmt: {"sha256": a["sha256"]} for fmt, a in (job.artifacts or {}).items()},
+    )
+
+
+def _matrix(inputs: list[list[float]], width: int) -> np.ndarray:
+    for index, row in enumerate(inputs):
+        if len(row) != width:
+            raise InvalidInput(
+                f"row {index} has {len(row)} values; the model takes {width} features",
+                field=f"inputs.{index}",
+            )
+    matrix = np.asarray(inputs, dtype=np.float32)
+    finite = np.isfinite(matrix)
+    if not finite.all():
+        # Finite as JSON numbers, but beyond float32's range.
+        bad_row, bad_column = (int(i) for i in np.argwhere(~finite)[0])
+        raise InvalidInput(
+            f"inputs[{bad_row}][{bad_column}] is outside the float32 range",
+            field=f"inputs.{bad_row}.{bad_column}",
+        )
+    return matrix
+
+
+@router.post(
+    "/{job_id}/predict",
+    operation_id="predict",
+    responses=errors(404, 409, 413),
+    response_model=PredictResponse,
+)
+def predict(
+    body: PredictRequest,
+    job: OwnedJob,
+    store: StoreDep,
+    settings: SettingsDep,
+    cache: ModelCacheDep,
+) -> PredictResponse:
+    """Predict class labels and probabilities for rows of features (ONNX Runtime).
+
+    Rows must have the model's `num_features` finite values; at most a configured number of
+    rows per request (4096 by default). A job that has not succeeded answers 409.
+    """
+    max_rows = settings.limits.max_predict_rows
+    if len(body.inputs) > max_rows:
+        raise InvalidInput(
+            f"at most {max_rows} rows per request; got {len(body.inputs)}",
+            field="inputs",
+            limit=max_rows,
+        )
+    path, digest = _artifact(job, store, "onnx")
+    model = cache.get(job.id, digest, path)
+    result = model.predict(_matrix(body.inputs, model.num_features))
+    indices = result.indices.tolist()
+    return PredictResponse(
+        predictions=[model.classes[i] for i in indices],
+        class_indices=indices,
+        probabilities=result.probabilities.tolist(),
+        receipt_id=(job.privacy or {}).get("ledger_entry_id"),
+        model_sha256=digest,
     )

@@ -123,6 +123,11 @@ def upgrade() -> None:
             nullable=True,
         ),
         sa.Column(
+            "metrics_history",
+            sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), "postgresql"),
+            nullable=True,
+        ),
+        sa.Column(
             "privacy",
             sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), "postgresql"),
             nullable=True,

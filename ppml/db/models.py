@@ -83,7 +83,11 @@ JSONType = JSON().with_variant(JSONB(), "postgresql")
 
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
-    type_annotation_map = {datetime: UTCDateTime(), dict[str, Any]: JSONType}
+    type_annotation_map = {
+        datetime: UTCDateTime(),
+        dict[str, Any]: JSONType,
+        list[dict[str, Any]]: JSONType,
+    }
 
 
 class JobStatus(StrEnum):
@@ -174,6 +178,7 @@ class Job(Base):
     status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED)
     progress: Mapped[dict[str, Any]]
     metrics: Mapped[dict[str, Any] | None]
+    metrics_history: Mapped[list[dict[str, Any]] | None]  # per round of a federated job
     privacy: Mapped[dict[str, Any] | None]  # the plan at admission, the outcome at the end
     error: Mapped[dict[str, Any] | None]
     idempotency_key: Mapped[str | None] = mapped_column(String(200))

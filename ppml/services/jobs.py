@@ -1,4 +1,4 @@
-"""Jobs: price, admit (reserve budget), enqueue, cancel.
+"""Jobs: admit (reserve budget), enqueue, quote, cancel.
 
 Admission keeps σ calibration outside the lock: the dataset is read and the job priced in a
 short read transaction, then a writer transaction locks the budget row, re-checks the filter
@@ -8,7 +8,6 @@ on the newest totals, and inserts the job and its RESERVE entry together.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from celery import Celery
 from sqlalchemy.exc import IntegrityError
@@ -17,50 +16,14 @@ from ppml.config import Settings
 from ppml.db.models import Dataset, Job, JobStatus, new_id, utcnow
 from ppml.db.repositories import Repositories
 from ppml.db.session import Database
-from ppml.errors import (
-    IdempotencyMismatch,
-    InvalidInput,
-    JobNotCancellable,
-    NotFound,
-    PrivacyRequired,
-    TooManyRequests,
-)
+from ppml.errors import IdempotencyMismatch, JobNotCancellable, NotFound, TooManyRequests
 from ppml.privacy import accounting as acc
 from ppml.privacy.ledger import Ledger, budget_status
 from ppml.queue import enqueue_job
-from ppml.specs import JobSpec, count_parameters, request_hash
+from ppml.services.pricing import Pricing, price
+from ppml.specs import JobSpec, request_hash
 
-__all__ = ["JobService", "Pricing", "Quote", "price"]
-
-
-@dataclass(frozen=True, kw_only=True)
-class Pricing:
-    """What a job will cost, computed before it runs."""
-
-    event: acc.MechanismEvent | None  # None for non-private jobs
-    epsilon: float  # the job's own ε at its δ (0 when non-private)
-    delta: float | None
-    steps_per_epoch: int
-    total_steps: int
-
-    def privacy_plan(self, spec: JobSpec) -> dict[str, Any] | None:
-        if self.event is None or spec.privacy is None:
-            return None
-        return {
-            "target_epsilon": spec.privacy.target_epsilon,
-            "epsilon_planned": self.epsilon,
-            "epsilon_spent": None,
-            "delta": self.delta,
-            "noise_multiplier": self.event.noise_multiplier,
-            "max_grad_norm": spec.privacy.max_grad_norm,
-            "sample_rate": self.event.sample_rate,
-            "sampling": self.event.sampling,
-            "steps": 0,
-            "steps_planned": self.event.steps,
-            "unit": self.event.unit,
-            "accountant": "rdp",
-            "grid_version": acc.GRID_VERSION,
-        }
+__all__ = ["JobService", "Quote"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -75,101 +38,11 @@ class Quote:
     max_target_epsilon: float | None
 
 
-def _validate_against(spec: JobSpec, dataset: Dataset, settings: Settings) -> None:
-    limits = settings.limits
-    if spec.federated is not None:
-        raise InvalidInput("federated jobs are not available on this server yet", field="federated")
-    if spec.training.batch_size > dataset.num_train:
-        raise InvalidInput(
-            f"batch_size exceeds the dataset's {dataset.num_train} training records",
-            field="training.batch_size",
-        )
-    if spec.training.epochs > limits.max_epochs:
-        raise InvalidInput(
-            f"at most {limits.max_epochs} epochs", field="training.epochs", limit=limits.max_epochs
-        )
-    if spec.training.epochs * dataset.num_train > limits.max_sample_epochs:
-        raise InvalidInput(
-            "epochs × training records exceeds this server's limit",
-            field="training.epochs",
-            limit=limits.max_sample_epochs,
-        )
-    params = count_parameters(
-        spec.model, num_features=dataset.num_features, num_classes=dataset.num_classes
-    )
-    if params > limits.max_parameters:
-        raise InvalidInput(
-            f"the model has {params} parameters; the limit is {limits.max_parameters}",
-            field="model",
-            limit=limits.max_parameters,
-        )
-    privacy = spec.privacy
-    if privacy is None:
-        if dataset.epsilon_total is not None:
-            raise PrivacyRequired(
-                "this dataset has a privacy budget: jobs on it must set 'privacy'"
-            )
-        return
-    if privacy.sampling != "poisson":
-        raise InvalidInput(
-            "only Poisson sampling is certified by the accountant", field="privacy.sampling"
-        )
-    if privacy.level == "client":
-        raise InvalidInput("client-level privacy applies to federated jobs", field="privacy.level")
-    if dataset.privacy_unit == "client" and dataset.epsilon_total is not None:
-        raise InvalidInput(
-            "this dataset's budget protects whole clients; record-level jobs cannot spend it",
-            field="privacy.level",
-        )
-    cap = dataset.delta_total
-    if cap is not None and privacy.delta is not None and privacy.delta > cap:
-        raise InvalidInput(
-            f"delta may not exceed the dataset's delta ({cap:g})",
-            field="privacy.delta",
-        )
-    if privacy.delta is not None and privacy.delta >= 1 / dataset.num_train:
-        raise InvalidInput(
-            f"delta must be well below 1/n = {1 / dataset.num_train:.3g}", field="privacy.delta"
-        )
-
-
 def _check_same_request(job: Job, digest: str) -> None:
     if job.request_hash != digest:
         raise IdempotencyMismatch(
             "this Idempotency-Key was used with another request body", field="Idempotency-Key"
         )
-
-
-def price(spec: JobSpec, dataset: Dataset, settings: Settings) -> Pricing:
-    """Validate a job against its dataset and compute its privacy cost (no writes)."""
-    _validate_against(spec, dataset, settings)
-    q, steps_per_epoch, total = acc.plan_dp_sgd(
-        num_records=dataset.num_train,
-        batch_size=spec.training.batch_size,
-        epochs=spec.training.epochs,
-    )
-    if spec.privacy is None:
-        return Pricing(
-            event=None, epsilon=0.0, delta=None, steps_per_epoch=steps_per_epoch, total_steps=total
-        )
-    delta = spec.privacy.delta or dataset.delta_total or min(1e-5, 0.1 / dataset.num_train)
-    try:
-        sigma = acc.calibrate_noise(
-            target_epsilon=spec.privacy.target_epsilon, delta=delta, sample_rate=q, steps=total
-        )
-    except ValueError as exc:
-        raise InvalidInput(
-            "no noise level reaches this target_epsilon for this job",
-            field="privacy.target_epsilon",
-        ) from exc
-    event = acc.MechanismEvent(sample_rate=q, noise_multiplier=sigma, steps=total, unit="record")
-    return Pricing(
-        event=event,
-        epsilon=acc.epsilon(acc.rdp_curve(event), delta),
-        delta=delta,
-        steps_per_epoch=steps_per_epoch,
-        total_steps=total,
-    )
 
 
 class JobService:
@@ -206,7 +79,7 @@ class JobService:
             delta=pricing.delta,
             noise_multiplier=event.noise_multiplier if event else None,
             sample_rate=event.sample_rate if event else None,
-            steps=pricing.total_steps,
+            steps=pricing.schedule.total_steps,
             fits_budget=fits,
             epsilon_remaining=remaining,
             max_target_epsilon=largest,

@@ -1,0 +1,230 @@
+"""A small HTTP client of the ppml API (what the ``ppml`` CLI uses; never the database).
+
+Errors come back as :class:`ApiError` carrying the problem document (RFC 9457).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+__all__ = ["ApiError", "PPMLClient"]
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+class ApiError(Exception):
+    """An error answer of the API, or a client-side failure with the same shape."""
+
+    def __init__(self, status: int, detail: str, problem: dict[str, Any] | None = None) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+        self.problem = problem or {}
+
+
+def _raise_for_problem(response: httpx.Response) -> None:
+    if response.status_code < 400:
+        return
+    try:
+        problem = response.json()
+    except ValueError:
+        problem = {}
+    if not isinstance(problem, dict):
+        problem = {}
+    detail = str(problem.get("detail") or response.reason_phrase or "request failed")
+    raise ApiError(response.status_code, detail, problem)
+
+
+class PPMLClient:
+    """Typed-enough wrappers of the ``/v1`` routes.
+
+    Args:
+        base_url: Where the API listens, e.g. ``http://127.0.0.1:8000``.
+        api_key: A tenant's key (datasets, jobs, models).
+        admin_token: The admin token (tenants and keys).
+        timeout: Seconds per request.
+        transport: An httpx transport (tests).
+    """
+
+    def __init__(
+        self,
+        base_url: str = DEFAULT_URL,
+        *,
+        api_key: str | None = None,
+        admin_token: str | None = None,
+        timeout: float = 60.0,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.api_key, self.admin_token = api_key, admin_token
+        self.http = httpx.Client(
+            base_url=base_url.rstrip("/"), timeout=timeout, transport=transport
+        )
+
+    def close(self) -> None:
+        self.http.close()
+
+    def __enter__(self) -> PPMLClient:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def _headers(self, admin: bool) -> dict[str, str]:
+        secret = self.admin_token if admin else self.api_key
+        if not secret:
+            what = "an admin token (PPML_ADMIN_TOKEN)" if admin else "an API key (PPML_API_KEY)"
+            raise ApiError(401, f"this command needs {what}")
+        return {"Authorization": f"Bearer {secret}"}
+
+    def request(self, method: str, path: str, *, admin: bool = False, **kwargs: Any) -> Any:
+        """Sends one request; returns the decoded JSON body, or raises :class:`ApiError`."""
+        headers = {**self._headers(admin), **kwargs.pop("headers", {})}
+        response = self.http.request(method, path, headers=headers, **kwargs)
+        _raise_for_problem(response)
+        return response.json() if response.content else None
+
+    def _pages(self, path: str, params: dict[str, Any], limit: int) -> list[dict[str, Any]]:
+        items: list[dict[str, Any]] = []
+        token: str | None = None
+        while len(items) < limit:
+            query = {k: v for k, v in params.items() if v is not None}
+            query["page_size"] = min(200, limit - len(items))
+            if token:
+                query["page_token"] = token
+            page = self.request("GET", path, params=query)
+            items += page["items"]
+            token = page.get("next_page_token")
+            if not token:
+                break
+        return items
+
+    # --- admin -------------------------------------------------------------------------
+
+    def create_tenant(self, name: str) -> dict[str, Any]:
+        result: dict[str, Any] = self.request(
+            "POST", "/v1/tenants", admin=True, json={"name": name}
+        )
+        return result
+
+    def create_api_key(self, tenant_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = self.request(
+            "POST", f"/v1/tenants/{tenant_id}/api-keys", admin=True
+        )
+        return result
+
+    # --- datasets ----------------------------------------------------------------------
+
+    def create_dataset(
+        self,
+        name: str,
+        *,
+        builtin: str,
+        budget: tuple[float, float] | None,
+        privacy_unit: str = "record",
+    ) -> dict[str, Any]:
+        body = {
+            "name": name,
+            "source": {"builtin": builtin},
+            "privacy_budget": {"epsilon": budget[0], "delta": budget[1]} if budget else None,
+            "privacy_unit": privacy_unit,
+        }
+        result: dict[str, Any] = self.request("POST", "/v1/datasets", json=body)
+        return result
+
+    def upload_dataset(
+        self,
+        path: Path,
+        *,
+        name: str,
+        target: str | None,
+        budget: tuple[float, float] | None,
+        client_column: str | None = None,
+        privacy_unit: str = "record",
+    ) -> dict[str, Any]:
+        form: dict[str, str] = {"name": name, "privacy_unit": privacy_unit}
+        if target is not None:
+            form["target"] = target
+        if client_column is not None:
+            form["client_column"] = client_column
+        if budget is not None:
+            form["epsilon"], form["delta"] = repr(budget[0]), repr(budget[1])
+        with path.open("rb") as handle:
+            files = {"file": (path.name, handle, "application/octet-stream")}
+            result: dict[str, Any] = self.request(
+                "POST", "/v1/datasets/upload", data=form, files=files
+            )
+        return result
+
+    def list_datasets(self, *, limit: int = 50) -> list[dict[str, Any]]:
+        return self._pages("/v1/datasets", {}, limit)
+
+    def dataset_budget(self, dataset_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = self.request("GET", f"/v1/datasets/{dataset_id}/budget")
+        return result
+
+    # --- jobs --------------------------------------------------------------------------
+
+    def submit_job(
+        self, spec: dict[str, Any], *, idempotency_key: str | None = None
+    ) -> dict[str, Any]:
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        result: dict[str, Any] = self.request("POST", "/v1/jobs", json=spec, headers=headers)
+        return result
+
+    def list_jobs(
+        self, *, status: str | None = None, dataset_id: str | None = None, limit: int = 50
+    ) -> list[dict[str, Any]]:
+        return self._pages("/v1/jobs", {"status": status, "dataset_id": dataset_id}, limit)
+
+    def get_job(self, job_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = self.request("GET", f"/v1/jobs/{job_id}")
+        return result
+
+    def cancel_job(self, job_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = self.request("POST", f"/v1/jobs/{job_id}/cancel")
+        return result
+
+    # --- models ------------------------------------------------------------------------
+
+    def model_card(self, job_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = self.request("GET", f"/v1/jobs/{job_id}/model/card")
+        return result
+
+    def predict(self, job_id: str, inputs: list[list[float]]) -> dict[str, Any]:
+        result: dict[str, Any] = self.request(
+            "POST", f"/v1/jobs/{job_id}/predict", json={"inputs": inputs}
+        )
+        return result
+
+    def download_model(self, job_id: str, destination: Path, *, format: str) -> tuple[int, str]:
+        """Streams the model to ``destination`` (atomically); returns ``(bytes, sha256)``.
+
+        Raises:
+            ApiError: On an error answer, or if the bytes do not match ``X-Content-SHA256``.
+        """
+        partial = destination.with_name(f".{destination.name}.part")
+        digest, size = hashlib.sha256(), 0
+        with self.http.stream(
+            "GET",
+            f"/v1/jobs/{job_id}/model",
+            params={"format": format},
+            headers=self._headers(admin=False),
+        ) as response:
+            if response.status_code >= 400:
+                response.read()
+                _raise_for_problem(response)
+            expected = response.headers.get("x-content-sha256")
+            with partial.open("wb") as out:
+                for chunk in response.iter_bytes():
+                    digest.update(chunk)
+                    size += len(chunk)
+                    out.write(chunk)
+        if expected and digest.hexdigest() != expected:
+            partial.unlink(missing_ok=True)
+            raise ApiError(502, "the download does not match the server's sha256; try again")
+        partial.replace(destination)
+        return size, digest.hexdigest()

@@ -1,0 +1,212 @@
+"""The ``ppml`` client commands, end to end against a real ``ppml serve`` (HTTP only).
+
+Most commands run in-process through typer's ``CliRunner``; ``jobs submit --wait`` also runs
+as the installed ``ppml`` executable, to prove the entry point and its exit codes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import yaml
+from typer.testing import CliRunner, Result
+
+from ppml.cli import app
+from ppml.specs import JobSpec
+from tests.integration.stack import BIN, free_port, process, service_env, wait_ready
+
+ADMIN = "cli-admin-token-0123456789"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    root = tmp_path_factory.mktemp("cli")
+    port = free_port()
+    env = service_env(root / "data", PPML_ADMIN_TOKEN=ADMIN)
+    log = root / "serve.log"
+    with process([str(BIN / "ppml"), "serve", "--port", str(port)], env, log) as proc:
+        base = f"http://127.0.0.1:{port}"
+        wait_ready(base, proc, log)
+        yield base
+
+
+def _run(args: list[str], env: dict[str, str], *, code: int = 0) -> Result:
+    result = CliRunner().invoke(app, args, env=env)
+    assert result.exit_code == code, (result.stdout, result.stderr, result.exception)
+    return result
+
+
+@pytest.fixture(scope="module")
+def env(service: str) -> dict[str, str]:
+    """PPML_URL and a fresh tenant's PPML_API_KEY, made with the admin commands."""
+    admin = {"PPML_URL": service, "PPML_ADMIN_TOKEN": ADMIN, "PPML_API_KEY": ""}
+    tenant_id = _run(["tenants", "create", "cli-tenant"], admin).stdout.strip()
+    key = _run(["keys", "create", tenant_id], admin).stdout.strip()
+    assert tenant_id.startswith("ten") and key.startswith("ppml_sk_")
+    return {"PPML_URL": service, "PPML_API_KEY": key, "PPML_ADMIN_TOKEN": ""}
+
+
+@pytest.fixture(scope="module")
+def digits(env: dict[str, str]) -> str:
+    args = ["datasets", "add", "digits", "--builtin", "digits", "--epsilon", "20"]
+    dataset_id = _run([*args, "--delta", "1e-5"], env).stdout.strip()
+    assert dataset_id.startswith("ds")
+    return dataset_id
+
+
+def _cli_process(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    full_env = {**service_env(Path("/nonexistent")), **env}
+    return subprocess.run(
+        [str(BIN / "ppml"), *args], capture_output=True, text=True, env=full_env, timeout=300
+    )
+
+
+def test_submit_wait_follows_the_example_job_to_success(
+    env: dict[str, str], digits: str, tmp_path: Path
+) -> None:
+    # act: the documented example, through the installed executable
+    result = _cli_process(
+        ["jobs", "submit", str(EXAMPLES / "dp_digits.yaml"), "--dataset", digits, "--wait"], env
+    )
+    # assert
+    assert result.returncode == 0, result.stdout + result.stderr
+    job_id = result.stdout.strip().splitlines()[0]
+    assert f"job {job_id} succeeded" in result.stderr
+    assert "ε spent" in result.stderr and "epoch 15/15" in result.stderr
+    job = json.loads(_run(["jobs", "get", job_id], env).stdout)
+    assert job["status"] == "succeeded" and job["dataset_id"] == digits
+    assert job["spec"]["name"] == "digits-dp"
+
+    # the model, in both formats, matches the card's digests
+    card = json.loads(_run(["models", "card", job_id], env).stdout)
+    onnx_path = tmp_path / "model.onnx"
+    _run(["models", "download", job_id, "--format", "onnx", "-o", str(onnx_path)], env)
+    assert hashlib.sha256(onnx_path.read_bytes()).hexdigest() == card["artifacts"]["onnx"]["sha256"]
+    weights = tmp_path / "weights.safetensors"
+    _run(["models", "download", job_id, "--output", str(weights)], env)
+    assert (
+        hashlib.sha256(weights.read_bytes()).hexdigest()
+        == card["artifacts"]["safetensors"]["sha256"]
+    )
+
+    # lists and budget show it
+    listed = json.loads(_run(["jobs", "list", "--json", "--dataset", digits], env).stdout)
+    assert job_id in [j["id"] for j in listed]
+    assert job_id in _run(["jobs", "list", "--status", "succeeded"], env).stdout
+    budget = json.loads(_run(["datasets", "budget", digits, "--json"], env).stdout)
+    assert budget["epsilon_total"] == 20.0 and budget["epsilon_spent"] > 1.9
+    assert "epsilon_remaining" in _run(["datasets", "budget", digits], env).stdout
+
+
+def test_submit_wait_exits_non_zero_when_the_job_fails(env: dict[str, str], digits: str) -> None:
+    # arrange: a job that hits its own time limit after a second
+    spec = yaml.safe_load((EXAMPLES / "dp_digits.yaml").read_text())
+    spec["training"].update(epochs=1000, max_runtime_s=1)
+    spec["privacy"]["target_epsilon"] = 8.0
+    path = Path(env["PPML_URL"].replace("http://", "").replace(":", "_") + "-failing.json")
+    path = Path("/tmp") / path.name
+    path.write_text(json.dumps(spec))
+    # act
+    result = _run(["jobs", "submit", str(path), "--dataset", digits, "--wait"], env, code=1)
+    # assert
+    job_id = result.stdout.strip().splitlines()[0]
+    assert f"job {job_id} failed" in result.stderr and "time_limit" not in result.stdout
+    job = json.loads(_run(["jobs", "get", job_id], env).stdout)
+    assert job["status"] == "failed" and job["error"]["code"] == "time_limit"
+    path.unlink()
+
+
+def test_datasets_upload_list_and_public_data(env: dict[str, str], tmp_path: Path) -> None:
+    # arrange: a small CSV with a label column
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(60, 3)).round(4)
+    lines = ["a,b,c,label"] + [f"{a},{b},{c},{int(a > 0)}" for a, b, c in features]
+    csv = tmp_path / "small.csv"
+    csv.write_text("\n".join(lines) + "\n")
+    # act
+    upload = ["datasets", "upload", str(csv), "--target", "label"]
+    private = _run([*upload, "--name", "small", "--epsilon", "2", "--delta", "1e-4", "--json"], env)
+    public = _run([*upload, "--name", "open", "--public"], env)
+    refused = _run([*upload, "--name", "x"], env, code=1)
+    listing = _run(["datasets", "list"], env)
+    # assert
+    body = json.loads(private.stdout)
+    assert body["privacy_budget"] == {"epsilon": 2.0, "delta": 1e-4} and body["num_features"] == 3
+    assert public.stdout.strip() in listing.stdout and body["id"] in listing.stdout
+    assert "--public" in refused.stderr
+
+
+def test_api_errors_print_the_problem_detail_and_exit_1(env: dict[str, str]) -> None:
+    missing = _run(["jobs", "get", "job_nope"], env, code=1)
+    budget = _run(["datasets", "add", "d", "--builtin", "digits"], env, code=1)
+    bad_builtin = _run(
+        ["datasets", "add", "d", "--builtin", "nope", "--epsilon", "1", "--delta", "1e-6"],
+        env,
+        code=1,
+    )
+    no_key = _run(["datasets", "list"], {**env, "PPML_API_KEY": ""}, code=1)
+    wrong_key = _run(["datasets", "list", "--api-key", "ppml_sk_wrong"], env, code=1)
+    no_admin = _run(["tenants", "create", "x"], env, code=1)
+    down = _run(["jobs", "list", "--url", f"http://127.0.0.1:{free_port()}"], env, code=1)
+
+    assert "job not found" in missing.stderr and "HTTP 404" in missing.stderr
+    assert "--epsilon" in budget.stderr
+    assert "HTTP 422" in bad_builtin.stderr and "source.builtin" in bad_builtin.stderr
+    assert "API key" in no_key.stderr
+    assert "invalid API key" in wrong_key.stderr
+    assert "admin token" in no_admin.stderr
+    assert "cannot reach" in down.stderr
+    assert "Traceback" not in missing.stderr + down.stderr
+
+
+def test_cancel_a_queued_job(env: dict[str, str], digits: str, tmp_path: Path) -> None:
+    # arrange: a long job, then one queued behind it on the single embedded worker
+    spec = yaml.safe_load((EXAMPLES / "dp_digits.yaml").read_text())
+    spec["training"]["epochs"] = 1000
+    path = tmp_path / "long.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    first = _run(["jobs", "submit", str(path)], {**env, "PPML_DATASET_ID": digits}).stdout.strip()
+    second = _run(["jobs", "submit", str(path), "--dataset", digits], env).stdout.strip()
+    # act
+    cancelled = _run(["jobs", "cancel", second, "--json"], env)
+    again = _run(["jobs", "cancel", second], env, code=1)
+    _run(["jobs", "cancel", first], env)
+    # assert
+    assert json.loads(cancelled.stdout)["status"] == "cancelled"
+    assert "HTTP 409" in again.stderr
+
+
+def test_submit_needs_a_dataset_id(env: dict[str, str]) -> None:
+    result = _run(["jobs", "submit", str(EXAMPLES / "dp_digits.yaml")], env, code=1)
+
+    assert "--dataset" in result.stderr
+
+
+@pytest.mark.parametrize("name", ["dp_digits.yaml", "federated_mnist1d.yaml"])
+def test_examples_are_valid_job_specs(name: str) -> None:
+    spec: dict[str, Any] = yaml.safe_load((EXAMPLES / name).read_text())
+
+    assert "dataset_id" not in spec  # filled in by `--dataset`
+    parsed = JobSpec.model_validate({**spec, "dataset_id": "ds_example"})
+    assert parsed.privacy is not None
+    if name.startswith("federated"):
+        assert parsed.federated is not None and parsed.privacy.level == "client"
+
+
+def test_cli_never_touches_the_database(env: dict[str, str], tmp_path: Path) -> None:
+    # The client commands work from a directory with no data dir and no database settings.
+    result = _cli_process(["datasets", "list", "--json"], {**env, "PPML_DATA_DIR": str(tmp_path)})
+
+    assert result.returncode == 0, result.stderr
+    assert isinstance(json.loads(result.stdout), list)
+    assert list(tmp_path.iterdir()) == []
+    assert httpx.get(f"{env['PPML_URL']}/healthz").status_code == 200
