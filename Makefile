@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install run worker services lint typecheck test test-fast bench clean
+.PHONY: install run worker services lint typecheck test bench openapi clean
 
 install: $(STAMP)
 
@@ -43,8 +43,16 @@ test: install services lint typecheck
 	# pytest exits 5 when it collected no tests: that is a failure too.
 	$(BIN)/pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
+# Each benchmark prints a table and writes JSON under bench/results/ (several minutes in all).
 bench: install services
 	$(BIN)/python bench/admission.py
+	$(BIN)/python bench/load.py
+	$(BIN)/python bench/predict.py
+	$(BIN)/python bench/dp_step.py
+	$(BIN)/python bench/federated_round.py
+
+openapi: install
+	$(BIN)/python -m api.openapi > openapi.json
 
 clean:
 	rm -rf $(VENV) .ppml .pytest_cache .mypy_cache .ruff_cache .hypothesis
