@@ -36,6 +36,7 @@ __all__ = [
     "plan_dp_sgd",
     "pld_epsilon",
     "rdp_curve",
+    "steps_per_epoch",
     "subtract",
     "zero",
 ]
@@ -216,6 +217,17 @@ def plan_dp_sgd(*, num_records: int, batch_size: int, epochs: int) -> tuple[floa
         raise ValueError("batch_size exceeds the number of records")
     steps_per_epoch = math.ceil(num_records / batch_size)
     return batch_size / num_records, steps_per_epoch, epochs * steps_per_epoch
+
+
+def steps_per_epoch(sample_rate: float) -> int:
+    """Poisson-sampled steps that make one expected pass over a shard: ``ceil(1/q)``.
+
+    Federated sample-level jobs are priced and run with this one expression (float rounding
+    makes it 50 for ``q = 1/49``, so pricing and training must not compute it differently).
+    """
+    if not 0 < sample_rate <= 1:
+        raise ValueError("sample_rate must be in (0, 1]")
+    return math.ceil(1 / sample_rate)
 
 
 def _job_epsilon(sigma: float, *, sample_rate: float, steps: int, delta: float, unit: str) -> float:

@@ -17,7 +17,6 @@ The worker plans its loops with the same :func:`schedule`, so what runs is what 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -82,7 +81,7 @@ def schedule(spec: JobSpec, dataset: Dataset) -> Schedule:
     if spec.privacy is not None and spec.privacy.level == "sample":
         shard = dataset.num_train / fed.num_clients
         q = min(1.0, spec.training.batch_size / shard)
-        per_round = fed.local_epochs * math.ceil(1 / q)
+        per_round = fed.local_epochs * acc.steps_per_epoch(q)
         return Schedule(
             sample_rate=q,
             steps_per_epoch=per_round,

@@ -1,0 +1,331 @@
+"""The federated simulation: one concrete round loop driving a ``Strategy``.
+
+Each round: the strategy samples clients, configures them, the clients that did not
+drop out train locally (vectorised or one by one), and the strategy aggregates their
+deltas into the new global model, which is then scored on the held-out arrays.
+
+Privacy notes:
+
+* Client level (DP-FedAvg): clients are Poisson-sampled with ``q = clients_per_round /
+  num_clients`` and the server adds ``N(0, (σC)²)`` to the clipped sum every round, so
+  each round is the subsampled Gaussian mechanism the accountant charges; a round's
+  number of participating clients depends on the private sample and is therefore not
+  reported in ``history``.
+* Sample level: every client runs DP-SGD with the same ``q``, ``σ``, ``C`` and number of
+  steps on its own disjoint shard, and the server averages the clients' models with
+  equal weights (weights by shard size would make the output depend on one row's
+  presence outside the DP-SGD mechanism).
+* As in ``dp_sgd``, every private random draw (sampling, dropout, batches, noise) comes
+  from a secret seed from the OS; ``dp_seed`` fixes it for tests only. Without DP, all
+  randomness derives from ``plan.seed``.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from opacus.accountants import RDPAccountant
+from torch import nn
+from torch.nn.utils import parameters_to_vector
+
+from ppml.training.dp_sgd import TrainingCallbacks, TrainingPlan, evaluate
+from ppml.training.federated.clients import (
+    ClientTask,
+    ClientTrainer,
+    LocalDP,
+    LocalSetup,
+    LoopTrainer,
+    VectorizedTrainer,
+)
+from ppml.training.federated.functional import (
+    ParamLayout,
+    client_seed,
+    local_steps_per_epoch,
+    round_seed_sequence,
+    server_noise_seed,
+)
+from ppml.training.federated.partition import partition
+from ppml.training.federated.plans import (
+    PRIVACY_LEVELS,
+    FederatedDP,
+    FederatedPlan,
+    FederatedResult,
+    RoundProgress,
+)
+from ppml.training.federated.strategies import (
+    DPFedAvgClientLevel,
+    Strategy,
+    build_strategy,
+)
+from ppml.training.models import build_model
+
+__all__ = [
+    "PRIVACY_LEVELS",
+    "VECTORIZABLE",
+    "FederatedDP",
+    "FederatedPlan",
+    "FederatedResult",
+    "RoundProgress",
+    "train_federated",
+]
+
+# Architectures whose every layer has a torch.func batching rule (checked in the tests).
+VECTORIZABLE = frozenset({"logreg", "mlp", "cnn1d"})
+_RATE_TOLERANCE = 1e-9
+
+
+def _to_tensors(
+    x: npt.NDArray[np.float32], y: npt.NDArray[np.int64], num_classes: int, dev: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    # Messages name no values: the arrays are private data.
+    x_arr = np.ascontiguousarray(x, dtype=np.float32)
+    y_arr = np.ascontiguousarray(y, dtype=np.int64)
+    if x_arr.ndim != 2 or y_arr.ndim != 1 or len(x_arr) != len(y_arr) or len(x_arr) == 0:
+        raise ValueError("expected non-empty x (n, d) and y (n,)")
+    if not np.isfinite(x_arr).all():
+        raise ValueError("features must be finite")
+    if y_arr.min() < 0 or y_arr.max() >= num_classes:
+        raise ValueError("labels must lie in 0..num_classes-1")
+    return torch.from_numpy(x_arr).to(dev), torch.from_numpy(y_arr).to(dev)
+
+
+def _initial_model(plan: TrainingPlan, num_features: int, num_classes: int) -> nn.Module:
+    # As dp_sgd does: fork the CPU RNG and build on CPU, so a seed means the same weights.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(plan.seed)
+        return build_model(
+            plan.arch,
+            num_features=num_features,
+            num_classes=num_classes,
+            hidden_sizes=plan.hidden_sizes,
+            channels=plan.channels,
+            kernel_size=plan.kernel_size,
+        )
+
+
+def _check_dp(fed: FederatedPlan, dp: FederatedDP | None) -> None:
+    if dp is not None and dp.level == "client":
+        q = fed.clients_per_round / fed.num_clients
+        if abs(dp.sample_rate - q) > _RATE_TOLERANCE * q:
+            raise ValueError("client-level sample_rate must equal clients_per_round / num_clients")
+
+
+def _build_strategy(
+    fed: FederatedPlan, dp: FederatedDP | None, base_seed: int, dev: torch.device
+) -> Strategy:
+    inner = build_strategy(
+        fed.strategy,
+        clients_per_round=fed.clients_per_round,
+        local_epochs=fed.local_epochs,
+        mu=fed.mu,
+        server_learning_rate=fed.server_learning_rate,
+    )
+    if dp is None or dp.level != "client":
+        return inner
+    return DPFedAvgClientLevel(
+        inner,
+        clip_norm=dp.clip_norm,
+        noise_multiplier=dp.noise_multiplier,
+        expected_clients=fed.clients_per_round,
+        generator=torch.Generator(device=dev).manual_seed(server_noise_seed(base_seed)),
+    )
+
+
+def _build_trainer(
+    plan: TrainingPlan,
+    fed: FederatedPlan,
+    dp: FederatedDP | None,
+    module: nn.Module,
+    data: tuple[torch.Tensor, torch.Tensor],
+) -> ClientTrainer:
+    local_dp = None
+    if dp is not None and dp.level == "sample":
+        local_dp = LocalDP(
+            noise_multiplier=dp.noise_multiplier,
+            clip_norm=dp.clip_norm,
+            sample_rate=dp.sample_rate,
+        )
+    setup = LocalSetup(
+        module=module,
+        x=data[0],
+        y=data[1],
+        batch_size=plan.batch_size,
+        learning_rate=plan.learning_rate,
+        optimizer=plan.optimizer,
+        momentum=plan.momentum,
+        dp=local_dp,
+    )
+    vectorize = fed.vectorized if fed.vectorized is not None else plan.arch in VECTORIZABLE
+    if not vectorize:
+        return LoopTrainer(setup)
+    if plan.arch not in VECTORIZABLE:
+        raise ValueError(f"architecture {plan.arch!r} cannot be trained vectorised")
+    return VectorizedTrainer(setup, chunk_size=fed.chunk_size)
+
+
+def _steps_per_round(fed: FederatedPlan, dp: FederatedDP | None) -> int:
+    if dp is not None and dp.level == "sample":
+        return fed.local_epochs * local_steps_per_epoch(dp.sample_rate)
+    return 1
+
+
+def _epsilon(dp: FederatedDP | None, steps: int) -> float | None:
+    if dp is None or dp.delta is None:
+        return None
+    if steps == 0:
+        return 0.0
+    accountant = RDPAccountant()
+    accountant.history = [(dp.noise_multiplier, dp.sample_rate, steps)]
+    return float(accountant.get_epsilon(delta=dp.delta))
+
+
+@dataclass
+class _Simulation:
+    """The state one job's round loop carries between rounds."""
+
+    fed: FederatedPlan
+    strategy: Strategy
+    trainer: ClientTrainer
+    shards: list[torch.Tensor]
+    base_seed: int
+    weighted: bool  # FedAvg's weights n_k; False: every client counts once
+
+    def run_round(self, round_index: int, params: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """One round from ``params`` ``(P,)``; returns the new params and clients aggregated."""
+        rng = np.random.default_rng(round_seed_sequence(self.base_seed, round_index))
+        sampled = self.strategy.sample_clients(round_index, len(self.shards), rng)
+        configs = self.strategy.configure_round(round_index, sampled)
+        survived = rng.random(len(sampled)) >= self.fed.dropout
+        tasks = [
+            ClientTask(
+                client_id=int(client),
+                rows=self.shards[client],
+                config=config,
+                seed=client_seed(self.base_seed, round_index, int(client)),
+            )
+            for client, config, ok in zip(sampled, configs, survived, strict=True)
+            if ok
+        ]
+        partial = None
+        for chunk, deltas in self.trainer.train(params, tasks):
+            weights = [float(len(t.rows)) if self.weighted else 1.0 for t in chunk]
+            weight_tensor = torch.tensor(weights, dtype=params.dtype, device=params.device)
+            partial = self.strategy.accumulate(partial, deltas, weight_tensor)
+        return self.strategy.finish(params, partial), len(tasks)
+
+
+def _report(
+    callbacks: TrainingCallbacks | None, fed: FederatedPlan, rounds_done: int, per_round: int
+) -> None:
+    if callbacks is not None:
+        callbacks.on_progress(
+            RoundProgress(
+                steps_done=rounds_done * per_round,
+                epoch=rounds_done * fed.local_epochs,
+                fraction=rounds_done / fed.rounds,
+                round=rounds_done,
+            )
+        )
+
+
+def train_federated(
+    *,
+    x_train: npt.NDArray[np.float32],
+    y_train: npt.NDArray[np.int64],
+    x_test: npt.NDArray[np.float32],
+    y_test: npt.NDArray[np.int64],
+    num_classes: int,
+    clients_train: npt.NDArray[np.int64] | None,
+    plan: TrainingPlan,
+    fed: FederatedPlan,
+    dp: FederatedDP | None,
+    callbacks: TrainingCallbacks | None = None,
+    device: str | None = None,
+    dp_seed: int | None = None,
+) -> FederatedResult:
+    """Simulates federated training and scores the global model on held-out data.
+
+    Args:
+        x_train: Training features, float32 ``(n, d)``.
+        y_train: Training labels in ``0..num_classes-1``.
+        x_test: Held-out features ``(m, d)``.
+        y_test: Held-out labels ``(m,)``.
+        num_classes: Number of classes ``K``.
+        clients_train: Client id per training row (needed by the ``"column"`` partition).
+        plan: Architecture, local batch size, optimizer, learning rate, momentum and
+            seed; its epoch and step counts are ignored.
+        fed: Clients, rounds, partition and strategy.
+        dp: The admitted mechanism (client or sample level), or None.
+        callbacks: ``on_progress`` gets a ``RoundProgress`` after every round (and on
+            stop); ``should_stop`` is checked before every round.
+        device: Torch device; defaults to ``"cuda"`` when available, else ``"cpu"``.
+        dp_seed: Seeds every private random draw. Tests only: None (required in
+            production) draws a secret seed from the OS.
+
+    Returns:
+        The global model, steps and rounds done, metrics, per-round history and ε.
+
+    Raises:
+        ValueError: If the arrays, the partition or the DP settings are inconsistent.
+    """
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    x, y = _to_tensors(x_train, y_train, num_classes, dev)
+    x_te, y_te = _to_tensors(x_test, y_test, num_classes, dev)
+    if x_te.shape[1] != x.shape[1]:
+        raise ValueError("train and test must have the same number of features")
+    _check_dp(fed, dp)
+    parts = partition(
+        fed.partition,
+        labels=np.asarray(y_train),
+        num_clients=fed.num_clients,
+        alpha=fed.alpha,
+        seed=plan.seed,
+        clients_train=clients_train,
+    )
+    module = _initial_model(plan, x.shape[1], num_classes).to(dev)
+    base_seed = plan.seed if dp is None else (secrets.randbits(63) if dp_seed is None else dp_seed)
+    sim = _Simulation(
+        fed=fed,
+        strategy=_build_strategy(fed, dp, base_seed, dev),
+        trainer=_build_trainer(plan, fed, dp, module, (x, y)),
+        shards=[torch.from_numpy(p).to(dev) for p in parts],
+        base_seed=base_seed,
+        weighted=dp is None or dp.level == "client",
+    )
+    per_round = _steps_per_round(fed, dp)
+    layout = ParamLayout.of(module)
+    params = parameters_to_vector(module.parameters()).detach().clone()
+    history: list[dict[str, float]] = []
+    rounds_done, stopped = 0, False
+    for round_index in range(fed.rounds):
+        if callbacks is not None and callbacks.should_stop():
+            stopped = True
+            break
+        params, clients = sim.run_round(round_index, params)
+        rounds_done = round_index + 1
+        if rounds_done % fed.eval_every == 0 or rounds_done == fed.rounds:
+            layout.load(module, params)
+            entry = {"round": float(rounds_done), **evaluate(module, x_te, y_te)}
+            if dp is None or dp.level != "client":
+                entry["clients"] = float(clients)
+            history.append(entry)
+        _report(callbacks, fed, rounds_done, per_round)
+    if stopped and rounds_done == 0:
+        _report(callbacks, fed, 0, per_round)  # the only report a job stopped at once gets
+    layout.load(module, params)
+    weights = module.state_dict()
+    steps_done = rounds_done * per_round
+    return FederatedResult(
+        state_dict={k: v.detach().cpu().contiguous().clone() for k, v in weights.items()},
+        steps_done=steps_done,
+        rounds_done=rounds_done,
+        stopped=stopped,
+        metrics=evaluate(module, x_te, y_te),
+        history=history,
+        epsilon_opacus=_epsilon(dp, steps_done),
+        device=str(dev),
+    )
