@@ -95,7 +95,12 @@ class FederatedSpec(_Spec):
     partition: PartitionSpec = PartitionSpec()
     strategy: Literal["fedavg", "fedprox", "fedadam"] = "fedavg"
     mu: float = Field(default=0.01, ge=0, description="FedProx proximal weight.")
-    server_learning_rate: float = Field(default=1.0, gt=0, description="Server step size.")
+    server_learning_rate: float = Field(
+        default=1.0,
+        gt=0,
+        description="Server step size: 1.0 applies the averaged update (FedAvg, FedProx); "
+        "FedAdam wants about 0.01-0.1.",
+    )
     dropout: float = Field(default=0.0, ge=0, lt=1, description="Fraction of clients lost.")
 
     @model_validator(mode="after")
