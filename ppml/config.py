@@ -41,6 +41,9 @@ class WorkerSettings(BaseModel):
     # Re-send a queued job's message after this long: a broker restart without persistence
     # loses messages; duplicates are harmless (only one delivery can claim the job).
     requeue_after_s: float = 300.0
+    # CPU threads per training process (None: torch's default, one per core). On machines
+    # shared with the API or other workers, fewer threads avoid busy-waiting on each other.
+    torch_threads: int | None = None
 
 
 class Settings(BaseSettings):

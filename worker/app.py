@@ -37,7 +37,13 @@ def _reaper() -> Reaper:
 @worker_ready.connect
 def _start_reaper(**_kwargs: object) -> None:
     # Import torch and the training code now, not inside the first job's lease.
+    import torch
+
     import ppml.training.dp_sgd  # noqa: F401
+
+    threads = get_settings().worker.torch_threads
+    if threads:
+        torch.set_num_threads(threads)
 
     _reaper().start()
 
