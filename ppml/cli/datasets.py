@@ -1,0 +1,148 @@
+"""``ppml datasets``: register, upload and list datasets, and show their privacy budgets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from ppml.cli.common import (
+    ApiKey,
+    AsJson,
+    Limit,
+    Url,
+    api_client,
+    created,
+    fail,
+    fmt,
+    print_json,
+    table,
+)
+from ppml.client import DEFAULT_URL
+
+datasets_app = typer.Typer(help="Datasets and their privacy budgets.", no_args_is_help=True)
+
+
+def _budget(epsilon: float | None, delta: float | None, public: bool) -> tuple[float, float] | None:
+    if public:
+        if epsilon is not None or delta is not None:
+            fail("--public data has no budget: drop --epsilon and --delta")
+        return None
+    if epsilon is None or delta is None:
+        fail("give the privacy budget (--epsilon and --delta), or --public for data without one")
+    return epsilon, delta
+
+
+Epsilon = Annotated[float | None, typer.Option(help="Total ε of the dataset's budget.")]
+Delta = Annotated[float | None, typer.Option(help="Total δ (well below 1/n).")]
+Public = Annotated[bool, typer.Option("--public", help="Public data: no privacy budget.")]
+Unit = Annotated[str, typer.Option(help="Privacy unit: record or client.")]
+
+
+def _dataset_line(dataset: dict[str, Any]) -> str:
+    budget = dataset.get("privacy_budget")
+    privacy = f"ε={budget['epsilon']:g}, δ={budget['delta']:g}" if budget else "public"
+    return (
+        f"dataset {dataset['id']} {dataset['name']!r}: {dataset['num_train']} train / "
+        f"{dataset['num_test']} test rows, {dataset['num_features']} features, "
+        f"{dataset['num_classes']} classes; {privacy}"
+    )
+
+
+@datasets_app.command("add")
+def datasets_add(
+    name: Annotated[str, typer.Argument(help="A name for the dataset.")],
+    builtin: Annotated[str, typer.Option(help="digits, breast_cancer or mnist1d.")],
+    epsilon: Epsilon = None,
+    delta: Delta = None,
+    public: Public = False,
+    privacy_unit: Unit = "record",
+    url: Url = DEFAULT_URL,
+    api_key: ApiKey = None,
+    as_json: AsJson = False,
+) -> None:
+    """Register a built-in dataset with its privacy budget."""
+    budget = _budget(epsilon, delta, public)
+    with api_client(url, api_key=api_key) as client:
+        dataset = client.create_dataset(
+            name, builtin=builtin, budget=budget, privacy_unit=privacy_unit
+        )
+    created(dataset, dataset["id"], _dataset_line(dataset), as_json)
+
+
+@datasets_app.command("upload")
+def datasets_upload(
+    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="CSV, Parquet, NPZ.")],
+    name: Annotated[str, typer.Option(help="A name for the dataset.")],
+    target: Annotated[str | None, typer.Option(help="The label column.")] = None,
+    epsilon: Epsilon = None,
+    delta: Delta = None,
+    public: Public = False,
+    client_column: Annotated[
+        str | None, typer.Option(help="Column naming each row's federated client.")
+    ] = None,
+    privacy_unit: Unit = "record",
+    url: Url = DEFAULT_URL,
+    api_key: ApiKey = None,
+    as_json: AsJson = False,
+) -> None:
+    """Upload a CSV, Parquet or NPZ file as a dataset with its privacy budget."""
+    budget = _budget(epsilon, delta, public)
+    with api_client(url, api_key=api_key) as client:
+        dataset = client.upload_dataset(
+            file,
+            name=name,
+            target=target,
+            budget=budget,
+            client_column=client_column,
+            privacy_unit=privacy_unit,
+        )
+    created(dataset, dataset["id"], _dataset_line(dataset), as_json)
+
+
+@datasets_app.command("list")
+def datasets_list(
+    url: Url = DEFAULT_URL, api_key: ApiKey = None, limit: Limit = 50, as_json: AsJson = False
+) -> None:
+    """List your datasets, newest first."""
+    with api_client(url, api_key=api_key) as client:
+        items = client.list_datasets(limit=limit)
+    if as_json:
+        print_json(items)
+        return
+    rows = []
+    for d in items:
+        budget = d.get("privacy_budget") or {}
+        rows.append(
+            [
+                d["id"],
+                d["name"],
+                str(d["num_features"]),
+                str(d["num_classes"]),
+                f"{d['num_train']}/{d['num_test']}",
+                fmt(budget.get("epsilon")),
+                fmt(budget.get("delta")),
+                d["created_at"][:16].replace("T", " "),
+            ]
+        )
+    columns = ["id", "name", "features", "classes", "train/test", "ε", "δ", "created"]
+    table("datasets", columns, rows)
+
+
+@datasets_app.command("budget")
+def datasets_budget(
+    dataset_id: Annotated[str, typer.Argument(help="The dataset's id.")],
+    url: Url = DEFAULT_URL,
+    api_key: ApiKey = None,
+    as_json: AsJson = False,
+) -> None:
+    """Spent, reserved and remaining ε of a dataset (composed across jobs by RDP)."""
+    with api_client(url, api_key=api_key) as client:
+        budget = client.dataset_budget(dataset_id)
+    if as_json:
+        print_json(budget)
+        return
+    keys = ["epsilon_total", "delta_total", "epsilon_spent", "epsilon_reserved"]
+    keys += ["epsilon_remaining", "accounting", "admission", "privacy_unit"]
+    table(f"budget of {dataset_id}", ["", "value"], [[k, fmt(budget.get(k))] for k in keys])

@@ -1,0 +1,105 @@
+"""Built-in datasets: digits and breast_cancer from scikit-learn, mnist1d generated and cached."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from ppml.datasets.arrays import DatasetArrays, load_arrays, save_arrays
+from ppml.datasets.split import check_seed, split
+from ppml.errors import InvalidInput, MalformedFile
+
+BUILTINS: tuple[str, ...] = ("digits", "breast_cancer", "mnist1d")
+
+_BUILTIN_TEST_FRACTION = 0.2
+_MNIST1D_SAMPLES = 10_000
+_MNIST1D_CACHE = "mnist1d-v1-seed{seed}.npz"
+
+
+def load_builtin(name: str, *, seed: int = 0, cache_dir: Path | None = None) -> DatasetArrays:
+    """Load a built-in dataset, split into train and test.
+
+    ``digits`` and ``breast_cancer`` come bundled with scikit-learn and are split 80/20,
+    stratified, with ``seed``. ``mnist1d`` is generated locally (10,000 samples, its own
+    80/20 split) from ``seed``. Only fixed, data-independent transforms are applied:
+    digits are divided by 16 (their known pixel range), breast-cancer features go through
+    ``log1p`` (all are non-negative), mnist1d is used as generated.
+
+    Args:
+        name: one of :data:`BUILTINS`.
+        seed: seed of the split (and of the mnist1d generator), in ``0..2**32-1``.
+        cache_dir: where to cache generated mnist1d arrays; None disables the cache.
+
+    Returns:
+        The split dataset.
+
+    Raises:
+        InvalidInput: unknown name (``field="source.builtin"``) or bad seed.
+    """
+    if name not in BUILTINS:
+        raise InvalidInput(
+            f"unknown built-in dataset; choose one of {', '.join(BUILTINS)}",
+            field="source.builtin",
+        )
+    check_seed(seed)
+    if name == "mnist1d":
+        return _load_mnist1d(seed, cache_dir)
+    from sklearn import datasets as skd
+
+    if name == "digits":
+        bunch = skd.load_digits()
+        x = bunch.data / 16.0
+        classes = tuple(str(int(c)) for c in bunch.target_names)
+    else:
+        bunch = skd.load_breast_cancer()
+        x = np.log1p(bunch.data)
+        classes = tuple(str(c) for c in bunch.target_names)
+    y = np.asarray(bunch.target, dtype=np.int64)
+    names = tuple(str(f) for f in bunch.feature_names)
+    return split(x, y, None, classes, names, seed=seed, test_fraction=_BUILTIN_TEST_FRACTION)
+
+
+def _load_mnist1d(seed: int, cache_dir: Path | None) -> DatasetArrays:
+    cache = cache_dir / _MNIST1D_CACHE.format(seed=seed) if cache_dir is not None else None
+    if cache is not None and cache.is_file():
+        with contextlib.suppress(MalformedFile):  # a damaged cache is regenerated
+            return load_arrays(cache)
+    arrays = _generate_mnist1d(seed)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        save_arrays(arrays, cache)
+    return arrays
+
+
+def _generate_mnist1d(seed: int) -> DatasetArrays:
+    # Imported here: it pulls matplotlib and costs seconds at import.
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    args = get_dataset_args()
+    args.num_samples = _MNIST1D_SAMPLES
+    args.seed = seed
+    with _global_rng_preserved():  # make_dataset reseeds the global generators
+        data = make_dataset(args)
+    x_train = np.ascontiguousarray(data["x"], dtype=np.float32)
+    return DatasetArrays(
+        x_train=x_train,
+        y_train=np.asarray(data["y"], dtype=np.int64),
+        x_test=np.ascontiguousarray(data["x_test"], dtype=np.float32),
+        y_test=np.asarray(data["y_test"], dtype=np.int64),
+        classes=tuple(str(i) for i in range(10)),
+        feature_names=tuple(f"x{j}" for j in range(x_train.shape[1])),
+    )
+
+
+@contextlib.contextmanager
+def _global_rng_preserved() -> Iterator[None]:
+    np_state, py_state = np.random.get_state(), random.getstate()
+    try:
+        yield
+    finally:
+        np.random.set_state(np_state)
+        random.setstate(py_state)
