@@ -187,11 +187,12 @@ class Repositories:
         )
         return list(self.session.scalars(stmt.order_by(Job.id).limit(500)).all())
 
-    def mark_enqueued(self, job_id: str) -> None:
+    def mark_enqueued(self, job_id: str, *, sent: bool = True) -> None:
+        """Record when the job's message was sent (``sent=False``: it could not be)."""
         self.session.execute(
             update(Job)
             .where(Job.id == job_id)
-            .values(enqueued_at=utcnow())
+            .values(enqueued_at=utcnow() if sent else None)
             .execution_options(synchronize_session=False)
         )
 

@@ -98,26 +98,29 @@ class Ledger:
         used = acc.add(_curve(budget.committed), _curve(budget.reserved))
         return acc.fits(used, job_curve, acc.caps(budget.epsilon_total, budget.delta_total))
 
-    def refusal(
-        self, budget: DatasetBudget, event: acc.MechanismEvent, *, requested: float, delta: float
-    ) -> BudgetExceeded:
-        """The 409 for a job that does not fit, with the largest ε that would."""
+    def refusal(self, budget: DatasetBudget, *, requested: float) -> BudgetExceeded:
+        """The 409 for a job that does not fit (cheap: it is built under the lock)."""
         status = budget_status(budget)
-        used = acc.add(_curve(budget.committed), _curve(budget.reserved))
-        largest = acc.largest_fitting_epsilon(
-            used=used,
-            budget_caps=acc.caps(budget.epsilon_total, budget.delta_total),
-            sample_rate=event.sample_rate,
-            steps=event.steps,
-            delta=delta,
-            unit=event.unit,
-        )
         return BudgetExceeded(
             f"This job would spend ε={requested:.4g} but the dataset has "
             f"ε={status.epsilon_remaining:.4g} left of {status.epsilon_total:g}.",
             epsilon_remaining=status.epsilon_remaining,
             epsilon_requested=requested,
-            max_target_epsilon=largest,
+        )
+
+    def largest_fitting(self, budget: DatasetBudget, event: acc.MechanismEvent) -> float | None:
+        """The largest target ε of this job's shape that the filter would admit now.
+
+        A search over σ (up to a second): never call it while holding the budget lock.
+        """
+        used = acc.add(_curve(budget.committed), _curve(budget.reserved))
+        return acc.largest_fitting_epsilon(
+            used=used,
+            budget_caps=acc.caps(budget.epsilon_total, budget.delta_total),
+            sample_rate=event.sample_rate,
+            steps=event.steps,
+            delta=budget.delta_total,
+            unit=event.unit,
         )
 
     def reserve(
@@ -126,8 +129,7 @@ class Ledger:
         """Reserve a job's full curve on a locked budget; raises if the filter refuses."""
         curve = acc.rdp_curve(event)
         if not self.admits(budget, curve):
-            requested = acc.epsilon(curve, budget.delta_total)
-            raise self.refusal(budget, event, requested=requested, delta=budget.delta_total)
+            raise self.refusal(budget, requested=acc.epsilon(curve, budget.delta_total))
         entry = self._append(budget, job.id, LedgerKind.RESERVE, curve, event)
         budget.reserved = _units(acc.add(_curve(budget.reserved), curve))
         self._touch(budget)

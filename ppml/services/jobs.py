@@ -16,7 +16,13 @@ from ppml.config import Settings
 from ppml.db.models import Dataset, Job, JobStatus, new_id, utcnow
 from ppml.db.repositories import Repositories
 from ppml.db.session import Database
-from ppml.errors import IdempotencyMismatch, JobNotCancellable, NotFound, TooManyRequests
+from ppml.errors import (
+    BudgetExceeded,
+    IdempotencyMismatch,
+    JobNotCancellable,
+    NotFound,
+    TooManyRequests,
+)
 from ppml.privacy import accounting as acc
 from ppml.privacy.ledger import Ledger, budget_status
 from ppml.queue import enqueue_job
@@ -50,13 +56,46 @@ class JobService:
 
     def __init__(self, db: Database, settings: Settings, celery: Celery) -> None:
         self.db, self.settings, self.celery = db, settings, celery
+        # Datasets never change after registration, so admission need not re-read them.
+        self._datasets: dict[tuple[str, str], Dataset] = {}
+
+    def _dataset(self, repos: Repositories, tenant_id: str, dataset_id: str) -> Dataset:
+        dataset = self._datasets.get((tenant_id, dataset_id))
+        if dataset is None:
+            dataset = repos.dataset(tenant_id, dataset_id)
+            if dataset is None:
+                raise NotFound("dataset not found", field="dataset_id")
+            if len(self._datasets) > 10_000:
+                self._datasets.clear()
+            self._datasets[(tenant_id, dataset_id)] = dataset
+        return dataset
 
     def _priced(self, tenant_id: str, spec: JobSpec) -> tuple[Dataset, Pricing]:
         with self.db.session() as session:
-            dataset = Repositories(session).dataset(tenant_id, spec.dataset_id)
-        if dataset is None:
-            raise NotFound("dataset not found", field="dataset_id")
+            dataset = self._dataset(Repositories(session), tenant_id, spec.dataset_id)
         return dataset, price(spec, dataset, self.settings)
+
+    def _check_active_jobs(self, tenant_id: str) -> None:
+        # A soft limit, checked outside the budget lock: a burst may overshoot it slightly.
+        limit = self.settings.limits.max_active_jobs_per_tenant
+        with self.db.session() as session:
+            active = Repositories(session).count_active_jobs(tenant_id)
+        if active >= limit:
+            raise TooManyRequests(
+                f"at most {limit} queued or running jobs per tenant; retry when some finish",
+                limit=limit,
+                retry_after=30,
+            )
+
+    def _largest_fitting(self, dataset: Dataset, pricing: Pricing) -> float | None:
+        """After a refusal, outside any lock: the largest target ε of this shape that fits."""
+        if pricing.event is None:
+            return None
+        with self.db.session() as session:
+            ledger = Ledger(Repositories(session))
+            budget = ledger.repos.budget(dataset.id)
+            assert budget is not None
+            return ledger.largest_fitting(budget, pricing.event)
 
     def quote(self, tenant_id: str, spec: JobSpec) -> Quote:
         dataset, pricing = self._priced(tenant_id, spec)
@@ -69,10 +108,7 @@ class JobService:
                 fits = ledger.admits(budget, acc.rdp_curve(pricing.event))
                 remaining = budget_status(budget).epsilon_remaining
                 if not fits:
-                    refusal = ledger.refusal(
-                        budget, pricing.event, requested=pricing.epsilon, delta=budget.delta_total
-                    )
-                    largest = refusal.extra["max_target_epsilon"]
+                    largest = ledger.largest_fitting(budget, pricing.event)
         event = pricing.event
         return Quote(
             epsilon=pricing.epsilon,
@@ -91,8 +127,13 @@ class JobService:
         """Admit and enqueue a job. Returns ``(job, created)``; replays return ``created=False``."""
         dataset, pricing = self._priced(tenant_id, spec)
         digest = request_hash(spec)
+        if idempotency_key is None:
+            self._check_active_jobs(tenant_id)
         try:
             job, created = self._admit(tenant_id, dataset, spec, pricing, digest, idempotency_key)
+        except BudgetExceeded as refusal:
+            refusal.extra["max_target_epsilon"] = self._largest_fitting(dataset, pricing)
+            raise
         except IntegrityError:
             # A concurrent request with the same Idempotency-Key won the insert.
             assert idempotency_key is not None
@@ -127,13 +168,7 @@ class JobService:
                 if existing is not None:
                     _check_same_request(existing, digest)
                     return existing, False
-            limit = self.settings.limits.max_active_jobs_per_tenant
-            if repos.count_active_jobs(tenant_id) >= limit:
-                raise TooManyRequests(
-                    f"at most {limit} queued or running jobs per tenant; retry when some finish",
-                    limit=limit,
-                    retry_after=30,
-                )
+                self._check_active_jobs(tenant_id)  # only for a new job, not for a replay
             job = Job(
                 id=new_id("job"),
                 tenant_id=tenant_id,
@@ -147,6 +182,8 @@ class JobService:
                 error=None,
                 idempotency_key=idempotency_key,
                 request_hash=digest,
+                # Marked sent now, saving a write after the send; a failed send clears it.
+                enqueued_at=utcnow(),
             )
             repos.add(job)
             if budget is not None and pricing.event is not None:
@@ -154,9 +191,10 @@ class JobService:
         return job, True
 
     def enqueue(self, job_id: str) -> None:
-        if enqueue_job(self.celery, job_id):
+        """Send the job; if the broker is down, leave it to the reaper, which re-sends it."""
+        if not enqueue_job(self.celery, job_id):
             with self.db.session(write=True) as session:
-                Repositories(session).mark_enqueued(job_id)
+                Repositories(session).mark_enqueued(job_id, sent=False)
 
     def cancel(self, tenant_id: str, job_id: str) -> Job:
         """Queued → cancelled with a full release; running → asks the worker to stop."""

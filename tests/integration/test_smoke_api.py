@@ -21,3 +21,7 @@ def test_over_budget_job_is_refused_with_remaining_budget(
     assert body["type"].endswith("budget-exceeded")
     assert 0 <= body["epsilon_remaining"] < 3.0
     assert body["epsilon_requested"] > 2.9
+    # the refusal suggests the largest target ε of the same shape that would fit, and it does
+    assert 0 < body["max_target_epsilon"] < 3.0
+    suggested = dp_job_spec(dataset_id, epsilon=body["max_target_epsilon"])
+    assert client.post("/v1/jobs", json=suggested, headers=tenant).status_code == 202
