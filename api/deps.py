@@ -69,11 +69,13 @@ def _session(request: Request, db: DatabaseDep) -> Iterator[Session]:
         yield session
 
 
-def _repos(session: Annotated[Session, Depends(_session)]) -> Repositories:
+# scope="function": commit before the response is sent, so a client that reads its own
+# write right after a 201 finds it, and a failed commit answers an error instead of vanishing.
+def _repos(session: Annotated[Session, Depends(_session, scope="function")]) -> Repositories:
     return Repositories(session)
 
 
-ReposDep = Annotated[Repositories, Depends(_repos)]
+ReposDep = Annotated[Repositories, Depends(_repos, scope="function")]
 
 
 def _admin(credentials: Credentials, settings: SettingsDep) -> None:
