@@ -10,6 +10,11 @@ Privacy notes:
 * The sampling rate ``q`` and noise multiplier ``sigma`` come from admission and are used
   exactly: every step draws a Poisson mask ``rand(n) < q`` and Opacus adds
   ``N(0, (sigma * C)^2)`` noise even to an empty batch, matching the accountant.
+* Two engines compute the same clipped, noised gradient: Opacus (``GradSampleModule``
+  hooks and ``DPOptimizer``) and ``ppml.training.fast_dp`` (one backward pass, ghost
+  norms). ``DPPlan.engine`` picks one; ``"auto"`` takes the fast engine when it
+  supports every layer. Both draw masks and noise from the same generator in the same
+  order, so the choice changes speed, not the mechanism or its accounting.
 * The Poisson masks and the noise must stay secret: with a known seed an analyst could
   regenerate the noise and subtract it, or learn which rows were in each batch (which
   voids the amplification by subsampling). They are therefore drawn from a generator
@@ -34,6 +39,7 @@ from opacus.optimizers import DPOptimizer
 from torch import nn
 from torch.nn import functional as F
 
+from ppml.training.fast_dp import FastDPEngine, unsupported_layers
 from ppml.training.models import ARCHITECTURES, build_model
 
 __all__ = [
@@ -48,6 +54,7 @@ __all__ = [
 ]
 
 EVAL_BATCH_ROWS = 4096
+DP_ENGINES = ("auto", "fast", "opacus")
 
 OPTIMIZERS: dict[str, Callable[[list[nn.Parameter], float, float], torch.optim.Optimizer]] = {
     "sgd": lambda params, lr, momentum: torch.optim.SGD(params, lr=lr, momentum=momentum),
@@ -110,18 +117,24 @@ class DPPlan:
         max_grad_norm: C, the per-sample clipping norm.
         sample_rate: Poisson sampling rate ``q`` (``batch_size / n_train``).
         delta: δ at which ``epsilon_opacus`` is reported.
+        engine: How per-sample gradients are clipped: ``"fast"`` (single backward
+            pass, ``ppml.training.fast_dp``), ``"opacus"`` (Opacus hooks), or
+            ``"auto"``: fast when it handles every layer natively, else Opacus.
     """
 
     noise_multiplier: float
     max_grad_norm: float
     sample_rate: float
     delta: float
+    engine: str = "auto"
 
     def __post_init__(self) -> None:
         if not self.noise_multiplier > 0 or not self.max_grad_norm > 0:
             raise ValueError("noise_multiplier and max_grad_norm must be > 0")
         if not 0 < self.sample_rate <= 1 or not 0 < self.delta < 1:
             raise ValueError("sample_rate must be in (0, 1] and delta in (0, 1)")
+        if self.engine not in DP_ENGINES:
+            raise ValueError(f"engine must be one of {', '.join(DP_ENGINES)}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -218,7 +231,7 @@ class _PlainStepper:
 
 
 class _PrivateStepper:
-    """DP-SGD: Poisson-sampled batches, per-sample clipping and Gaussian noise (Opacus)."""
+    """DP-SGD: Poisson-sampled batches, per-sample clipping and Gaussian noise."""
 
     def __init__(
         self,
@@ -232,21 +245,36 @@ class _PrivateStepper:
         self._x, self._y = data
         self._dp = dp
         self._generator = generator
-        # Summed loss (not mean): an empty Poisson batch then has loss 0 instead of NaN;
-        # DPOptimizer still divides the noisy sum by the *expected* batch size.
-        self._gsm = GradSampleModule(module, loss_reduction="sum", strict=True)
-        base = OPTIMIZERS[plan.optimizer](
-            list(self._gsm.parameters()), plan.learning_rate, plan.momentum
-        )
-        self._optimizer = DPOptimizer(
-            base,
-            noise_multiplier=dp.noise_multiplier,
-            max_grad_norm=dp.max_grad_norm,
-            expected_batch_size=plan.batch_size,
-            loss_reduction="mean",
-            generator=generator,
-        )
         self._accountant = RDPAccountant()
+        self._engine: FastDPEngine | None = None
+        self._gsm: GradSampleModule | None = None
+        self._optimizer: torch.optim.Optimizer
+        if dp.engine == "fast" or (dp.engine == "auto" and not unsupported_layers(module)):
+            self._engine = FastDPEngine(
+                module,
+                noise_multiplier=dp.noise_multiplier,
+                max_grad_norm=dp.max_grad_norm,
+                expected_batch_size=plan.batch_size,
+                generator=generator,
+            )
+            self._optimizer = OPTIMIZERS[plan.optimizer](
+                list(module.parameters()), plan.learning_rate, plan.momentum
+            )
+        else:
+            # Summed loss (not mean): an empty Poisson batch then has loss 0, not NaN;
+            # DPOptimizer still divides the noisy sum by the *expected* batch size.
+            self._gsm = GradSampleModule(module, loss_reduction="sum", strict=True)
+            base = OPTIMIZERS[plan.optimizer](
+                list(self._gsm.parameters()), plan.learning_rate, plan.momentum
+            )
+            self._optimizer = DPOptimizer(
+                base,
+                noise_multiplier=dp.noise_multiplier,
+                max_grad_norm=dp.max_grad_norm,
+                expected_batch_size=plan.batch_size,
+                loss_reduction="mean",
+                generator=generator,
+            )
 
     def step(self, step_index: int) -> None:
         del step_index  # every step samples afresh; nothing depends on the index
@@ -254,9 +282,15 @@ class _PrivateStepper:
             torch.rand(len(self._x), generator=self._generator, device=self._x.device)
             < self._dp.sample_rate
         )
-        self._optimizer.zero_grad(set_to_none=True)
-        logits = self._gsm(self._x[mask])
-        F.cross_entropy(logits, self._y[mask], reduction="sum").backward()
+        if self._gsm is not None:
+            self._optimizer.zero_grad(set_to_none=True)
+            logits = self._gsm(self._x[mask])
+            F.cross_entropy(logits, self._y[mask], reduction="sum").backward()
+        elif self._engine is not None:
+            rows = mask.nonzero().squeeze(1)  # the same rows as x[mask], found once
+            logits = self.module(self._x.index_select(0, rows))
+            loss = F.cross_entropy(logits, self._y.index_select(0, rows), reduction="sum")
+            self._engine.backward(loss)  # sets every p.grad (noise alone if no rows)
         self._optimizer.step()
         self._accountant.step(
             noise_multiplier=self._dp.noise_multiplier, sample_rate=self._dp.sample_rate
@@ -266,8 +300,11 @@ class _PrivateStepper:
         return float(self._accountant.get_epsilon(delta=self._dp.delta))
 
     def close(self) -> None:
-        """Removes Opacus hooks so ``module`` is a plain module again."""
-        self._gsm.to_standard_module()
+        """Removes the engine's hooks so ``module`` is a plain module again."""
+        if self._gsm is not None:
+            self._gsm.to_standard_module()
+        if self._engine is not None:
+            self._engine.close()
 
 
 def _to_tensors(
