@@ -307,7 +307,7 @@ class _PrivateStepper:
             self._engine.close()
 
 
-def _to_tensors(
+def to_tensors(
     x: npt.NDArray[np.float32],
     y: npt.NDArray[np.int64],
     *,
@@ -327,7 +327,7 @@ def _to_tensors(
     return torch.from_numpy(x_arr).to(device), torch.from_numpy(y_arr).to(device)
 
 
-def _initial_model(plan: TrainingPlan, num_features: int, num_classes: int) -> nn.Module:
+def initial_model(plan: TrainingPlan, num_features: int, num_classes: int) -> nn.Module:
     # Fork the CPU RNG so seeding does not disturb the caller's global state, and build
     # on CPU so the same seed gives the same initial weights on every device.
     with torch.random.fork_rng(devices=[]):
@@ -444,11 +444,11 @@ def train(
     if report_every < 1:
         raise ValueError("report_every must be positive")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    train_data = _to_tensors(x_train, y_train, num_classes=num_classes, device=dev, name="train")
-    x_te, y_te = _to_tensors(x_test, y_test, num_classes=num_classes, device=dev, name="test")
+    train_data = to_tensors(x_train, y_train, num_classes=num_classes, device=dev, name="train")
+    x_te, y_te = to_tensors(x_test, y_test, num_classes=num_classes, device=dev, name="test")
     if x_te.shape[1] != train_data[0].shape[1]:
         raise ValueError("train and test must have the same number of features")
-    module = _initial_model(plan, train_data[0].shape[1], num_classes).to(dev)
+    module = initial_model(plan, train_data[0].shape[1], num_classes).to(dev)
     module.train()
     stepper: _PlainStepper | _PrivateStepper
     if dp is None:

@@ -32,7 +32,13 @@ from opacus.accountants import RDPAccountant
 from torch import nn
 from torch.nn.utils import parameters_to_vector
 
-from ppml.training.dp_sgd import TrainingCallbacks, TrainingPlan, evaluate
+from ppml.training.dp_sgd import (
+    TrainingCallbacks,
+    TrainingPlan,
+    evaluate,
+    initial_model,
+    to_tensors,
+)
 from ppml.training.federated.clients import (
     ClientTask,
     ClientTrainer,
@@ -61,7 +67,6 @@ from ppml.training.federated.strategies import (
     Strategy,
     build_strategy,
 )
-from ppml.training.models import build_model
 
 __all__ = [
     "PRIVACY_LEVELS",
@@ -76,35 +81,6 @@ __all__ = [
 # Architectures whose every layer has a torch.func batching rule (checked in the tests).
 VECTORIZABLE = frozenset({"logreg", "mlp", "cnn1d"})
 _RATE_TOLERANCE = 1e-9
-
-
-def _to_tensors(
-    x: npt.NDArray[np.float32], y: npt.NDArray[np.int64], num_classes: int, dev: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    # Messages name no values: the arrays are private data.
-    x_arr = np.ascontiguousarray(x, dtype=np.float32)
-    y_arr = np.ascontiguousarray(y, dtype=np.int64)
-    if x_arr.ndim != 2 or y_arr.ndim != 1 or len(x_arr) != len(y_arr) or len(x_arr) == 0:
-        raise ValueError("expected non-empty x (n, d) and y (n,)")
-    if not np.isfinite(x_arr).all():
-        raise ValueError("features must be finite")
-    if y_arr.min() < 0 or y_arr.max() >= num_classes:
-        raise ValueError("labels must lie in 0..num_classes-1")
-    return torch.from_numpy(x_arr).to(dev), torch.from_numpy(y_arr).to(dev)
-
-
-def _initial_model(plan: TrainingPlan, num_features: int, num_classes: int) -> nn.Module:
-    # As dp_sgd does: fork the CPU RNG and build on CPU, so a seed means the same weights.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(plan.seed)
-        return build_model(
-            plan.arch,
-            num_features=num_features,
-            num_classes=num_classes,
-            hidden_sizes=plan.hidden_sizes,
-            channels=plan.channels,
-            kernel_size=plan.kernel_size,
-        )
 
 
 def _check_dp(fed: FederatedPlan, dp: FederatedDP | None) -> None:
@@ -273,8 +249,8 @@ def train_federated(
         ValueError: If the arrays, the partition or the DP settings are inconsistent.
     """
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    x, y = _to_tensors(x_train, y_train, num_classes, dev)
-    x_te, y_te = _to_tensors(x_test, y_test, num_classes, dev)
+    x, y = to_tensors(x_train, y_train, num_classes=num_classes, device=dev, name="train")
+    x_te, y_te = to_tensors(x_test, y_test, num_classes=num_classes, device=dev, name="test")
     if x_te.shape[1] != x.shape[1]:
         raise ValueError("train and test must have the same number of features")
     _check_dp(fed, dp)
@@ -286,7 +262,7 @@ def train_federated(
         seed=plan.seed,
         clients_train=clients_train,
     )
-    module = _initial_model(plan, x.shape[1], num_classes).to(dev)
+    module = initial_model(plan, x.shape[1], num_classes).to(dev)
     base_seed = plan.seed if dp is None else (secrets.randbits(63) if dp_seed is None else dp_seed)
     sim = _Simulation(
         fed=fed,
