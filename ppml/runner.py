@@ -65,9 +65,10 @@ class _Heartbeat:
             "round": getattr(progress, "round", None),
             "steps": progress.steps_done,
         }
-        self._beat()
+        self.beat()
 
-    def _beat(self) -> None:
+    def beat(self) -> None:
+        """Report the last progress and renew the lease; learn of cancellation."""
         owner, cancel = self.runner.heartbeat(self.job_id, self.last, self.steps_reported)
         self.last_beat = time.monotonic()
         self.lost = not owner
@@ -79,7 +80,7 @@ class _Heartbeat:
         if now > self.deadline:
             self.timed_out = True
         if now - self.last_beat > self.renew_every:
-            self._beat()
+            self.beat()
         return self.cancel or self.lost or self.timed_out
 
 
@@ -138,7 +139,7 @@ class JobRunner:
             renew_every=self.settings.worker.lease_seconds / 3,
             last=_progress(0, plan, spec),
         )
-        beat._beat()
+        beat.beat()
         try:
             result = self._train(job, dataset, spec, plan, beat)
         except Exception as exc:

@@ -7,7 +7,7 @@ import time
 from collections.abc import Iterator
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Header, Query, Response
+from fastapi import APIRouter, Header, Path, Query, Response
 from fastapi.responses import StreamingResponse
 
 from api.deps import CurrentTenant, DatabaseDep, JobServiceDep, OwnedJob, ReposDep
@@ -84,10 +84,13 @@ def get_job(job: OwnedJob) -> Job:
     responses=errors(404, 409),
     response_model=Job,
 )
-def cancel_job(job: OwnedJob, tenant_id: CurrentTenant, jobs: JobServiceDep) -> Job:
+def cancel_job(
+    job_id: Annotated[str, Path(max_length=64)], tenant_id: CurrentTenant, jobs: JobServiceDep
+) -> Job:
     """Cancel a job. Queued jobs stop at once with a full refund; running jobs stop at the next
     step and are charged for the steps they ran. Finished jobs answer 409."""
-    return to_schema(jobs.cancel(tenant_id, job.id))
+    # The service looks the job up within the tenant (404 otherwise): no second read here.
+    return to_schema(jobs.cancel(tenant_id, job_id))
 
 
 def _events(db: DatabaseDep, tenant_id: str, job_id: str, poll_s: float) -> Iterator[str]:
