@@ -35,6 +35,10 @@ class WorkerSettings(BaseModel):
 
     lease_seconds: int = 60
     report_every_steps: int = 50
+    # Claims of one job (counted in its row). A job whose lease expires is re-queued and
+    # resumes from its last checkpoint until it has been claimed this often; then it fails
+    # with ``worker_lost`` (so a job that kills its worker cannot loop forever).
+    max_attempts: int = Field(default=3, ge=1)
     job_time_limit_s: int = 6 * 3600
     queue: str = "training"
     reaper_interval_s: float = 15.0

@@ -1,7 +1,10 @@
-"""The reaper: settles jobs whose worker vanished and re-sends jobs whose message was lost.
+"""The reaper: recovers jobs whose worker vanished and re-sends jobs whose message was lost.
 
-Every worker runs it periodically; reaping is a conditional update under the budget lock, so
-several reapers at once are harmless.
+A running job whose lease expired goes back to the queue, keeping its reservation, and its
+next claim resumes from its last checkpoint; once it has been claimed ``max_attempts``
+times it fails with ``worker_lost`` and is charged what it may have run. Every worker runs
+the reaper periodically; reaping is a conditional update under the budget lock, so several
+reapers at once are harmless.
 """
 
 from __future__ import annotations
@@ -13,13 +16,16 @@ from datetime import timedelta
 
 from celery import Celery
 
+from ppml.checkpoints import JobCheckpoints
 from ppml.config import Settings
 from ppml.db.models import JobStatus, utcnow
 from ppml.db.repositories import Repositories
 from ppml.db.session import Database
+from ppml.privacy.accounting import final_privacy
 from ppml.privacy.ledger import Ledger
 from ppml.queue import enqueue_job
-from ppml.runner import final_privacy
+from ppml.services.pricing import steps_to_charge
+from ppml.storage import ArtifactStore
 
 __all__ = ["ReapReport", "Reaper"]
 
@@ -31,7 +37,8 @@ ENQUEUE_GRACE = timedelta(seconds=10)
 
 @dataclass(frozen=True)
 class ReapReport:
-    lost: list[str]
+    lost: list[str]  # settled: failed (out of attempts) or cancelled
+    requeued: list[str]  # back in the queue, to resume from their checkpoints
     resent: list[str]
 
 
@@ -41,42 +48,74 @@ class Reaper:
         self._stop = threading.Event()
 
     def run_once(self) -> ReapReport:
-        lost = [job_id for job_id in self._expired() if self._settle_lost(job_id)]
-        return ReapReport(lost=lost, resent=self._resend())
+        lost, requeued = [], []
+        for job_id in self._expired():
+            outcome = self._recover(job_id)
+            if outcome == "requeued":
+                requeued.append(job_id)
+            elif outcome is not None:
+                lost.append(job_id)
+        for job_id in requeued:
+            self._send(job_id)
+        return ReapReport(lost=lost, requeued=requeued, resent=self._resend())
 
     def _expired(self) -> list[str]:
         with self.db.session() as session:
             return Repositories(session).expired_leases(utcnow())
 
-    def _settle_lost(self, job_id: str) -> bool:
-        """Fail a job whose lease expired, charging what it may have run."""
+    def _recover(self, job_id: str) -> str | None:
+        """Re-queue a job whose lease expired, or settle it.
+
+        Returns ``"requeued"``; ``"failed"`` (out of attempts: ``worker_lost``);
+        ``"cancelled"`` (its cancel had been asked for); or None when the lease was renewed
+        or the job finished meanwhile. A settled job is charged per
+        :func:`~ppml.services.pricing.steps_to_charge`.
+        """
         with self.db.session() as session:
             found = Repositories(session).job_by_id(job_id)
         if found is None:
-            return False
+            return None
         with self.db.session(write=True) as session:
             repos = Repositories(session)
             ledger = Ledger(repos)
-            budget = ledger.lock(found.dataset_id)
+            budget = ledger.lock(found.dataset_id)  # lock order: budget row, then job row
             job = repos.job_by_id(job_id, lock=True)
             now = utcnow()
             expires = job.lease_expires_at if job else None
             if job is None or job.status != JobStatus.RUNNING or expires is None or expires >= now:
-                return False  # renewed or finished meanwhile
-            planned = int((job.privacy or {}).get("steps_planned") or job.steps_done)
-            if job.heartbeat_at is None:
-                steps = planned  # progress unknown: the whole reservation is spent
-            else:
-                steps = min(planned, job.steps_done + self.settings.worker.report_every_steps)
+                return None
+            job.lease_owner = job.lease_expires_at = None
+            job.updated_at = now
+            if job.attempts < self.settings.worker.max_attempts and not job.cancel_requested:
+                # The reservation stays: the job will still run at most its planned steps.
+                job.status = JobStatus.QUEUED
+                job.enqueued_at = None
+                log.warning("job %s: worker lost on attempt %d; re-queued", job_id, job.attempts)
+                return "requeued"
+            steps = steps_to_charge(job, report_every=self.settings.worker.report_every_steps)
             if budget is not None:
                 ledger.settle(budget, job.id, steps=steps, note="worker lost")
-            job.status = JobStatus.FAILED
-            job.error = {"code": "worker_lost", "message": "the worker stopped reporting"}
-            job.finished_at = job.updated_at = now
-            job.lease_expires_at = None
+            if job.cancel_requested:
+                job.status = JobStatus.CANCELLED
+            else:
+                job.status = JobStatus.FAILED
+                job.error = {
+                    "code": "worker_lost",
+                    "message": f"the worker stopped reporting ({job.attempts} attempts)",
+                }
+            job.finished_at = now
             if job.privacy is not None:
-                job.privacy = final_privacy(job.privacy, steps, None)
-        log.warning("job %s failed: worker lost; charged %d steps", job_id, steps)
+                job.privacy = final_privacy(job.privacy, steps or 0, None)
+            outcome = str(job.status)
+        JobCheckpoints(ArtifactStore(self.settings.data_dir), job_id).clear()
+        log.warning("job %s %s: worker lost; charged %s steps", job_id, outcome, steps)
+        return outcome
+
+    def _send(self, job_id: str) -> bool:
+        if not enqueue_job(self.celery, job_id):
+            return False  # still unsent: a later pass re-sends it
+        with self.db.session(write=True) as session:
+            Repositories(session).mark_enqueued(job_id)
         return True
 
     def _resend(self) -> list[str]:
@@ -86,13 +125,7 @@ class Reaper:
                 created_before=now - ENQUEUE_GRACE,
                 sent_before=now - timedelta(seconds=self.settings.worker.requeue_after_s),
             )
-        resent = []
-        for job_id in ids:
-            if enqueue_job(self.celery, job_id):
-                with self.db.session(write=True) as session:
-                    Repositories(session).mark_enqueued(job_id)
-                resent.append(job_id)
-        return resent
+        return [job_id for job_id in ids if self._send(job_id)]
 
     def start(self) -> threading.Thread:
         """Run every ``reaper_interval_s`` in a daemon thread until :meth:`stop`."""
@@ -101,8 +134,8 @@ class Reaper:
             while not self._stop.wait(self.settings.worker.reaper_interval_s):
                 try:
                     report = self.run_once()
-                    if report.lost or report.resent:
-                        log.info("reaper: lost %s, resent %s", report.lost, report.resent)
+                    if report.lost or report.requeued or report.resent:
+                        log.info("reaper: %s", report)
                 except Exception:
                     log.exception("reaper pass failed")
 

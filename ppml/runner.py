@@ -12,11 +12,13 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from ppml import datasets as data
+from ppml.checkpoints import JobCheckpoints
 from ppml.config import Settings
 from ppml.db.models import Dataset, Job, JobStatus, utcnow
 from ppml.db.repositories import Repositories
@@ -127,9 +129,15 @@ class JobRunner:
         job, dataset = claimed
         spec = JobSpec.model_validate(job.spec)
         limit = spec.training.max_runtime_s or self.settings.worker.job_time_limit_s
-        limit = min(limit, self.settings.worker.job_time_limit_s)
+        limit = min(limit, self.settings.worker.job_time_limit_s)  # per attempt
         plan = schedule(spec, dataset)  # the same schedule the job was priced with
         total = plan.total_steps
+        checkpoints = JobCheckpoints(self.store, job.id)
+        # A re-run (the reaper re-queued it after its worker was lost) resumes from the
+        # newest checkpoint; without one it starts over (see JobCheckpoints).
+        resume = checkpoints.latest(before=job.attempts) if job.attempts > 1 else None
+        start = int(resume["steps"]) if resume is not None else 0
+        log.info("job %s claimed (attempt %d), starting at step %d", job_id, job.attempts, start)
         # Progress is "known" from the first beat on: a lost worker is charged what it
         # reported plus one reporting interval instead of its whole reservation.
         beat = _Heartbeat(
@@ -137,11 +145,17 @@ class JobRunner:
             job_id,
             deadline=time.monotonic() + limit,
             renew_every=self.settings.worker.lease_seconds / 3,
-            last=_progress(0, plan, spec),
+            last=_progress(start, plan, spec),
+            steps_reported=start,
         )
         beat.beat()
+
+        def save_checkpoint(state: dict[str, Any]) -> None:
+            if not beat.lost:  # a worker that lost the job keeps its hands off
+                checkpoints.save(job.attempts, state)
+
         try:
-            result = self._train(job, dataset, spec, plan, beat)
+            result = self._train(job, dataset, spec, plan, beat, save_checkpoint, resume)
         except Exception as exc:
             log.exception("job %s failed", job_id)
             steps = min(total, beat.steps_reported + self.settings.worker.report_every_steps)
@@ -169,7 +183,14 @@ class JobRunner:
         )
 
     def _train(
-        self, job: Job, dataset: Dataset, spec: JobSpec, schedule: Schedule, beat: _Heartbeat
+        self,
+        job: Job,
+        dataset: Dataset,
+        spec: JobSpec,
+        schedule: Schedule,
+        beat: _Heartbeat,
+        checkpoint: Callable[[dict[str, Any]], None],
+        resume: dict[str, Any] | None,
     ) -> TrainResult | FederatedResult:
         from ppml.training.dp_sgd import TrainingPlan  # torch: worker only
 
@@ -197,6 +218,8 @@ class JobRunner:
             "num_classes": arrays.num_classes,
             "plan": plan,
             "callbacks": beat,
+            "checkpoint": checkpoint,
+            "resume": resume,
         }
         if spec.federated is not None:
             return self._train_federated(spec, private, arrays, common)
@@ -315,9 +338,10 @@ class JobRunner:
                 if history:
                     row.metrics_history = list(history)
             if row.privacy is not None:
-                row.privacy = final_privacy(row.privacy, steps, commit.id if commit else None)
+                row.privacy = acc.final_privacy(row.privacy, steps, commit.id if commit else None)
             if artifacts is not None:
                 row.artifacts = artifacts
+        JobCheckpoints(self.store, job.id).clear()
         log.info("job %s %s after %d steps", job.id, status.value, steps)
         return status.value
 
@@ -334,21 +358,6 @@ def _progress(steps: int, schedule: Schedule, spec: JobSpec) -> dict[str, Any]:
     rounds = steps // schedule.steps_per_epoch
     epochs = rounds * spec.federated.local_epochs
     return {"fraction": fraction, "epoch": epochs, "round": rounds, "steps": steps}
-
-
-def final_privacy(plan: dict[str, Any], steps: int, ledger_entry_id: str | None) -> dict[str, Any]:
-    event = acc.MechanismEvent(
-        sample_rate=float(plan["sample_rate"]),
-        noise_multiplier=float(plan["noise_multiplier"]),
-        steps=steps,
-        unit=str(plan.get("unit", "record")),
-    )
-    return {
-        **plan,
-        "steps": steps,
-        "epsilon_spent": acc.epsilon(acc.rdp_curve(event), float(plan["delta"])),
-        "ledger_entry_id": ledger_entry_id,
-    }
 
 
 def receipt_metadata(
@@ -382,7 +391,7 @@ def receipt_metadata(
     if job.privacy is None:
         receipt["private"] = "false"
         return receipt
-    final = final_privacy(job.privacy, steps, None)
+    final = acc.final_privacy(job.privacy, steps, None)
     receipt.update(
         private="true",
         epsilon=repr(final["epsilon_spent"]),

@@ -31,6 +31,7 @@ __all__ = [
     "caps",
     "epsilon",
     "filter_epsilon",
+    "final_privacy",
     "fits",
     "library_versions",
     "plan_dp_sgd",
@@ -312,3 +313,19 @@ def pld_epsilon(events: Iterable[MechanismEvent], delta: float) -> float:
         if event.steps:
             accountant.compose(_dp_event(event))
     return float(accountant.get_epsilon(delta))
+
+
+def final_privacy(plan: dict[str, Any], steps: int, ledger_entry_id: str | None) -> dict[str, Any]:
+    """A job's privacy record after ``steps`` steps: its plan plus the ε they spent."""
+    event = MechanismEvent(
+        sample_rate=float(plan["sample_rate"]),
+        noise_multiplier=float(plan["noise_multiplier"]),
+        steps=steps,
+        unit=str(plan.get("unit", "record")),
+    )
+    return {
+        **plan,
+        "steps": steps,
+        "epsilon_spent": epsilon(rdp_curve(event), float(plan["delta"])),
+        "ledger_entry_id": ledger_entry_id,
+    }

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from celery import Celery
 from sqlalchemy.exc import IntegrityError
 
+from ppml.checkpoints import JobCheckpoints
 from ppml.config import Settings
 from ppml.db.models import Dataset, Job, JobStatus, new_id, utcnow
 from ppml.db.repositories import Repositories
@@ -26,8 +27,9 @@ from ppml.errors import (
 from ppml.privacy import accounting as acc
 from ppml.privacy.ledger import Ledger, budget_status
 from ppml.queue import enqueue_job
-from ppml.services.pricing import Pricing, price
+from ppml.services.pricing import Pricing, price, steps_to_charge
 from ppml.specs import JobSpec, request_hash
+from ppml.storage import ArtifactStore
 
 __all__ = ["JobService", "Quote"]
 
@@ -215,6 +217,12 @@ class JobService:
             if job.status == JobStatus.QUEUED:
                 job.status = JobStatus.CANCELLED
                 job.finished_at = utcnow()
+                # A job re-queued after a lost worker has touched the data already.
+                steps = steps_to_charge(job, report_every=self.settings.worker.report_every_steps)
                 if budget is not None:
-                    ledger.settle(budget, job.id, steps=None, note="cancelled before start")
+                    ledger.settle(budget, job.id, steps=steps, note="cancelled while queued")
+                if steps and job.privacy is not None:
+                    job.privacy = acc.final_privacy(job.privacy, steps, None)
+        if job.status == JobStatus.CANCELLED:
+            JobCheckpoints(ArtifactStore(self.settings.data_dir), job.id).clear()
         return job

@@ -21,12 +21,12 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from ppml.config import Settings
-from ppml.db.models import Dataset
+from ppml.db.models import Dataset, Job
 from ppml.errors import InvalidInput, PrivacyRequired
 from ppml.privacy import accounting as acc
 from ppml.specs import FederatedSpec, JobSpec, count_parameters
 
-__all__ = ["Pricing", "Schedule", "price", "schedule"]
+__all__ = ["Pricing", "Schedule", "price", "schedule", "steps_to_charge"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -215,3 +215,18 @@ def price(spec: JobSpec, dataset: Dataset, settings: Settings) -> Pricing:
     return Pricing(
         schedule=plan, event=event, epsilon=acc.epsilon(acc.rdp_curve(event), delta), delta=delta
     )
+
+
+def steps_to_charge(job: Job, *, report_every: int) -> int | None:
+    """What a job stopped short of its end by a cancel or a lost worker is charged.
+
+    PRIVACY.md's lifecycle: None (a full release) while the data was never touched;
+    otherwise the steps last reported plus one reporting interval, capped at the plan;
+    the whole plan when no report ever arrived (progress unknown).
+    """
+    if not job.data_touched:
+        return None
+    planned = int((job.privacy or {}).get("steps_planned") or job.steps_done)
+    if job.heartbeat_at is None:
+        return planned
+    return min(planned, job.steps_done + report_every)

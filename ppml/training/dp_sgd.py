@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import secrets
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -39,6 +39,7 @@ from opacus.optimizers import DPOptimizer
 from torch import nn
 from torch.nn import functional as F
 
+from ppml.training.checkpoint import CheckpointSink, snapshot, start_of
 from ppml.training.fast_dp import FastDPEngine, unsupported_layers
 from ppml.training.models import ARCHITECTURES, build_model
 
@@ -192,6 +193,19 @@ class _Stepper(Protocol):
 
     def epsilon(self) -> float | None: ...
 
+    def state(self) -> dict[str, Any]: ...
+
+    def load_state(self, state: Mapping[str, Any], steps_done: int) -> None: ...
+
+
+def _model_and_optimizer(module: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    return {"model": module.state_dict(), "optimizer": optimizer.state_dict()}
+
+
+def _restore(module: nn.Module, optimizer: torch.optim.Optimizer, state: Mapping[str, Any]) -> None:
+    module.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+
 
 class _PlainStepper:
     """Ordinary shuffled minibatches; epoch ``e`` uses a permutation seeded by (seed, e)."""
@@ -228,6 +242,13 @@ class _PlainStepper:
 
     def epsilon(self) -> float | None:
         return None
+
+    def state(self) -> dict[str, Any]:
+        return _model_and_optimizer(self.module, self._optimizer)
+
+    def load_state(self, state: Mapping[str, Any], steps_done: int) -> None:
+        del steps_done  # the permutation of every epoch is derived, not replayed
+        _restore(self.module, self._optimizer, state)
 
 
 class _PrivateStepper:
@@ -299,6 +320,17 @@ class _PrivateStepper:
     def epsilon(self) -> float | None:
         return float(self._accountant.get_epsilon(delta=self._dp.delta))
 
+    def state(self) -> dict[str, Any]:
+        # Not the generator: a resumed run draws fresh secret randomness (see checkpoint).
+        return _model_and_optimizer(self.module, self._optimizer)
+
+    def load_state(self, state: Mapping[str, Any], steps_done: int) -> None:
+        _restore(self.module, self._optimizer, state)
+        if steps_done:
+            self._accountant.history = [
+                (self._dp.noise_multiplier, self._dp.sample_rate, steps_done)
+            ]
+
     def close(self) -> None:
         """Removes the engine's hooks so ``module`` is a plain module again."""
         if self._gsm is not None:
@@ -363,8 +395,13 @@ def _run_steps(
     callbacks: TrainingCallbacks | None,
     report_every: int,
     start_step: int = 0,
+    checkpoint: CheckpointSink | None = None,
 ) -> tuple[int, bool]:
-    """Runs steps ``start_step .. total_steps - 1``; returns (steps_done, stopped)."""
+    """Runs steps ``start_step .. total_steps - 1``; returns (steps_done, stopped).
+
+    At every report short of the end, the checkpoint is written first, so a report never
+    claims steps that a resumed run would not find.
+    """
     steps_done, reported = start_step, -1
     for step_index in range(start_step, plan.total_steps):
         if callbacks is not None and callbacks.should_stop():
@@ -374,6 +411,9 @@ def _run_steps(
         stepper.step(step_index)
         steps_done = step_index + 1
         if steps_done % report_every == 0 or steps_done % plan.steps_per_epoch == 0:
+            if checkpoint is not None and steps_done < plan.total_steps:
+                state = {"kind": "centralised", "steps": steps_done, **stepper.state()}
+                checkpoint(snapshot(state))
             _report(callbacks, plan, steps_done)
             reported = steps_done
     return steps_done, False
@@ -417,6 +457,8 @@ def train(
     report_every: int = 50,
     device: str | None = None,
     dp_seed: int | None = None,
+    checkpoint: CheckpointSink | None = None,
+    resume: Mapping[str, Any] | None = None,
 ) -> TrainResult:
     """Trains a model privately (DP-SGD) or not, and scores it on held-out data.
 
@@ -434,15 +476,21 @@ def train(
         dp_seed: Seeds the Poisson masks and the noise. Tests only: None (the default,
             required in production) draws a secret seed from the OS, because anyone
             who knows this seed can undo the noise.
+        checkpoint: Receives the training state at every report short of the end
+            (see ``ppml.training.checkpoint``).
+        resume: A state ``checkpoint`` received: training continues from its step, and
+            ``steps_done`` counts the steps before it too.
 
     Returns:
         The trained weights, steps taken, test metrics and Opacus' ε.
 
     Raises:
-        ValueError: If the arrays are malformed or ``report_every`` is not positive.
+        ValueError: If the arrays are malformed, ``report_every`` is not positive or
+            ``resume`` is not a checkpoint of this kind of training.
     """
     if report_every < 1:
         raise ValueError("report_every must be positive")
+    start = start_of(resume, kind="centralised", key="steps", limit=plan.total_steps)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     train_data = to_tensors(x_train, y_train, num_classes=num_classes, device=dev, name="train")
     x_te, y_te = to_tensors(x_test, y_test, num_classes=num_classes, device=dev, name="test")
@@ -455,10 +503,14 @@ def train(
         stepper = _PlainStepper(module, train_data, plan)
     else:
         stepper = _PrivateStepper(module, train_data, plan, dp, _dp_generator(dev, dp_seed))
+    if resume is not None:
+        stepper.load_state(resume, start)
     with warnings.catch_warnings():
         # Opacus' hooks on the first layer fire although the input needs no gradient.
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
-        steps_done, stopped = _run_steps(stepper, plan, callbacks, report_every)
+        steps_done, stopped = _run_steps(
+            stepper, plan, callbacks, report_every, start_step=start, checkpoint=checkpoint
+        )
     if isinstance(stepper, _PrivateStepper):
         stepper.close()
     weights = module.state_dict()

@@ -172,6 +172,7 @@ class ModelJob:
     owner: str | None = None
     reported: int = 0
     heartbeats: int = 0  # progress is unknown to the reaper until the first one
+    attempts: int = 0  # claims; the reaper re-queues a lost job until the limit
     cancel_requested: bool = False
     committed_steps: int | None = None  # None until settled; 0 = fully released
 
@@ -198,6 +199,7 @@ class Harness:
         self.reaper = Reaper(db, app_settings, celery)
         self.workers = {name: JobRunner(db, app_settings, owner=name) for name in ("w1", "w2")}
         self.report_every = app_settings.worker.report_every_steps
+        self.max_attempts = app_settings.worker.max_attempts
         self.seen: Counter[str] = Counter()  # outcomes, to show which paths ran
 
 
@@ -314,6 +316,7 @@ def machine_class(h: Harness) -> type[RuleBasedStateMachine]:
             assert claimed == (job.status == JobStatus.QUEUED)
             if claimed:
                 job.status, job.owner = JobStatus.RUNNING, worker
+                job.attempts += 1
             seen["start: claimed" if claimed else "start: taken"] += 1
 
         def do_progress(self, job_id: str, reports: int) -> None:
@@ -337,8 +340,12 @@ def machine_class(h: Harness) -> type[RuleBasedStateMachine]:
             assert not job.status.terminal
             job.cancel_requested = True
             if job.status == JobStatus.QUEUED:
-                # never touched the data: the whole reservation goes back
-                job.status, job.committed_steps = JobStatus.CANCELLED, 0
+                # never touched: the whole reservation goes back; re-queued after a lost
+                # worker: charged like a lost worker
+                job.status = JobStatus.CANCELLED
+                job.committed_steps = self.stop_charge(job) if job.attempts else 0
+                if job.attempts:
+                    seen["cancel: requeued"] += 1
             assert row.status == job.status
 
         def do_crash(self, job_id: str) -> None:
@@ -346,17 +353,28 @@ def machine_class(h: Harness) -> type[RuleBasedStateMachine]:
             job = self.jobs[job_id]
             self.finish(job, JobStatus.FAILED, min(job.planned, job.reported + h.report_every))
 
-        def do_expire(self, job_id: str) -> None:
-            """The worker vanished; the reaper settles: the whole reservation when no progress
+        def stop_charge(self, job: ModelJob) -> int:
+            """A touched job stopped from outside: the whole reservation when no progress
             was ever reported, else what was reported plus one interval."""
+            if not job.heartbeats:
+                return job.planned
+            return min(job.planned, job.reported + h.report_every)
+
+        def do_expire(self, job_id: str) -> None:
+            """The worker vanished: the reaper re-queues the job (its reservation stays)
+            until it was claimed ``max_attempts`` times, then settles it."""
             job = self.jobs[job_id]
             expire_lease(db, job.id)
-            assert h.reaper._settle_lost(job.id)
-            steps = job.planned
-            if job.heartbeats:
-                steps = min(job.planned, job.reported + h.report_every)
-            job.status, job.committed_steps = JobStatus.FAILED, steps
-            seen["lease expiry: " + ("reported" if job.heartbeats else "unknown")] += 1
+            outcome = h.reaper._recover(job.id)
+            if job.attempts < h.max_attempts and not job.cancel_requested:
+                assert outcome == "requeued"
+                job.status = JobStatus.QUEUED
+                seen["lease expiry: requeued"] += 1
+            else:
+                status = JobStatus.CANCELLED if job.cancel_requested else JobStatus.FAILED
+                assert outcome == status.value
+                job.status, job.committed_steps = status, self.stop_charge(job)
+                seen["lease expiry: " + ("reported" if job.heartbeats else "unknown")] += 1
             # the lost worker comes back: it is no longer the owner, and settles nothing
             assert job.owner is not None
             assert workers[job.owner].heartbeat(job.id, {}, job.planned)[0] is False
@@ -522,6 +540,8 @@ EVERY_PATH = {
     "cancel: terminal",
     "lease expiry: unknown",
     "lease expiry: reported",
+    "lease expiry: requeued",
+    "cancel: requeued",
     "finish: failed",
     "finish: succeeded",
     "finish: cancelled",
@@ -562,12 +582,18 @@ def test_every_lifecycle_path_keeps_the_invariants(database: Database, settings:
     step(machine.do_progress, cancelled, 1)
     step(machine.do_cancel, cancelled)  # running: the worker stops at its next report
     step(machine.do_complete, cancelled, 60)
-    for reports in (0, 2):  # lost worker, progress unknown / reported
+    for reports in (0, 1):  # lost worker on every attempt, progress unknown / reported
         lost = step(machine.do_submit, 0.3, 10)
-        step(machine.do_start, lost, "w2")
-        if reports:
-            step(machine.do_progress, lost, reports)
-        step(machine.do_expire, lost)
+        for _attempt in range(harness.max_attempts):  # re-queued, then failed
+            step(machine.do_start, lost, "w2")
+            if reports:
+                step(machine.do_progress, lost, reports)
+            step(machine.do_expire, lost)
+    requeued = step(machine.do_submit, 0.3, 3)
+    step(machine.do_start, requeued, "w1")
+    step(machine.do_progress, requeued, 1)
+    step(machine.do_expire, requeued)  # back in the queue, data touched
+    step(machine.do_cancel, requeued)  # charged what was reported plus one interval
     crashed = step(machine.do_reserve, 4.0, 60)
     step(machine.do_start, crashed, "w1")
     step(machine.do_crash, crashed)
@@ -575,7 +601,7 @@ def test_every_lifecycle_path_keeps_the_invariants(database: Database, settings:
     step(machine.do_start, done, "w1")
     step(machine.do_progress, done, 3)
     step(machine.do_complete, done)
-    for job_id in (queued, cancelled, lost, crashed, done):
+    for job_id in (queued, cancelled, lost, requeued, crashed, done):
         step(machine.do_retry, job_id, 7)
     while step(machine.do_submit, 1.5, 10) is not None:
         pass

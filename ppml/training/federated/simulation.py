@@ -18,12 +18,17 @@ Privacy notes:
 * As in ``dp_sgd``, every private random draw (sampling, dropout, batches, noise) comes
   from a secret seed from the OS; ``dp_seed`` fixes it for tests only. Without DP, all
   randomness derives from ``plan.seed``.
+* Checkpoints (after every round, before its report) hold the global parameters, the
+  server optimiser's state and the history, never the secret seed: a resumed private
+  job continues with fresh secret randomness (see ``ppml.training.checkpoint``).
 """
 
 from __future__ import annotations
 
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -32,6 +37,7 @@ from opacus.accountants import RDPAccountant
 from torch import nn
 from torch.nn.utils import parameters_to_vector
 
+from ppml.training.checkpoint import CheckpointSink, snapshot, start_of
 from ppml.training.dp_sgd import (
     TrainingCallbacks,
     TrainingPlan,
@@ -222,6 +228,8 @@ def train_federated(
     callbacks: TrainingCallbacks | None = None,
     device: str | None = None,
     dp_seed: int | None = None,
+    checkpoint: CheckpointSink | None = None,
+    resume: Mapping[str, Any] | None = None,
 ) -> FederatedResult:
     """Simulates federated training and scores the global model on held-out data.
 
@@ -241,13 +249,19 @@ def train_federated(
         device: Torch device; defaults to ``"cuda"`` when available, else ``"cpu"``.
         dp_seed: Seeds every private random draw. Tests only: None (required in
             production) draws a secret seed from the OS.
+        checkpoint: Receives the simulation's state after every round but the last.
+        resume: A state ``checkpoint`` received: the simulation continues with the
+            round after it; ``steps_done``, ``rounds_done`` and ``history`` include
+            the rounds before it.
 
     Returns:
         The global model, steps and rounds done, metrics, per-round history and ε.
 
     Raises:
-        ValueError: If the arrays, the partition or the DP settings are inconsistent.
+        ValueError: If the arrays, the partition or the DP settings are inconsistent, or
+            ``resume`` is not a federated checkpoint.
     """
+    start = start_of(resume, kind="federated", key="rounds", limit=fed.rounds)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     x, y = to_tensors(x_train, y_train, num_classes=num_classes, device=dev, name="train")
     x_te, y_te = to_tensors(x_test, y_test, num_classes=num_classes, device=dev, name="test")
@@ -276,8 +290,14 @@ def train_federated(
     layout = ParamLayout.of(module)
     params = parameters_to_vector(module.parameters()).detach().clone()
     history: list[dict[str, float]] = []
-    rounds_done, stopped = 0, False
-    for round_index in range(fed.rounds):
+    if resume is not None:
+        params = resume["params"].to(device=dev, dtype=params.dtype)
+        sim.strategy.load_server_state(
+            {k: v.to(dev) for k, v in dict(resume.get("server", {})).items()}
+        )
+        history = [dict(entry) for entry in resume.get("history", [])]
+    rounds_done, stopped = start, False
+    for round_index in range(start, fed.rounds):
         if callbacks is not None and callbacks.should_stop():
             stopped = True
             break
@@ -289,9 +309,19 @@ def train_federated(
             if dp is None or dp.level != "client":
                 entry["clients"] = float(clients)
             history.append(entry)
+        if checkpoint is not None and rounds_done < fed.rounds:
+            state = {
+                "kind": "federated",
+                "rounds": rounds_done,
+                "steps": rounds_done * per_round,
+                "params": params,
+                "server": sim.strategy.server_state(),
+                "history": [dict(entry) for entry in history],
+            }
+            checkpoint(snapshot(state))
         _report(callbacks, fed, rounds_done, per_round)
-    if stopped and rounds_done == 0:
-        _report(callbacks, fed, 0, per_round)  # the only report a job stopped at once gets
+    if stopped and rounds_done == start:
+        _report(callbacks, fed, start, per_round)  # the only report a job stopped at once gets
     layout.load(module, params)
     weights = module.state_dict()
     steps_done = rounds_done * per_round

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import secrets
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -128,6 +129,15 @@ class Strategy(ABC):
     def server_update(self, global_params: torch.Tensor, mean_delta: torch.Tensor) -> torch.Tensor:
         """Applies an averaged delta to the global parameters (the server optimiser)."""
 
+    def server_state(self) -> dict[str, torch.Tensor]:
+        """The server optimiser's state, for checkpoints (none for plain averaging)."""
+        return {}
+
+    def load_server_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Restores what :meth:`server_state` returned."""
+        if state:
+            raise ValueError(f"{type(self).__name__} keeps no server state")
+
 
 class FedAvg(Strategy):
     """McMahan et al. 2017: ``w ← w + η · Σ n_k Δ_k / Σ n_k``."""
@@ -196,6 +206,12 @@ class FedAdam(Strategy):
             tau=self.tau,
         )
         return new_params
+
+    def server_state(self) -> dict[str, torch.Tensor]:
+        return {} if self._state is None else {"m": self._state.m, "v": self._state.v}
+
+    def load_server_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        self._state = AdamState(state["m"], state["v"]) if state else None
 
 
 class DPFedAvgClientLevel(Strategy):
@@ -280,6 +296,13 @@ class DPFedAvgClientLevel(Strategy):
 
     def server_update(self, global_params: torch.Tensor, mean_delta: torch.Tensor) -> torch.Tensor:
         return self.inner.server_update(global_params, mean_delta)
+
+    def server_state(self) -> dict[str, torch.Tensor]:
+        # Not the noise generator: a resumed run draws fresh secret noise.
+        return self.inner.server_state()
+
+    def load_server_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        self.inner.load_server_state(state)
 
 
 STRATEGIES: dict[str, type[Strategy]] = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam}
