@@ -10,6 +10,7 @@ import hashlib
 import itertools
 import json
 import math
+from collections.abc import Sequence
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -144,3 +145,21 @@ def count_parameters(model: ModelSpec, *, num_features: int, num_classes: int) -
         if length >= 2:
             length = math.floor(length / 2)
     return total + (length * c_in + 1) * num_classes
+
+
+def cnn1d_problem(channels: Sequence[int], num_features: int) -> str | None:
+    """Why a ``cnn1d`` cannot train on ``num_features`` inputs, or None.
+
+    A block normalises groups of channels over the signal's length; a 1-channel block on a
+    signal pooled down to length 1 would normalise a single value.
+    """
+    length = num_features
+    for index, width in enumerate(channels):
+        if width == 1 and length == 1:
+            return (
+                f"cnn1d block {index} has 1 channel on a signal of length 1; "
+                "use at least 2 channels there"
+            )
+        if length >= 2:
+            length //= 2
+    return None

@@ -24,7 +24,7 @@ from ppml.config import Settings
 from ppml.db.models import Dataset, Job
 from ppml.errors import InvalidInput, PrivacyRequired
 from ppml.privacy import accounting as acc
-from ppml.specs import FederatedSpec, JobSpec, count_parameters
+from ppml.specs import FederatedSpec, JobSpec, cnn1d_problem, count_parameters
 
 __all__ = ["Pricing", "Schedule", "price", "schedule", "steps_to_charge"]
 
@@ -114,6 +114,10 @@ def _check_limits(spec: JobSpec, dataset: Dataset, settings: Settings) -> None:
             field="federated.rounds" if fed else "training.epochs",
             limit=limits.max_sample_epochs,
         )
+    if spec.model.arch == "cnn1d":
+        problem = cnn1d_problem(spec.model.channels, dataset.num_features)
+        if problem is not None:
+            raise InvalidInput(problem, field="model.channels")
     params = count_parameters(
         spec.model, num_features=dataset.num_features, num_classes=dataset.num_classes
     )

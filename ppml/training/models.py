@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from ppml.specs import cnn1d_problem
+
 __all__ = [
     "ARCHITECTURES",
     "ArchitectureSpec",
@@ -50,10 +52,15 @@ def _linear_params(fan_in: int, fan_out: int) -> int:
     return fan_in * fan_out + fan_out
 
 
-def _group_count(channels: int) -> int:
+def _group_count(channels: int, length: int) -> int:
     # GroupNorm needs the group count to divide the channels; gcd(4, c) equals
-    # min(4, c) for the usual power-of-two widths and stays valid for odd ones.
-    return math.gcd(4, channels)
+    # min(4, c) for the usual power-of-two widths and stays valid for odd ones. On a signal
+    # of length 1 a group needs two channels, or it normalises a single value (which torch
+    # refuses in training); 2 and 4 channels then get half as many groups.
+    groups = math.gcd(4, channels)
+    while length == 1 and groups > 1 and channels // groups < 2:
+        groups //= 2
+    return groups
 
 
 def _build_logreg(spec: ArchitectureSpec) -> nn.Module:
@@ -90,16 +97,17 @@ def _cnn1d_flat_width(spec: ArchitectureSpec) -> int:
 
 def _build_cnn1d(spec: ArchitectureSpec) -> nn.Module:
     layers: list[nn.Module] = [nn.Unflatten(1, (1, spec.num_features))]
-    in_channels = 1
+    in_channels, length = 1, spec.num_features
     pools = _cnn1d_pools(spec.num_features, len(spec.channels))
     for out_channels, pool in zip(spec.channels, pools, strict=True):
         layers += [
             nn.Conv1d(in_channels, out_channels, spec.kernel_size, padding="same"),
-            nn.GroupNorm(_group_count(out_channels), out_channels),
+            nn.GroupNorm(_group_count(out_channels, length), out_channels),
             nn.ReLU(),
         ]
         if pool:
             layers.append(nn.MaxPool1d(2))
+            length //= 2
         in_channels = out_channels
     layers += [nn.Flatten(), nn.Linear(_cnn1d_flat_width(spec), spec.num_classes)]
     return nn.Sequential(*layers)
@@ -126,6 +134,8 @@ def _spec(
     sizes = (num_features, num_classes, kernel_size, *hidden_sizes, *channels)
     if any(int(size) < 1 for size in sizes):
         raise ValueError("layer sizes, feature and class counts must be positive")
+    if arch == "cnn1d" and (problem := cnn1d_problem(channels, num_features)) is not None:
+        raise ValueError(problem)
     return ArchitectureSpec(
         arch=arch,
         num_features=int(num_features),

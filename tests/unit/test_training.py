@@ -170,6 +170,57 @@ def test_every_architecture_builds_validates_and_counts(arch: str, num_features:
     )
 
 
+@pytest.mark.parametrize("num_features", [1, 2, 3])
+@pytest.mark.parametrize("channels", [(4, 4), (2,), (16, 4, 2), (3, 1)])
+@pytest.mark.parametrize("private", [False, True], ids=["plain", "dp"])
+def test_narrow_cnn1d_on_short_signals_trains_or_is_refused_up_front(
+    num_features: int, channels: tuple[int, ...], private: bool
+) -> None:
+    """A group of one value cannot be normalised: narrow blocks on a length-1 signal get
+    fewer groups, and a 1-channel block there is refused before anything runs."""
+    # arrange
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(30, num_features)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(np.int64)
+    plan = TrainingPlan(
+        arch="cnn1d",
+        hidden_sizes=(),
+        channels=channels,
+        kernel_size=3,
+        epochs=1,
+        batch_size=1,  # one-row batches too
+        learning_rate=0.1,
+        optimizer="sgd",
+        steps_per_epoch=30,
+        total_steps=30,
+    )
+    dp = DPPlan(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=1 / 30, delta=1e-5)
+    lengths = [num_features]
+    for _ in channels[:-1]:
+        lengths.append(lengths[-1] // 2 if lengths[-1] >= 2 else lengths[-1])
+    refused = any(c == 1 and n == 1 for c, n in zip(channels, lengths, strict=True))
+    arrays = {"x_train": x, "y_train": y, "x_test": x, "y_test": y}
+    # act / assert
+    if refused:
+        with pytest.raises(ValueError, match="1 channel on a signal of length 1"):
+            train(**arrays, num_classes=2, plan=plan, dp=dp if private else None, device="cpu")
+        return
+    result = train(**arrays, num_classes=2, plan=plan, dp=dp if private else None, device="cpu")
+    assert result.steps_done == 30 and math.isfinite(result.metrics["test_loss"])
+    params = sum(v.numel() for v in result.state_dict.values())
+    assert (
+        count_parameters(
+            "cnn1d",
+            num_features=num_features,
+            num_classes=2,
+            hidden_sizes=(),
+            channels=channels,
+            kernel_size=3,
+        )
+        == params
+    )
+
+
 def test_architectures_match_the_spec() -> None:
     mlp = build_model("mlp", num_features=4, num_classes=3, hidden_sizes=(8, 5))
     cnn = build_model("cnn1d", num_features=16, num_classes=3, channels=(4, 8), kernel_size=5)
