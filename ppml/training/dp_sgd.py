@@ -26,24 +26,30 @@ from __future__ import annotations
 
 import secrets
 import warnings
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Any, Protocol
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import torch
-from opacus import GradSampleModule
-from opacus.accountants import RDPAccountant
-from opacus.optimizers import DPOptimizer
 from torch import nn
 from torch.nn import functional as F
 
 from ppml.training.checkpoint import CheckpointSink, snapshot, start_of
-from ppml.training.fast_dp import FastDPEngine, unsupported_layers
-from ppml.training.models import ARCHITECTURES, build_model
+from ppml.training.models import build_model
+from ppml.training.plans import (
+    DP_ENGINES,
+    OPTIMIZERS,
+    DPPlan,
+    Progress,
+    TrainingCallbacks,
+    TrainingPlan,
+    TrainResult,
+)
+from ppml.training.steppers import PlainStepper, PrivateStepper, Stepper
 
 __all__ = [
+    "DP_ENGINES",
     "OPTIMIZERS",
     "DPPlan",
     "Progress",
@@ -55,288 +61,6 @@ __all__ = [
 ]
 
 EVAL_BATCH_ROWS = 4096
-DP_ENGINES = ("auto", "fast", "opacus")
-
-OPTIMIZERS: dict[str, Callable[[list[nn.Parameter], float, float], torch.optim.Optimizer]] = {
-    "sgd": lambda params, lr, momentum: torch.optim.SGD(params, lr=lr, momentum=momentum),
-    # Adam has no "momentum" knob of that name; its betas stay at the torch defaults.
-    "adam": lambda params, lr, _momentum: torch.optim.Adam(params, lr=lr),
-}
-
-
-@dataclass(frozen=True, kw_only=True)
-class TrainingPlan:
-    """What to train and how, independent of privacy.
-
-    Attributes:
-        arch: Architecture registry name (see ``ppml.training.models``).
-        hidden_sizes: Hidden widths (``mlp``).
-        channels: Convolution channels (``cnn1d``).
-        kernel_size: Convolution kernel width (``cnn1d``).
-        epochs: Number of epochs.
-        batch_size: Expected (DP) or exact (non-private) batch size.
-        learning_rate: Optimizer step size.
-        optimizer: ``"sgd"`` or ``"adam"``.
-        momentum: SGD momentum; ignored by Adam.
-        seed: Seeds the initial weights and the non-private shuffling.
-        steps_per_epoch: ``ceil(n_train / batch_size)``, computed by the caller.
-        total_steps: ``epochs * steps_per_epoch``, computed by the caller.
-    """
-
-    arch: str
-    hidden_sizes: tuple[int, ...]
-    channels: tuple[int, ...]
-    kernel_size: int
-    epochs: int
-    batch_size: int
-    learning_rate: float
-    optimizer: str
-    momentum: float = 0.0
-    seed: int = 0
-    steps_per_epoch: int
-    total_steps: int
-
-    def __post_init__(self) -> None:
-        if self.arch not in ARCHITECTURES:
-            raise ValueError(f"unknown architecture {self.arch!r}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {self.optimizer!r}")
-        if min(self.epochs, self.batch_size, self.steps_per_epoch) < 1:
-            raise ValueError("epochs, batch_size and steps_per_epoch must be positive")
-        if self.total_steps != self.epochs * self.steps_per_epoch:
-            raise ValueError("total_steps must equal epochs * steps_per_epoch")
-        if not self.learning_rate > 0 or not 0 <= self.momentum < 1:
-            raise ValueError("learning_rate must be > 0 and momentum in [0, 1)")
-
-
-@dataclass(frozen=True, kw_only=True)
-class DPPlan:
-    """The DP-SGD mechanism admitted for this job; used exactly as given.
-
-    Attributes:
-        noise_multiplier: sigma, noise std relative to ``max_grad_norm``.
-        max_grad_norm: C, the per-sample clipping norm.
-        sample_rate: Poisson sampling rate ``q`` (``batch_size / n_train``).
-        delta: δ at which ``epsilon_opacus`` is reported.
-        engine: How per-sample gradients are clipped: ``"fast"`` (single backward
-            pass, ``ppml.training.fast_dp``), ``"opacus"`` (Opacus hooks), or
-            ``"auto"``: fast when it handles every layer natively, else Opacus.
-    """
-
-    noise_multiplier: float
-    max_grad_norm: float
-    sample_rate: float
-    delta: float
-    engine: str = "auto"
-
-    def __post_init__(self) -> None:
-        if not self.noise_multiplier > 0 or not self.max_grad_norm > 0:
-            raise ValueError("noise_multiplier and max_grad_norm must be > 0")
-        if not 0 < self.sample_rate <= 1 or not 0 < self.delta < 1:
-            raise ValueError("sample_rate must be in (0, 1] and delta in (0, 1)")
-        if self.engine not in DP_ENGINES:
-            raise ValueError(f"engine must be one of {', '.join(DP_ENGINES)}")
-
-
-@dataclass(frozen=True, kw_only=True)
-class Progress:
-    """How far a job has come.
-
-    Attributes:
-        steps_done: Optimizer steps taken so far.
-        epoch: Completed epochs.
-        fraction: ``steps_done / total_steps``.
-    """
-
-    steps_done: int
-    epoch: int
-    fraction: float
-
-
-class TrainingCallbacks(Protocol):
-    """Hooks the worker passes in to follow and cancel a job."""
-
-    def on_progress(self, progress: Progress) -> None:
-        """Receives progress every ``report_every`` steps, at epoch ends and on stop."""
-        ...
-
-    def should_stop(self) -> bool:
-        """Checked before every step; ``True`` stops training cleanly."""
-        ...
-
-
-@dataclass(frozen=True, kw_only=True)
-class TrainResult:
-    """The outcome of ``train``.
-
-    Attributes:
-        state_dict: Weights of the plain module (no Opacus prefixes), contiguous, on CPU.
-        steps_done: Optimizer steps taken (each one charged to the privacy budget).
-        stopped: Whether training ended early through ``should_stop``.
-        metrics: ``test_accuracy`` and ``test_loss`` on the held-out arrays.
-        epsilon_opacus: ε at ``dp.delta`` from Opacus' RDP accountant; None if non-private.
-        device: The device trained on, e.g. ``"cpu"`` or ``"cuda"``.
-    """
-
-    state_dict: dict[str, torch.Tensor]
-    steps_done: int
-    stopped: bool
-    metrics: dict[str, float]
-    epsilon_opacus: float | None
-    device: str
-
-
-class _Stepper(Protocol):
-    module: nn.Module
-
-    def step(self, step_index: int) -> None: ...
-
-    def epsilon(self) -> float | None: ...
-
-    def state(self) -> dict[str, Any]: ...
-
-    def load_state(self, state: Mapping[str, Any], steps_done: int) -> None: ...
-
-
-def _model_and_optimizer(module: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    return {"model": module.state_dict(), "optimizer": optimizer.state_dict()}
-
-
-def _restore(module: nn.Module, optimizer: torch.optim.Optimizer, state: Mapping[str, Any]) -> None:
-    module.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-
-
-class _PlainStepper:
-    """Ordinary shuffled minibatches; epoch ``e`` uses a permutation seeded by (seed, e)."""
-
-    def __init__(
-        self, module: nn.Module, data: tuple[torch.Tensor, torch.Tensor], plan: TrainingPlan
-    ) -> None:
-        self.module = module
-        self._x, self._y = data
-        self._plan = plan
-        self._optimizer = OPTIMIZERS[plan.optimizer](
-            list(module.parameters()), plan.learning_rate, plan.momentum
-        )
-        self._epoch = -1
-        self._perm = torch.empty(0, dtype=torch.long)
-
-    def _permutation(self, epoch: int) -> torch.Tensor:
-        if epoch != self._epoch:
-            # Derived per epoch, so a resumed job can rebuild it without replaying.
-            seed = int(np.random.SeedSequence([self._plan.seed, epoch]).generate_state(1)[0])
-            gen = torch.Generator().manual_seed(seed)
-            self._perm = torch.randperm(len(self._x), generator=gen).to(self._x.device)
-            self._epoch = epoch
-        return self._perm
-
-    def step(self, step_index: int) -> None:
-        epoch, within = divmod(step_index, self._plan.steps_per_epoch)
-        perm = self._permutation(epoch)
-        start = (within * self._plan.batch_size) % len(perm)
-        rows = perm[start : start + self._plan.batch_size]
-        self._optimizer.zero_grad(set_to_none=True)
-        F.cross_entropy(self.module(self._x[rows]), self._y[rows]).backward()
-        self._optimizer.step()
-
-    def epsilon(self) -> float | None:
-        return None
-
-    def state(self) -> dict[str, Any]:
-        return _model_and_optimizer(self.module, self._optimizer)
-
-    def load_state(self, state: Mapping[str, Any], steps_done: int) -> None:
-        del steps_done  # the permutation of every epoch is derived, not replayed
-        _restore(self.module, self._optimizer, state)
-
-
-class _PrivateStepper:
-    """DP-SGD: Poisson-sampled batches, per-sample clipping and Gaussian noise."""
-
-    def __init__(
-        self,
-        module: nn.Module,
-        data: tuple[torch.Tensor, torch.Tensor],
-        plan: TrainingPlan,
-        dp: DPPlan,
-        generator: torch.Generator,
-    ) -> None:
-        self.module = module
-        self._x, self._y = data
-        self._dp = dp
-        self._generator = generator
-        self._accountant = RDPAccountant()
-        self._engine: FastDPEngine | None = None
-        self._gsm: GradSampleModule | None = None
-        self._optimizer: torch.optim.Optimizer
-        if dp.engine == "fast" or (dp.engine == "auto" and not unsupported_layers(module)):
-            self._engine = FastDPEngine(
-                module,
-                noise_multiplier=dp.noise_multiplier,
-                max_grad_norm=dp.max_grad_norm,
-                expected_batch_size=plan.batch_size,
-                generator=generator,
-            )
-            self._optimizer = OPTIMIZERS[plan.optimizer](
-                list(module.parameters()), plan.learning_rate, plan.momentum
-            )
-        else:
-            # Summed loss (not mean): an empty Poisson batch then has loss 0, not NaN;
-            # DPOptimizer still divides the noisy sum by the *expected* batch size.
-            self._gsm = GradSampleModule(module, loss_reduction="sum", strict=True)
-            base = OPTIMIZERS[plan.optimizer](
-                list(self._gsm.parameters()), plan.learning_rate, plan.momentum
-            )
-            self._optimizer = DPOptimizer(
-                base,
-                noise_multiplier=dp.noise_multiplier,
-                max_grad_norm=dp.max_grad_norm,
-                expected_batch_size=plan.batch_size,
-                loss_reduction="mean",
-                generator=generator,
-            )
-
-    def step(self, step_index: int) -> None:
-        del step_index  # every step samples afresh; nothing depends on the index
-        mask = (
-            torch.rand(len(self._x), generator=self._generator, device=self._x.device)
-            < self._dp.sample_rate
-        )
-        if self._gsm is not None:
-            self._optimizer.zero_grad(set_to_none=True)
-            logits = self._gsm(self._x[mask])
-            F.cross_entropy(logits, self._y[mask], reduction="sum").backward()
-        elif self._engine is not None:
-            rows = mask.nonzero().squeeze(1)  # the same rows as x[mask], found once
-            logits = self.module(self._x.index_select(0, rows))
-            loss = F.cross_entropy(logits, self._y.index_select(0, rows), reduction="sum")
-            self._engine.backward(loss)  # sets every p.grad (noise alone if no rows)
-        self._optimizer.step()
-        self._accountant.step(
-            noise_multiplier=self._dp.noise_multiplier, sample_rate=self._dp.sample_rate
-        )
-
-    def epsilon(self) -> float | None:
-        return float(self._accountant.get_epsilon(delta=self._dp.delta))
-
-    def state(self) -> dict[str, Any]:
-        # Not the generator: a resumed run draws fresh secret randomness (see checkpoint).
-        return _model_and_optimizer(self.module, self._optimizer)
-
-    def load_state(self, state: Mapping[str, Any], steps_done: int) -> None:
-        _restore(self.module, self._optimizer, state)
-        if steps_done:
-            self._accountant.history = [
-                (self._dp.noise_multiplier, self._dp.sample_rate, steps_done)
-            ]
-
-    def close(self) -> None:
-        """Removes the engine's hooks so ``module`` is a plain module again."""
-        if self._gsm is not None:
-            self._gsm.to_standard_module()
-        if self._engine is not None:
-            self._engine.close()
 
 
 def to_tensors(
@@ -390,7 +114,7 @@ def _report(callbacks: TrainingCallbacks | None, plan: TrainingPlan, steps_done:
 
 
 def _run_steps(
-    stepper: _Stepper,
+    stepper: Stepper,
     plan: TrainingPlan,
     callbacks: TrainingCallbacks | None,
     report_every: int,
@@ -498,11 +222,11 @@ def train(
         raise ValueError("train and test must have the same number of features")
     module = initial_model(plan, train_data[0].shape[1], num_classes).to(dev)
     module.train()
-    stepper: _PlainStepper | _PrivateStepper
+    stepper: PlainStepper | PrivateStepper
     if dp is None:
-        stepper = _PlainStepper(module, train_data, plan)
+        stepper = PlainStepper(module, train_data, plan)
     else:
-        stepper = _PrivateStepper(module, train_data, plan, dp, _dp_generator(dev, dp_seed))
+        stepper = PrivateStepper(module, train_data, plan, dp, _dp_generator(dev, dp_seed))
     if resume is not None:
         stepper.load_state(resume, start)
     with warnings.catch_warnings():
@@ -511,7 +235,7 @@ def train(
         steps_done, stopped = _run_steps(
             stepper, plan, callbacks, report_every, start_step=start, checkpoint=checkpoint
         )
-    if isinstance(stepper, _PrivateStepper):
+    if isinstance(stepper, PrivateStepper):
         stepper.close()
     weights = module.state_dict()
     return TrainResult(

@@ -32,8 +32,9 @@ from ppml.training import (  # noqa: E402
     ARCHITECTURES,
     DPPlan,
     TrainingPlan,
+    TrainResult,
     build_model,
-    dp_sgd,
+    steppers,
     train,
 )
 from ppml.training.fast_dp import FastDPEngine, unsupported_layers  # noqa: E402
@@ -427,7 +428,7 @@ def test_tied_parameters_and_buffers_are_refused() -> None:
 # --- train(): the switch -------------------------------------------------------------
 
 
-def _tiny_run(arch: str, engine: str, dp_seed: int = 3) -> dp_sgd.TrainResult:
+def _tiny_run(arch: str, engine: str, dp_seed: int = 3) -> TrainResult:
     rng = np.random.default_rng(0)
     x = rng.normal(size=(240, 12)).astype(np.float32)
     y = (x[:, 0] + x[:, 1] > 0).astype(np.int64) + 2 * (x[:, 2] > 0)
@@ -472,7 +473,7 @@ def test_auto_uses_the_fast_engine_for_builtin_architectures(
             super().__init__(*args, **kwargs)
             built.append(self)
 
-    monkeypatch.setattr(dp_sgd, "FastDPEngine", Spy)
+    monkeypatch.setattr(steppers, "FastDPEngine", Spy)
     _tiny_run("mlp", "auto")
     assert len(built) == 1
     _tiny_run("mlp", "opacus")
