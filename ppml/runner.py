@@ -25,6 +25,7 @@ from ppml.db.repositories import Repositories
 from ppml.db.session import Database
 from ppml.privacy import accounting as acc
 from ppml.privacy.ledger import Ledger
+from ppml.receipts import receipt_metadata
 from ppml.services.pricing import Schedule, schedule
 from ppml.specs import JobSpec
 from ppml.storage import ArtifactStore
@@ -358,50 +359,3 @@ def _progress(steps: int, schedule: Schedule, spec: JobSpec) -> dict[str, Any]:
     rounds = steps // schedule.steps_per_epoch
     epochs = rounds * spec.federated.local_epochs
     return {"fraction": fraction, "epoch": epochs, "round": rounds, "steps": steps}
-
-
-def receipt_metadata(
-    job: Job, dataset: Dataset, *, steps: int, metrics: dict[str, float] | None = None
-) -> dict[str, str]:
-    """The privacy receipt, as string metadata for the model artefacts (safetensors and ONNX).
-
-    Nested values (``libraries``, ``metrics``) are JSON strings. The ledger entry id is not
-    here: the commit entry is written after the artefacts; the model card adds it.
-    """
-    from importlib.metadata import PackageNotFoundError, version
-
-    def _version(package: str) -> str:
-        try:
-            return version(package)
-        except PackageNotFoundError:
-            return "unknown"
-
-    libraries = {name: _version(name) for name in ("ppml", "torch", "opacus", "dp-accounting")}
-    receipt: dict[str, str] = {
-        "format": "ppml-model-v1",
-        "job_id": job.id,
-        "dataset_id": dataset.id,
-        "privacy_unit": dataset.privacy_unit,
-        "libraries": json.dumps(libraries, sort_keys=True),
-        "metrics": json.dumps({k: float(v) for k, v in (metrics or {}).items()}, sort_keys=True),
-    }
-    federated = (job.spec or {}).get("federated")
-    if federated:
-        receipt["rounds_planned"] = str(federated.get("rounds"))
-    if job.privacy is None:
-        receipt["private"] = "false"
-        return receipt
-    final = acc.final_privacy(job.privacy, steps, None)
-    receipt.update(
-        private="true",
-        epsilon=repr(final["epsilon_spent"]),
-        delta=repr(final["delta"]),
-        accountant=str(final.get("accountant", "rdp")),
-        noise_multiplier=repr(final["noise_multiplier"]),
-        max_grad_norm=repr(final["max_grad_norm"]),
-        sample_rate=repr(final["sample_rate"]),
-        sampling=str(final["sampling"]),
-        steps=str(steps),
-        grid_version=acc.GRID_VERSION,
-    )
-    return receipt
