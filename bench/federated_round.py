@@ -5,18 +5,22 @@ and trains the MLP 40-256-256-10 for one local epoch at batch 10 (5 steps); the
 centralised run trains the same MLP for one epoch over all ``clients × 50`` rows at batch
 10, i.e. the same number of optimizer steps over the same samples. Each timing is a
 whole public call (``train_federated`` with one round, ``train`` with one epoch), with a
-100-row test set. The three variants are interleaved within each repeat, in a rotating
-order, and a ratio is the median over repeats of ``variant / centralised`` from the same
-repeat, so load from other processes hits both sides alike.
+100-row test set. Every variant runs once untimed first (allocator, torch.func and
+MKL warm-up); then the variants are interleaved within each repeat, in a rotating order,
+after a ``gc.collect()``, and a ratio is the median over repeats of ``variant /
+centralised`` from the same repeat, so load from other processes hits both sides alike
+(the table also gives the smallest and largest per-repeat ratio). All variants run in
+one process with the same ``torch.set_num_threads``.
 
 Usage::
 
-    .venv/bin/python bench/federated_round.py [--device cuda] [--repeats 3] [--threads 1]
+    .venv/bin/python bench/federated_round.py [--device cuda] [--repeats 5] [--threads 1]
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import statistics
@@ -125,11 +129,10 @@ def bench_size(
     for repeat in range(repeats):
         order = names[repeat % len(names) :] + names[: repeat % len(names)]
         for name in order:
+            gc.collect()
             times[name].append(_timed(variants[name], device))
-    ratios = {
-        name: statistics.median(
-            t / c for t, c in zip(times[name], times["centralised"], strict=True)
-        )
+    per_repeat = {
+        name: [t / c for t, c in zip(times[name], times["centralised"], strict=True)]
         for name in names
     }
     return {
@@ -137,7 +140,8 @@ def bench_size(
         "rows": clients * ROWS_PER_CLIENT,
         "steps": clients * math.ceil(ROWS_PER_CLIENT / BATCH),
         "median_s": {name: statistics.median(t) for name, t in times.items()},
-        "ratio_vs_centralised_epoch": ratios,
+        "ratio_vs_centralised_epoch": {n: statistics.median(r) for n, r in per_repeat.items()},
+        "ratio_range": {n: [min(r), max(r)] for n, r in per_repeat.items()},
         "times_s": times,
     }
 
@@ -146,25 +150,28 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--clients", type=int, nargs="+", default=[100, 1000])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument(
         "--chunk-sizes",
         nargs="+",
         default=["auto", "100"],
         help="clients per vectorised chunk, one variant each ('auto': the library default)",
     )
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch intra-op threads (default: torch's)"
+    )
     parser.add_argument("--skip-loop", action="store_true")
     parser.add_argument("--json", type=Path, default=Path("bench/results/federated_round.json"))
     args = parser.parse_args(argv)
     if args.repeats < 3:
         parser.error("--repeats must be at least 3")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    # set explicitly, so the count in the report is the one every variant ran with
+    torch.set_num_threads(args.threads or torch.get_num_threads())
     skip = {"loop"} if args.skip_loop else set()
     chunk_sizes = [None if c == "auto" else int(c) for c in args.chunk_sizes]
     results = []
-    print(f"{'clients':>8} {'variant':>16} {'median s':>10} {'× central':>10}")
+    print(f"device {args.device}, {torch.get_num_threads()} threads, {args.repeats} repeats")
+    print(f"{'clients':>8} {'variant':>16} {'median s':>10} {'× central':>10} {'range':>12}")
     for clients in args.clients:
         result = bench_size(
             clients,
@@ -175,7 +182,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         for name, seconds in result["median_s"].items():
             ratio = result["ratio_vs_centralised_epoch"][name]
-            print(f"{clients:>8} {name:>16} {seconds:>10.3f} {ratio:>10.2f}")
+            low, high = result["ratio_range"][name]
+            spread = f"{low:.2f}-{high:.2f}"
+            print(f"{clients:>8} {name:>16} {seconds:>10.3f} {ratio:>10.2f} {spread:>12}")
         results.append(result)
     report = {
         "benchmark": "federated_round",

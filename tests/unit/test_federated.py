@@ -28,6 +28,7 @@ from ppml.training.federated import (  # noqa: E402
     RoundProgress,
     adam_server_step,
     clip_rows,
+    local_steps,
     train_federated,
     weighted_mean,
 )
@@ -263,14 +264,22 @@ def test_hand_written_mlp_gradients_match_autograd() -> None:
     got = kernel.grads(list(layout.unflatten(flat).values()), x, y, mask)
     stepped = flat.clone()
     kernel.sgd_step_(list(layout.unflatten(stepped).values()), x, y, mask, 0.5)
+    # the trainer's layout: one contiguous (k, ...) tensor per parameter
+    stacked = [p.contiguous() for p in layout.unflatten(flat).values()]
+    kernel.sgd_step_(stacked, x, y, mask, 0.5)
+    # fewer clients than the buffers were made for
+    fewer = kernel.grads([p[:2] for p in layout.unflatten(flat).values()], x[:2], y[:2], mask[:2])
 
     # assert
+    def as_flat(tensors: list[Any]) -> Any:
+        return layout.flatten(dict(zip(layout.names, tensors, strict=True)), lead=1)
+
     want = layout.flatten(expected, lead=1)
-    assert torch.allclose(
-        layout.flatten(dict(zip(layout.names, got, strict=True)), lead=1), want, atol=1e-6
-    )
+    assert torch.allclose(as_flat(got), want, atol=1e-6)
     assert torch.allclose(stepped, flat - 0.5 * want, atol=1e-6)
+    assert torch.allclose(as_flat(stacked), flat - 0.5 * want, atol=1e-6)
     assert torch.equal(stepped[2], flat[2])  # all padding: no step
+    assert torch.allclose(as_flat(fewer), want[:2], atol=1e-6)
     assert BatchedMLP.of(build_model("cnn1d", num_features=8, num_classes=4)) is None
 
 
@@ -304,6 +313,10 @@ def test_fedavg_with_one_client_equals_centralised_sgd(vectorized: bool) -> None
 
 
 EQUIVALENCE_CASES = {
+    # plain SGD on Linear/ReLU stacks: the fused hand-written path; uneven shards, a
+    # last chunk of one client
+    "fedavg-plain": ({}, {}, None),
+    "logreg-plain": ({"arch": "logreg"}, {"local_epochs": 3}, None),
     "fedavg-momentum": ({"momentum": 0.5}, {"dropout": 0.3}, None),
     "fedprox": ({}, {"strategy": "fedprox", "mu": 0.5}, None),
     "fedadam-adam": ({"optimizer": "adam", "learning_rate": 0.01}, {"strategy": "fedadam"}, None),
@@ -333,6 +346,41 @@ def test_vectorised_and_loop_paths_agree(case: str) -> None:
     assert max_diff(fast.state_dict, slow.state_dict) < 1e-5
     assert fast.steps_done == slow.steps_done
     assert [h["round"] for h in fast.history] == [h["round"] for h in slow.history]
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.5])
+def test_gathering_steps_in_windows_changes_nothing(
+    monkeypatch: pytest.MonkeyPatch, momentum: float
+) -> None:
+    # arrange: 2 hidden layers; a window of one local step at a time
+    plan = make_plan(hidden_sizes=(16, 12), momentum=momentum)
+    fed = make_fed(vectorized=True, chunk_size=3)
+    whole = fit(plan=plan, fed=fed)
+    monkeypatch.setattr(local_steps, "GATHER_BYTES", 1)
+
+    # act
+    windowed = fit(plan=plan, fed=fed)
+    looped = fit(plan=plan, fed=dataclasses.replace(fed, vectorized=False))
+
+    # assert
+    assert max_diff(windowed.state_dict, whole.state_dict) == 0.0
+    assert max_diff(windowed.state_dict, looped.state_dict) < 1e-5
+
+
+def test_plain_schedule_is_shuffled_padded_batches() -> None:
+    # arrange: 23 rows, batches of 5 (the last one of each epoch has 3 rows)
+    gen, reference = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+
+    # act
+    schedule = plain_schedule(23, 5, 2, gen)
+
+    # assert: each epoch is one permutation drawn from the generator, padded with -1
+    assert schedule.shape == (10, 5)
+    for epoch in schedule.view(2, 25):
+        assert torch.equal(epoch[:23], torch.randperm(23, generator=reference))
+        assert torch.equal(epoch[23:], torch.full((2,), -1))
+    assert plain_schedule(20, 5, 1, gen).shape == (4, 5)
+    assert plain_schedule(0, 5, 1, gen).shape == (0, 5)
 
 
 def test_dp_randomness_is_secret_unless_seeded() -> None:

@@ -67,15 +67,15 @@ def plain_schedule(
     Each epoch is a fresh permutation drawn from ``generator``; its last batch may be
     short (padded with -1).
     """
-    per_epoch = math.ceil(num_rows / batch_size)
+    padding = math.ceil(num_rows / batch_size) * batch_size - num_rows
     device = generator.device
-    batches = []
+    parts = []  # called for every client of every round: as few tensor calls as possible
     for _ in range(epochs):
-        perm = torch.randperm(num_rows, generator=generator, device=device)
-        padded = torch.full((per_epoch * batch_size,), -1, dtype=torch.long, device=device)
-        padded[:num_rows] = perm
-        batches.append(padded.view(per_epoch, batch_size))
-    return torch.cat(batches)
+        parts.append(torch.randperm(num_rows, generator=generator, device=device))
+        if padding:
+            parts.append(torch.full((padding,), -1, dtype=torch.long, device=device))
+    flat = parts[0] if len(parts) == 1 else torch.cat(parts)
+    return flat.view(-1, batch_size)
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,7 @@ class FederatedPlan:
         vectorized: Train clients together (stacked parameters); None: whenever the
             architecture allows.
         chunk_size: Clients trained together by the vectorised path; None: 100, or on
-            CPU for logreg/mlp as many as keep their weights within 4 MiB (cache).
+            CPU for logreg/mlp as many as keep their weights within 8 MiB (cache).
         eval_every: Score the global model every this many rounds (and after the last).
     """
 
