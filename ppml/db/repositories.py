@@ -42,6 +42,10 @@ class Repositories:
         self.session.add_all(objects)
         self.session.flush()
 
+    def stage(self, *objects: Any) -> None:
+        """Add without flushing: the next query or the commit writes them, in one flush."""
+        self.session.add_all(objects)
+
     def tenant_by_name(self, name: str) -> Tenant | None:
         return self.session.scalar(select(Tenant).where(Tenant.name == name))
 
@@ -114,9 +118,13 @@ class Repositories:
             stmt = stmt.where(Job.dataset_id == dataset_id)
         return self._page(stmt, Job.id, page_size, page_token)
 
-    def count_active_jobs(self, tenant_id: str) -> int:
+    def count_active_jobs(self, tenant_id: str, *, up_to: int | None = None) -> int:
+        """Queued and running jobs of a tenant; with ``up_to``, counting stops there."""
         active = (JobStatus.QUEUED, JobStatus.RUNNING)
-        stmt = select(func.count()).where(Job.tenant_id == tenant_id, Job.status.in_(active))
+        rows = select(Job.id).where(Job.tenant_id == tenant_id, Job.status.in_(active))
+        if up_to is not None:
+            rows = rows.limit(up_to)
+        stmt = select(func.count()).select_from(rows.subquery())
         return int(self.session.scalar(stmt) or 0)
 
     def claim_job(self, job_id: str, *, owner: str, lease_until: datetime) -> bool:

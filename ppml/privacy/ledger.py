@@ -108,7 +108,8 @@ class Ledger:
             epsilon_requested=requested,
         )
 
-    def largest_fitting(self, budget: DatasetBudget, event: acc.MechanismEvent) -> float | None:
+    @staticmethod
+    def largest_fitting(budget: DatasetBudget, event: acc.MechanismEvent) -> float | None:
         """The largest target ε of this job's shape that the filter would admit now.
 
         A search over σ (up to a second): never call it while holding the budget lock.
@@ -221,7 +222,8 @@ class Ledger:
             epsilon=acc.epsilon(curve, budget.delta_total),
             note=note,
         )
-        self.repos.add(entry)
+        # Staged: the transaction's commit (or its next query) flushes it with the rest.
+        self.repos.stage(entry)
         return entry
 
     @staticmethod

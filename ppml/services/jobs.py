@@ -1,12 +1,19 @@
 """Jobs: admit (reserve budget), enqueue, quote, cancel.
 
-Admission keeps σ calibration outside the lock: the dataset is read and the job priced in a
-short read transaction, then a writer transaction locks the budget row, re-checks the filter
-on the newest totals, and inserts the job and its RESERVE entry together.
+Admission keeps σ calibration outside the lock: the dataset is read (once; it is cached) and
+the job priced without a transaction, then a writer transaction locks the budget row,
+re-checks the filter on the newest totals, and inserts the job and its RESERVE entry together.
+Concurrent admissions to one dataset are grouped (:mod:`ppml.services.grouping`): one
+transaction, one lock and one commit decide a batch of them, in arrival order, each on the
+totals that include the ones before it, exactly as if they had come one after the other.
 """
 
 from __future__ import annotations
 
+import logging
+import threading
+import time
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 
 from celery import Celery
@@ -22,16 +29,23 @@ from ppml.errors import (
     IdempotencyMismatch,
     JobNotCancellable,
     NotFound,
+    PPMLError,
     TooManyRequests,
 )
 from ppml.privacy import accounting as acc
 from ppml.privacy.ledger import Ledger, budget_status
 from ppml.queue import enqueue_job
+from ppml.services.grouping import GroupCommit, Pending
 from ppml.services.pricing import Pricing, price, steps_to_charge
 from ppml.specs import JobSpec, request_hash
 from ppml.storage import ArtifactStore
 
 __all__ = ["JobService", "Quote"]
+
+log = logging.getLogger(__name__)
+
+# At most this many admissions share one transaction (the rest wait for the next one).
+ADMISSION_BATCH = 64
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -44,6 +58,74 @@ class Quote:
     fits_budget: bool
     epsilon_remaining: float | None
     max_target_epsilon: float | None
+
+
+class _ActiveJobs:
+    """Each tenant's count of queued and running jobs, for the soft per-tenant limit.
+
+    Counting them is a scan of the tenant's active jobs (thousands when many are queued) on
+    every admission. Instead a count read from the database is reused for ``ttl`` seconds,
+    plus the jobs this process admitted since. Jobs that finished meanwhile still count (so
+    it errs towards refusing), while jobs admitted by other API processes do not (the limit
+    is soft); a count at or over the limit is always read again before a refusal.
+    """
+
+    def __init__(self, ttl: float = 1.0) -> None:
+        self.ttl = ttl
+        self._counts: dict[str, tuple[int, float]] = {}
+        self._lock = threading.Lock()
+
+    def count(self, tenant_id: str, read: Callable[[], int], *, limit: int) -> int:
+        with self._lock:
+            cached = self._counts.get(tenant_id)
+        now = time.monotonic()
+        if cached is not None and cached[1] > now and cached[0] < limit:
+            return cached[0]
+        fresh = read()
+        with self._lock:
+            if len(self._counts) > 10_000:
+                self._counts.clear()
+            self._counts[tenant_id] = (fresh, now + self.ttl)
+        return fresh
+
+    def admitted(self, tenant_id: str) -> None:
+        with self._lock:
+            cached = self._counts.get(tenant_id)
+            if cached is not None:
+                self._counts[tenant_id] = (cached[0] + 1, cached[1])
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Admission:
+    """A priced job waiting for its admission decision."""
+
+    tenant_id: str
+    dataset: Dataset
+    spec: JobSpec
+    pricing: Pricing
+
+
+_Queued = Pending[tuple[_Admission, str], Job]
+
+
+def _new_job(admission: _Admission, digest: str, idempotency_key: str | None) -> Job:
+    spec = admission.spec
+    return Job(
+        id=new_id("job"),
+        tenant_id=admission.tenant_id,
+        dataset_id=admission.dataset.id,
+        name=spec.name,
+        spec=spec.model_dump(mode="json"),
+        status=JobStatus.QUEUED,
+        progress={"fraction": 0.0, "epoch": 0, "round": None, "steps": 0},
+        metrics=None,
+        privacy=admission.pricing.privacy_plan(spec),
+        error=None,
+        idempotency_key=idempotency_key,
+        request_hash=digest,
+        # Marked sent now, saving a write after the send; a failed send clears it.
+        enqueued_at=utcnow(),
+    )
 
 
 def _check_same_request(job: Job, digest: str) -> None:
@@ -60,6 +142,11 @@ class JobService:
         self.db, self.settings, self.celery = db, settings, celery
         # Datasets never change after registration, so admission need not re-read them.
         self._datasets: dict[tuple[str, str], Dataset] = {}
+        self._active = _ActiveJobs()
+        # Concurrent admissions to one dataset share one budget lock and one commit.
+        self._admissions: GroupCommit[tuple[_Admission, str], Job] = GroupCommit(
+            self._admit_batch, max_batch=ADMISSION_BATCH
+        )
 
     def _dataset(self, repos: Repositories, tenant_id: str, dataset_id: str) -> Dataset:
         dataset = self._datasets.get((tenant_id, dataset_id))
@@ -73,16 +160,29 @@ class JobService:
         return dataset
 
     def _priced(self, tenant_id: str, spec: JobSpec) -> tuple[Dataset, Pricing]:
-        with self.db.session() as session:
-            dataset = self._dataset(Repositories(session), tenant_id, spec.dataset_id)
+        dataset = self._datasets.get((tenant_id, spec.dataset_id))
+        if dataset is None:  # a session (and a pooled connection) only on a cache miss
+            with self.db.read_one() as session:
+                dataset = self._dataset(Repositories(session), tenant_id, spec.dataset_id)
         return dataset, price(spec, dataset, self.settings)
 
-    def _check_active_jobs(self, tenant_id: str) -> None:
-        # A soft limit, checked outside the budget lock: a burst may overshoot it slightly.
+    def _room(self, tenant_id: str) -> int:
+        """How many more jobs the tenant may have queued or running (soft; see _ActiveJobs).
+
+        Call it outside any transaction: a count it must refresh is read in its own session.
+        """
         limit = self.settings.limits.max_active_jobs_per_tenant
-        with self.db.session() as session:
-            active = Repositories(session).count_active_jobs(tenant_id)
-        if active >= limit:
+
+        def count() -> int:
+            # Counting stops at the limit: only "at the limit or not" matters.
+            with self.db.read_one() as session:
+                return Repositories(session).count_active_jobs(tenant_id, up_to=limit)
+
+        return limit - self._active.count(tenant_id, count, limit=limit)
+
+    def _refuse_if_full(self, room: int) -> None:
+        if room <= 0:
+            limit = self.settings.limits.max_active_jobs_per_tenant
             raise TooManyRequests(
                 f"at most {limit} queued or running jobs per tenant; retry when some finish",
                 limit=limit,
@@ -93,11 +193,10 @@ class JobService:
         """After a refusal, outside any lock: the largest target ε of this shape that fits."""
         if pricing.event is None:
             return None
-        with self.db.session() as session:
-            ledger = Ledger(Repositories(session))
-            budget = ledger.repos.budget(dataset.id)
-            assert budget is not None
-            return ledger.largest_fitting(budget, pricing.event)
+        with self.db.read_one() as session:
+            budget = Repositories(session).budget(dataset.id)
+        assert budget is not None
+        return Ledger.largest_fitting(budget, pricing.event)
 
     def quote(self, tenant_id: str, spec: JobSpec) -> Quote:
         dataset, pricing = self._priced(tenant_id, spec)
@@ -129,10 +228,12 @@ class JobService:
         """Admit and enqueue a job. Returns ``(job, created)``; replays return ``created=False``."""
         dataset, pricing = self._priced(tenant_id, spec)
         digest = request_hash(spec)
-        if idempotency_key is None:
-            self._check_active_jobs(tenant_id)
+        admission = _Admission(tenant_id=tenant_id, dataset=dataset, spec=spec, pricing=pricing)
         try:
-            job, created = self._admit(tenant_id, dataset, spec, pricing, digest, idempotency_key)
+            if idempotency_key is None and pricing.event is not None:
+                job, created = self._admissions.submit(dataset.id, (admission, digest)), True
+            else:
+                job, created = self._admit(admission, digest, idempotency_key)
         except BudgetExceeded as refusal:
             refusal.extra["max_target_epsilon"] = self._largest_fitting(dataset, pricing)
             raise
@@ -145,21 +246,23 @@ class JobService:
         return job, created
 
     def _replay(self, tenant_id: str, key: str, digest: str) -> Job:
-        with self.db.session() as session:
+        with self.db.read_one() as session:
             job = Repositories(session).job_by_idempotency_key(tenant_id, key)
         assert job is not None
         _check_same_request(job, digest)
         return job
 
     def _admit(
-        self,
-        tenant_id: str,
-        dataset: Dataset,
-        spec: JobSpec,
-        pricing: Pricing,
-        digest: str,
-        idempotency_key: str | None,
+        self, admission: _Admission, digest: str, idempotency_key: str | None
     ) -> tuple[Job, bool]:
+        """Admit one job in its own transaction (replays, non-private jobs, fallbacks)."""
+        tenant_id, dataset, pricing = admission.tenant_id, admission.dataset, admission.pricing
+        # The per-tenant limit is soft: checked outside the budget lock, so a burst may
+        # overshoot it slightly.
+        room = self._room(tenant_id)
+        if idempotency_key is None:
+            self._refuse_if_full(room)
+        # One transaction and one pooled connection for the whole admission.
         with self.db.session(write=True) as session:
             repos = Repositories(session)
             ledger = Ledger(repos)
@@ -170,27 +273,67 @@ class JobService:
                 if existing is not None:
                     _check_same_request(existing, digest)
                     return existing, False
-                self._check_active_jobs(tenant_id)  # only for a new job, not for a replay
-            job = Job(
-                id=new_id("job"),
-                tenant_id=tenant_id,
-                dataset_id=dataset.id,
-                name=spec.name,
-                spec=spec.model_dump(mode="json"),
-                status=JobStatus.QUEUED,
-                progress={"fraction": 0.0, "epoch": 0, "round": None, "steps": 0},
-                metrics=None,
-                privacy=pricing.privacy_plan(spec),
-                error=None,
-                idempotency_key=idempotency_key,
-                request_hash=digest,
-                # Marked sent now, saving a write after the send; a failed send clears it.
-                enqueued_at=utcnow(),
-            )
-            repos.add(job)
+                self._refuse_if_full(room)  # only for a new job, not for a replay
+            job = _new_job(admission, digest, idempotency_key)
+            # Staged, not flushed: the commit writes the job, its entry and the totals in one
+            # flush, while the lock is held for as short a time as possible.
+            repos.stage(job)
             if budget is not None and pricing.event is not None:
                 ledger.reserve(budget, job, pricing.event)
+        self._active.admitted(tenant_id)
         return job, True
+
+    def _admit_batch(self, dataset_id: Hashable, batch: Sequence[_Queued]) -> None:
+        """Decide a batch of admissions to one dataset (see :mod:`ppml.services.grouping`)."""
+        if len(batch) > 1:
+            try:
+                decided = self._decide_together(str(dataset_id), [p.item for p in batch])
+            except Exception:
+                log.exception("grouped admission failed; deciding the batch one by one")
+            else:
+                for pending, outcome in zip(batch, decided, strict=True):
+                    if isinstance(outcome, Job):
+                        pending.resolve(outcome)
+                    else:
+                        pending.fail(outcome)
+                return
+        for pending in batch:  # alone, in arrival order: the same decisions, one lock each
+            admission, digest = pending.item
+            try:
+                pending.resolve(self._admit(admission, digest, None)[0])
+            except Exception as exc:
+                pending.fail(exc)
+
+    def _decide_together(
+        self, dataset_id: str, items: Sequence[tuple[_Admission, str]]
+    ) -> list[Job | PPMLError]:
+        """One transaction under one budget lock: each item is decided on the totals that
+        include the items before it (a serial replay in arrival order), then all are written
+        in one flush. Raises, writing nothing, if the transaction fails."""
+        decided: list[Job | PPMLError] = []
+        room = {a.tenant_id: 0 for a, _ in items}
+        for tenant_id in room:  # outside the lock, as in _admit
+            room[tenant_id] = self._room(tenant_id)
+        with self.db.session(write=True) as session:
+            repos = Repositories(session)
+            ledger = Ledger(repos)
+            budget = ledger.lock(dataset_id)
+            for admission, digest in items:
+                job = _new_job(admission, digest, None)
+                try:
+                    self._refuse_if_full(room[admission.tenant_id])
+                    if budget is not None and admission.pricing.event is not None:
+                        ledger.reserve(budget, job, admission.pricing.event)
+                except (BudgetExceeded, TooManyRequests) as refusal:
+                    decided.append(refusal)
+                    continue
+                repos.stage(job)
+                room[admission.tenant_id] -= 1
+                decided.append(job)
+        for outcome in decided:
+            if isinstance(outcome, Job):
+                self._active.admitted(outcome.tenant_id)
+        return decided
 
     def enqueue(self, job_id: str) -> None:
         """Send the job; if the broker is down, leave it to the reaper, which re-sends it."""
