@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -30,6 +31,19 @@ dataset's budget. All `/v1` routes take `Authorization: Bearer <key>`.
 """
 
 
+def _freeze_startup_heap() -> None:
+    """Exclude what exists at startup (about 200k objects: modules, classes, caches) from the
+    cyclic garbage collector.
+
+    Every full collection walks all tracked objects. Under load one came every few seconds
+    and stopped every request for 150-300 ms, most of it spent walking the same imported
+    modules. Frozen objects are still freed by reference counting; only cycles among them
+    would wait, and they live as long as the process anyway.
+    """
+    gc.collect()
+    gc.freeze()
+
+
 def create_app(settings: Settings | None = None, db: Database | None = None) -> FastAPI:
     """Build the app. The database schema must already be migrated (``ppml db upgrade``)."""
     settings = settings or get_settings()
@@ -37,6 +51,7 @@ def create_app(settings: Settings | None = None, db: Database | None = None) -> 
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        _freeze_startup_heap()
         yield
         db.dispose()
 

@@ -1,4 +1,9 @@
-"""Request dependencies as ``Annotated`` aliases: a route's signature says what it needs."""
+"""Request dependencies as ``Annotated`` aliases: a route's signature says what it needs.
+
+FastAPI runs every plain ``def`` dependency in the thread pool, one hop each, and under load
+each hop waits for a thread and the GIL. Dependencies that do no I/O are therefore
+``async def`` (they run on the event loop), and those that read the database make one hop.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ from collections.abc import Iterator
 from typing import Annotated, Any
 
 from fastapi import Depends, Path, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
@@ -36,22 +42,22 @@ __all__ = [
 _bearer = HTTPBearer(auto_error=False, description="An API key, or the admin token.")
 
 
-def _database(request: Request) -> Database:
+async def _database(request: Request) -> Database:
     db: Database = request.app.state.db
     return db
 
 
-def _settings(request: Request) -> Settings:
+async def _settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
 
-def _store(request: Request) -> ArtifactStore:
+async def _store(request: Request) -> ArtifactStore:
     store: ArtifactStore = request.app.state.store
     return store
 
 
-def _job_service(request: Request) -> JobService:
+async def _job_service(request: Request) -> JobService:
     service: JobService = request.app.state.jobs
     return service
 
@@ -71,14 +77,16 @@ def _session(request: Request, db: DatabaseDep) -> Iterator[Session]:
 
 # scope="function": commit before the response is sent, so a client that reads its own
 # write right after a 201 finds it, and a failed commit answers an error instead of vanishing.
-def _repos(session: Annotated[Session, Depends(_session, scope="function")]) -> Repositories:
+async def _repos(
+    session: Annotated[Session, Depends(_session, scope="function")],
+) -> Repositories:
     return Repositories(session)
 
 
 ReposDep = Annotated[Repositories, Depends(_repos, scope="function")]
 
 
-def _admin(credentials: Credentials, settings: SettingsDep) -> None:
+async def _admin(credentials: Credentials, settings: SettingsDep) -> None:
     if credentials is None:
         raise Unauthorized("missing bearer token")
     expected = settings.ensure_admin_token()
@@ -115,23 +123,28 @@ class _KeyCache:
 _keys = _KeyCache()
 
 
-def _tenant(credentials: Credentials, db: DatabaseDep) -> str:
+def _lookup_tenant(db: Database, key: str) -> str | None:
+    # A short read of its own: the request's writer transaction must not start here.
+    with db.read_one() as session:
+        return tenant_for_key(Repositories(session), key)
+
+
+async def _tenant(credentials: Credentials, db: DatabaseDep) -> str:
+    # Async, so a cached key costs no thread-pool hop; only a miss reads in a thread.
     if credentials is None:
         raise Unauthorized("missing bearer token")
     key = hash_key(credentials.credentials)
     tenant_id = _keys.get(key)
     if tenant_id is not None:
         return tenant_id
-    # A short read of its own: the request's writer transaction must not start here.
-    with db.session() as session:
-        tenant_id = tenant_for_key(Repositories(session), credentials.credentials)
+    tenant_id = await run_in_threadpool(_lookup_tenant, db, credentials.credentials)
     if tenant_id is None:
         raise Unauthorized("invalid API key")
     _keys.put(key, tenant_id)
     return tenant_id
 
 
-def reject_unknown_query(request: Request) -> None:
+async def reject_unknown_query(request: Request) -> None:
     """A query parameter the route does not declare is a 422 (a typo must not pass silently)."""
     route = request.scope.get("route")
     dependant = getattr(route, "dependant", None)
@@ -165,13 +178,17 @@ def _owned_dataset(
     return dataset
 
 
-def _owned_job(
+def _read_job(db: Database, tenant_id: str, job_id: str) -> Job | None:
+    with db.read_one() as session:
+        return Repositories(session).job(tenant_id, job_id)
+
+
+async def _owned_job(
     tenant_id: CurrentTenant,
     db: DatabaseDep,
     job_id: Annotated[str, Path(max_length=64)],
 ) -> Job:
-    with db.session() as session:
-        job = Repositories(session).job(tenant_id, job_id)
+    job = await run_in_threadpool(_read_job, db, tenant_id, job_id)
     if job is None:
         raise NotFound("job not found")
     return job

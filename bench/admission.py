@@ -1,10 +1,11 @@
 """Admission throughput: concurrent clients submitting jobs against one dataset's budget.
 
     python bench/admission.py [--seconds 10] [--clients 32] [--json PATH]
-                              [--backend postgres|sqlite|both]
+                              [--backend postgres|sqlite|both] [--api-workers N]
 
-For each backend (a fresh PostgreSQL database, and SQLite) it starts ``ppml serve --no-worker``
-(broker ``memory://``, so nothing is trained), then runs three phases of ``--seconds`` each
+For each backend (a fresh PostgreSQL database, and SQLite) it starts ``ppml serve --no-worker
+--workers N`` (``N`` API processes, default 1; broker ``memory://``, so nothing is trained),
+then runs three phases of ``--seconds`` each
 with ``--clients`` threads, each with its own keep-alive HTTP client:
 
 * ``healthz``: ``GET /healthz``, the ceiling of this server and client on this machine;
@@ -117,12 +118,16 @@ def spend_all(http: httpx.Client, dataset_id: str) -> None:
 
 
 def run_backend(
-    name: str, database: AbstractContextManager[str | None], seconds: float, clients: int
+    name: str,
+    database: AbstractContextManager[str | None],
+    seconds: float,
+    clients: int,
+    api_workers: int,
 ) -> dict[str, Any]:
     with (
         tempfile.TemporaryDirectory() as tmp,
         database as url,
-        stack(Path(tmp), database_url=url) as service,
+        stack(Path(tmp), database_url=url, api_workers=api_workers) as service,
     ):
         headers = service.tenant()
         with service.client(headers) as http:
@@ -152,13 +157,18 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--backend", choices=["postgres", "sqlite", "both"], default="both")
+    parser.add_argument(
+        "--api-workers", type=int, default=1, help="API processes (ppml serve --workers)."
+    )
     args = parser.parse_args()
     backends: list[tuple[str, AbstractContextManager[str | None]]] = []
     if args.backend in ("postgres", "both"):
         backends.append(("postgres", postgres_database()))
     if args.backend in ("sqlite", "both"):
         backends.append(("sqlite", nullcontext(None)))
-    runs = [run_backend(name, db, args.seconds, args.clients) for name, db in backends]
+    runs = [
+        run_backend(name, db, args.seconds, args.clients, args.api_workers) for name, db in backends
+    ]
 
     rows = []
     for run in runs:
@@ -177,7 +187,8 @@ def main() -> None:
                 ]
             )
     print_table(
-        f"admission: {args.clients} clients, {args.seconds:.0f} s per phase",
+        f"admission: {args.clients} clients, {args.seconds:.0f} s per phase, "
+        f"ppml serve --workers {args.api_workers}",
         ["backend", "phase", "ok/s", "p50 ms", "p99 ms", "other statuses"],
         rows,
     )
@@ -193,7 +204,13 @@ def main() -> None:
         )
     save(
         "admission",
-        {"seconds": args.seconds, "clients": args.clients, "runs": runs, "goal_per_s": GOAL_PER_S},
+        {
+            "seconds": args.seconds,
+            "clients": args.clients,
+            "api_workers": args.api_workers,
+            "runs": runs,
+            "goal_per_s": GOAL_PER_S,
+        },
         args.json,
     )
 

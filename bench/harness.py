@@ -71,9 +71,11 @@ def stack(
     database_url: str | None,
     broker_url: str = "memory://",
     workers: int = 0,
+    api_workers: int = 1,
     env: dict[str, str] | None = None,
 ) -> Iterator[Service]:
-    """``ppml serve --no-worker`` plus ``workers`` separate ``ppml worker`` processes."""
+    """``ppml serve --no-worker --workers api_workers`` plus ``workers`` separate
+    ``ppml worker`` processes."""
     workdir.mkdir(parents=True, exist_ok=True)
     environment = {k: v for k, v in os.environ.items() if not k.startswith("PPML_")}
     environment.update(
@@ -88,7 +90,10 @@ def stack(
     port = free_port()
     with ExitStack() as stack_:
         api = _spawn(
-            [str(BIN / "ppml"), "serve", "--no-worker", "--port", str(port)],
+            [
+                *(str(BIN / "ppml"), "serve", "--no-worker", "--port", str(port)),
+                *("--workers", str(api_workers)),
+            ],
             environment,
             workdir / "api.log",
             stack_,

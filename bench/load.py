@@ -1,10 +1,11 @@
 """Load: 32 concurrent clients mixing submits, polls and downloads against PostgreSQL + Redis.
 
-    python bench/load.py [--seconds 60] [--clients 32] [--json PATH]
+    python bench/load.py [--seconds 60] [--clients 32] [--json PATH] [--api-workers N]
 
 Reports every 5xx (the goal is zero) and the latency of each request kind; the goal for the
 p99 of ``GET /v1/jobs/{id}`` is 50 ms. A worker trains the submitted jobs meanwhile (they are
-tiny), so the API shares the machine with real training, as in production.
+tiny), so the API shares the machine with real training, as in production. The API runs as
+``ppml serve --no-worker --workers N`` (``--api-workers``, default 1).
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60)
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument(
+        "--api-workers", type=int, default=1, help="API processes (ppml serve --workers)."
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp, postgres_database() as url:
         queue = f"load-{random.randrange(1 << 30)}"
@@ -42,6 +46,7 @@ def main() -> None:
             database_url=url,
             broker_url="redis://127.0.0.1:6379/0",
             workers=1,
+            api_workers=args.api_workers,
             env={"PPML_WORKER__QUEUE": queue},
         ) as service:
             result = run(service, args.seconds, args.clients)
@@ -50,7 +55,8 @@ def main() -> None:
         for kind, s in result["latency"].items()
     ]
     print_table(
-        f"load: {args.clients} clients for {args.seconds:.0f} s (PostgreSQL + Redis)",
+        f"load: {args.clients} clients for {args.seconds:.0f} s (PostgreSQL + Redis), "
+        f"ppml serve --workers {args.api_workers}",
         ["request", "count", "p50 ms", "p99 ms", "5xx"],
         rows,
     )
@@ -58,7 +64,16 @@ def main() -> None:
         f"\ntotal 5xx: {sum(result['errors_5xx'].values())}; "
         f"GET /v1/jobs/{{id}} p99 = {result['latency']['poll']['p99_ms']:.1f} ms (goal ≤ 50)"
     )
-    save("load", {**result, "seconds": args.seconds, "clients": args.clients}, args.json)
+    save(
+        "load",
+        {
+            **result,
+            "seconds": args.seconds,
+            "clients": args.clients,
+            "api_workers": args.api_workers,
+        },
+        args.json,
+    )
 
 
 def run(service, seconds: float, clients: int) -> dict:  # type: ignore[no-untyped-def]

@@ -92,6 +92,13 @@ def serve(
     host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
     port: int = typer.Option(8000, help="Port to listen on."),
     worker: bool = typer.Option(True, "--worker/--no-worker", help="Run an embedded worker."),
+    workers: int = typer.Option(
+        1,
+        "--workers",
+        min=1,
+        envvar="PPML_API_WORKERS",
+        help="API processes (uvicorn workers) sharing the port; one per core is typical.",
+    ),
 ) -> None:
     """Run the API (and, by default, an embedded training worker)."""
     import uvicorn
@@ -112,14 +119,26 @@ def serve(
         token_source = str((settings.data_dir / "admin_token").resolve())
         # The worker and uvicorn read settings from the environment; keep them consistent.
         os.environ["PPML_ADMIN_TOKEN"] = settings.ensure_admin_token()
-    typer.echo(f"ppml API on http://{host}:{port}  (docs: http://{host}:{port}/docs)")
+    typer.echo(
+        f"ppml API on http://{host}:{port}  (docs: http://{host}:{port}/docs), "
+        f"{workers} API process{'es' if workers > 1 else ''}"
+    )
     typer.echo(f"admin token: {token_source}")
     typer.echo(f"database: {url}\nbroker: {settings.resolved_broker_url}")
     supervisor = _WorkerSupervisor()
     if worker:
         supervisor.start()
     try:
-        uvicorn.run("api.app:create_app", factory=True, host=host, port=port, log_level="info")
+        # Each API process has its own pool and caches; the budget lock is in the database,
+        # so admissions stay serialised across processes. The embedded worker stays one.
+        uvicorn.run(
+            "api.app:create_app",
+            factory=True,
+            host=host,
+            port=port,
+            workers=workers,
+            log_level="info",
+        )
     finally:
         supervisor.stop()
 
