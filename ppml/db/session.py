@@ -35,14 +35,17 @@ def _configure_sqlite(engine: Engine) -> None:
 class Database:
     """An engine with two session factories: readers, and writers that lock first."""
 
-    def __init__(self, url: str, *, echo: bool = False, pool_size: int = 10) -> None:
+    def __init__(self, url: str, *, echo: bool = False, pool_size: int = 40) -> None:
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
         kwargs: dict[str, Any] = {"echo": echo, "pool_pre_ping": True}
         if self.is_sqlite:
             kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
         else:
-            kwargs.update(pool_size=pool_size, max_overflow=2 * pool_size)
+            # The API runs database work on anyio's 40 worker threads: a pool as large keeps
+            # every connection open under load (an overflow connection is opened and closed
+            # per checkout, a new PostgreSQL backend each time).
+            kwargs.update(pool_size=pool_size, max_overflow=10)
         self.engine = create_engine(url, **kwargs)
         if self.is_sqlite:
             _configure_sqlite(self.engine)
