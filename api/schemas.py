@@ -161,6 +161,11 @@ class Job(BaseModel):
     privacy: dict[str, Any] | None
     error: dict[str, Any] | None
     cancel_requested: bool
+    attempts: int = Field(
+        default=0,
+        description="Times a worker claimed the job. A job whose worker was lost goes back to "
+        "the queue and resumes from its last checkpoint, up to the server's limit of attempts.",
+    )
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None

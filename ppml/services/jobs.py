@@ -117,7 +117,12 @@ def _new_job(admission: _Admission, digest: str, idempotency_key: str | None) ->
         name=spec.name,
         spec=spec.model_dump(mode="json"),
         status=JobStatus.QUEUED,
-        progress={"fraction": 0.0, "epoch": 0, "round": None, "steps": 0},
+        progress={
+            "fraction": 0.0,
+            "epoch": 0,
+            "round": None if spec.federated is None else 0,  # as the worker reports it
+            "steps": 0,
+        },
         metrics=None,
         privacy=admission.pricing.privacy_plan(spec),
         error=None,

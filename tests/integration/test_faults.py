@@ -199,6 +199,7 @@ def test_a_worker_killed_mid_job_is_resumed_elsewhere_and_charged_once(stack: St
     assert resumed_after < LEASE_S + 2 * REAPER_S + 3
     assert resumed_at >= reported
     assert job["status"] == "succeeded", job
+    assert job["attempts"] == 2
     # exactly one commit, for the planned steps: every step of the final run, run once
     entries = _ledger(client, dataset_id, job_id)
     assert sorted(e["kind"] for e in entries) == ["commit", "release", "reserve"]
@@ -230,7 +231,7 @@ def test_a_poison_job_fails_after_its_attempts_and_the_queue_drains(stack: Stack
     done = wait_for_status(client, after["id"], {"failed", "succeeded", "cancelled"}, timeout=120)
     # assert: failed for good after three claims, charged once; the next job runs
     assert job["status"] == "failed" and job["error"]["code"] == "worker_lost"
-    assert "3 attempts" in job["error"]["message"]
+    assert "3 attempts" in job["error"]["message"] and job["attempts"] == 3
     kinds = sorted(e["kind"] for e in _ledger(client, dataset_id, poison))
     assert kinds == ["commit", "release", "reserve"]
     assert done["status"] == "succeeded"

@@ -45,6 +45,7 @@ def test_federated_dp_job_runs_and_charges_its_mechanism(
     dataset_id = register_digits(client, tenant)
     submitted = client.post("/v1/jobs", json=_spec(dataset_id, level), headers=tenant)
     assert submitted.status_code == 202, submitted.text
+    assert submitted.json()["progress"]["round"] == 0  # queued: a federated job's counter
     plan = submitted.json()["privacy"]
     # act
     outcome = JobRunner(database, settings).run(submitted.json()["id"])
