@@ -45,6 +45,7 @@ class ReapReport:
 class Reaper:
     def __init__(self, db: Database, settings: Settings, celery: Celery) -> None:
         self.db, self.settings, self.celery = db, settings, celery
+        self.store = ArtifactStore(settings.data_dir)
         self._stop = threading.Event()
 
     def run_once(self) -> ReapReport:
@@ -107,7 +108,7 @@ class Reaper:
             if job.privacy is not None:
                 job.privacy = final_privacy(job.privacy, steps or 0, None)
             outcome = str(job.status)
-        JobCheckpoints(ArtifactStore(self.settings.data_dir), job_id).clear()
+        JobCheckpoints(self.store, job_id).clear()
         log.warning("job %s %s: worker lost; charged %s steps", job_id, outcome, steps)
         return outcome
 

@@ -342,7 +342,7 @@ class JobRunner:
                 row.privacy = acc.final_privacy(row.privacy, steps, commit.id if commit else None)
             if artifacts is not None:
                 row.artifacts = artifacts
-        JobCheckpoints(self.store, job.id).clear()
+        JobCheckpoints(self.store, job.id).clear()  # a finished job never resumes
         log.info("job %s %s after %d steps", job.id, status.value, steps)
         return status.value
 

@@ -145,6 +145,7 @@ class JobService:
 
     def __init__(self, db: Database, settings: Settings, celery: Celery) -> None:
         self.db, self.settings, self.celery = db, settings, celery
+        self.store = ArtifactStore(settings.data_dir)
         # Datasets never change after registration, so admission need not re-read them.
         self._datasets: dict[tuple[str, str], Dataset] = {}
         self._active = _ActiveJobs()
@@ -372,5 +373,5 @@ class JobService:
                 if steps and job.privacy is not None:
                     job.privacy = acc.final_privacy(job.privacy, steps, None)
         if job.status == JobStatus.CANCELLED:
-            JobCheckpoints(ArtifactStore(self.settings.data_dir), job.id).clear()
+            JobCheckpoints(self.store, job.id).clear()
         return job

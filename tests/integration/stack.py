@@ -79,3 +79,16 @@ def wait_for_status(
             return job
         time.sleep(0.3)
     raise AssertionError(f"job {job_id} never reached {statuses}; last: {job}")
+
+
+@contextmanager
+def embedded_serve(root: Path, admin_token: str) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """``ppml serve`` on the embedded default (API + worker, SQLite, filesystem broker) with
+    its data under ``root/data``; yields its base URL and process once it is ready."""
+    port = free_port()
+    env = service_env(root / "data", PPML_ADMIN_TOKEN=admin_token)
+    log = root / "serve.log"
+    with process([str(BIN / "ppml"), "serve", "--port", str(port)], env, log) as proc:
+        base = f"http://127.0.0.1:{port}"
+        wait_ready(base, proc, log)
+        yield base, proc

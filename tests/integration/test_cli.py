@@ -21,7 +21,7 @@ from typer.testing import CliRunner, Result
 
 from ppml.cli import app
 from ppml.specs import JobSpec
-from tests.integration.stack import BIN, free_port, process, service_env, wait_ready
+from tests.integration.stack import BIN, embedded_serve, free_port, service_env
 
 ADMIN = "cli-admin-token-0123456789"
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -29,13 +29,7 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    root = tmp_path_factory.mktemp("cli")
-    port = free_port()
-    env = service_env(root / "data", PPML_ADMIN_TOKEN=ADMIN)
-    log = root / "serve.log"
-    with process([str(BIN / "ppml"), "serve", "--port", str(port)], env, log) as proc:
-        base = f"http://127.0.0.1:{port}"
-        wait_ready(base, proc, log)
+    with embedded_serve(tmp_path_factory.mktemp("cli"), ADMIN) as (base, _proc):
         yield base
 
 

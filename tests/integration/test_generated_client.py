@@ -21,7 +21,7 @@ import pytest
 
 from api.openapi import openapi_document, render
 from tests.conftest import dp_job_spec
-from tests.integration.stack import BIN, free_port, process, service_env, wait_ready
+from tests.integration.stack import BIN, embedded_serve
 
 ADMIN = "generated-client-admin-0123456789"
 PACKAGE = "ppml_generated_client"
@@ -60,13 +60,7 @@ def generated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    root = tmp_path_factory.mktemp("generated-service")
-    port = free_port()
-    env = service_env(root / "data", PPML_ADMIN_TOKEN=ADMIN)
-    log = root / "serve.log"
-    with process([str(BIN / "ppml"), "serve", "--port", str(port)], env, log) as proc:
-        base = f"http://127.0.0.1:{port}"
-        wait_ready(base, proc, log)
+    with embedded_serve(tmp_path_factory.mktemp("generated-service"), ADMIN) as (base, _proc):
         yield base
 
 

@@ -23,12 +23,8 @@ import pytest
 
 from ppml.datasets import load_builtin
 from tests.integration.stack import (
-    BIN,
-    free_port,
-    process,
-    service_env,
+    embedded_serve,
     wait_for_status,
-    wait_ready,
 )
 
 ADMIN = "models-admin-token-0123456789"
@@ -54,12 +50,7 @@ class Trained:
 @pytest.fixture(scope="module")
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     root = tmp_path_factory.mktemp("models")
-    port = free_port()
-    env = service_env(root / "data", PPML_ADMIN_TOKEN=ADMIN)
-    log = root / "serve.log"
-    with process([str(BIN / "ppml"), "serve", "--port", str(port)], env, log) as proc:
-        base = f"http://127.0.0.1:{port}"
-        wait_ready(base, proc, log)
+    with embedded_serve(root, ADMIN) as (base, proc):
         yield Service(base=base, data_dir=root / "data", pid=proc.pid)
 
 

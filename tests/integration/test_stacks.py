@@ -23,6 +23,7 @@ from ppml.datasets import load_builtin
 from tests.conftest import REDIS_URL, dp_job_spec
 from tests.integration.stack import (
     BIN,
+    embedded_serve,
     free_port,
     process,
     service_env,
@@ -35,12 +36,7 @@ ADMIN = "stack-admin-token-0123456789"
 
 @pytest.fixture
 def embedded(tmp_path: Path) -> Iterator[str]:
-    port = free_port()
-    env = service_env(tmp_path / "data", PPML_ADMIN_TOKEN=ADMIN)
-    log = tmp_path / "serve.log"
-    with process([str(BIN / "ppml"), "serve", "--port", str(port)], env, log) as proc:
-        base = f"http://127.0.0.1:{port}"
-        wait_ready(base, proc, log)
+    with embedded_serve(tmp_path, ADMIN) as (base, _proc):
         yield base
 
 

@@ -6,18 +6,19 @@ import dataclasses
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pytest
+
+from tests.unit.recorder import Recorder
 
 torch = pytest.importorskip("torch")
 
 from opacus.accountants import RDPAccountant  # noqa: E402
 
 from ppml.datasets import load_builtin  # noqa: E402
-from ppml.training.dp_sgd import Progress, TrainingPlan, train  # noqa: E402
+from ppml.training.dp_sgd import TrainingPlan, train  # noqa: E402
 from ppml.training.federated import (  # noqa: E402
     DPFedAvgClientLevel,
     FedAdam,
@@ -52,22 +53,6 @@ def _one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@dataclass
-class Recorder:
-    """Callbacks that record progress and stop after ``stop_after`` checks."""
-
-    stop_after: int | None = None
-    progress: list[Progress] = field(default_factory=list)
-    checks: int = 0
-
-    def on_progress(self, progress: Progress) -> None:
-        self.progress.append(progress)
-
-    def should_stop(self) -> bool:
-        self.checks += 1
-        return self.stop_after is not None and self.checks > self.stop_after
 
 
 def make_data(n: int = 240, d: int = 8, seed: int = 0) -> dict[str, np.ndarray]:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypedDict
 
 import numpy as np
 import pytest
+
+from tests.unit.recorder import Recorder
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("opacus")
@@ -23,7 +25,6 @@ from sklearn.model_selection import train_test_split  # noqa: E402
 from ppml.training import (  # noqa: E402
     ARCHITECTURES,
     DPPlan,
-    Progress,
     TrainingPlan,
     TrainResult,
     architecture_metadata,
@@ -69,22 +70,6 @@ class Digits:
             "y_test": self.y_test,
         }
         return train(**{**arrays, "num_classes": 10, "device": "cpu", **kwargs})
-
-
-@dataclass
-class Recorder:
-    """Callbacks that record progress and stop after ``stop_after`` steps."""
-
-    stop_after: int | None = None
-    progress: list[Progress] = field(default_factory=list)
-    checks: int = 0
-
-    def on_progress(self, progress: Progress) -> None:
-        self.progress.append(progress)
-
-    def should_stop(self) -> bool:
-        self.checks += 1
-        return self.stop_after is not None and self.checks > self.stop_after
 
 
 @pytest.fixture(scope="module")
