@@ -14,6 +14,7 @@ from api.errors import install_error_handlers
 from api.limits import BodySizeLimit
 from api.routes import datasets, health, jobs, models, tenants
 from ppml.config import Settings, get_settings
+from ppml.db.reads import AsyncReads
 from ppml.db.session import Database
 from ppml.queue import make_celery
 from ppml.services.jobs import JobService
@@ -51,9 +52,13 @@ def create_app(settings: Settings | None = None, db: Database | None = None) -> 
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        await reads.open()
         _freeze_startup_heap()
-        yield
-        db.dispose()
+        try:
+            yield
+        finally:
+            await reads.close()
+            db.dispose()
 
     app = FastAPI(
         title="ppml",
@@ -72,6 +77,7 @@ def create_app(settings: Settings | None = None, db: Database | None = None) -> 
     app.state.settings = settings
     app.state.db = db
     app.state.store = ArtifactStore(settings.data_dir)
+    app.state.reads = reads = AsyncReads(db)
     app.state.jobs = JobService(db, settings, make_celery(settings))
     install_error_handlers(app)
     for module in (tenants, datasets, jobs, models, health):

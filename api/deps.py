@@ -2,7 +2,8 @@
 
 FastAPI runs every plain ``def`` dependency in the thread pool, one hop each, and under load
 each hop waits for a thread and the GIL. Dependencies that do no I/O are therefore
-``async def`` (they run on the event loop), and those that read the database make one hop.
+``async def`` (they run on the event loop), and those that read the database make one hop;
+the job lookup behind polls and downloads makes none on PostgreSQL (``ppml.db.reads``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from sqlalchemy.orm import Session
 
 from ppml.config import Settings
 from ppml.db.models import Dataset, Job
+from ppml.db.reads import AsyncReads
 from ppml.db.repositories import Repositories
 from ppml.db.session import Database
 from ppml.errors import InvalidInput, NotFound, Unauthorized
@@ -178,17 +180,14 @@ def _owned_dataset(
     return dataset
 
 
-def _read_job(db: Database, tenant_id: str, job_id: str) -> Job | None:
-    with db.read_one() as session:
-        return Repositories(session).job(tenant_id, job_id)
-
-
 async def _owned_job(
+    request: Request,
     tenant_id: CurrentTenant,
-    db: DatabaseDep,
     job_id: Annotated[str, Path(max_length=64)],
 ) -> Job:
-    job = await run_in_threadpool(_read_job, db, tenant_id, job_id)
+    # No thread on PostgreSQL: the read runs on the event loop (ppml.db.reads).
+    reads: AsyncReads = request.app.state.reads
+    job = await reads.job(tenant_id, job_id)
     if job is None:
         raise NotFound("job not found")
     return job

@@ -1,0 +1,121 @@
+"""ppml.db.reads: the API's thread-free job read gives what the ORM read gives."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import text
+
+from ppml.db import models
+from ppml.db.reads import APPLICATION_NAME, AsyncReads
+from ppml.db.repositories import Repositories
+from ppml.db.session import Database
+from tests.conftest import dp_job_spec, new_tenant, register_digits
+
+
+def _columns(job: models.Job | None) -> dict[str, Any] | None:
+    if job is None:
+        return None
+    return {column.key: getattr(job, column.key) for column in models.Job.__table__.columns}
+
+
+def _job_with_every_column_set(
+    client: TestClient, database: Database, headers: dict[str, str] | None = None
+) -> tuple[str, str]:
+    headers = headers or new_tenant(client)
+    dataset_id = register_digits(client, headers)
+    created = client.post("/v1/jobs", json=dp_job_spec(dataset_id), headers=headers)
+    assert created.status_code == 202, created.text
+    job_id = created.json()["id"]
+    now = datetime.now(UTC)
+    with database.session(write=True) as session:
+        job = Repositories(session).job_by_id(job_id, lock=True)
+        assert job is not None
+        job.status = models.JobStatus.RUNNING
+        job.progress = {"fraction": 0.25, "epoch": 1, "round": None, "steps": 7}
+        job.metrics = {"accuracy": 0.5}
+        job.metrics_history = [{"accuracy": 0.25}, {"accuracy": 0.5}]
+        job.error = {"code": "none", "message": "ünïcode"}
+        job.lease_owner = "worker-1"
+        job.lease_expires_at = now + timedelta(seconds=30)
+        job.heartbeat_at = job.started_at = now
+        job.finished_at = now + timedelta(seconds=1)
+        job.artifacts = {"safetensors": {"key": "k", "sha256": "0" * 64}}
+        job.attempts = 2
+        tenant_id = job.tenant_id
+    return tenant_id, job_id
+
+
+async def _read(reads: AsyncReads, *keys: tuple[str, str]) -> list[models.Job | None]:
+    await reads.open()
+    try:
+        return [await reads.job(tenant_id, job_id) for tenant_id, job_id in keys]
+    finally:
+        await reads.close()
+
+
+def test_the_async_read_returns_the_orm_row(client: TestClient, database: Database) -> None:
+    """Every column, JSON and UTC datetimes included; another tenant or id reads nothing."""
+    tenant_id, job_id = _job_with_every_column_set(client, database)
+    with database.read_one() as session:
+        expected = _columns(Repositories(session).job(tenant_id, job_id))
+    assert expected is not None and expected["finished_at"].tzinfo is not None
+    reads = AsyncReads(database)
+    found, other_tenant, unknown = asyncio.run(
+        _read(reads, (tenant_id, job_id), ("ten_other", job_id), (tenant_id, "job_unknown"))
+    )
+    assert _columns(found) == expected
+    assert other_tenant is None and unknown is None
+
+
+def test_reads_run_on_the_event_loop_only_on_postgres(
+    database: Database, database_url: str
+) -> None:
+    reads = AsyncReads(database)
+
+    async def opened() -> bool:
+        await reads.open()
+        try:
+            return reads.asynchronous
+        finally:
+            await reads.close()
+
+    assert asyncio.run(opened()) is (not database_url.startswith("sqlite"))
+    assert not reads.asynchronous  # closed: reads take the thread path again
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+def test_a_read_survives_the_server_dropping_every_pool_connection(
+    client: TestClient, database: Database
+) -> None:
+    headers = new_tenant(client)
+    tenant_id, job_id = _job_with_every_column_set(client, database, headers)
+    reads = AsyncReads(database, size=3)
+
+    async def scenario() -> tuple[int, models.Job | None]:
+        await reads.open()
+        try:
+            await reads.job(tenant_id, job_id)
+            with database.engine.connect() as conn:
+                killed = conn.execute(
+                    text(
+                        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                        "WHERE application_name = :name AND datname = current_database()"
+                    ),
+                    {"name": APPLICATION_NAME},
+                ).scalar_one()
+            return killed, await reads.job(tenant_id, job_id)
+        finally:
+            await reads.close()
+
+    killed, job = asyncio.run(scenario())
+    assert killed >= 3  # ours, and the app's own pool (the client fixture's lifespan)
+    assert job is not None and job.id == job_id
+    # The app's pool lost its connections too: its next poll still answers.
+    polled = client.get(f"/v1/jobs/{job_id}", headers=headers)
+    assert polled.status_code == 200, polled.text
+    assert polled.json()["attempts"] == 2
