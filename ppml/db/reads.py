@@ -17,6 +17,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+import psycopg
 from anyio import to_thread
 from sqlalchemy import bindparam, select
 from sqlalchemy.engine import make_url
@@ -99,21 +100,19 @@ class AsyncReads:
         return Job(**values)
 
     async def _fetch(self, pool: Any, params: dict[str, str]) -> Any:
-        import psycopg
+        try:
+            return await self._fetch_once(pool, params)
+        except psycopg.OperationalError:
+            # The server dropped connections (a restart, an idle timeout): the broken one
+            # leaves the pool on return; check() drops the other dead idle ones, and the
+            # retry waits for a fresh connection.
+            await pool.check()
+            return await self._fetch_once(pool, params)
 
-        for attempt in range(2):
-            try:
-                async with pool.connection() as conn:
-                    cursor = await conn.execute(self._sql, params, prepare=True)
-                    return await cursor.fetchone()
-            except psycopg.OperationalError:
-                # The server dropped connections (a restart, an idle timeout): the broken
-                # one leaves the pool on return; check() drops the other dead idle ones,
-                # and the retry waits for a fresh connection.
-                if attempt:
-                    raise
-                await pool.check()
-        raise AssertionError("unreachable")
+    async def _fetch_once(self, pool: Any, params: dict[str, str]) -> Any:
+        async with pool.connection() as conn:
+            cursor = await conn.execute(self._sql, params, prepare=True)
+            return await cursor.fetchone()
 
     def _job_in_thread(self, tenant_id: str, job_id: str) -> Job | None:
         with self.db.read_one() as session:
