@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import gc
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -11,6 +12,7 @@ from fastapi import Depends, FastAPI
 
 from api.deps import reject_unknown_query
 from api.errors import install_error_handlers
+from api.heap import FrozenHeap
 from api.limits import BodySizeLimit
 from api.routes import datasets, health, jobs, models, tenants
 from ppml.config import Settings, get_settings
@@ -32,19 +34,6 @@ dataset's budget. All `/v1` routes take `Authorization: Bearer <key>`.
 """
 
 
-def _freeze_startup_heap() -> None:
-    """Exclude what exists at startup (about 200k objects: modules, classes, caches) from the
-    cyclic garbage collector.
-
-    Every full collection walks all tracked objects. Under load one came every few seconds
-    and stopped every request for 150-300 ms, most of it spent walking the same imported
-    modules. Frozen objects are still freed by reference counting; only cycles among them
-    would wait, and they live as long as the process anyway.
-    """
-    gc.collect()
-    gc.freeze()
-
-
 def create_app(settings: Settings | None = None, db: Database | None = None) -> FastAPI:
     """Build the app. The database schema must already be migrated (``ppml db upgrade``)."""
     settings = settings or get_settings()
@@ -53,10 +42,15 @@ def create_app(settings: Settings | None = None, db: Database | None = None) -> 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         await reads.open()
-        _freeze_startup_heap()
+        heap = FrozenHeap()
+        heap.freeze()
+        watcher = asyncio.create_task(heap.watch())
         try:
             yield
         finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
             await reads.close()
             db.dispose()
 
