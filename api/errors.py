@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ppml import errors
+from ppml.db.session import UNAVAILABLE
 
 __all__ = ["PROBLEM_MEDIA_TYPE", "install_error_handlers", "problem"]
 
@@ -39,6 +40,8 @@ _HTTP_CODES = {
     413: ("payload-too-large", "Payload too large"),
     415: ("unsupported-media-type", "Unsupported media type"),
 }
+
+RETRY_AFTER_S = 2  # what a 503 asks clients to wait before retrying
 
 
 def problem(
@@ -114,6 +117,20 @@ async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
     )
 
 
+async def _unavailable(_request: Request, exc: Exception) -> JSONResponse:
+    # Not the client's fault and not a bug: the database is down, restarting or saturated.
+    # The unit of work rolled back; a submit whose COMMIT was cut off may still have landed,
+    # which is what its Idempotency-Key is for on the retry.
+    log.warning("database unavailable: %s: %s", exc.__class__.__name__, exc)
+    return problem(
+        503,
+        "service-unavailable",
+        "Service unavailable",
+        "The database is unavailable; retry later.",
+        headers={"Retry-After": str(RETRY_AFTER_S)},
+    )
+
+
 async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error", exc_info=exc)
     return problem(500, "internal-error", "Internal error", "An unexpected error occurred.")
@@ -123,4 +140,6 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(errors.PPMLError, _ppml_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    for unavailable in UNAVAILABLE:
+        app.add_exception_handler(unavailable, _unavailable)
     app.add_exception_handler(Exception, _unexpected)

@@ -15,9 +15,10 @@ __all__ = ["PageToken", "errors"]
 def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI ``responses`` entries declaring problem+json bodies for these statuses.
 
-    400 (a body that cannot be decoded at all), 401 and 422 can answer any operation.
+    400 (a body that cannot be decoded at all), 401, 422 and 503 (the database is down or
+    saturated; retry after ``Retry-After`` seconds) can answer any operation.
     """
-    statuses = tuple(sorted({400, 401, 422, *statuses}))
+    statuses = tuple(sorted({400, 401, 422, 503, *statuses}))
     problem_schema = {"schema": {"$ref": "#/components/schemas/Problem"}}
     return {
         status: {

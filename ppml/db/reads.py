@@ -36,8 +36,11 @@ log = logging.getLogger(__name__)
 class AsyncReads:
     """``await reads.job(tenant_id, job_id)``: the tenant's job, or None."""
 
-    def __init__(self, db: Database, *, size: int = 8) -> None:
-        self.db, self.size = db, size
+    def __init__(self, db: Database, *, size: int = 8, wait_s: float = 3.0) -> None:
+        # wait_s: how long a read waits for a free connection. Reads take well under a
+        # millisecond, so a longer wait means the database is gone or the API is swamped:
+        # PoolTimeout, which the API answers with 503 rather than holding the client.
+        self.db, self.size, self.wait_s = db, size, wait_s
         self._pool: Any = None  # psycopg_pool.AsyncConnectionPool once open
         table = Job.__table__
         columns = list(table.columns)
@@ -68,6 +71,7 @@ class AsyncReads:
             min_size=self.size,
             max_size=self.size,
             open=False,
+            timeout=self.wait_s,
             # One statement, its own snapshot: no BEGIN/COMMIT round trips (as read_one).
             # No check query per checkout (a round trip per poll): see _fetch.
             kwargs={"autocommit": True, "application_name": APPLICATION_NAME},

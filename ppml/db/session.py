@@ -6,10 +6,23 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import psycopg
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session, sessionmaker
 
-__all__ = ["Database"]
+__all__ = ["UNAVAILABLE", "Database"]
+
+# What a database that is down, restarting, overloaded or locked raises: the request may
+# succeed if retried later (the API answers 503 with Retry-After). SQLAlchemy wraps the
+# driver's errors; the API's asynchronous job reads (ppml.db.reads) raise psycopg's own,
+# and a pool that found no free connection in time raises TimeoutError or PoolTimeout
+# (a psycopg.OperationalError).
+UNAVAILABLE: tuple[type[Exception], ...] = (
+    sa_exc.OperationalError,
+    sa_exc.TimeoutError,
+    psycopg.OperationalError,
+)
 
 
 def _configure_sqlite(engine: Engine) -> None:

@@ -8,13 +8,14 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import text
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
 
 from ppml.db import models
 from ppml.db.reads import APPLICATION_NAME, AsyncReads
 from ppml.db.repositories import Repositories
 from ppml.db.session import Database
-from tests.conftest import dp_job_spec, new_tenant, register_digits
+from tests.conftest import PG_ADMIN_URL, dp_job_spec, new_tenant, register_digits
 
 
 def _columns(job: models.Job | None) -> dict[str, Any] | None:
@@ -119,3 +120,44 @@ def test_a_read_survives_the_server_dropping_every_pool_connection(
     polled = client.get(f"/v1/jobs/{job_id}", headers=headers)
     assert polled.status_code == 200, polled.text
     assert polled.json()["attempts"] == 2
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+def test_a_database_outage_answers_503_changes_nothing_and_passes(
+    client: TestClient, database: Database, database_url: str
+) -> None:
+    """PostgreSQL refusing connections (as while it restarts): polls (the async read), pages
+    and dataset reads (the ORM), and submits answer 503 problem+json with Retry-After, and
+    the same app serves again once the database is back."""
+    headers = new_tenant(client)
+    dataset_id = register_digits(client, headers)
+    job_id = client.post("/v1/jobs", json=dp_job_spec(dataset_id), headers=headers).json()["id"]
+    assert client.get(f"/v1/jobs/{job_id}", headers=headers).status_code == 200  # key cached
+    name = make_url(database_url).database
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false'))
+            conn.execute(
+                text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n"),
+                {"n": name},
+            )
+        refused = [
+            client.get(f"/v1/jobs/{job_id}", headers=headers),
+            client.get("/v1/jobs", headers=headers),
+            client.get(f"/v1/datasets/{dataset_id}", headers=headers),
+            client.post("/v1/jobs", json=dp_job_spec(dataset_id), headers=headers),
+        ]
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true'))
+        admin.dispose()
+    for response in refused:
+        assert response.status_code == 503, (response.request.url, response.text)
+        assert response.headers["content-type"] == "application/problem+json"
+        assert response.headers["retry-after"] == "2"
+        assert response.json()["type"] == "/problems/service-unavailable"
+    polled = client.get(f"/v1/jobs/{job_id}", headers=headers)
+    assert polled.status_code == 200, polled.text
+    page = client.get("/v1/jobs", headers=headers).json()
+    assert [job["id"] for job in page["items"]] == [job_id]  # the refused submit left nothing
