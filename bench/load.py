@@ -1,42 +1,52 @@
 """Load: 32 concurrent clients mixing submits, polls and downloads against PostgreSQL + Redis.
 
-    python bench/load.py [--seconds 60] [--clients 32] [--load 0.5] [--json PATH]
+    python bench/load.py [--seconds 60] [--clients 32] [--load 0.5 | --rate R] [--json PATH]
                          [--api-workers N] [--processes 4]
 
-Two phases of ``--seconds`` each, against the same stack:
+Two phases of ``--seconds`` each, each against a stack of its own (a fresh database, queue,
+API and worker), so the paced phase does not inherit the saturation phase's aftermath:
+thousands of jobs still queued for the one worker.
 
 1. **Saturation**: every client sends its next request as soon as the last one answers (a
    closed loop, no think time). This measures the throughput the stack sustains and checks
    that overload yields no 5xx. Its latencies are queueing, not speed: with 32 requests
    always in flight, the mean latency is 32 / throughput (Little's law) whatever the code.
 2. **Paced**: the same 32 clients send Poisson-timed requests whose total rate is
-   ``--load`` (default 0.5) times the throughput phase 1 measured, in the same run.
-   Latency counts from each request's scheduled time, so a server that falls behind is
-   charged for the wait (no coordinated omission). The goal, p99 of ``GET /v1/jobs/{id}``
-   ≤ 50 ms, is checked here.
+   ``--load`` (default 0.5) times the throughput phase 1 measured, in the same run
+   (``--rate R`` skips phase 1 and paces at R requests/s in all). Latency counts from each
+   request's scheduled time, so a server that falls behind is charged for the wait (no
+   coordinated omission). The goal, p99 of ``GET /v1/jobs/{id}`` ≤ 50 ms, is checked here.
+   ``send lag`` is how late the requests went out: the wait for the client's previous
+   answer plus the generator's own delay, both included in the latencies.
 
 Each client picks submit 20%, poll 65% (one of the jobs its process submitted, or the seed
-job), download 15%. Clients run as threads over ``--processes`` generator processes,
-connected and warm before the clock starts. A separate probe process polls one job 20 times
-a second (``poll (probe)``): the latency a lone poller sees, free of the generator's own
-thread contention. A worker trains the submitted jobs meanwhile (they are tiny), so the API
-shares the machine with real training. The API runs as ``ppml serve --no-worker --workers
-N`` (``--api-workers``, default 1). Reports every 5xx (the goal is zero) and each request
-kind's latency.
+job), download 15%. Clients run as threads over ``--processes`` generator processes, each
+with one keep-alive ``http.client`` connection (less work per request than httpx: the
+generator shares the cores it measures), connected and warm before the clock starts. A
+separate probe process polls one job 20 times a second (``poll (probe)``): the latency a
+lone poller sees, free of the generator's own thread contention. A worker trains the
+submitted jobs meanwhile (they are tiny), so the API shares the machine with real training.
+The API runs as ``ppml serve --no-worker --workers N`` (``--api-workers``, default 1).
+Reports every 5xx (the goal is zero) and each request kind's latency.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import http.client
+import json
 import multiprocessing
 import random
 import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import postgres_database, print_table, save, stack, summarise
@@ -64,34 +74,35 @@ def main() -> None:
         help="Offered load of the paced phase, as a fraction of the saturation throughput.",
     )
     parser.add_argument(
+        "--rate",
+        type=float,
+        default=None,
+        help="Run only the paced phase, at this many requests/s in all (no saturation phase).",
+    )
+    parser.add_argument(
         "--processes", type=int, default=4, help="Load-generator processes sharing the clients."
     )
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp, postgres_database() as url:
-        queue = f"load-{random.randrange(1 << 30)}"
-        with stack(
-            Path(tmp),
-            database_url=url,
-            broker_url="redis://127.0.0.1:6379/0",
-            workers=1,
-            api_workers=args.api_workers,
-            env={"PPML_WORKER__QUEUE": queue},
-        ) as service:
-            headers, seed = _prepare(service)
-            phase = functools.partial(run, service, headers, seed, args.seconds, args.clients)
-            saturation = phase(0.0, args.processes)
-            capacity = saturation["requests_per_s"]
-            rate = args.load * capacity / args.clients
-            paced = phase(rate, args.processes)
+    phase = functools.partial(_phase, args)
+    saturation = None if args.rate else phase(0.0)
+    if saturation is None:
+        rate = args.rate / args.clients
+        share = "a fixed rate"
+    else:
+        rate = args.load * saturation["requests_per_s"] / args.clients
+        share = f"{args.load:.0%} of the saturation throughput"
+    paced = phase(rate)
     where = f"(PostgreSQL + Redis, ppml serve --workers {args.api_workers})"
-    for title, result in (
-        (f"saturation: {args.clients} clients, closed loop, no think time {where}", saturation),
+    phases = [
         (
-            f"paced: {args.clients} clients, Poisson, {rate:.2f} requests/s each "
-            f"= {args.load:.0%} of the saturation throughput {where}",
+            f"paced: {args.clients} clients, Poisson, {rate:.2f} requests/s each = {share} {where}",
             paced,
-        ),
-    ):
+        )
+    ]
+    if saturation is not None:
+        title = f"saturation: {args.clients} clients, closed loop, no think time {where}"
+        phases.insert(0, (title, saturation))
+    for title, result in phases:
         rows = [
             [kind, s["count"], s["p50_ms"], s["p99_ms"], result["errors_5xx"].get(kind, 0)]
             for kind, s in result["latency"].items()
@@ -101,14 +112,19 @@ def main() -> None:
             ["request", "count", "p50 ms", "p99 ms", "5xx"],
             rows,
         )
-    errors = sum(saturation["errors_5xx"].values()) + sum(paced["errors_5xx"].values())
-    print(
+    errors = sum(sum(result["errors_5xx"].values()) for _, result in phases)
+    summary = (
         f"\ntotal 5xx: {errors}; GET /v1/jobs/{{id}} p99 = "
         f"{paced['latency']['poll']['p99_ms']:.1f} ms at {paced['requests_per_s']:.0f} "
-        f"requests/s (goal ≤ 50; probe {paced['latency']['poll (probe)']['p99_ms']:.1f} ms); "
-        f"at saturation ({capacity:.0f} requests/s) "
-        f"{saturation['latency']['poll']['p99_ms']:.1f} ms"
+        f"requests/s (goal ≤ 50; probe {paced['latency']['poll (probe)']['p99_ms']:.1f} ms, "
+        f"send lag {paced['latency']['send lag']['p99_ms']:.1f} ms)"
     )
+    if saturation is not None:
+        summary += (
+            f"; at saturation ({saturation['requests_per_s']:.0f} requests/s) "
+            f"{saturation['latency']['poll']['p99_ms']:.1f} ms"
+        )
+    print(summary)
     save(
         "load",
         {
@@ -121,6 +137,24 @@ def main() -> None:
         },
         args.json,
     )
+
+
+def _phase(args: argparse.Namespace, rate: float) -> dict[str, Any]:
+    """One phase against a stack of its own (database, queue, API, worker)."""
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        postgres_database() as url,
+        stack(
+            Path(tmp),
+            database_url=url,
+            broker_url="redis://127.0.0.1:6379/0",
+            workers=1,
+            api_workers=args.api_workers,
+            env={"PPML_WORKER__QUEUE": f"load-{random.randrange(1 << 30)}"},
+        ) as service,
+    ):
+        headers, seed = _prepare(service)
+        return run(service, headers, seed, args.seconds, args.clients, rate, args.processes)
 
 
 def _prepare(service) -> tuple[dict[str, str], str]:  # type: ignore[no-untyped-def]
@@ -191,7 +225,7 @@ def run(  # type: ignore[no-untyped-def]
                 if int(code) >= 500:
                     errors[kind] += count
         submitted += part["submitted"]
-    requests = sum(len(v) for k, v in latencies.items() if k != "poll (probe)")
+    requests = sum(len(v) for k, v in latencies.items() if k not in ("poll (probe)", "send lag"))
     return {
         "latency": {kind: summarise(values) for kind, values in latencies.items()},
         "errors_5xx": dict(errors),
@@ -199,6 +233,43 @@ def run(  # type: ignore[no-untyped-def]
         "jobs_submitted": submitted,
         "requests_per_s": requests / seconds,
     }
+
+
+class _Http:
+    """A keep-alive HTTP/1.1 connection over the standard library's ``http.client``.
+
+    The generator shares the machine's cores with the stack it measures, so its own cost per
+    request is kept small: ``http.client`` does less per request than httpx, which leaves
+    that CPU to the server and shortens the wait of a client thread for its process's GIL
+    (time counted as latency).
+    """
+
+    def __init__(self, base: str, headers: dict[str, str]) -> None:
+        url = urllib.parse.urlsplit(base)
+        self._conn = http.client.HTTPConnection(url.hostname or "", url.port, timeout=60)
+        self._headers = {**headers, "Accept": "*/*"}
+
+    def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Answer:
+        headers = self._headers
+        payload = None
+        if body is not None:
+            payload = json.dumps(body).encode()
+            headers = {**headers, "Content-Type": "application/json"}
+        self._conn.request(method, path, body=payload, headers=headers)
+        response = self._conn.getresponse()
+        return Answer(response.status, response.read())
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+@dataclass(frozen=True)
+class Answer:
+    status: int
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
 
 
 def _clients(
@@ -218,10 +289,8 @@ def _clients(
     Closed loop (``rate`` 0): the next request goes as soon as the answer is in. Paced: a
     client's requests are scheduled as a Poisson process of ``rate``/s, and latency counts
     from the scheduled time, so a server that falls behind is charged for the wait
-    (no coordinated omission).
+    (no coordinated omission). ``send lag`` is how late the requests went out.
     """
-    import httpx
-
     latencies: dict[str, list[float]] = defaultdict(list)
     statuses: dict[str, dict[int, int]] = defaultdict(lambda: defaultdict(int))
     lock = threading.Lock()
@@ -231,9 +300,11 @@ def _clients(
 
     def client(number: int) -> None:
         rng = random.Random(index * 1000 + number)
-        with httpx.Client(base_url=base, headers=headers, timeout=60) as http:
+        http = _Http(base, headers)
+        try:
             # Connected and warm before the clock starts: set-up is not the server's latency.
-            http.get("/healthz").raise_for_status()
+            if http.request("GET", "/healthz").status != 200:
+                raise RuntimeError("the API is not healthy")
             ready.wait()
             stop_at = clock[0] + seconds
             next_at = clock[0] + (rng.expovariate(rate) if rate else 0.0)
@@ -242,24 +313,28 @@ def _clients(
                     time.sleep(max(0.0, next_at - time.monotonic()))
                 roll = rng.random()
                 if roll < 0.2:
-                    kind = "submit"
-                    job = {**JOB, "dataset_id": dataset_id}
-                    call = functools.partial(http.post, "/v1/jobs", json=job)
+                    kind, method, path = "submit", "POST", "/v1/jobs"
+                    body: dict[str, Any] | None = {**JOB, "dataset_id": dataset_id}
                 elif roll < 0.85:
-                    kind = "poll"
-                    call = functools.partial(http.get, f"/v1/jobs/{rng.choice(job_ids)}")
+                    kind, method, path = "poll", "GET", f"/v1/jobs/{rng.choice(job_ids)}"
+                    body = None
                 else:
-                    kind = "download"
-                    call = functools.partial(http.get, f"/v1/jobs/{seed}/model")
-                started = next_at if rate else time.monotonic()
-                response = call()
+                    kind, method, path = "download", "GET", f"/v1/jobs/{seed}/model"
+                    body = None
+                sent = time.monotonic()
+                started = next_at if rate else sent
+                answer = http.request(method, path, body)
                 done = time.monotonic()
                 with lock:
                     latencies[kind].append(done - started)
-                    statuses[kind][response.status_code] += 1
-                    if kind == "submit" and response.status_code == 202:
-                        job_ids.append(response.json()["id"])
+                    if rate:
+                        latencies["send lag"].append(sent - started)
+                    statuses[kind][answer.status] += 1
+                    if kind == "submit" and answer.status == 202:
+                        job_ids.append(answer.json()["id"])
                 next_at = next_at + rng.expovariate(rate) if rate else done
+        finally:
+            http.close()
 
     threads = [threading.Thread(target=client, args=(n,)) for n in range(clients)]
     for thread in threads:
@@ -287,19 +362,21 @@ def _probe(
     out: multiprocessing.Queue[dict],
 ) -> None:
     """Poll ``path`` at 20 Hz (open loop) in a process of its own; send back the latencies."""
-    import httpx
-
     latencies = []
     time.sleep(max(0.0, start_at - time.time()))
-    with httpx.Client(base_url=base, headers=headers, timeout=60) as http:
+    http = _Http(base, headers)
+    try:
         next_at = time.monotonic()
         stop_at = next_at + seconds
         while next_at < stop_at:
             time.sleep(max(0.0, next_at - time.monotonic()))
             started = time.monotonic()
-            http.get(path).raise_for_status()
+            if http.request("GET", path).status != 200:
+                raise RuntimeError(f"the probe's poll of {path} failed")
             latencies.append(time.monotonic() - started)
             next_at += 0.05
+    finally:
+        http.close()
     out.put({"latencies": {"poll (probe)": latencies}, "statuses": {}, "submitted": 0})
 
 
