@@ -1,7 +1,7 @@
 """Load: 32 concurrent clients mixing submits, polls and downloads against PostgreSQL + Redis.
 
     python bench/load.py [--seconds 60] [--clients 32] [--load 0.5 | --rate R] [--json PATH]
-                         [--api-workers N] [--processes 4]
+                         [--api-workers N] [--processes 4] [--arrivals open|per-client]
 
 Two phases of ``--seconds`` each, each against a stack of its own (a fresh database, queue,
 API and worker), so the paced phase does not inherit the saturation phase's aftermath:
@@ -11,23 +11,27 @@ thousands of jobs still queued for the one worker.
    closed loop, no think time). This measures the throughput the stack sustains and checks
    that overload yields no 5xx. Its latencies are queueing, not speed: with 32 requests
    always in flight, the mean latency is 32 / throughput (Little's law) whatever the code.
-2. **Paced**: the same 32 clients send Poisson-timed requests whose total rate is
-   ``--load`` (default 0.5) times the throughput phase 1 measured, in the same run
-   (``--rate R`` skips phase 1 and paces at R requests/s in all). Latency counts from each
-   request's scheduled time, so a server that falls behind is charged for the wait (no
-   coordinated omission). The goal, p99 of ``GET /v1/jobs/{id}`` ≤ 50 ms, is checked here.
-   ``send lag`` is how late the requests went out: the wait for the client's previous
-   answer plus the generator's own delay, both included in the latencies.
+2. **Paced**: requests arrive as a Poisson process whose total rate is ``--load`` (default
+   0.5) times the throughput phase 1 measured, in the same run (``--rate R`` skips phase 1
+   and paces at R requests/s in all). Each arrival is sent by whichever of the 32 clients is
+   free (an open model, like k6's constant-arrival-rate): a slow submit holds one client, not
+   the requests scheduled after it. ``--arrivals per-client`` gives each client a Poisson
+   stream of its own instead, so a request also waits for its client's previous answer.
+   Latency counts from each request's scheduled time, so a server that falls behind (or 32
+   busy clients) is charged for the wait (no coordinated omission). The goal, p99 of
+   ``GET /v1/jobs/{id}`` ≤ 50 ms, is checked here. ``send lag`` is how late the requests
+   went out: the wait for a free client plus the generator's own delay, both included in
+   the latencies.
 
-Each client picks submit 20%, poll 65% (one of the jobs its process submitted, or the seed
-job), download 15%. Clients run as threads over ``--processes`` generator processes, each
-with one keep-alive ``http.client`` connection (less work per request than httpx: the
-generator shares the cores it measures), connected and warm before the clock starts. A
-separate probe process polls one job 20 times a second (``poll (probe)``): the latency a
-lone poller sees, free of the generator's own thread contention. A worker trains the
-submitted jobs meanwhile (they are tiny), so the API shares the machine with real training.
-The API runs as ``ppml serve --no-worker --workers N`` (``--api-workers``, default 1).
-Reports every 5xx (the goal is zero) and each request kind's latency.
+Each request is a submit (20%), a poll (65%: one of the jobs its process submitted, or the
+seed job) or a download (15%). Clients run as threads over ``--processes`` generator
+processes, each with one keep-alive ``http.client`` connection (less work per request than
+httpx: the generator shares the cores it measures), connected and warm before the clock
+starts. A separate probe process polls one job 20 times a second (``poll (probe)``): the
+latency a lone poller sees, free of the generator's own thread contention. A worker trains
+the submitted jobs meanwhile (they are tiny), so the API shares the machine with real
+training. The API runs as ``ppml serve --no-worker --workers N`` (``--api-workers``, default
+1). Reports every 5xx (the goal is zero) and each request kind's latency.
 """
 
 from __future__ import annotations
@@ -44,13 +48,18 @@ import threading
 import time
 import urllib.parse
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import redis
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import postgres_database, print_table, save, stack, summarise
 
+BROKER = "redis://127.0.0.1:6379/0"
 JOB = {
     "name": "load",
     "model": {"arch": "logreg"},
@@ -82,6 +91,13 @@ def main() -> None:
     parser.add_argument(
         "--processes", type=int, default=4, help="Load-generator processes sharing the clients."
     )
+    parser.add_argument(
+        "--arrivals",
+        choices=("open", "per-client"),
+        default="open",
+        help="Paced phase: one Poisson stream served by whichever client is free (open), or "
+        "one stream per client, each waiting for its own previous answer (per-client).",
+    )
     args = parser.parse_args()
     phase = functools.partial(_phase, args)
     saturation = None if args.rate else phase(0.0)
@@ -95,7 +111,8 @@ def main() -> None:
     where = f"(PostgreSQL + Redis, ppml serve --workers {args.api_workers})"
     phases = [
         (
-            f"paced: {args.clients} clients, Poisson, {rate:.2f} requests/s each = {share} {where}",
+            f"paced: {args.clients} clients, Poisson ({args.arrivals}), "
+            f"{rate * args.clients:.0f} requests/s = {share} {where}",
             paced,
         )
     ]
@@ -129,7 +146,12 @@ def main() -> None:
         "load",
         {
             "saturation": saturation,
-            "paced": {**paced, "rate_per_client": rate, "load": args.load},
+            "paced": {
+                **paced,
+                "rate_per_client": rate,
+                "load": args.load,
+                "arrivals": args.arrivals,
+            },
             "seconds": args.seconds,
             "clients": args.clients,
             "api_workers": args.api_workers,
@@ -141,20 +163,46 @@ def main() -> None:
 
 def _phase(args: argparse.Namespace, rate: float) -> dict[str, Any]:
     """One phase against a stack of its own (database, queue, API, worker)."""
+    queue = f"load-{random.randrange(1 << 30)}"
     with (
         tempfile.TemporaryDirectory() as tmp,
         postgres_database() as url,
+        _dropped(queue),
         stack(
             Path(tmp),
             database_url=url,
-            broker_url="redis://127.0.0.1:6379/0",
+            broker_url=BROKER,
             workers=1,
             api_workers=args.api_workers,
-            env={"PPML_WORKER__QUEUE": f"load-{random.randrange(1 << 30)}"},
+            env={"PPML_WORKER__QUEUE": queue},
         ) as service,
     ):
         headers, seed = _prepare(service)
-        return run(service, headers, seed, args.seconds, args.clients, rate, args.processes)
+        return run(
+            service,
+            headers,
+            seed,
+            args.seconds,
+            args.clients,
+            rate,
+            args.processes,
+            per_client=args.arrivals == "per-client",
+        )
+
+
+@contextmanager
+def _dropped(queue: str) -> Iterator[None]:
+    """Delete the queue afterwards: the jobs still in it (thousands), and kombu's bindings."""
+    try:
+        yield
+    finally:
+        client = redis.Redis.from_url(BROKER)
+        try:
+            priorities = list(client.scan_iter(match=f"{queue}\x06\x16*"))
+            bindings = [f"_kombu.binding.{queue}", f"_kombu.binding_permanent.{queue}"]
+            client.delete(queue, *priorities, *bindings)
+        finally:
+            client.close()
 
 
 def _prepare(service) -> tuple[dict[str, str], str]:  # type: ignore[no-untyped-def]
@@ -188,8 +236,10 @@ def run(  # type: ignore[no-untyped-def]
     clients: int,
     rate: float,
     processes: int,
+    *,
+    per_client: bool = False,
 ) -> dict:
-    """One phase. ``rate`` > 0 paces each client at ``rate`` requests/s (Poisson); 0 is a
+    """One phase. ``rate`` > 0 paces at ``rate`` requests/s per client (Poisson); 0 is a
     closed loop. Each phase submits to a dataset of its own (a fresh budget)."""
     with service.client(headers) as client:
         dataset_id = _dataset(client)
@@ -201,7 +251,10 @@ def run(  # type: ignore[no-untyped-def]
     procs = [
         ctx.Process(
             target=_clients,
-            args=(service.base, headers, dataset_id, seed, i, n, start_at, seconds, rate, results),
+            args=(
+                *(service.base, headers, dataset_id, seed, i, n),
+                *(start_at, seconds, rate, per_client, results),
+            ),
         )
         for i, n in enumerate(shares)
     ]
@@ -212,6 +265,9 @@ def run(  # type: ignore[no-untyped-def]
     parts = [results.get(timeout=seconds + 120) for _ in procs]
     for proc in procs:
         proc.join()
+    failures = [failure for part in parts for failure in part.get("failures", [])]
+    if failures:
+        raise RuntimeError(f"{len(failures)} load clients failed, first: {failures[0]}")
     latencies: dict[str, list[float]] = defaultdict(list)
     errors: dict[str, int] = defaultdict(int)
     statuses: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
@@ -272,6 +328,23 @@ class Answer:
         return json.loads(self.body)
 
 
+class _Arrivals:
+    """Poisson arrivals at ``rate``/s from ``start`` to ``stop``, handed out in order.
+
+    Shared by a process's client threads (the open model), each takes the next arrival when
+    it is free; or one per client (``--arrivals per-client``).
+    """
+
+    def __init__(self, rate: float, start: float, stop: float, rng: random.Random) -> None:
+        self._rate, self._at, self._stop, self._rng = rate, start, stop, rng
+        self._lock = threading.Lock()
+
+    def next(self) -> float | None:
+        with self._lock:
+            self._at += self._rng.expovariate(self._rate)
+            return self._at if self._at < self._stop else None
+
+
 def _clients(
     base: str,
     headers: dict[str, str],
@@ -282,23 +355,35 @@ def _clients(
     start_at: float,
     seconds: float,
     rate: float,
+    per_client: bool,
     out: multiprocessing.Queue[dict],
 ) -> None:
     """``clients`` threads in this process; each picks submit 20%, poll 65%, download 15%.
 
-    Closed loop (``rate`` 0): the next request goes as soon as the answer is in. Paced: a
-    client's requests are scheduled as a Poisson process of ``rate``/s, and latency counts
-    from the scheduled time, so a server that falls behind is charged for the wait
-    (no coordinated omission). ``send lag`` is how late the requests went out.
+    Closed loop (``rate`` 0): the next request goes as soon as the answer is in. Paced: the
+    process's requests arrive as a Poisson process of ``rate`` × ``clients``/s, each sent by
+    the next free client (open model), or each client's own Poisson process of ``rate``/s
+    (``per_client``). Latency counts from the scheduled time, so a server that falls behind
+    is charged for the wait (no coordinated omission). ``send lag`` is how late the requests
+    went out.
     """
     latencies: dict[str, list[float]] = defaultdict(list)
     statuses: dict[str, dict[int, int]] = defaultdict(lambda: defaultdict(int))
     lock = threading.Lock()
     job_ids = [seed]
-    ready = threading.Barrier(clients + 1)
+    ready = threading.Barrier(clients + 1, timeout=120)  # a client that dies breaks it
     clock: list[float] = []
+    shared: list[_Arrivals] = []
+    failures: list[str] = []
 
     def client(number: int) -> None:
+        try:
+            run_client(number)
+        except Exception as exc:  # reported by the parent: a dead client must fail the run
+            failures.append(f"client {index}.{number}: {exc!r}")
+            raise
+
+    def run_client(number: int) -> None:
         rng = random.Random(index * 1000 + number)
         http = _Http(base, headers)
         try:
@@ -307,10 +392,20 @@ def _clients(
                 raise RuntimeError("the API is not healthy")
             ready.wait()
             stop_at = clock[0] + seconds
-            next_at = clock[0] + (rng.expovariate(rate) if rate else 0.0)
-            while next_at < stop_at:
-                if rate:
+            arrivals = None  # closed loop
+            if rate:
+                arrivals = _Arrivals(rate, clock[0], stop_at, rng) if per_client else shared[0]
+            while True:
+                if arrivals is not None:
+                    scheduled = arrivals.next()
+                    if scheduled is None:
+                        break
+                    next_at = scheduled
                     time.sleep(max(0.0, next_at - time.monotonic()))
+                else:
+                    next_at = time.monotonic()
+                    if next_at >= stop_at:
+                        break
                 roll = rng.random()
                 if roll < 0.2:
                     kind, method, path = "submit", "POST", "/v1/jobs"
@@ -322,17 +417,15 @@ def _clients(
                     kind, method, path = "download", "GET", f"/v1/jobs/{seed}/model"
                     body = None
                 sent = time.monotonic()
-                started = next_at if rate else sent
                 answer = http.request(method, path, body)
                 done = time.monotonic()
                 with lock:
-                    latencies[kind].append(done - started)
+                    latencies[kind].append(done - next_at)
                     if rate:
-                        latencies["send lag"].append(sent - started)
+                        latencies["send lag"].append(sent - next_at)
                     statuses[kind][answer.status] += 1
                     if kind == "submit" and answer.status == 202:
                         job_ids.append(answer.json()["id"])
-                next_at = next_at + rng.expovariate(rate) if rate else done
         finally:
             http.close()
 
@@ -341,11 +434,16 @@ def _clients(
         thread.start()
     time.sleep(max(0.0, start_at - time.time()))
     clock.append(time.monotonic())
+    if rate:
+        shared.append(
+            _Arrivals(rate * clients, clock[0], clock[0] + seconds, random.Random(-1 - index))
+        )
     ready.wait()
     for thread in threads:
         thread.join()
     out.put(
         {
+            "failures": failures,
             "latencies": dict(latencies),
             "statuses": {kind: dict(codes) for kind, codes in statuses.items()},
             "submitted": len(job_ids) - 1,
