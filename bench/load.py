@@ -345,6 +345,18 @@ class _Arrivals:
             return self._at if self._at < self._stop else None
 
 
+class _ClosedLoop:
+    """The closed loop's schedule: every request is due as soon as a client asks, until
+    ``stop``."""
+
+    def __init__(self, stop: float) -> None:
+        self._stop = stop
+
+    def next(self) -> float | None:
+        now = time.monotonic()
+        return now if now < self._stop else None
+
+
 def _clients(
     base: str,
     headers: dict[str, str],
@@ -373,7 +385,7 @@ def _clients(
     job_ids = [seed]
     ready = threading.Barrier(clients + 1, timeout=120)  # a client that dies breaks it
     clock: list[float] = []
-    shared: list[_Arrivals] = []
+    shared: list[_Arrivals | _ClosedLoop] = []  # the process's schedule, once the clock starts
     failures: list[str] = []
 
     def client(number: int) -> None:
@@ -391,21 +403,12 @@ def _clients(
             if http.request("GET", "/healthz").status != 200:
                 raise RuntimeError("the API is not healthy")
             ready.wait()
-            stop_at = clock[0] + seconds
-            arrivals = None  # closed loop
-            if rate:
-                arrivals = _Arrivals(rate, clock[0], stop_at, rng) if per_client else shared[0]
-            while True:
-                if arrivals is not None:
-                    scheduled = arrivals.next()
-                    if scheduled is None:
-                        break
-                    next_at = scheduled
-                    time.sleep(max(0.0, next_at - time.monotonic()))
-                else:
-                    next_at = time.monotonic()
-                    if next_at >= stop_at:
-                        break
+            arrivals = shared[0]
+            if rate and per_client:
+                arrivals = _Arrivals(rate, clock[0], clock[0] + seconds, rng)
+            while (next_at := arrivals.next()) is not None:
+                if (delay := next_at - time.monotonic()) > 0:
+                    time.sleep(delay)
                 roll = rng.random()
                 if roll < 0.2:
                     kind, method, path = "submit", "POST", "/v1/jobs"
@@ -434,10 +437,11 @@ def _clients(
         thread.start()
     time.sleep(max(0.0, start_at - time.time()))
     clock.append(time.monotonic())
+    stop_at = clock[0] + seconds
     if rate:
-        shared.append(
-            _Arrivals(rate * clients, clock[0], clock[0] + seconds, random.Random(-1 - index))
-        )
+        shared.append(_Arrivals(rate * clients, clock[0], stop_at, random.Random(-1 - index)))
+    else:
+        shared.append(_ClosedLoop(stop_at))
     ready.wait()
     for thread in threads:
         thread.join()
