@@ -26,17 +26,19 @@ from ppml.db.repositories import Repositories
 from ppml.db.session import Database
 from ppml.errors import InvalidInput, NotFound, Unauthorized
 from ppml.services.jobs import JobService
-from ppml.services.tenants import hash_key, tenant_for_key
+from ppml.services.tenants import Principal, hash_key, principal_for_key, require_owner
 from ppml.storage import ArtifactStore
 
 __all__ = [
     "AdminAuth",
+    "CurrentPrincipal",
     "CurrentTenant",
     "DatabaseDep",
     "JobServiceDep",
     "OwnedDataset",
     "OwnedJob",
     "ReposDep",
+    "RequireOwner",
     "SettingsDep",
     "StoreDep",
 ]
@@ -97,7 +99,7 @@ async def _admin(credentials: Credentials, settings: SettingsDep) -> None:
 
 
 class _KeyCache:
-    """Valid keys' tenants for a few seconds, so most requests skip the key lookup.
+    """Valid keys' principals for a few seconds, so most requests skip the key lookup.
 
     Only successful lookups are cached (a guessed key always reaches the database), and an
     entry lives ``ttl`` seconds, which bounds how long a deleted key keeps working.
@@ -105,45 +107,57 @@ class _KeyCache:
 
     def __init__(self, ttl: float = 30.0, size: int = 4096) -> None:
         self.ttl, self.size = ttl, size
-        self._entries: dict[str, tuple[str, float]] = {}
+        self._entries: dict[str, tuple[Principal, float]] = {}
         self._lock = threading.Lock()
 
-    def get(self, key: str) -> str | None:
+    def get(self, key: str) -> Principal | None:
         with self._lock:
             entry = self._entries.get(key)
         if entry is None or entry[1] < time.monotonic():
             return None
         return entry[0]
 
-    def put(self, key: str, tenant_id: str) -> None:
+    def put(self, key: str, principal: Principal) -> None:
         with self._lock:
             if len(self._entries) >= self.size:
                 self._entries.clear()
-            self._entries[key] = (tenant_id, time.monotonic() + self.ttl)
+            self._entries[key] = (principal, time.monotonic() + self.ttl)
 
 
 _keys = _KeyCache()
 
 
-def _lookup_tenant(db: Database, key: str) -> str | None:
+def _lookup_principal(db: Database, key: str) -> Principal | None:
     # A short read of its own: the request's writer transaction must not start here.
     with db.read_one() as session:
-        return tenant_for_key(Repositories(session), key)
+        return principal_for_key(Repositories(session), key)
 
 
-async def _tenant(credentials: Credentials, db: DatabaseDep) -> str:
+async def _principal(credentials: Credentials, db: DatabaseDep) -> Principal:
     # Async, so a cached key costs no thread-pool hop; only a miss reads in a thread.
     if credentials is None:
         raise Unauthorized("missing bearer token")
     key = hash_key(credentials.credentials)
-    tenant_id = _keys.get(key)
-    if tenant_id is not None:
-        return tenant_id
-    tenant_id = await run_in_threadpool(_lookup_tenant, db, credentials.credentials)
-    if tenant_id is None:
+    principal = _keys.get(key)
+    if principal is not None:
+        return principal
+    principal = await run_in_threadpool(_lookup_principal, db, credentials.credentials)
+    if principal is None:
         raise Unauthorized("invalid API key")
-    _keys.put(key, tenant_id)
-    return tenant_id
+    _keys.put(key, principal)
+    return principal
+
+
+CurrentPrincipal = Annotated[Principal, Depends(_principal)]
+
+
+async def _tenant(principal: CurrentPrincipal) -> str:
+    return principal.tenant_id
+
+
+async def _owner(principal: CurrentPrincipal) -> Principal:
+    require_owner(principal)
+    return principal
 
 
 async def reject_unknown_query(request: Request) -> None:
@@ -167,6 +181,9 @@ def _all_query_params(dependant: Any) -> list[Any]:
 
 AdminAuth = Annotated[None, Depends(_admin)]
 CurrentTenant = Annotated[str, Depends(_tenant)]
+# An owner key of the tenant, else 403. FastAPI resolves parameters in order: put it after
+# the OwnedJob / OwnedDataset parameter, so another tenant's id still answers 404.
+RequireOwner = Annotated[Principal, Depends(_owner)]
 
 
 def _owned_dataset(

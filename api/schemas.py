@@ -7,19 +7,27 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ppml.datasets.schema import DatasetSchema
+from ppml.services.tenants import Role
 from ppml.specs import JobSpec
 
 __all__ = [
+    "ApiKeyCreate",
     "ApiKeyCreated",
     "Budget",
     "Dataset",
     "DatasetCreate",
     "DatasetPage",
+    "DatasetSchema",
+    "ExactMetrics",
+    "ExactScores",
     "Job",
     "JobPage",
     "JobSpec",
     "LedgerEntry",
     "LedgerPage",
+    "Metrics",
+    "MetricsRelease",
     "ModelArchitecture",
     "ModelCard",
     "PredictRequest",
@@ -64,16 +72,33 @@ class TenantPage(BaseModel):
     next_page_token: str | None
 
 
+ROLE_DESCRIPTION = (
+    "owner: registers budgeted datasets, sets budgets, sees exact figures of its data; "
+    "analyst: submits jobs, sees only differentially private releases, may register public data."
+)
+
+
+class ApiKeyCreate(_In):
+    role: Role = Field(default="owner", description=ROLE_DESCRIPTION)
+
+
 class ApiKeyCreated(BaseModel):
     id: str
     tenant_id: str
     key: str = Field(description="The secret key. It is shown only once.")
+    role: Role = Field(description=ROLE_DESCRIPTION)
     created_at: datetime
 
 
 class PrivacyBudget(_In):
     epsilon: float = Field(gt=0, le=100, description="Total ε allotted to the dataset.")
     delta: float = Field(gt=0, lt=1, description="Total δ; must be well below 1/n.")
+
+
+VALIDATION_DATASET_DESCRIPTION = (
+    "A public dataset of this tenant (no budget, same number of features, same declared "
+    "classes) on which jobs are scored exactly."
+)
 
 
 class BuiltinSource(_In):
@@ -88,21 +113,42 @@ class DatasetCreate(_In):
         "Required, so that forgetting it never makes private data public."
     )
     privacy_unit: Literal["record", "client"] = "record"
+    validation_dataset_id: str | None = Field(
+        default=None, max_length=64, description=VALIDATION_DATASET_DESCRIPTION
+    )
 
 
 class Dataset(BaseModel):
+    """A registered dataset. Its counts are released metadata (PRIVACY.md): each unit's
+    train/test side is a keyed hash of that unit alone, so they vary around the split's
+    fraction; its classes are the declared ones, never read from the private data."""
+
     id: str
     name: str
     source: dict[str, Any]
     task: str
     num_features: int
-    num_classes: int
-    num_train: int
-    num_test: int
-    num_clients: int | None
-    classes: list[str]
+    num_classes: int = Field(description="Declared classes (released metadata).")
+    num_train: int = Field(description="Training rows (released metadata).")
+    num_test: int = Field(description="Held-out test rows (released metadata).")
+    num_clients: int | None = Field(
+        description="Natural clients (distinct client ids) with training rows; null without "
+        "a client column (released metadata)."
+    )
+    num_test_clients: int | None = Field(
+        description="Natural clients wholly held out for testing (client privacy unit); "
+        "null otherwise (released metadata).",
+    )
+    classes: list[str] = Field(description="The declared classes, as in schema.classes.")
+    data_schema: DatasetSchema = Field(
+        alias="schema",
+        description="The declared schema: its classes are the released label set.",
+    )
     privacy_budget: PrivacyBudget | None
     privacy_unit: Literal["record", "client"]
+    validation_dataset_id: str | None = Field(
+        default=None, description=VALIDATION_DATASET_DESCRIPTION
+    )
     created_at: datetime
 
 
@@ -147,6 +193,48 @@ class Progress(BaseModel):
     steps: int
 
 
+class MetricsRelease(BaseModel):
+    """How a set of metrics was released (PRIVACY.md: held-out rows are protected rows)."""
+
+    mechanism: Literal["gaussian", "exact-public-data", "exact-public-validation"] = Field(
+        description="gaussian: a Gaussian mechanism on per-unit sums of held-out scores, "
+        "charged to the dataset's budget with the job; exact-public-data: the dataset has no "
+        "budget; exact-public-validation: scored on the owner's public validation set."
+    )
+    scored_on: Literal["test", "validation"]
+    validation_dataset_id: str | None
+    units: int = Field(description="Privacy units scored (released metadata).")
+    noise_multiplier: float | None = Field(description="σ of the releases (gaussian).")
+    loss_clip: float | None = Field(description="Per-example loss bound (gaussian).")
+    accuracy_noise_std: float | None = Field(description="Std of the noise on test_accuracy.")
+    loss_noise_std: float | None = Field(description="Std of the noise on test_loss.")
+
+
+class Metrics(BaseModel):
+    """Held-out metrics as released to every key of the tenant, with their mechanism."""
+
+    test_accuracy: float
+    test_loss: float = Field(description="Mean cross-entropy (clipped at loss_clip if noisy).")
+    round: int | None = Field(default=None, description="Federated round scored, if any.")
+    release: MetricsRelease
+
+
+class ExactScores(BaseModel):
+    test_accuracy: float
+    test_loss: float = Field(description="Mean cross-entropy, unclipped.")
+    round: int | None = None
+    rows: int | None = Field(default=None, description="Rows scored.")
+    units: int | None = Field(default=None, description="Privacy units scored.")
+
+
+class ExactMetrics(BaseModel):
+    """Exact held-out figures of a job: for the dataset's owner only."""
+
+    job_id: str
+    metrics: ExactScores | None
+    history: list[ExactScores] | None
+
+
 class Job(BaseModel):
     id: str
     name: str
@@ -154,9 +242,13 @@ class Job(BaseModel):
     status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
     spec: JobSpec
     progress: Progress
-    metrics: dict[str, float] | None
-    metrics_history: list[dict[str, float]] | None = Field(
-        default=None, description="Held-out metrics per round (federated jobs)."
+    metrics: Metrics | None = Field(
+        description="Held-out metrics with the mechanism that released them; null until the "
+        "job ends, or when an evaluation share of 0 withholds them from analysts. Owners read "
+        "the exact figures at /v1/jobs/{id}/metrics/exact."
+    )
+    metrics_history: list[Metrics] | None = Field(
+        default=None, description="Released metrics per scored round (federated jobs)."
     )
     privacy: dict[str, Any] | None
     error: dict[str, Any] | None
@@ -227,7 +319,7 @@ class ModelCard(BaseModel):
     architecture: ModelArchitecture | None
     classes: list[str] = Field(description="Class labels, in the order of the model's outputs.")
     libraries: dict[str, str] = Field(description="Versions of ppml, torch, opacus, dp-accounting.")
-    metrics: dict[str, float] | None = Field(description="Metrics on the held-out split.")
+    metrics: Metrics | None = Field(description="The released held-out metrics.")
     receipt: dict[str, str] = Field(description="The privacy receipt, as in the file metadata.")
     artifacts: dict[str, dict[str, str]] = Field(description="sha256 of each artefact format.")
 

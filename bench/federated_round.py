@@ -76,7 +76,7 @@ def _variants(
             clients_per_round=clients,
             rounds=1,
             local_epochs=1,
-            partition="iid",
+            partition="column",  # exactly ROWS_PER_CLIENT rows each (keyed iid varies)
             alpha=1.0,
             strategy="fedavg",
             mu=0.0,
@@ -88,7 +88,7 @@ def _variants(
         return lambda: train_federated(
             **data,
             num_classes=CLASSES,
-            clients_train=None,
+            clients_train=np.arange(clients * ROWS_PER_CLIENT, dtype=np.int64) % clients,
             plan=plan,
             fed=fed,
             dp=None,

@@ -6,6 +6,7 @@ Errors come back as :class:`ApiError` carrying the problem document (RFC 9457).
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -110,9 +111,10 @@ class PPMLClient:
         )
         return result
 
-    def create_api_key(self, tenant_id: str) -> dict[str, Any]:
+    def create_api_key(self, tenant_id: str, role: str = "owner") -> dict[str, Any]:
+        """A new key of ``role`` (``owner`` or ``analyst``) for the tenant; shown once."""
         result: dict[str, Any] = self.request(
-            "POST", f"/v1/tenants/{tenant_id}/api-keys", admin=True
+            "POST", f"/v1/tenants/{tenant_id}/api-keys", admin=True, json={"role": role}
         )
         return result
 
@@ -125,12 +127,14 @@ class PPMLClient:
         builtin: str,
         budget: tuple[float, float] | None,
         privacy_unit: str = "record",
+        validation_dataset_id: str | None = None,
     ) -> dict[str, Any]:
         body = {
             "name": name,
             "source": {"builtin": builtin},
             "privacy_budget": {"epsilon": budget[0], "delta": budget[1]} if budget else None,
             "privacy_unit": privacy_unit,
+            "validation_dataset_id": validation_dataset_id,
         }
         result: dict[str, Any] = self.request("POST", "/v1/datasets", json=body)
         return result
@@ -144,8 +148,16 @@ class PPMLClient:
         budget: tuple[float, float] | None,
         client_column: str | None = None,
         privacy_unit: str = "record",
+        schema: dict[str, Any] | None = None,
+        validation_dataset_id: str | None = None,
     ) -> dict[str, Any]:
+        """Uploads a file; ``schema`` (e.g. ``{"classes": ["a", "b"]}``) declares the label
+        set, required with a budget."""
         form: dict[str, str] = {"name": name, "privacy_unit": privacy_unit}
+        if schema is not None:
+            form["schema"] = json.dumps(schema)
+        if validation_dataset_id is not None:
+            form["validation_dataset_id"] = validation_dataset_id
         if target is not None:
             form["target"] = target
         if client_column is not None:

@@ -62,6 +62,13 @@ class PrivacyRequired(Conflict):
     title = "Differential privacy required"
 
 
+class PrivacyUnitMismatch(Conflict):
+    """A mechanism that protects another unit than the budget it would be charged to."""
+
+    code = "privacy-unit-mismatch"
+    title = "Privacy unit mismatch"
+
+
 class JobNotCancellable(Conflict):
     code = "job-not-cancellable"
     title = "Job is already finished"

@@ -94,8 +94,9 @@ class Reaper:
                 log.warning("job %s: worker lost on attempt %d; re-queued", job_id, job.attempts)
                 return "requeued"
             steps = steps_to_charge(job, report_every=self.settings.worker.report_every_steps)
+            commit = None
             if budget is not None:
-                ledger.settle(budget, job.id, steps=steps, note="worker lost")
+                commit, _ = ledger.settle(budget, job.id, steps=steps, note="worker lost")
             if job.cancel_requested:
                 job.status = JobStatus.CANCELLED
             else:
@@ -106,7 +107,7 @@ class Reaper:
                 }
             job.finished_at = now
             if job.privacy is not None:
-                job.privacy = final_privacy(job.privacy, steps or 0, None)
+                job.privacy = final_privacy(job.privacy, steps, commit.id if commit else None)
             outcome = str(job.status)
         JobCheckpoints(self.store, job_id).clear()
         log.warning("job %s %s: worker lost; charged %s steps", job_id, outcome, steps)

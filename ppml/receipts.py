@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 
 from ppml.db.models import Dataset, Job
 from ppml.privacy import accounting as acc
@@ -12,12 +13,14 @@ __all__ = ["receipt_metadata"]
 
 
 def receipt_metadata(
-    job: Job, dataset: Dataset, *, steps: int, metrics: dict[str, float] | None = None
+    job: Job, dataset: Dataset, *, steps: int, metrics: dict[str, Any] | None = None
 ) -> dict[str, str]:
     """The privacy receipt, as string metadata for the model artefacts (safetensors and ONNX).
 
-    Nested values (``libraries``, ``metrics``) are JSON strings. The ledger entry id is not
-    here: the commit entry is written after the artefacts; the model card adds it.
+    Nested values (``libraries``, ``metrics``, ``evaluation``) are JSON strings. ``metrics``
+    are the released metrics with their mechanism (never the owner's exact figures: the
+    file goes to analysts too). The privacy unit is the job's mechanism's. The ledger entry
+    id is not here: the commit entry is written after the artefacts; the model card adds it.
     """
 
     def _version(package: str) -> str:
@@ -31,9 +34,9 @@ def receipt_metadata(
         "format": "ppml-model-v1",
         "job_id": job.id,
         "dataset_id": dataset.id,
-        "privacy_unit": dataset.privacy_unit,
+        "privacy_unit": str((job.privacy or {}).get("unit") or dataset.privacy_unit),
         "libraries": json.dumps(libraries, sort_keys=True),
-        "metrics": json.dumps({k: float(v) for k, v in (metrics or {}).items()}, sort_keys=True),
+        "metrics": json.dumps(metrics, sort_keys=True),
     }
     federated = (job.spec or {}).get("federated")
     if federated:
@@ -53,5 +56,6 @@ def receipt_metadata(
         sampling=str(final["sampling"]),
         steps=str(steps),
         grid_version=acc.GRID_VERSION,
+        evaluation=json.dumps(final.get("evaluation"), sort_keys=True),
     )
     return receipt

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from ppml import datasets as data
 from ppml.checkpoints import JobCheckpoints
 from ppml.config import Settings
@@ -24,9 +26,15 @@ from ppml.db.models import Dataset, Job, JobStatus, utcnow
 from ppml.db.repositories import Repositories
 from ppml.db.session import Database
 from ppml.privacy import accounting as acc
+from ppml.privacy.evaluation import (
+    DEFAULT_LOSS_CLIP,
+    EvaluationPlan,
+    ReleasedMetrics,
+    release_outcome,
+)
 from ppml.privacy.ledger import Ledger
 from ppml.receipts import receipt_metadata
-from ppml.services.pricing import Schedule, schedule
+from ppml.services.pricing import Schedule, evaluation_plan, schedule, unreported_steps
 from ppml.specs import JobSpec
 from ppml.storage import ArtifactStore
 
@@ -159,7 +167,9 @@ class JobRunner:
             result = self._train(job, dataset, spec, plan, beat, save_checkpoint, resume)
         except Exception as exc:
             log.exception("job %s failed", job_id)
-            steps = min(total, beat.steps_reported + self.settings.worker.report_every_steps)
+            report_every = self.settings.worker.report_every_steps
+            unreported = unreported_steps(job.privacy or {}, report_every=report_every)
+            steps = min(total, beat.steps_reported + unreported)
             failure = {"code": "training_error", "message": type(exc).__name__}
             return self._finish(job, JobStatus.FAILED, steps=steps, schedule=plan, error=failure)
         if beat.lost:
@@ -172,7 +182,12 @@ class JobRunner:
         elif result.stopped and beat.timed_out:
             status = JobStatus.FAILED
             error = {"code": "time_limit", "message": f"stopped after {limit} s"}
-        artifacts = self._save_model(job, dataset, spec, result) if status != "failed" else None
+        released = release_outcome(
+            result.metrics, getattr(result, "history", None), self._evaluation(job, spec, dataset)
+        )
+        artifacts = None
+        if status != JobStatus.FAILED:
+            artifacts = self._save_model(job, dataset, spec, result, released.metrics)
         return self._finish(
             job,
             status,
@@ -180,8 +195,30 @@ class JobRunner:
             schedule=plan,
             error=error,
             result=result,
+            released=released,
             artifacts=artifacts,
         )
+
+    @staticmethod
+    def _evaluation(job: Job, spec: JobSpec, dataset: Dataset) -> EvaluationPlan:
+        """How this job's metrics are released: as priced (private jobs), else by its data."""
+        if job.privacy is not None:
+            return EvaluationPlan.from_dict(job.privacy.get("evaluation"))
+        return evaluation_plan(spec, dataset)
+
+    def _scoring_arrays(self, dataset: Dataset, arrays: data.DatasetArrays) -> dict[str, Any]:
+        """The rows that score the model: the owner's public validation set when the dataset
+        has one (all its rows), else the held-out split, with each row's privacy unit."""
+        if dataset.validation_dataset_id is None:
+            units = arrays.clients_test if dataset.privacy_unit == "client" else None
+            return {"x_test": arrays.x_test, "y_test": arrays.y_test, "test_units": units}
+        with self.db.session() as session:
+            public = Repositories(session).dataset_by_id(dataset.validation_dataset_id)
+        assert public is not None and public.epsilon_total is None
+        scoring = data.load_arrays(self.store.path(public.storage_key))
+        x = np.ascontiguousarray(np.concatenate([scoring.x_train, scoring.x_test]))
+        y = np.concatenate([scoring.y_train, scoring.y_test])
+        return {"x_test": x, "y_test": y, "test_units": None}
 
     def _train(
         self,
@@ -196,6 +233,8 @@ class JobRunner:
         from ppml.training.dp_sgd import TrainingPlan  # torch: worker only
 
         arrays = data.load_arrays(self.store.path(dataset.storage_key))
+        scoring = self._scoring_arrays(dataset, arrays)
+        loss_clip = spec.privacy.evaluation.loss_clip if spec.privacy else DEFAULT_LOSS_CLIP
         plan = TrainingPlan(
             arch=spec.model.arch,
             hidden_sizes=tuple(spec.model.hidden_sizes),
@@ -209,13 +248,15 @@ class JobRunner:
             seed=spec.training.seed,
             steps_per_epoch=schedule.steps_per_epoch if spec.federated is None else 1,
             total_steps=schedule.total_steps if spec.federated is None else 1,
+            eval_loss_clip=loss_clip,
+            test_units=scoring["test_units"],
         )
         private = job.privacy if spec.privacy is not None else None
         common: dict[str, Any] = {
             "x_train": arrays.x_train,
             "y_train": arrays.y_train,
-            "x_test": arrays.x_test,
-            "y_test": arrays.y_test,
+            "x_test": scoring["x_test"],
+            "y_test": scoring["y_test"],
             "num_classes": arrays.num_classes,
             "plan": plan,
             "callbacks": beat,
@@ -223,7 +264,7 @@ class JobRunner:
             "resume": resume,
         }
         if spec.federated is not None:
-            return self._train_federated(spec, private, arrays, common)
+            return self._train_federated(spec, private, arrays, common, dataset.split_secret)
         from ppml.training.dp_sgd import DPPlan, train
 
         dp = None
@@ -242,6 +283,7 @@ class JobRunner:
         private: dict[str, Any] | None,
         arrays: data.DatasetArrays,
         common: dict[str, Any],
+        secret: str | None,
     ) -> FederatedResult:
         from ppml.training.federated import FederatedDP, FederatedPlan, train_federated
 
@@ -268,14 +310,38 @@ class JobRunner:
             server_learning_rate=fed.server_learning_rate,
             dropout=fed.dropout,
         )
-        return train_federated(**common, clients_train=arrays.clients_train, fed=plan, dp=dp)
+        keyed: dict[str, Any] = {}
+        if fed.partition.scheme != "column":  # placed by keyed hashes of each record alone
+            if secret is None:
+                raise ValueError("the dataset has no split secret to key its partition with")
+            keys, partition_seed = data.partition_keys(
+                secret,
+                scheme=fed.partition.scheme,
+                seed=spec.training.seed,
+                x=arrays.x_train,
+                labels=np.asarray(arrays.classes)[arrays.y_train],
+            )
+            keyed = {"record_keys": keys, "partition_seed": partition_seed}
+        return train_federated(
+            **common, clients_train=arrays.clients_train, fed=plan, dp=dp, **keyed
+        )
 
     def _save_model(
-        self, job: Job, dataset: Dataset, spec: JobSpec, result: Outcome
+        self,
+        job: Job,
+        dataset: Dataset,
+        spec: JobSpec,
+        result: Outcome,
+        metrics: dict[str, Any] | None,
     ) -> dict[str, dict[str, str]]:
+        """Publish this attempt's model files under keys of their own.
+
+        They become the job's artefacts only in :meth:`_finish`, under the ownership check:
+        a worker that lost its lease meanwhile never replaces another attempt's model.
+        """
         from ppml.training.export import architecture_metadata, export_onnx, save_model
 
-        receipt = receipt_metadata(job, dataset, steps=result.steps_done, metrics=result.metrics)
+        receipt = receipt_metadata(job, dataset, steps=result.steps_done, metrics=metrics)
         receipt["architecture"] = architecture_metadata(
             arch=spec.model.arch,
             num_features=dataset.num_features,
@@ -285,12 +351,13 @@ class JobRunner:
             kernel_size=spec.model.kernel_size,
         )
         receipt["classes"] = json.dumps(dataset.classes.get("labels", []))
-        key = f"models/{job.id}.safetensors"
+        stem = f"models/{job.id}.attempt-{job.attempts}"
+        key = f"{stem}.safetensors"
         with self.store.staging(".safetensors") as staged:
             digest = save_model(staged, result.state_dict, metadata=receipt)
             self.store.publish(staged, key)
         artifacts = {"safetensors": {"key": key, "sha256": digest}}
-        onnx_key = f"models/{job.id}.onnx"
+        onnx_key = f"{stem}.onnx"
         try:
             with self.store.staging(".onnx") as staged:
                 onnx_digest = export_onnx(staged, result.state_dict, metadata=receipt)
@@ -312,6 +379,7 @@ class JobRunner:
         schedule: Schedule,
         error: dict[str, Any] | None = None,
         result: Outcome | None = None,
+        released: ReleasedMetrics | None = None,
         artifacts: dict[str, dict[str, str]] | None = None,
     ) -> str:
         with self.db.session(write=True) as session:
@@ -320,6 +388,7 @@ class JobRunner:
             budget = ledger.lock(job.dataset_id)
             row = repos.job_by_id(job.id, lock=True)
             if row is None or JobStatus(row.status).terminal or row.lease_owner != self.owner:
+                self._discard(artifacts)
                 return "skipped"
             commit = None
             if budget is not None:
@@ -331,13 +400,12 @@ class JobRunner:
             row.updated_at = row.finished_at
             row.lease_expires_at = None
             if result is not None:
-                row.metrics = {k: float(v) for k, v in result.metrics.items()}
                 row.progress = _progress(
                     result.steps_done, schedule, JobSpec.model_validate(row.spec)
                 )
-                history = getattr(result, "history", None)
-                if history:
-                    row.metrics_history = list(history)
+            if released is not None:
+                row.metrics, row.metrics_history = released.metrics, released.history
+                row.exact_metrics = released.exact
             if row.privacy is not None:
                 row.privacy = acc.final_privacy(row.privacy, steps, commit.id if commit else None)
             if artifacts is not None:
@@ -345,6 +413,11 @@ class JobRunner:
         JobCheckpoints(self.store, job.id).clear()  # a finished job never resumes
         log.info("job %s %s after %d steps", job.id, status.value, steps)
         return status.value
+
+    def _discard(self, artifacts: dict[str, dict[str, str]] | None) -> None:
+        """Delete this attempt's files: the job is another attempt's, or finished already."""
+        for artifact in (artifacts or {}).values():
+            self.store.delete(artifact["key"])
 
 
 def _progress(steps: int, schedule: Schedule, spec: JobSpec) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 __all__ = [
     "ARCHITECTURES",
+    "EvaluationSpec",
     "FederatedSpec",
     "JobSpec",
     "ModelSpec",
@@ -63,6 +64,27 @@ class TrainingSpec(_Spec):
     )
 
 
+class EvaluationSpec(_Spec):
+    """How the held-out metrics analysts see are released (PRIVACY.md: held-out rows are
+    protected rows). Owners always see the exact figures."""
+
+    epsilon_share: float = Field(
+        default=0.03,
+        ge=0,
+        le=0.5,
+        description="Fraction of target_epsilon spent on a Gaussian release of the held-out "
+        "metrics (correct predictions and clipped loss, summed per privacy unit). 0 shows "
+        "analysts no metrics. Ignored on public data and when the dataset has a public "
+        "validation set (exact and free there).",
+    )
+    loss_clip: float = Field(
+        default=4.0,
+        gt=0,
+        le=100,
+        description="Per-example cross-entropy is clipped to this bound before it is summed.",
+    )
+
+
 class PrivacySpec(_Spec):
     """Differential privacy of the job. σ is calibrated so the job spends ``target_epsilon``."""
 
@@ -79,6 +101,7 @@ class PrivacySpec(_Spec):
         description="Batch sampling. Only Poisson sampling matches the accountant; "
         "shuffling is refused.",
     )
+    evaluation: EvaluationSpec = EvaluationSpec()
 
 
 class PartitionSpec(_Spec):
@@ -103,6 +126,14 @@ class FederatedSpec(_Spec):
         "FedAdam wants about 0.01-0.1.",
     )
     dropout: float = Field(default=0.0, ge=0, lt=1, description="Fraction of clients lost.")
+    evaluate_every: int | None = Field(
+        default=None,
+        ge=1,
+        le=100_000,
+        description="Score the global model every this many rounds (and after the last); "
+        "each score is a release (charged on budgeted data). Default: at most 20 scores. "
+        "At most 50 scores per job.",
+    )
 
     @model_validator(mode="after")
     def _clients_per_round(self) -> FederatedSpec:

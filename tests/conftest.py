@@ -87,19 +87,37 @@ def admin_headers() -> dict[str, str]:
     return {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 
-def new_tenant(client: Any, name: str | None = None) -> dict[str, str]:
-    """Create a tenant and a key; returns the auth headers of that tenant."""
+def new_key(client: Any, tenant_id: str, role: str | None = None) -> dict[str, str]:
+    """A new key of the tenant (no body: an owner's); returns its auth headers."""
+    body = None if role is None else {"role": role}
+    key = client.post(f"/v1/tenants/{tenant_id}/api-keys", json=body, headers=admin_headers())
+    assert key.status_code == 201, key.text
+    assert key.json()["role"] == (role or "owner")
+    return {"Authorization": f"Bearer {key.json()['key']}"}
+
+
+def new_tenant_id(client: Any, name: str | None = None) -> str:
     name = name or f"t{secrets.token_hex(4)}"
     tenant = client.post("/v1/tenants", json={"name": name}, headers=admin_headers())
     assert tenant.status_code == 201, tenant.text
-    key = client.post(f"/v1/tenants/{tenant.json()['id']}/api-keys", headers=admin_headers())
-    assert key.status_code == 201, key.text
-    return {"Authorization": f"Bearer {key.json()['key']}"}
+    return str(tenant.json()["id"])
+
+
+def new_tenant(client: Any, name: str | None = None, *, role: str | None = None) -> dict[str, str]:
+    """Create a tenant and a key (an owner's unless ``role``); returns its auth headers."""
+    return new_key(client, new_tenant_id(client, name), role)
 
 
 @pytest.fixture
 def tenant(client: TestClient) -> dict[str, str]:
     return new_tenant(client)
+
+
+@pytest.fixture
+def owner_and_analyst(client: TestClient) -> tuple[dict[str, str], dict[str, str]]:
+    """Auth headers of an owner key and an analyst key of one tenant."""
+    tenant_id = new_tenant_id(client)
+    return new_key(client, tenant_id, "owner"), new_key(client, tenant_id, "analyst")
 
 
 def register_digits(

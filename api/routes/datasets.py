@@ -7,21 +7,31 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Form, Query, Response, UploadFile
 from pydantic import BaseModel, ConfigDict, Field
 
-from api.deps import CurrentTenant, OwnedDataset, ReposDep, SettingsDep, StoreDep
+from api.deps import CurrentPrincipal, CurrentTenant, OwnedDataset, ReposDep, SettingsDep, StoreDep
 from api.routes.common import PageToken, errors
 from api.schemas import (
+    VALIDATION_DATASET_DESCRIPTION,
     Budget,
     Dataset,
     DatasetCreate,
     DatasetPage,
+    DatasetSchema,
     LedgerEntry,
     LedgerPage,
     PrivacyBudget,
 )
+from ppml.datasets.schema import parse_schema
 from ppml.db import models
 from ppml.errors import InvalidInput, NotFound, PayloadTooLarge
 from ppml.privacy.ledger import budget_status
 from ppml.services import datasets as service
+from ppml.services.tenants import require_owner
+
+# Budgeted data is the owner's to register: an analyst sees only what mechanisms release.
+BUDGET_NEEDS_OWNER = (
+    "registering a dataset with a privacy budget needs an owner key; "
+    "an analyst key may register public data (no budget)"
+)
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
@@ -38,6 +48,19 @@ class DatasetUpload(BaseModel):
     epsilon: float | None = Field(default=None, gt=0, le=100)
     delta: float | None = Field(default=None, gt=0, lt=1)
     privacy_unit: Literal["record", "client"] = "record"
+    # Aliased: a field named ``schema`` would shadow a BaseModel attribute.
+    dataset_schema: str | None = Field(
+        default=None,
+        alias="schema",
+        max_length=1_000_000,
+        description='The declared schema, as JSON: {"classes": ["benign", "malignant"]}. '
+        "Required with a budget (epsilon and delta): the released classes are the declared "
+        "ones, and a row whose label is not declared is refused. Public data may omit it "
+        "(the classes are then the distinct labels).",
+    )
+    validation_dataset_id: str | None = Field(
+        default=None, max_length=64, description=VALIDATION_DATASET_DESCRIPTION
+    )
 
 
 def to_schema(row: models.Dataset) -> Dataset:
@@ -54,9 +77,13 @@ def to_schema(row: models.Dataset) -> Dataset:
         num_train=row.num_train,
         num_test=row.num_test,
         num_clients=row.num_clients,
-        classes=[str(c) for c in row.classes.get("labels", [])],
+        num_test_clients=row.num_test_clients,
+        classes=service.declared_classes(row),
+        # Stored rows were validated when registered: no re-validation on reads.
+        schema=DatasetSchema.model_construct(classes=service.declared_classes(row)),
         privacy_budget=budget,
         privacy_unit=row.privacy_unit,
+        validation_dataset_id=row.validation_dataset_id,
         created_at=row.created_at,
     )
 
@@ -66,18 +93,28 @@ def _location(response: Response, dataset_id: str) -> None:
 
 
 @router.post(
-    "", status_code=201, operation_id="create_dataset", responses=errors(), response_model=Dataset
+    "",
+    status_code=201,
+    operation_id="create_dataset",
+    responses=errors(403),
+    response_model=Dataset,
 )
 def create_dataset(
     body: DatasetCreate,
     tenant_id: CurrentTenant,
+    principal: CurrentPrincipal,
     repos: ReposDep,
     store: StoreDep,
     settings: SettingsDep,
     response: Response,
 ) -> Dataset:
-    """Register a built-in dataset (generated or loaded offline) with its privacy budget."""
+    """Register a built-in dataset (generated or loaded offline) with its privacy budget.
+
+    A budget needs an owner key (403 for an analyst key); public data (no budget) does not.
+    """
     budget = body.privacy_budget
+    if budget is not None:
+        require_owner(principal, BUDGET_NEEDS_OWNER)
     row = service.register_builtin(
         repos,
         store,
@@ -89,6 +126,7 @@ def create_dataset(
         if budget
         else None,
         unit=body.privacy_unit,
+        validation_dataset_id=body.validation_dataset_id,
     )
     _location(response, row.id)
     return to_schema(row)
@@ -98,20 +136,29 @@ def create_dataset(
     "/upload",
     status_code=201,
     operation_id="upload_dataset",
-    responses=errors(413),
+    responses=errors(403, 413),
     response_model=Dataset,
 )
 def upload_dataset(
     form: Annotated[DatasetUpload, Form(media_type="multipart/form-data")],
     tenant_id: CurrentTenant,
+    principal: CurrentPrincipal,
     repos: ReposDep,
     store: StoreDep,
     settings: SettingsDep,
     response: Response,
 ) -> Dataset:
-    """Upload a CSV, Parquet or NPZ file. Omit epsilon and delta for public data."""
+    """Upload a CSV, Parquet or NPZ file. Omit epsilon and delta for public data.
+
+    A budget needs an owner key (403 for an analyst key, before anything is stored).
+    """
+    if form.epsilon is not None or form.delta is not None:
+        require_owner(principal, BUDGET_NEEDS_OWNER)
     if (form.epsilon is None) != (form.delta is None):
         raise InvalidInput("give both epsilon and delta, or neither", field="delta")
+    schema = None
+    if form.dataset_schema is not None:
+        schema = parse_schema(form.dataset_schema, max_classes=settings.limits.max_classes)
     limit = settings.limits.max_upload_bytes
     with store.staging(".upload") as staged:
         with staged.open("wb") as out:
@@ -138,6 +185,8 @@ def upload_dataset(
             client_column=form.client_column,
             budget=budget,
             unit=form.privacy_unit,
+            schema=schema,
+            validation_dataset_id=form.validation_dataset_id,
         )
     _location(response, row.id)
     return to_schema(row)

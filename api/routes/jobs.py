@@ -17,9 +17,16 @@ from fastapi import APIRouter, Header, Path, Query, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
-from api.deps import CurrentTenant, DatabaseDep, JobServiceDep, OwnedJob, ReposDep
+from api.deps import (
+    CurrentTenant,
+    DatabaseDep,
+    JobServiceDep,
+    OwnedJob,
+    ReposDep,
+    RequireOwner,
+)
 from api.routes.common import PageToken, errors
-from api.schemas import Job, JobPage, JobSpec, Quote
+from api.schemas import ExactMetrics, Job, JobPage, JobSpec, Quote
 from ppml.db import models
 from ppml.db.repositories import Repositories
 
@@ -84,6 +91,19 @@ def list_jobs(
 async def get_job(job: OwnedJob) -> Job:
     """A job's status, progress, metrics and privacy figures."""
     return to_schema(job)
+
+
+@router.get(
+    "/{job_id}/metrics/exact",
+    operation_id="get_exact_metrics",
+    responses=errors(403, 404),
+    response_model=ExactMetrics,
+)
+async def get_exact_metrics(job: OwnedJob, _owner: RequireOwner) -> ExactMetrics:
+    """The exact held-out figures of a job (owner keys only): accuracy over rows and the
+    unclipped mean loss, per scored round too. Analysts see the released metrics on the job."""
+    exact = job.exact_metrics or {}
+    return ExactMetrics(job_id=job.id, metrics=exact.get("metrics"), history=exact.get("history"))
 
 
 @router.post(

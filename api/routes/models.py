@@ -215,7 +215,8 @@ def get_model_card(job: OwnedJob, store: StoreDep) -> ModelCard:
     receipt = read_safetensors_metadata(path)
     unit = _unit(receipt)
     architecture = _json(receipt, "architecture", None)
-    metrics = job.metrics or _json(receipt, "metrics", None)
+    # The released metrics of the job row: never an older file's exact figures.
+    metrics = job.metrics
     return ModelCard(
         job_id=job.id,
         dataset_id=job.dataset_id,

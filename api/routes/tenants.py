@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Query
+from fastapi import APIRouter, Body, Path, Query
 
 from api.deps import AdminAuth, ReposDep
 from api.routes.common import PageToken, errors
-from api.schemas import ApiKeyCreated, Tenant, TenantCreate, TenantPage
+from api.schemas import ApiKeyCreate, ApiKeyCreated, Tenant, TenantCreate, TenantPage
 from ppml.services import tenants
 
 router = APIRouter(prefix="/v1/tenants", tags=["tenants"])
@@ -44,8 +44,18 @@ def list_tenants(
     response_model=ApiKeyCreated,
 )
 def create_api_key(
-    tenant_id: Annotated[str, Path(max_length=64)], _admin: AdminAuth, repos: ReposDep
+    tenant_id: Annotated[str, Path(max_length=64)],
+    _admin: AdminAuth,
+    repos: ReposDep,
+    # No body is an owner's key, as before roles existed. A default rather than ``| None``:
+    # generated clients then send no body when none is given (not a JSON null).
+    body: Annotated[ApiKeyCreate, Body(default_factory=ApiKeyCreate)],
 ) -> ApiKeyCreated:
-    """Create an API key for a tenant (admin token). The key is shown once."""
-    row, key = tenants.create_api_key(repos, tenant_id=tenant_id)
-    return ApiKeyCreated(id=row.id, tenant_id=row.tenant_id, key=key, created_at=row.created_at)
+    """Create an owner or analyst API key for a tenant (admin token). The key is shown once.
+
+    Without a body the key is an owner's.
+    """
+    row, key = tenants.create_api_key(repos, tenant_id=tenant_id, role=body.role)
+    return ApiKeyCreated(
+        id=row.id, tenant_id=row.tenant_id, key=key, role=body.role, created_at=row.created_at
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -38,6 +39,39 @@ Epsilon = Annotated[float | None, typer.Option(help="Total ε of the dataset's b
 Delta = Annotated[float | None, typer.Option(help="Total δ (well below 1/n).")]
 Public = Annotated[bool, typer.Option("--public", help="Public data: no privacy budget.")]
 Unit = Annotated[str, typer.Option(help="Privacy unit: record or client.")]
+Validation = Annotated[
+    str | None,
+    typer.Option(
+        "--validation-dataset",
+        help="A public dataset (same features and classes) to score jobs on exactly.",
+    ),
+]
+Classes = Annotated[
+    str | None,
+    typer.Option(
+        help="The declared label set, comma-separated (a,b,c); class i is the i-th name. "
+        "Required with a budget (or give --schema)."
+    ),
+]
+Schema = Annotated[
+    str | None, typer.Option(help='The declared schema as JSON: {"classes": ["a", "b"]}.')
+]
+
+
+def _schema(classes: str | None, schema: str | None) -> dict[str, Any] | None:
+    if classes is not None and schema is not None:
+        fail("give --classes or --schema, not both")
+    if classes is not None:
+        return {"classes": [name.strip() for name in classes.split(",")]}
+    if schema is None:
+        return None
+    try:
+        parsed = json.loads(schema)
+    except json.JSONDecodeError:
+        fail('--schema must be JSON, e.g. {"classes": ["a", "b"]}')
+    if not isinstance(parsed, dict):
+        fail('--schema must be a JSON object, e.g. {"classes": ["a", "b"]}')
+    return parsed
 
 
 def _dataset_line(dataset: dict[str, Any]) -> str:
@@ -58,15 +92,20 @@ def datasets_add(
     delta: Delta = None,
     public: Public = False,
     privacy_unit: Unit = "record",
+    validation_dataset: Validation = None,
     url: Url = DEFAULT_URL,
     api_key: ApiKey = None,
     as_json: AsJson = False,
 ) -> None:
-    """Register a built-in dataset with its privacy budget."""
+    """Register a built-in dataset with its privacy budget (its classes are fixed)."""
     budget = _budget(epsilon, delta, public)
     with api_client(url, api_key=api_key) as client:
         dataset = client.create_dataset(
-            name, builtin=builtin, budget=budget, privacy_unit=privacy_unit
+            name,
+            builtin=builtin,
+            budget=budget,
+            privacy_unit=privacy_unit,
+            validation_dataset_id=validation_dataset,
         )
     created(dataset, dataset["id"], _dataset_line(dataset), as_json)
 
@@ -83,12 +122,22 @@ def datasets_upload(
         str | None, typer.Option(help="Column naming each row's federated client.")
     ] = None,
     privacy_unit: Unit = "record",
+    classes: Classes = None,
+    schema: Schema = None,
+    validation_dataset: Validation = None,
     url: Url = DEFAULT_URL,
     api_key: ApiKey = None,
     as_json: AsJson = False,
 ) -> None:
-    """Upload a CSV, Parquet or NPZ file as a dataset with its privacy budget."""
+    """Upload a CSV, Parquet or NPZ file as a dataset with its privacy budget.
+
+    Budgeted data declares its label set (--classes): the released classes are the
+    declared ones, and a row with an undeclared label is refused.
+    """
     budget = _budget(epsilon, delta, public)
+    declared = _schema(classes, schema)
+    if budget is not None and declared is None:
+        fail("data with a budget must declare its classes: --classes a,b (or --schema JSON)")
     with api_client(url, api_key=api_key) as client:
         dataset = client.upload_dataset(
             file,
@@ -97,6 +146,8 @@ def datasets_upload(
             budget=budget,
             client_column=client_column,
             privacy_unit=privacy_unit,
+            schema=declared,
+            validation_dataset_id=validation_dataset,
         )
     created(dataset, dataset["id"], _dataset_line(dataset), as_json)
 

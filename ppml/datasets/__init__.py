@@ -10,8 +10,9 @@ Where things live:
 * ``builtins``: :func:`load_builtin` (digits, breast_cancer, mnist1d and its cache).
 * ``uploads``: :func:`detect_format` and :func:`parse_upload`, which reads with ``tables``
   (CSV and Parquet) or ``npz``.
-* ``labels``: label and client-id encoding; ``split``: the train/test split and the row and
-  seed checks.
+* ``labels``: label and client-id encoding; ``split``: the keyed train/test split and the
+  row and seed checks; ``keys``: the keyed hashes behind the split and the partitions;
+  ``schema``: :class:`DatasetSchema`, the owner's declared label set.
 
 Privacy notes:
 
@@ -25,17 +26,25 @@ Privacy notes:
 from __future__ import annotations
 
 from ppml.datasets.arrays import DatasetArrays, UploadLimits, load_arrays, save_arrays
-from ppml.datasets.builtins import BUILTINS, load_builtin
+from ppml.datasets.builtins import BUILTIN_CLASSES, BUILTINS, load_builtin
+from ppml.datasets.keys import new_secret, partition_keys, record_keys
+from ppml.datasets.schema import DatasetSchema, parse_schema
 from ppml.datasets.uploads import FORMATS, detect_format, parse_upload
 
 __all__ = [
     "BUILTINS",
+    "BUILTIN_CLASSES",
     "FORMATS",
     "DatasetArrays",
+    "DatasetSchema",
     "UploadLimits",
     "detect_format",
     "load_arrays",
     "load_builtin",
+    "new_secret",
+    "parse_schema",
     "parse_upload",
+    "partition_keys",
+    "record_keys",
     "save_arrays",
 ]

@@ -39,6 +39,9 @@ class DatasetArrays:
         feature_names: one name per feature column.
         clients_train: int64 client index (``0..num_clients-1``) of each train row, when the
             data came with a client column; every index has at least one train row.
+        clients_test: int64 client index (``0..num_test_clients-1``) of each test row, when
+            the privacy unit is the client: those clients are wholly held out, and number
+            apart from the train clients.
     """
 
     x_train: np.ndarray
@@ -48,6 +51,7 @@ class DatasetArrays:
     classes: tuple[str, ...]
     feature_names: tuple[str, ...]
     clients_train: np.ndarray | None = None
+    clients_test: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         d = len(self.feature_names)
@@ -68,6 +72,11 @@ class DatasetArrays:
             raise ValueError("clients_train must be int64 with one entry per train row")
         if c is not None and c.size and c.min() < 0:
             raise ValueError("clients_train holds a negative client index")
+        t = self.clients_test
+        if t is not None and (t.dtype != np.int64 or t.shape != self.y_test.shape):
+            raise ValueError("clients_test must be int64 with one entry per test row")
+        if t is not None and t.size and t.min() < 0:
+            raise ValueError("clients_test holds a negative client index")
 
     @property
     def num_features(self) -> int:
@@ -96,6 +105,13 @@ class DatasetArrays:
             return None
         return int(self.clients_train.max()) + 1 if self.clients_train.size else 0
 
+    @property
+    def num_test_clients(self) -> int | None:
+        """Number of wholly held-out clients (client unit), or None."""
+        if self.clients_test is None:
+            return None
+        return int(self.clients_test.max()) + 1 if self.clients_test.size else 0
+
 
 def save_arrays(arrays: DatasetArrays, path: Path) -> None:
     """Write a dataset to ``path`` as an uncompressed ``.npz``, atomically.
@@ -118,6 +134,8 @@ def save_arrays(arrays: DatasetArrays, path: Path) -> None:
     }
     if arrays.clients_train is not None:
         payload["clients_train"] = arrays.clients_train
+    if arrays.clients_test is not None:
+        payload["clients_test"] = arrays.clients_test
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -155,6 +173,8 @@ def load_arrays(path: Path) -> DatasetArrays:
                 classes=tuple(str(c) for c in npz["classes"]),
                 feature_names=tuple(str(f) for f in npz["feature_names"]),
                 clients_train=npz["clients_train"] if "clients_train" in npz.files else None,
+                # Absent from files written before client-unit splits: still loadable.
+                clients_test=npz["clients_test"] if "clients_test" in npz.files else None,
             )
     except Exception:
         raise MalformedFile("the stored dataset is missing or damaged", field="file") from None

@@ -10,29 +10,49 @@ from pathlib import Path
 import numpy as np
 
 from ppml.datasets.arrays import DatasetArrays, load_arrays, save_arrays
+from ppml.datasets.keys import new_secret
 from ppml.datasets.split import check_seed, split
 from ppml.errors import InvalidInput, MalformedFile
 
 BUILTINS: tuple[str, ...] = ("digits", "breast_cancer", "mnist1d")
+
+# The fixed label sets the built-ins declare (class index = position, as in scikit-learn).
+BUILTIN_CLASSES: dict[str, tuple[str, ...]] = {
+    "digits": tuple(str(i) for i in range(10)),
+    "breast_cancer": ("malignant", "benign"),
+    "mnist1d": tuple(str(i) for i in range(10)),
+}
 
 _BUILTIN_TEST_FRACTION = 0.2
 _MNIST1D_SAMPLES = 10_000
 _MNIST1D_CACHE = "mnist1d-v1-seed{seed}.npz"
 
 
-def load_builtin(name: str, *, seed: int = 0, cache_dir: Path | None = None) -> DatasetArrays:
+def load_builtin(
+    name: str,
+    *,
+    seed: int = 0,
+    cache_dir: Path | None = None,
+    secret: str | None = None,
+    unit: str = "record",
+) -> DatasetArrays:
     """Load a built-in dataset, split into train and test.
 
-    ``digits`` and ``breast_cancer`` come bundled with scikit-learn and are split 80/20,
-    stratified, with ``seed``. ``mnist1d`` is generated locally (10,000 samples, its own
-    80/20 split) from ``seed``. Only fixed, data-independent transforms are applied:
-    digits are divided by 16 (their known pixel range), breast-cancer features go through
-    ``log1p`` (all are non-negative), mnist1d is used as generated.
+    ``digits`` and ``breast_cancer`` come bundled with scikit-learn; ``mnist1d`` is
+    generated locally (10,000 samples, pooled) from ``seed``. Every one is split by the
+    keyed hash of each record (see ``split``): about 20% held out, each record by itself.
+    Only fixed, data-independent transforms are applied: digits are divided by 16 (their
+    known pixel range), breast-cancer features go through ``log1p`` (all are
+    non-negative), mnist1d is used as generated. The classes are the fixed declared sets
+    of :data:`BUILTIN_CLASSES`.
 
     Args:
         name: one of :data:`BUILTINS`.
-        seed: seed of the split (and of the mnist1d generator), in ``0..2**32-1``.
+        seed: seed of the mnist1d generator, in ``0..2**32-1``.
         cache_dir: where to cache generated mnist1d arrays; None disables the cache.
+        secret: the dataset's split secret (hex); None draws a fresh one, so the split
+            cannot be reproduced (the service always passes the stored secret).
+        unit: the privacy unit (built-ins have no clients: every unit is a record).
 
     Returns:
         The split dataset.
@@ -47,20 +67,37 @@ def load_builtin(name: str, *, seed: int = 0, cache_dir: Path | None = None) -> 
         )
     check_seed(seed)
     if name == "mnist1d":
-        return _load_mnist1d(seed, cache_dir)
+        generated = _load_mnist1d(seed, cache_dir)
+        x = np.concatenate([generated.x_train, generated.x_test])
+        y = np.concatenate([generated.y_train, generated.y_test])
+        names = generated.feature_names
+    else:
+        x, y, names = _load_sklearn(name)
+    return split(
+        x,
+        y,
+        None,
+        BUILTIN_CLASSES[name],
+        names,
+        secret=secret if secret is not None else new_secret(),
+        test_fraction=_BUILTIN_TEST_FRACTION,
+        unit=unit,
+    )
+
+
+def _load_sklearn(name: str) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
     from sklearn import datasets as skd
 
     if name == "digits":
         bunch = skd.load_digits()
         x = bunch.data / 16.0
-        classes = tuple(str(int(c)) for c in bunch.target_names)
     else:
         bunch = skd.load_breast_cancer()
         x = np.log1p(bunch.data)
-        classes = tuple(str(c) for c in bunch.target_names)
+    if tuple(str(c) for c in bunch.target_names) != BUILTIN_CLASSES[name]:
+        raise RuntimeError(f"scikit-learn's {name} classes differ from the declared ones")
     y = np.asarray(bunch.target, dtype=np.int64)
-    names = tuple(str(f) for f in bunch.feature_names)
-    return split(x, y, None, classes, names, seed=seed, test_fraction=_BUILTIN_TEST_FRACTION)
+    return x, y, tuple(str(f) for f in bunch.feature_names)
 
 
 def _load_mnist1d(seed: int, cache_dir: Path | None) -> DatasetArrays:

@@ -5,9 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from ppml.datasets.arrays import DatasetArrays, UploadLimits
+from ppml.datasets.keys import new_secret
 from ppml.datasets.labels import encode_clients, encode_labels
 from ppml.datasets.npz import read_npz
-from ppml.datasets.split import check_seed, split
+from ppml.datasets.schema import DatasetSchema
+from ppml.datasets.split import split
 from ppml.datasets.tables import read_table
 from ppml.errors import InvalidInput, MalformedFile, PayloadTooLarge, PPMLError
 
@@ -61,8 +63,10 @@ def parse_upload(
     target: str | None,
     client_column: str | None = None,
     limits: UploadLimits = UploadLimits(),
-    seed: int = 0,
     test_fraction: float = 0.2,
+    secret: str | None = None,
+    unit: str = "record",
+    schema: DatasetSchema | None = None,
 ) -> DatasetArrays:
     """Validate an uploaded file and split it into train and held-out test arrays.
 
@@ -74,8 +78,11 @@ def parse_upload(
     client column must be numeric, finite and present in every row. Parquet: the same
     rules. NPZ: arrays ``x`` (2-D numeric) and ``y`` (1-D labels); ``target`` is ignored,
     and ``client_column`` names a 1-D array of client ids (conventionally ``clients``).
-    Labels may be any numbers or strings; they are mapped to ``0..K-1`` in sorted order.
-    The split is stratified by label where every class has enough rows.
+    Labels may be any numbers or strings. With a ``schema``, class ``i`` is the ``i``-th
+    declared class (numbers match their usual spelling: 1.0 matches ``"1"``) and a label
+    outside the declared set is refused; without one (public data), the classes are the
+    distinct labels in sorted order. Each privacy unit (a record, or with ``unit="client"``
+    a whole client) is held out by itself, by a keyed hash under ``secret``.
 
     Args:
         path: the stored upload (a server-side path).
@@ -83,8 +90,11 @@ def parse_upload(
         target: the label column (CSV and Parquet).
         client_column: the column (NPZ: array) holding each row's federated client.
         limits: size limits checked before the file is read in full.
-        seed: seed of the split, in ``0..2**32-1``.
-        test_fraction: fraction of rows held out for testing, in (0, 1).
+        test_fraction: probability that a unit is held out for testing, in (0, 1).
+        secret: the dataset's split secret (hex); None draws a fresh one, so the split
+            cannot be reproduced (the service always passes the stored secret).
+        unit: the privacy unit, ``"record"`` or ``"client"``.
+        schema: the declared schema; its classes name the labels.
 
     Returns:
         The split dataset; ``clients_train`` is set when ``client_column`` was given.
@@ -92,15 +102,15 @@ def parse_upload(
     Raises:
         MalformedFile: the file cannot be parsed, or holds missing, non-finite or
             non-numeric values.
-        InvalidInput: bad arguments, a missing target or client column, fewer than 2 or
-            more than ``limits.max_classes`` classes, or too few rows to split.
+        InvalidInput: bad arguments, a missing target or client column, a label outside
+            the declared classes (``field="schema.classes"``), fewer than 2 or more than
+            ``limits.max_classes`` classes, or too few rows to split.
         PayloadTooLarge: the file exceeds ``limits``.
     """
     if file_format not in FORMATS:
         raise InvalidInput(f"file format must be one of {', '.join(FORMATS)}", field="file")
     if not 0.0 < test_fraction < 1.0:
         raise InvalidInput("test_fraction must be between 0 and 1", field="test_fraction")
-    check_seed(seed)
     if client_column is not None and client_column == target:
         raise InvalidInput("client_column must differ from target", field="client_column")
     try:
@@ -114,6 +124,16 @@ def parse_upload(
         raise PayloadTooLarge("the file is too large to load", field="file") from None
     except Exception:  # reader messages may quote data: never chain or echo them
         raise MalformedFile(f"the file could not be read as {file_format}", field="file") from None
-    y, classes = encode_labels(y_raw, limits)
-    clients = encode_clients(c_raw) if c_raw is not None else None
-    return split(x, y, clients, classes, names, seed=seed, test_fraction=test_fraction)
+    y, classes = encode_labels(y_raw, limits, tuple(schema.classes) if schema else None)
+    clients, client_ids = encode_clients(c_raw) if c_raw is not None else (None, None)
+    return split(
+        x,
+        y,
+        clients,
+        classes,
+        names,
+        secret=secret if secret is not None else new_secret(),
+        test_fraction=test_fraction,
+        unit=unit,
+        client_ids=client_ids,
+    )

@@ -123,6 +123,8 @@ class ApiKey(Base):
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
     key_hash: Mapped[str] = mapped_column(String(64), unique=True)
     prefix: Mapped[str] = mapped_column(String(16))
+    # "owner" (registers budgeted data, sees exact figures of it) or "analyst" (PRIVACY.md).
+    role: Mapped[str] = mapped_column(String(16), default="owner")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -138,8 +140,15 @@ class Dataset(Base):
     num_classes: Mapped[int] = mapped_column(Integer)
     num_train: Mapped[int] = mapped_column(Integer)
     num_test: Mapped[int] = mapped_column(Integer)
-    num_clients: Mapped[int | None] = mapped_column(Integer)
+    num_clients: Mapped[int | None] = mapped_column(Integer)  # natural clients of the train rows
+    num_test_clients: Mapped[int | None] = mapped_column(Integer)  # clients wholly held out
     classes: Mapped[dict[str, Any]]
+    # The declared schema ({"classes": [...]}): what is released about the data's shape.
+    data_schema: Mapped[dict[str, Any] | None]
+    # Secret key of the record-independent split and partitions (hex); never released.
+    split_secret: Mapped[str | None] = mapped_column(String(64))
+    # A public dataset whose rows score jobs exactly and for free (owner-declared).
+    validation_dataset_id: Mapped[str | None] = mapped_column(ForeignKey("datasets.id"))
     privacy_unit: Mapped[str] = mapped_column(String(16), default="record")
     epsilon_total: Mapped[float | None] = mapped_column(Float)
     delta_total: Mapped[float | None] = mapped_column(Float)
@@ -179,6 +188,8 @@ class Job(Base):
     progress: Mapped[dict[str, Any]]
     metrics: Mapped[dict[str, Any] | None]
     metrics_history: Mapped[list[dict[str, Any]] | None]  # per round of a federated job
+    # Exact held-out figures: the dataset's owner only ({"metrics": ..., "history": [...]}).
+    exact_metrics: Mapped[dict[str, Any] | None]
     privacy: Mapped[dict[str, Any] | None]  # the plan at admission, the outcome at the end
     error: Mapped[dict[str, Any] | None]
     idempotency_key: Mapped[str | None] = mapped_column(String(200))

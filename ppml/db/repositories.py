@@ -56,8 +56,11 @@ class Repositories:
         stmt = select(Tenant)
         return self._page(stmt, Tenant.id, page_size, page_token, descending=False)
 
-    def tenant_id_for_key_hash(self, key_hash: str) -> str | None:
-        return self.session.scalar(select(ApiKey.tenant_id).where(ApiKey.key_hash == key_hash))
+    def principal_for_key_hash(self, key_hash: str) -> tuple[str, str] | None:
+        """``(tenant_id, role)`` of the key with this hash, or None."""
+        stmt = select(ApiKey.tenant_id, ApiKey.role).where(ApiKey.key_hash == key_hash)
+        row = self.session.execute(stmt).one_or_none()
+        return None if row is None else (row.tenant_id, row.role)
 
     # --- datasets ---------------------------------------------------------------------
     def dataset(self, tenant_id: str, dataset_id: str) -> Dataset | None:

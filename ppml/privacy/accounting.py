@@ -28,13 +28,16 @@ __all__ = [
     "MechanismEvent",
     "add",
     "calibrate_noise",
+    "calibrate_with_evaluation",
     "caps",
     "epsilon",
+    "evaluation_curve",
     "filter_epsilon",
     "final_privacy",
     "fits",
     "library_versions",
     "plan_dp_sgd",
+    "plan_event",
     "pld_epsilon",
     "rdp_curve",
     "steps_per_epoch",
@@ -72,6 +75,10 @@ class MechanismEvent:
         steps: Number of compositions (optimiser steps or federated rounds).
         sampling: Sampling method; only ``"poisson"`` is certified.
         unit: Privacy unit protected by the mechanism: ``"record"`` or ``"client"``.
+        eval_noise_multiplier: σ of the Gaussian releases of held-out aggregates (the
+            metrics analysts see), relative to their sensitivity of 1; None when none.
+        eval_releases: Number of those scalar Gaussian releases (two per released set of
+            metrics: the count of correct predictions and the clipped loss sum).
     """
 
     sample_rate: float
@@ -79,15 +86,27 @@ class MechanismEvent:
     steps: int
     sampling: str = SAMPLING_POISSON
     unit: str = "record"
+    eval_noise_multiplier: float | None = None
+    eval_releases: int = 0
+
+    def __post_init__(self) -> None:
+        if self.eval_releases and not (self.eval_noise_multiplier or 0) > 0:
+            raise ValueError("evaluation releases need a positive noise multiplier")
 
     def with_steps(self, steps: int) -> MechanismEvent:
-        """The same mechanism run for ``steps`` steps."""
+        """The same mechanism run for ``steps`` steps.
+
+        The evaluation releases are kept whole: a job stopped early is charged for all of
+        them (they are a few percent of its cost), which is never less than it released.
+        """
         return MechanismEvent(
             sample_rate=self.sample_rate,
             noise_multiplier=self.noise_multiplier,
             steps=steps,
             sampling=self.sampling,
             unit=self.unit,
+            eval_noise_multiplier=self.eval_noise_multiplier,
+            eval_releases=self.eval_releases,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -103,6 +122,12 @@ class MechanismEvent:
             steps=int(data["steps"]),
             sampling=str(data.get("sampling", SAMPLING_POISSON)),
             unit=str(data.get("unit", "record")),
+            eval_noise_multiplier=(
+                float(data["eval_noise_multiplier"])
+                if data.get("eval_noise_multiplier") is not None
+                else None
+            ),
+            eval_releases=int(data.get("eval_releases") or 0),
         )
 
 
@@ -146,19 +171,39 @@ def subtract(a: Sequence[int], b: Sequence[int]) -> Curve:
     return tuple(x - y for x, y in zip(a, b, strict=True))
 
 
+def _curve_of(event: dp_accounting.DpEvent) -> Curve:
+    accountant = rdp_lib.RdpAccountant(orders=list(ORDERS))
+    accountant.compose(event)
+    # ``_rdp`` is the accountant's composed curve; dp-accounting has no public getter.
+    return tuple(_ceil_units(float(value)) for value in accountant._rdp)
+
+
+@lru_cache(maxsize=4096)
+def evaluation_curve(noise_multiplier: float, releases: int) -> Curve:
+    """RDP curve of ``releases`` Gaussian releases of sensitivity 1 at ``noise_multiplier``.
+
+    This prices the held-out metrics shown to analysts (``ppml.privacy.evaluation``).
+    """
+    if releases == 0:
+        return zero()
+    gaussian = dp_accounting.GaussianDpEvent(noise_multiplier)
+    return _curve_of(dp_accounting.SelfComposedDpEvent(gaussian, releases))
+
+
 @lru_cache(maxsize=4096)
 def rdp_curve(event: MechanismEvent) -> Curve:
     """RDP curve of ``event`` on ``ORDERS``, rounded up to integer units.
 
-    A zero-step event costs nothing. Curves are linear in steps only before rounding, so a
-    partial run is priced with its own event rather than by scaling a curve.
+    Training steps and evaluation releases are priced separately, each rounded up, and
+    added: RDP composes by addition, so the sum bounds the whole job. A zero-step event
+    without evaluations costs nothing. Curves are linear in steps only before rounding,
+    so a partial run is priced with its own event rather than by scaling a curve.
     """
-    if event.steps == 0:
-        return zero()
-    accountant = rdp_lib.RdpAccountant(orders=list(ORDERS))
-    accountant.compose(_dp_event(event))
-    # ``_rdp`` is the accountant's composed curve; dp-accounting has no public getter.
-    return tuple(_ceil_units(float(value)) for value in accountant._rdp)
+    training = _curve_of(_dp_event(event)) if event.steps else zero()
+    if not event.eval_releases:
+        return training
+    assert event.eval_noise_multiplier is not None
+    return add(training, evaluation_curve(event.eval_noise_multiplier, event.eval_releases))
 
 
 def epsilon(curve: Sequence[int], delta: float) -> float:
@@ -273,6 +318,57 @@ def calibrate_noise(
     raise ValueError("could not calibrate the noise multiplier for this target")
 
 
+def calibrate_with_evaluation(
+    *,
+    target_epsilon: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    unit: str,
+    eval_releases: int,
+    eval_share: float,
+) -> tuple[float, float]:
+    """σ of training and σ of the evaluation releases for a job that spends ``target_epsilon``.
+
+    Training gets ``(1 - eval_share)`` of the target; the evaluation gets the least noise
+    whose releases, composed with training on the stored (rounded) curves, still convert to
+    at most ``target_epsilon``. So the quote, the reservation and the receipt all include
+    the metrics, and the metrics cost at most about ``eval_share`` of the target.
+
+    Returns:
+        ``(training σ, evaluation σ)``.
+
+    Raises:
+        ValueError: when no σ reaches the target.
+    """
+    if not 0 < eval_share < 1 or eval_releases < 1:
+        raise ValueError("eval_share must be in (0, 1) and eval_releases positive")
+    sigma = calibrate_noise(
+        target_epsilon=target_epsilon * (1 - eval_share),
+        delta=delta,
+        sample_rate=sample_rate,
+        steps=steps,
+        unit=unit,
+    )
+    training = rdp_curve(
+        MechanismEvent(sample_rate=sample_rate, noise_multiplier=sigma, steps=steps, unit=unit)
+    )
+
+    def fits_target(z: float) -> bool:
+        return epsilon(add(training, evaluation_curve(z, eval_releases)), delta) <= target_epsilon
+
+    low, high = 1e-2, 1e6
+    if not fits_target(high):
+        raise ValueError("could not calibrate the evaluation noise for this target")
+    for _ in range(60):  # bisection on a log scale, to well below 1e-4 relative
+        mid = math.sqrt(low * high)
+        if fits_target(mid):
+            high = mid
+        else:
+            low = mid
+    return sigma, high
+
+
 def largest_fitting_epsilon(
     *,
     used: Sequence[int],
@@ -281,12 +377,23 @@ def largest_fitting_epsilon(
     steps: int,
     delta: float,
     unit: str = "record",
+    evaluation: Curve | None = None,
 ) -> float | None:
-    """Largest target ε for this job shape that the filter would still admit, or None."""
+    """Largest target ε for this job shape that the filter would still admit, or None.
+
+    ``evaluation`` (the curve of the job's metric releases) is held fixed: a hint, not a
+    price (the job is priced again when submitted).
+    """
+    extra = evaluation or zero()
 
     def job(sigma: float) -> Curve:
-        return rdp_curve(
-            MechanismEvent(sample_rate=sample_rate, noise_multiplier=sigma, steps=steps, unit=unit)
+        return add(
+            rdp_curve(
+                MechanismEvent(
+                    sample_rate=sample_rate, noise_multiplier=sigma, steps=steps, unit=unit
+                )
+            ),
+            extra,
         )
 
     high = 1.0
@@ -315,17 +422,31 @@ def pld_epsilon(events: Iterable[MechanismEvent], delta: float) -> float:
     return float(accountant.get_epsilon(delta))
 
 
-def final_privacy(plan: dict[str, Any], steps: int, ledger_entry_id: str | None) -> dict[str, Any]:
-    """A job's privacy record after ``steps`` steps: its plan plus the ε they spent."""
-    event = MechanismEvent(
+def plan_event(plan: dict[str, Any], steps: int) -> MechanismEvent:
+    """The mechanism event of a job's privacy record after ``steps`` steps."""
+    evaluation = plan.get("evaluation") or {}
+    return MechanismEvent(
         sample_rate=float(plan["sample_rate"]),
         noise_multiplier=float(plan["noise_multiplier"]),
         steps=steps,
         unit=str(plan.get("unit", "record")),
+        eval_noise_multiplier=evaluation.get("noise_multiplier"),
+        eval_releases=int(evaluation.get("scalar_releases") or 0),
     )
+
+
+def final_privacy(
+    plan: dict[str, Any], steps: int | None, ledger_entry_id: str | None
+) -> dict[str, Any]:
+    """A job's privacy record after ``steps`` steps: its plan plus the ε they spent
+    (training and the evaluation releases together, as the ledger charges them). None
+    steps: the data was never touched, nothing was spent."""
+    spent = 0.0
+    if steps is not None:
+        spent = epsilon(rdp_curve(plan_event(plan, steps)), float(plan["delta"]))
     return {
         **plan,
-        "steps": steps,
-        "epsilon_spent": epsilon(rdp_curve(event), float(plan["delta"])),
+        "steps": steps or 0,
+        "epsilon_spent": spent,
         "ledger_entry_id": ledger_entry_id,
     }

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from ppml.db.models import DatasetBudget, Job, LedgerEntry, LedgerKind, new_id, utcnow
 from ppml.db.repositories import Repositories
-from ppml.errors import BudgetExceeded, Conflict
+from ppml.errors import BudgetExceeded, Conflict, PrivacyUnitMismatch
 from ppml.privacy import accounting as acc
 
 __all__ = ["BudgetStatus", "Ledger", "budget_status"]
@@ -122,12 +122,28 @@ class Ledger:
             steps=event.steps,
             delta=budget.delta_total,
             unit=event.unit,
+            evaluation=acc.evaluation_curve(event.eval_noise_multiplier, event.eval_releases)
+            if event.eval_noise_multiplier is not None
+            else None,
         )
 
     def reserve(
         self, budget: DatasetBudget, job: Job, event: acc.MechanismEvent
     ) -> LedgerEntry | None:
-        """Reserve a job's full curve on a locked budget; raises if the filter refuses."""
+        """Reserve a job's full curve on a locked budget; raises if the filter refuses.
+
+        A mechanism that protects another unit than the budget's is refused here too, not
+        only at pricing: a client-level guarantee says nothing about one record's
+        influence on a record-level budget (replace-one, not add/remove), and a
+        record-level one nothing about a whole client.
+        """
+        if event.unit != budget.unit:
+            raise PrivacyUnitMismatch(
+                f"this job protects one {event.unit}, but the dataset's budget protects "
+                f"one {budget.unit}: it cannot be charged there",
+                job_unit=event.unit,
+                budget_unit=budget.unit,
+            )
         curve = acc.rdp_curve(event)
         if not self.admits(budget, curve):
             raise self.refusal(budget, requested=acc.epsilon(curve, budget.delta_total))
@@ -139,7 +155,9 @@ class Ledger:
     def settle(
         self, budget: DatasetBudget, job_id: str, *, steps: int | None, note: str
     ) -> tuple[LedgerEntry | None, LedgerEntry | None]:
-        """Commit the curve of ``steps`` steps (None: nothing ran) and release the rest.
+        """Commit the curve of ``steps`` steps (None: the data was never touched) and
+        release the rest. The job's evaluation releases are committed with any ``steps``,
+        0 included: a job stopped before its first step may still have scored its model.
 
         Idempotent: a job is settled once; later calls return the existing entries.
         """
@@ -154,8 +172,8 @@ class Ledger:
         planned = acc.MechanismEvent.from_dict(reserve.event)
         commit_entry = None
         committed = acc.zero()
-        if steps:
-            used_event = planned.with_steps(min(steps, planned.steps))
+        used_event = planned.with_steps(min(steps, planned.steps)) if steps is not None else None
+        if used_event is not None and (used_event.steps or used_event.eval_releases):
             # Fewer steps never cost more; min() only guards against numerical failures
             # at single orders (stored as "infinite") in the partial run.
             committed = tuple(

@@ -368,10 +368,14 @@ class JobService:
                 job.finished_at = utcnow()
                 # A job re-queued after a lost worker has touched the data already.
                 steps = steps_to_charge(job, report_every=self.settings.worker.report_every_steps)
+                commit = None
                 if budget is not None:
-                    ledger.settle(budget, job.id, steps=steps, note="cancelled while queued")
-                if steps and job.privacy is not None:
-                    job.privacy = acc.final_privacy(job.privacy, steps, None)
+                    commit, _ = ledger.settle(
+                        budget, job.id, steps=steps, note="cancelled while queued"
+                    )
+                if steps is not None and job.privacy is not None:
+                    entry = commit.id if commit else None
+                    job.privacy = acc.final_privacy(job.privacy, steps, entry)
         if job.status == JobStatus.CANCELLED:
             JobCheckpoints(self.store, job.id).clear()
         return job

@@ -13,20 +13,43 @@ One :class:`Schedule` says how a job's steps are counted, in the unit of its mec
   priced as if each client took part in every round (an upper bound).
 
 The worker plans its loops with the same :func:`schedule`, so what runs is what was charged.
+
+A job on a budgeted dataset also releases its held-out metrics through a Gaussian mechanism
+(:mod:`ppml.privacy.evaluation`): its releases are part of the job's mechanism event, so the
+quote, the reservation, the ledger and the receipt include them. Calibration gives them a
+share of ``target_epsilon`` (3% by default) and training the rest.
+
+The job's privacy unit must be its budget's unit: a client-level job (DP-FedAvg) only on a
+client-unit budget and only over the data's natural clients (the ``column`` partition);
+a record-level job only on a record-unit budget.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from ppml.config import Settings
 from ppml.db.models import Dataset, Job
 from ppml.errors import InvalidInput, PrivacyRequired
 from ppml.privacy import accounting as acc
+from ppml.privacy.evaluation import (
+    DEFAULT_LOSS_CLIP,
+    MAX_METRIC_RELEASES,
+    EvaluationPlan,
+    metric_releases,
+)
 from ppml.specs import FederatedSpec, JobSpec, cnn1d_problem, count_parameters
 
-__all__ = ["Pricing", "Schedule", "price", "schedule", "steps_to_charge"]
+__all__ = [
+    "Pricing",
+    "Schedule",
+    "evaluation_plan",
+    "price",
+    "schedule",
+    "steps_to_charge",
+    "unreported_steps",
+]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -37,6 +60,12 @@ class Schedule:
     unit: Literal["record", "client"]
     federated: bool = False
 
+    @property
+    def charge_interval(self) -> int:
+        """Steps that may run beyond the last progress report: a sample-level federated
+        job reports once a round, and a round runs ``steps_per_epoch`` local steps."""
+        return self.steps_per_epoch if self.federated and self.unit == "record" else 0
+
 
 @dataclass(frozen=True, kw_only=True)
 class Pricing:
@@ -44,8 +73,9 @@ class Pricing:
 
     schedule: Schedule
     event: acc.MechanismEvent | None  # None for non-private jobs
-    epsilon: float  # the job's own ε at its δ (0 when non-private)
+    epsilon: float  # the job's own ε at its δ (0 when non-private), metrics included
     delta: float | None
+    evaluation: EvaluationPlan
 
     def privacy_plan(self, spec: JobSpec) -> dict[str, Any] | None:
         if self.event is None or spec.privacy is None:
@@ -61,10 +91,12 @@ class Pricing:
             "sampling": self.event.sampling,
             "steps": 0,
             "steps_planned": self.event.steps,
+            "charge_interval": self.schedule.charge_interval,
             "unit": self.event.unit,
             "level": spec.privacy.level,
             "accountant": "rdp",
             "grid_version": acc.GRID_VERSION,
+            "evaluation": self.evaluation.to_dict(),
         }
 
 
@@ -163,24 +195,90 @@ def _check_privacy(spec: JobSpec, dataset: Dataset) -> None:
         )
     if privacy.level == "client" and spec.federated is None:
         raise InvalidInput("client-level privacy applies to federated jobs", field="privacy.level")
-    budget_protects_clients = dataset.privacy_unit == "client" and dataset.epsilon_total is not None
-    if privacy.level == "sample" and budget_protects_clients:
-        raise InvalidInput(
-            "this dataset's budget protects whole clients; record-level jobs cannot spend it",
-            field="privacy.level",
-        )
+    _check_unit(spec, dataset)
     cap = dataset.delta_total
     if cap is not None and privacy.delta is not None and privacy.delta > cap:
         raise InvalidInput(
             f"delta may not exceed the dataset's delta ({cap:g})", field="privacy.delta"
         )
-    population = dataset.num_train
-    if privacy.level == "client" and spec.federated is not None:
-        population = spec.federated.num_clients
+    population = _population(spec, dataset)
     if privacy.delta is not None and privacy.delta >= 1 / population:
         raise InvalidInput(
-            f"delta must be well below 1/n = {1 / population:.3g}", field="privacy.delta"
+            f"delta must be well below 1/n = {1 / population:.3g} (n counts every protected "
+            "unit, held-out ones included)",
+            field="privacy.delta",
         )
+
+
+def _check_unit(spec: JobSpec, dataset: Dataset) -> None:
+    """A job's privacy unit is its budget's unit (PRIVACY.md "Units and neighbours")."""
+    privacy, fed = spec.privacy, spec.federated
+    if privacy is None or dataset.epsilon_total is None:
+        return  # public data: nothing to protect, nothing charged
+    if privacy.level == "sample" and dataset.privacy_unit == "client":
+        raise InvalidInput(
+            "this dataset's budget protects whole clients; record-level jobs cannot spend it",
+            field="privacy.level",
+        )
+    if privacy.level != "client":
+        return
+    if dataset.privacy_unit != "client":
+        raise InvalidInput(
+            "client-level privacy (DP-FedAvg) protects whole clients, but this dataset's "
+            "budget protects single records: one record changes a client's update without "
+            "adding or removing a client. Use level 'sample', or register the data with "
+            "privacy_unit 'client'",
+            field="privacy.level",
+        )
+    if fed is None or fed.partition.scheme != "column":
+        raise InvalidInput(
+            "client-level privacy protects a client only where clients are the data's natural "
+            "clients: use partition 'column' (iid and dirichlet spread one client's rows over "
+            "many simulated clients)",
+            field="federated.partition.scheme",
+        )
+
+
+def _population(spec: JobSpec, dataset: Dataset) -> int:
+    """Protected units of the dataset, held-out ones included (for δ < 1/n)."""
+    if spec.privacy is not None and spec.privacy.level == "client" and spec.federated:
+        if dataset.num_clients is not None:
+            return dataset.num_clients + (dataset.num_test_clients or 0)
+        return spec.federated.num_clients
+    return dataset.num_train + dataset.num_test
+
+
+def _evaluation(spec: JobSpec, dataset: Dataset) -> EvaluationPlan:
+    """How the job's held-out metrics will be released (see ppml.privacy.evaluation)."""
+    fed = spec.federated
+    releases = metric_releases(fed.rounds if fed else None, fed.evaluate_every if fed else None)
+    if releases > MAX_METRIC_RELEASES:
+        raise InvalidInput(
+            f"at most {MAX_METRIC_RELEASES} scores per job; raise evaluate_every",
+            field="federated.evaluate_every",
+            limit=MAX_METRIC_RELEASES,
+        )
+    if dataset.validation_dataset_id is not None:
+        return EvaluationPlan(
+            mechanism="exact-public-validation",
+            releases=releases,
+            scored_on="validation",
+            validation_dataset_id=dataset.validation_dataset_id,
+        )
+    if dataset.epsilon_total is None:
+        return EvaluationPlan(mechanism="exact-public-data", releases=releases)
+    share = spec.privacy.evaluation.epsilon_share if spec.privacy else 0.0
+    if share == 0:
+        return EvaluationPlan(mechanism="withheld", releases=0)
+    clip = spec.privacy.evaluation.loss_clip if spec.privacy else DEFAULT_LOSS_CLIP
+    return EvaluationPlan(
+        mechanism="gaussian", loss_clip=clip, releases=releases, epsilon_share=share
+    )
+
+
+def evaluation_plan(spec: JobSpec, dataset: Dataset) -> EvaluationPlan:
+    """The evaluation plan of a job without a privacy record (non-private, public data)."""
+    return _evaluation(spec, dataset)
 
 
 def price(spec: JobSpec, dataset: Dataset, settings: Settings) -> Pricing:
@@ -195,42 +293,75 @@ def price(spec: JobSpec, dataset: Dataset, settings: Settings) -> Pricing:
         _check_federated(spec.federated, dataset)
     _check_privacy(spec, dataset)
     plan = schedule(spec, dataset)
+    evaluation = _evaluation(spec, dataset)
     if spec.privacy is None:
-        return Pricing(schedule=plan, event=None, epsilon=0.0, delta=None)
-    fed = spec.federated
-    population = fed.num_clients if fed is not None and plan.unit == "client" else dataset.num_train
+        return Pricing(schedule=plan, event=None, epsilon=0.0, delta=None, evaluation=evaluation)
+    population = _population(spec, dataset)
     delta = spec.privacy.delta or dataset.delta_total or min(1e-5, 0.1 / population)
     try:
-        sigma = acc.calibrate_noise(
-            target_epsilon=spec.privacy.target_epsilon,
-            delta=delta,
-            sample_rate=plan.sample_rate,
-            steps=plan.total_steps,
-            unit=plan.unit,
-        )
+        event, evaluation = _calibrate(spec.privacy.target_epsilon, delta, plan, evaluation)
     except ValueError as exc:
         raise InvalidInput(
             "no noise level reaches this target_epsilon for this job",
             field="privacy.target_epsilon",
         ) from exc
-    event = acc.MechanismEvent(
-        sample_rate=plan.sample_rate, noise_multiplier=sigma, steps=plan.total_steps, unit=plan.unit
-    )
     return Pricing(
-        schedule=plan, event=event, epsilon=acc.epsilon(acc.rdp_curve(event), delta), delta=delta
+        schedule=plan,
+        event=event,
+        epsilon=acc.epsilon(acc.rdp_curve(event), delta),
+        delta=delta,
+        evaluation=evaluation,
     )
+
+
+def _calibrate(
+    target: float, delta: float, plan: Schedule, evaluation: EvaluationPlan
+) -> tuple[acc.MechanismEvent, EvaluationPlan]:
+    """σ of training (and of the metric releases) for a job that spends ``target``."""
+    q, steps, unit = plan.sample_rate, plan.total_steps, plan.unit
+    if evaluation.mechanism != "gaussian":
+        sigma = acc.calibrate_noise(
+            target_epsilon=target, delta=delta, sample_rate=q, steps=steps, unit=unit
+        )
+        event = acc.MechanismEvent(sample_rate=q, noise_multiplier=sigma, steps=steps, unit=unit)
+        return event, evaluation
+    sigma, z = acc.calibrate_with_evaluation(
+        target_epsilon=target,
+        delta=delta,
+        sample_rate=q,
+        steps=steps,
+        unit=unit,
+        eval_releases=evaluation.scalar_releases,
+        eval_share=evaluation.epsilon_share,
+    )
+    event = acc.MechanismEvent(
+        sample_rate=q,
+        noise_multiplier=sigma,
+        steps=steps,
+        unit=unit,
+        eval_noise_multiplier=z,
+        eval_releases=evaluation.scalar_releases,
+    )
+    return event, replace(evaluation, noise_multiplier=z)
 
 
 def steps_to_charge(job: Job, *, report_every: int) -> int | None:
     """What a job stopped short of its end by a cancel or a lost worker is charged.
 
     PRIVACY.md's lifecycle: None (a full release) while the data was never touched;
-    otherwise the steps last reported plus one reporting interval, capped at the plan;
-    the whole plan when no report ever arrived (progress unknown).
+    otherwise the steps last reported plus what may have run since, capped at the plan:
+    one reporting interval, or one whole round of local steps for a sample-level federated
+    job (it reports once a round); the whole plan when no report ever arrived.
     """
     if not job.data_touched:
         return None
-    planned = int((job.privacy or {}).get("steps_planned") or job.steps_done)
+    privacy = job.privacy or {}
+    planned = int(privacy.get("steps_planned") or job.steps_done)
     if job.heartbeat_at is None:
         return planned
-    return min(planned, job.steps_done + report_every)
+    return min(planned, job.steps_done + unreported_steps(privacy, report_every=report_every))
+
+
+def unreported_steps(privacy: dict[str, Any], *, report_every: int) -> int:
+    """Steps a job may have run since its last report (see :func:`steps_to_charge`)."""
+    return max(report_every, int(privacy.get("charge_interval") or 0))

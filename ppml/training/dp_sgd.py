@@ -57,6 +57,7 @@ __all__ = [
     "TrainingCallbacks",
     "TrainingPlan",
     "evaluate",
+    "score",
     "train",
 ]
 
@@ -145,27 +146,72 @@ def _run_steps(
 
 @torch.no_grad()
 def evaluate(
-    module: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_rows: int = EVAL_BATCH_ROWS
+    module: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    loss_clip: float = 4.0,
+    units: torch.Tensor | None = None,
+    batch_rows: int = EVAL_BATCH_ROWS,
 ) -> dict[str, float]:
-    """Computes accuracy and mean cross-entropy in eval mode, ``batch_rows`` at a time.
+    """Scores the model in eval mode, ``batch_rows`` at a time.
+
+    Besides the exact figures (for the data's owner), it sums per privacy unit the fraction
+    of the unit's rows predicted correctly and the unit's mean loss clipped to
+    ``loss_clip``: each unit moves those sums by at most 1 and ``loss_clip``, which is what
+    the Gaussian release in ``ppml.privacy.evaluation`` relies on.
 
     Args:
         module: The model; left in eval mode.
         x: Features ``(n, d)`` on the module's device.
         y: Labels ``(n,)``.
+        loss_clip: Per-example cross-entropy bound of the clipped sums.
+        units: Unit index of each row (e.g. its client), ``(n,)``; None: one unit a row.
         batch_rows: Rows per forward pass.
 
     Returns:
-        ``{"test_accuracy": ..., "test_loss": ...}``.
+        ``test_accuracy``, ``test_loss`` (exact), ``rows``, ``units``,
+        ``unit_correct_sum`` and ``unit_clipped_loss_sum``.
     """
     module.eval()
-    loss_sum, correct = 0.0, 0
+    correct_rows, loss_rows = [], []
     for start in range(0, len(x), batch_rows):
         logits = module(x[start : start + batch_rows])
         labels = y[start : start + batch_rows]
-        loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
-        correct += int((logits.argmax(dim=1) == labels).sum())
-    return {"test_accuracy": correct / len(x), "test_loss": loss_sum / len(x)}
+        loss_rows.append(F.cross_entropy(logits, labels, reduction="none").double())
+        correct_rows.append((logits.argmax(dim=1) == labels).double())
+    correct, loss = torch.cat(correct_rows), torch.cat(loss_rows)
+    clipped = loss.clamp(min=0.0, max=loss_clip)
+    n = len(x)
+    if units is None:
+        count, correct_sum, clipped_sum = n, float(correct.sum()), float(clipped.sum())
+    else:
+        sizes = torch.bincount(units).double()
+        present = sizes > 0
+        per_unit = sizes.new_zeros((2, len(sizes)))
+        per_unit[0].scatter_add_(0, units, correct)
+        per_unit[1].scatter_add_(0, units, clipped)
+        means = per_unit[:, present] / sizes[present]
+        count, correct_sum, clipped_sum = int(present.sum()), *(float(v) for v in means.sum(1))
+    return {
+        "test_accuracy": float(correct.sum()) / n,
+        "test_loss": float(loss.sum()) / n,
+        "rows": float(n),
+        "units": float(count),
+        "unit_correct_sum": correct_sum,
+        "unit_clipped_loss_sum": clipped_sum,
+    }
+
+
+def score(
+    module: nn.Module, x: torch.Tensor, y: torch.Tensor, plan: TrainingPlan
+) -> dict[str, float]:
+    """``evaluate`` with the plan's loss bound and held-out units."""
+    units = None
+    if plan.test_units is not None:
+        units = torch.from_numpy(np.ascontiguousarray(plan.test_units, dtype=np.int64))
+        units = units.to(x.device)
+    return evaluate(module, x, y, loss_clip=plan.eval_loss_clip, units=units)
 
 
 def train(
@@ -242,7 +288,7 @@ def train(
         state_dict={k: v.detach().cpu().contiguous().clone() for k, v in weights.items()},
         steps_done=steps_done,
         stopped=stopped,
-        metrics=evaluate(module, x_te, y_te),
+        metrics=score(module, x_te, y_te, plan),
         epsilon_opacus=stepper.epsilon(),
         device=str(dev),
     )

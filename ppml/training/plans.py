@@ -6,9 +6,11 @@ Torch-only, like the rest of ``ppml.training``.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
+import numpy as np
+import numpy.typing as npt
 import torch
 from torch import nn
 
@@ -50,6 +52,9 @@ class TrainingPlan:
         seed: Seeds the initial weights and the non-private shuffling.
         steps_per_epoch: ``ceil(n_train / batch_size)``, computed by the caller.
         total_steps: ``epochs * steps_per_epoch``, computed by the caller.
+        eval_loss_clip: Per-example loss bound of the clipped sums ``evaluate`` returns.
+        test_units: Privacy unit (e.g. client) of each held-out row, so scores are summed
+            per unit; None when every row is its own unit.
     """
 
     arch: str
@@ -64,6 +69,8 @@ class TrainingPlan:
     seed: int = 0
     steps_per_epoch: int
     total_steps: int
+    eval_loss_clip: float = 4.0
+    test_units: npt.NDArray[np.int64] | None = field(default=None, compare=False, hash=False)
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHITECTURES:
@@ -142,7 +149,8 @@ class TrainResult:
         state_dict: Weights of the plain module (no Opacus prefixes), contiguous, on CPU.
         steps_done: Optimizer steps taken (each one charged to the privacy budget).
         stopped: Whether training ended early through ``should_stop``.
-        metrics: ``test_accuracy`` and ``test_loss`` on the held-out arrays.
+        metrics: ``evaluate``'s figures on the held-out arrays (exact ``test_accuracy``
+            and ``test_loss``, and the per-unit sums the released metrics are made of).
         epsilon_opacus: ε at ``dp.delta`` from Opacus' RDP accountant; None if non-private.
         device: The device trained on, e.g. ``"cpu"`` or ``"cuda"``.
     """

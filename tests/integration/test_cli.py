@@ -128,15 +128,19 @@ def test_datasets_upload_list_and_public_data(env: dict[str, str], tmp_path: Pat
     csv.write_text("\n".join(lines) + "\n")
     # act
     upload = ["datasets", "upload", str(csv), "--target", "label"]
-    private = _run([*upload, "--name", "small", "--epsilon", "2", "--delta", "1e-4", "--json"], env)
+    budget = ["--epsilon", "2", "--delta", "1e-4"]
+    private = _run([*upload, "--name", "small", *budget, "--classes", "1,0", "--json"], env)
     public = _run([*upload, "--name", "open", "--public"], env)
     refused = _run([*upload, "--name", "x"], env, code=1)
+    undeclared = _run([*upload, "--name", "x", *budget], env, code=1)
     listing = _run(["datasets", "list"], env)
     # assert
     body = json.loads(private.stdout)
     assert body["privacy_budget"] == {"epsilon": 2.0, "delta": 1e-4} and body["num_features"] == 3
+    assert body["classes"] == ["1", "0"] and body["schema"] == {"classes": ["1", "0"]}
     assert public.stdout.strip() in listing.stdout and body["id"] in listing.stdout
     assert "--public" in refused.stderr
+    assert "--classes" in undeclared.stderr
 
 
 def test_api_errors_print_the_problem_detail_and_exit_1(env: dict[str, str]) -> None:
@@ -160,6 +164,30 @@ def test_api_errors_print_the_problem_detail_and_exit_1(env: dict[str, str]) -> 
     assert "admin token" in no_admin.stderr
     assert "cannot reach" in down.stderr
     assert "Traceback" not in missing.stderr + down.stderr
+
+
+def test_keys_create_takes_a_role_and_an_analyst_key_registers_public_data_only(
+    service: str,
+) -> None:
+    # arrange
+    admin = {"PPML_URL": service, "PPML_ADMIN_TOKEN": ADMIN, "PPML_API_KEY": ""}
+    tenant_id = _run(["tenants", "create", "cli-roles"], admin).stdout.strip()
+    # act
+    owner = _run(["keys", "create", tenant_id], admin)
+    analyst = json.loads(
+        _run(["keys", "create", tenant_id, "--role", "analyst", "--json"], admin).stdout
+    )
+    bad_role = _run(["keys", "create", tenant_id, "--role", "admin"], admin, code=2)
+    as_analyst = {"PPML_URL": service, "PPML_API_KEY": analyst["key"], "PPML_ADMIN_TOKEN": ""}
+    add = ["datasets", "add", "d", "--builtin", "digits"]
+    refused = _run([*add, "--epsilon", "1", "--delta", "1e-6"], as_analyst, code=1)
+    public = _run([*add, "--public"], as_analyst)
+    # assert
+    assert "owner key" in owner.stderr and owner.stdout.strip().startswith("ppml_sk_")
+    assert analyst["role"] == "analyst" and analyst["tenant_id"] == tenant_id
+    assert "admin" in bad_role.output
+    assert "HTTP 403" in refused.stderr and "owner key" in refused.stderr
+    assert public.stdout.strip().startswith("ds")
 
 
 def test_cancel_a_queued_job(env: dict[str, str], digits: str, tmp_path: Path) -> None:

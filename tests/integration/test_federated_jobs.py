@@ -37,13 +37,46 @@ def _spec(dataset_id: str, level: str | None, **fed: Any) -> dict[str, Any]:
     }
 
 
+def _client_dataset(client: TestClient, tenant: dict[str, str]) -> tuple[str, int]:
+    """An upload with 60 natural clients and a client-level budget; whole clients are held
+    out, so the training side has about 48 of them. Returns its id and train clients."""
+    rng = np.random.default_rng(0)
+    buffer = io.BytesIO()
+    np.savez(buffer, x=rng.random((600, 5)), y=rng.integers(0, 2, 600), clients=np.arange(600) % 60)
+    form = {
+        "name": "c",
+        "client_column": "clients",
+        "epsilon": "4",
+        "delta": "1e-3",
+        "privacy_unit": "client",
+        "schema": '{"classes": ["0", "1"]}',
+    }
+    upload = client.post(
+        "/v1/datasets/upload",
+        headers=tenant,
+        data=form,
+        files={"file": ("d.npz", buffer.getvalue())},
+    )
+    assert upload.status_code == 201, upload.text
+    assert upload.json()["num_clients"] + upload.json()["num_test_clients"] == 60
+    return str(upload.json()["id"]), int(upload.json()["num_clients"])
+
+
 @pytest.mark.parametrize("level", ["client", "sample"])
 def test_federated_dp_job_runs_and_charges_its_mechanism(
     client: TestClient, tenant: dict[str, str], database: Database, settings: Settings, level: str
 ) -> None:
-    # arrange
-    dataset_id = register_digits(client, tenant)
-    submitted = client.post("/v1/jobs", json=_spec(dataset_id, level), headers=tenant)
+    # arrange: DP-FedAvg over a client budget's natural clients, or DP-SGD per simulated
+    # client on a record budget
+    if level == "client":
+        dataset_id, clients = _client_dataset(client, tenant)
+        fed: dict[str, Any] = {"num_clients": clients, "partition": {"scheme": "column"}}
+        spec = _spec(dataset_id, level, **fed, clients_per_round=clients // 2)
+        delta = 1e-3
+    else:
+        dataset_id, delta = register_digits(client, tenant), 1e-5
+        spec = _spec(dataset_id, level)
+    submitted = client.post("/v1/jobs", json=spec, headers=tenant)
     assert submitted.status_code == 202, submitted.text
     assert submitted.json()["progress"]["round"] == 0  # queued: a federated job's counter
     plan = submitted.json()["privacy"]
@@ -51,25 +84,32 @@ def test_federated_dp_job_runs_and_charges_its_mechanism(
     outcome = JobRunner(database, settings).run(submitted.json()["id"])
     job = client.get(f"/v1/jobs/{submitted.json()['id']}", headers=tenant).json()
     # assert: the planned mechanism is the one PRIVACY.md prescribes for the level
+    dataset = client.get(f"/v1/datasets/{dataset_id}", headers=tenant).json()
     if level == "client":
-        assert (
-            plan["unit"] == "client" and plan["sample_rate"] == 0.5 and plan["steps_planned"] == 4
-        )
+        q = (clients // 2) / clients
+        assert plan["unit"] == "client" and plan["sample_rate"] == q
+        assert plan["steps_planned"] == 4
+        scored_units = dataset["num_test_clients"]  # a held-out client is one unit
     else:
-        shard = 1437 / 10
+        shard = dataset["num_train"] / 10  # the keyed split's size (released metadata)
         q = 16 / shard
         assert plan["unit"] == "record" and plan["sample_rate"] == pytest.approx(q)
         assert plan["steps_planned"] == 4 * acc.steps_per_epoch(q)
+        scored_units = dataset["num_test"]
     assert outcome == "succeeded" and job["status"] == "succeeded"
     assert job["progress"]["round"] == 4 and job["progress"]["fraction"] == 1.0
+    # every round's score is a charged release, of the job's unit
     assert [h["round"] for h in job["metrics_history"]] == [1, 2, 3, 4]
-    event = acc.MechanismEvent(
-        sample_rate=plan["sample_rate"],
-        noise_multiplier=plan["noise_multiplier"],
-        steps=plan["steps_planned"],
-        unit=plan["unit"],
+    assert plan["evaluation"]["releases"] == 4 and plan["evaluation"]["scalar_releases"] == 8
+    for entry in job["metrics_history"]:
+        assert entry["release"]["mechanism"] == "gaussian"
+        assert entry["release"]["units"] == scored_units
+    assert job["metrics"] == job["metrics_history"][-1]  # the last score, not a fifth release
+    event = acc.plan_event(plan, plan["steps_planned"])
+    assert event.eval_releases == 8
+    assert job["privacy"]["epsilon_spent"] == pytest.approx(
+        acc.epsilon(acc.rdp_curve(event), delta)
     )
-    assert job["privacy"]["epsilon_spent"] == pytest.approx(acc.epsilon(acc.rdp_curve(event), 1e-5))
     assert job["privacy"]["epsilon_spent"] <= 2.0
     ledger = client.get(f"/v1/datasets/{dataset_id}/ledger", headers=tenant).json()["items"]
     assert sorted(e["kind"] for e in ledger) == ["commit", "release", "reserve"]
@@ -79,26 +119,9 @@ def test_federated_dp_job_runs_and_charges_its_mechanism(
 def test_client_level_budgets_refuse_record_level_jobs(
     client: TestClient, tenant: dict[str, str]
 ) -> None:
-    # arrange: an upload with 12 natural clients and a client-level budget
-    rng = np.random.default_rng(0)
-    buffer = io.BytesIO()
-    np.savez(buffer, x=rng.random((600, 5)), y=rng.integers(0, 2, 600), clients=np.arange(600) % 12)
-    form = {
-        "name": "c",
-        "client_column": "clients",
-        "epsilon": "4",
-        "delta": "1e-3",
-        "privacy_unit": "client",
-    }
-    upload = client.post(
-        "/v1/datasets/upload",
-        headers=tenant,
-        data=form,
-        files={"file": ("d.npz", buffer.getvalue())},
-    )
-    assert upload.status_code == 201, upload.text
-    dataset_id = upload.json()["id"]
-    column = {"num_clients": 12, "partition": {"scheme": "column"}, "clients_per_round": 6}
+    # arrange
+    dataset_id, clients = _client_dataset(client, tenant)
+    column = {"num_clients": clients, "partition": {"scheme": "column"}, "clients_per_round": 6}
     # act
     record_level = client.post(
         "/v1/jobs", json=_spec(dataset_id, "sample", **column), headers=tenant
@@ -111,7 +134,7 @@ def test_client_level_budgets_refuse_record_level_jobs(
     )
     wrong_count = client.post(
         "/v1/jobs",
-        json=_spec(dataset_id, "client", **{**column, "num_clients": 11, "clients_per_round": 5}),
+        json=_spec(dataset_id, "client", **{**column, "num_clients": clients - 1}),
         headers=tenant,
     )
     # assert
@@ -120,6 +143,43 @@ def test_client_level_budgets_refuse_record_level_jobs(
     assert client_level.status_code == 202, client_level.text
     assert client_level.json()["privacy"]["unit"] == "client"
     assert wrong_count.status_code == 422 and wrong_count.json()["field"] == "federated.num_clients"
+
+
+@pytest.mark.parametrize("scheme", ["iid", "dirichlet"])
+def test_client_level_over_simulated_clients_is_refused_and_reserves_nothing(
+    client: TestClient, tenant: dict[str, str], scheme: str
+) -> None:
+    # arrange: the audit's reproduction, one patient's rows spread over many "clients"
+    dataset_id, _clients = _client_dataset(client, tenant)
+    spec = _spec(
+        dataset_id,
+        "client",
+        num_clients=400,
+        clients_per_round=100,
+        rounds=5,
+        partition={"scheme": scheme},
+    )
+    spec["privacy"]["target_epsilon"] = 1.3
+    # act
+    refused = client.post("/v1/jobs", json=spec, headers=tenant)
+    quoted = client.post("/v1/jobs/quote", json=spec, headers=tenant)
+    # assert
+    for response in (refused, quoted):
+        assert response.status_code == 422, response.text
+        assert response.headers["content-type"] == "application/problem+json"
+        assert response.json()["field"] == "federated.partition.scheme"
+    ledger = client.get(f"/v1/datasets/{dataset_id}/ledger", headers=tenant).json()["items"]
+    assert ledger == []
+    assert client.get("/v1/jobs", headers=tenant).json()["items"] == []
+
+
+def test_client_level_on_a_record_budget_is_refused(
+    client: TestClient, tenant: dict[str, str]
+) -> None:
+    dataset_id = register_digits(client, tenant)
+    refused = client.post("/v1/jobs", json=_spec(dataset_id, "client"), headers=tenant)
+    assert refused.status_code == 422 and refused.json()["field"] == "privacy.level"
+    assert client.get(f"/v1/datasets/{dataset_id}/ledger", headers=tenant).json()["items"] == []
 
 
 def test_non_private_federated_job_on_public_data(

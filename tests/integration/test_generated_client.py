@@ -140,3 +140,38 @@ def test_generated_client_runs_the_whole_workflow(generated: str, service: str) 
     assert len(answer.predictions) == 1 and len(answer.probabilities[0]) == 10
     assert missing.status_code == 404
     assert isinstance(missing.parsed, models.Problem) and missing.parsed.status == 404
+
+
+def test_generated_client_creates_an_analyst_key_that_cannot_register_budgeted_data(
+    generated: str, service: str
+) -> None:
+    # arrange
+    client_mod = _module(generated, "client")
+    models = _module(generated, "models")
+    create_tenant = _module(generated, "api.tenants.create_tenant")
+    create_api_key = _module(generated, "api.tenants.create_api_key")
+    create_dataset = _module(generated, "api.datasets.create_dataset")
+    admin = client_mod.AuthenticatedClient(base_url=service, token=ADMIN)
+    tenant = _ok(
+        create_tenant.sync_detailed(client=admin, body=models.TenantCreate(name="roles")), 201
+    )
+    analyst_body = models.ApiKeyCreate.from_dict({"role": "analyst"})
+    # act
+    analyst_key = _ok(create_api_key.sync_detailed(tenant.id, client=admin, body=analyst_body), 201)
+    owner_key = _ok(create_api_key.sync_detailed(tenant.id, client=admin), 201)
+    budgeted = models.DatasetCreate.from_dict(
+        {
+            "name": "digits",
+            "source": {"builtin": "digits"},
+            "privacy_budget": {"epsilon": 8.0, "delta": 1e-5},
+        }
+    )
+    as_analyst = client_mod.AuthenticatedClient(base_url=service, token=analyst_key.key)
+    as_owner = client_mod.AuthenticatedClient(base_url=service, token=owner_key.key)
+    refused = create_dataset.sync_detailed(client=as_analyst, body=budgeted)
+    registered = _ok(create_dataset.sync_detailed(client=as_owner, body=budgeted), 201)
+    # assert
+    assert analyst_key.role == "analyst" and owner_key.role == "owner"
+    assert refused.status_code == 403
+    assert isinstance(refused.parsed, models.Problem) and refused.parsed.status == 403
+    assert registered.privacy_budget.epsilon == 8.0

@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import pytest
 from fastapi.testclient import TestClient
 
 from tests.conftest import dp_job_spec, new_tenant, register_digits
@@ -30,9 +31,12 @@ def _id_routes(client: TestClient) -> list[tuple[str, str]]:
     ]
 
 
-def test_every_id_route_hides_other_tenants_objects(client: TestClient) -> None:
+# An analyst stranger too: an owner-only route must look the object up before the role (404,
+# not 403), so another tenant's ids stay indistinguishable from missing ones.
+@pytest.mark.parametrize("stranger_role", ["owner", "analyst"])
+def test_every_id_route_hides_other_tenants_objects(client: TestClient, stranger_role: str) -> None:
     # arrange: tenant A owns a dataset and a job; tenant B owns nothing
-    owner, stranger = new_tenant(client), new_tenant(client)
+    owner, stranger = new_tenant(client), new_tenant(client, role=stranger_role)
     dataset_id = register_digits(client, owner)
     job_id = client.post("/v1/jobs", json=dp_job_spec(dataset_id), headers=owner).json()["id"]
     ids = {"dataset_id": dataset_id, "job_id": job_id}

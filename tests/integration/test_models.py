@@ -324,3 +324,75 @@ def test_the_api_process_never_imports_torch(trained: Trained, service: Service)
     maps = Path(f"/proc/{service.pid}/maps")
     if maps.exists():  # the `ppml serve` process (uvicorn) after serving predictions
         assert "libtorch" not in maps.read_text()
+
+
+def _analyst(service: Service, trained: Trained) -> httpx.Client:
+    """An analyst key of the tenant that trained the jobs."""
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    tenants = httpx.get(f"{service.base}/v1/tenants", headers=admin).json()["items"]
+    tenant_id = next(t["id"] for t in tenants if t["name"] == "modeller")
+    key = httpx.post(
+        f"{service.base}/v1/tenants/{tenant_id}/api-keys", json={"role": "analyst"}, headers=admin
+    )
+    assert key.status_code == 201, key.text
+    headers = {"Authorization": f"Bearer {key.json()['key']}"}
+    return httpx.Client(base_url=service.base, headers=headers, timeout=30)
+
+
+def test_analysts_see_metrics_released_by_a_charged_gaussian_mechanism(
+    service: Service, trained: Trained
+) -> None:
+    # arrange
+    analyst = _analyst(service, trained)
+    job_id, dataset_id = trained.dp_job["id"], trained.dp_job["dataset_id"]
+    # act
+    job = analyst.get(f"/v1/jobs/{job_id}").json()
+    card = analyst.get(f"/v1/jobs/{job_id}/model/card").json()
+    ledger = analyst.get(f"/v1/datasets/{dataset_id}/ledger").json()["items"]
+    # assert: the metrics name their mechanism, and it is the one priced and charged
+    evaluation = job["privacy"]["evaluation"]
+    release = job["metrics"]["release"]
+    assert release["mechanism"] == evaluation["mechanism"] == "gaussian"
+    assert release["noise_multiplier"] == evaluation["noise_multiplier"] > 0
+    assert release["units"] == analyst.get(f"/v1/datasets/{dataset_id}").json()["num_test"]
+    assert release["accuracy_noise_std"] == release["noise_multiplier"] / release["units"]
+    commit = next(e for e in ledger if e["job_id"] == job_id and e["kind"] == "commit")
+    assert commit["event"]["eval_noise_multiplier"] == evaluation["noise_multiplier"]
+    assert commit["event"]["eval_releases"] == 2
+    assert job["privacy"]["epsilon_spent"] <= job["privacy"]["target_epsilon"]
+    # the files and the card carry the same release, never the exact figures
+    assert card["metrics"] == job["metrics"]
+    assert json.loads(card["receipt"]["metrics"]) == job["metrics"]
+    assert json.loads(card["receipt"]["evaluation"]) == evaluation
+
+
+def test_exact_metrics_are_for_the_datasets_owner_only(service: Service, trained: Trained) -> None:
+    # arrange
+    analyst = _analyst(service, trained)
+    path = f"/v1/jobs/{trained.dp_job['id']}/metrics/exact"
+    # act
+    refused = analyst.get(path)
+    exact = trained.client.get(path)
+    # assert
+    assert refused.status_code == 403
+    assert refused.headers["content-type"] == "application/problem+json"
+    assert exact.status_code == 200, exact.text
+    scores = exact.json()["metrics"]
+    assert 0.0 <= scores["test_accuracy"] <= 1.0 and scores["rows"] == scores["units"] > 0
+    assert scores["test_accuracy"] != trained.dp_job["metrics"]["test_accuracy"]  # noisy there
+
+
+def test_public_data_is_scored_exactly(trained: Trained) -> None:
+    release = trained.public_job["metrics"]["release"]
+    exact = trained.client.get(f"/v1/jobs/{trained.public_job['id']}/metrics/exact").json()
+    assert release["mechanism"] == "exact-public-data" and release["noise_multiplier"] is None
+    assert trained.public_job["metrics"]["test_accuracy"] == exact["metrics"]["test_accuracy"]
+
+
+def test_model_files_are_published_under_the_attempt_that_made_them(
+    service: Service, trained: Trained
+) -> None:
+    files = sorted(p.name for p in (service.data_dir / "models").iterdir())
+    job_id = trained.dp_job["id"]
+    assert f"{job_id}.attempt-1.safetensors" in files
+    assert f"{job_id}.attempt-1.onnx" in files

@@ -38,8 +38,19 @@ def _job_with_every_column_set(
         assert job is not None
         job.status = models.JobStatus.RUNNING
         job.progress = {"fraction": 0.25, "epoch": 1, "round": None, "steps": 7}
-        job.metrics = {"accuracy": 0.5}
-        job.metrics_history = [{"accuracy": 0.25}, {"accuracy": 0.5}]
+        release = {
+            "mechanism": "gaussian",
+            "scored_on": "test",
+            "validation_dataset_id": None,
+            "units": 360,
+            "noise_multiplier": 9.0,
+            "loss_clip": 4.0,
+            "accuracy_noise_std": 0.025,
+            "loss_noise_std": 0.1,
+        }
+        job.metrics = {"test_accuracy": 0.5, "test_loss": 1.0, "round": None, "release": release}
+        job.metrics_history = [{**job.metrics, "round": r} for r in (1, 2)]
+        job.exact_metrics = {"metrics": {"test_accuracy": 0.51, "test_loss": 1.1}, "history": None}
         job.error = {"code": "none", "message": "ünïcode"}
         job.lease_owner = "worker-1"
         job.lease_expires_at = now + timedelta(seconds=30)

@@ -16,6 +16,7 @@ from opacus.accountants import RDPAccountant  # noqa: E402
 from sklearn.datasets import load_digits  # noqa: E402
 
 from ppml.checkpoints import JobCheckpoints  # noqa: E402
+from ppml.datasets import record_keys  # noqa: E402
 from ppml.storage import ArtifactStore  # noqa: E402
 from ppml.training import DPPlan, TrainingPlan, train  # noqa: E402
 from ppml.training.checkpoint import load_checkpoint, save_checkpoint, start_of  # noqa: E402
@@ -210,6 +211,9 @@ def fed_fit(arrays: dict[str, np.ndarray], fed: FederatedPlan, **kwargs: Any) ->
         plan=local,
         fed=fed,
         device="cpu",
+        record_keys=record_keys(
+            "5e" * 32, "dirichlet:3", arrays["x_train"], arrays["y_train"].astype(str)
+        ),
         **kwargs,
     )
 

@@ -23,6 +23,7 @@ import pytest
 from ppml import datasets
 from ppml.datasets import (
     DatasetArrays,
+    DatasetSchema,
     UploadLimits,
     detect_format,
     load_arrays,
@@ -30,10 +31,17 @@ from ppml.datasets import (
     parse_upload,
     save_arrays,
 )
+from ppml.datasets.split import held_out
 from ppml.errors import InvalidInput, MalformedFile, PayloadTooLarge, PPMLError
 
 SECRET = "8675309.25"  # planted in files; must never appear in an error
 SECRET_WORD = "hunter2-secret"
+KEY = "5e" * 32  # a fixed split secret, so that small splits are reproducible here
+
+
+def within_binomial(n_test: int, n: int, fraction: float = 0.2) -> bool:
+    """A keyed split holds each unit out by a coin flip: n_test ~ Binomial(n, fraction)."""
+    return abs(n_test - fraction * n) <= 6 * (n * fraction * (1 - fraction)) ** 0.5
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -83,17 +91,17 @@ def test_sklearn_builtins_have_expected_shapes(
     name: str, n_total: int, num_features: int, classes: tuple[str, ...]
 ) -> None:
     # act
-    data = load_builtin(name, seed=0)
+    data = load_builtin(name, seed=0, secret=KEY)
 
-    # assert
+    # assert: sizes vary with the secret (each record is held out by itself)
     assert data.n_train + data.n_test == n_total
-    assert data.n_test == pytest.approx(0.2 * n_total, abs=1)
+    assert within_binomial(data.n_test, n_total)
     assert data.num_features == num_features == len(data.feature_names)
-    assert data.classes == classes and data.num_classes == len(classes)
+    assert data.classes == classes and data.num_classes == len(classes)  # the declared sets
     assert data.x_train.dtype == np.float32 and data.x_train.flags.c_contiguous
     assert data.y_train.dtype == np.int64
-    assert set(np.unique(data.y_test)) == set(range(len(classes)))  # stratified
-    assert data.num_clients is None
+    assert set(np.unique(data.y_test)) <= set(range(len(classes)))
+    assert data.num_clients is None and data.clients_test is None
 
 
 def test_digits_use_fixed_scaling_to_unit_range() -> None:
@@ -105,9 +113,9 @@ def test_digits_use_fixed_scaling_to_unit_range() -> None:
 
 
 @pytest.mark.parametrize("name", ["digits", "breast_cancer"])
-def test_sklearn_builtins_are_deterministic_per_seed(name: str) -> None:
+def test_sklearn_builtins_split_is_deterministic_per_secret(name: str) -> None:
     # act
-    first, again, other = (load_builtin(name, seed=s) for s in (3, 3, 4))
+    first, again, other = (load_builtin(name, secret=s) for s in (KEY, KEY, "a1" * 32))
 
     # assert
     np.testing.assert_array_equal(first.x_train, again.x_train)
@@ -118,7 +126,7 @@ def test_sklearn_builtins_are_deterministic_per_seed(name: str) -> None:
 @pytest.fixture(scope="module")
 def mnist1d_cache(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, DatasetArrays]:
     cache_dir = tmp_path_factory.mktemp("mnist1d")
-    return cache_dir, load_builtin("mnist1d", seed=1, cache_dir=cache_dir)
+    return cache_dir, load_builtin("mnist1d", seed=1, cache_dir=cache_dir, secret=KEY)
 
 
 def test_mnist1d_has_expected_shapes(mnist1d_cache: tuple[Path, DatasetArrays]) -> None:
@@ -126,8 +134,8 @@ def test_mnist1d_has_expected_shapes(mnist1d_cache: tuple[Path, DatasetArrays]) 
     _, data = mnist1d_cache
 
     # assert
-    assert data.n_train + data.n_test == 10_000
-    assert (data.n_train, data.n_test) == (8000, 2000)
+    assert data.n_train + data.n_test == 10_000  # generated train and test, pooled
+    assert within_binomial(data.n_test, 10_000)
     assert data.num_features == 40 and data.num_classes == 10
     assert data.x_train.dtype == np.float32
 
@@ -145,9 +153,9 @@ def test_mnist1d_is_cached_and_deterministic(
 
     # act
     start = time.perf_counter()
-    cached = load_builtin("mnist1d", seed=1, cache_dir=cache_dir)
+    cached = load_builtin("mnist1d", seed=1, cache_dir=cache_dir, secret=KEY)
     cached_seconds = time.perf_counter() - start
-    regenerated = load_builtin("mnist1d", seed=1)
+    regenerated = load_builtin("mnist1d", seed=1, secret=KEY)
 
     # assert
     assert (cache_dir / "mnist1d-v1-seed1.npz").is_file()
@@ -224,12 +232,12 @@ def test_csv_with_numeric_labels(tmp_path: Path) -> None:
     path = write_csv(tmp_path / "d.csv", ["a", "b", "label"], numeric_rows(50))
 
     # act
-    data = parse_upload(path, file_format="csv", target="label", seed=0)
+    data = parse_upload(path, file_format="csv", target="label", secret=KEY)
 
     # assert
     assert data.feature_names == ("a", "b")
     assert data.classes == ("0", "1")
-    assert (data.n_train, data.n_test) == (40, 10)
+    assert data.n_train + data.n_test == 50 and data.n_test > 0
     assert data.x_train.dtype == np.float32 and data.x_train.flags.c_contiguous
     assert data.clients_train is None and data.num_clients is None
 
@@ -240,7 +248,7 @@ def test_csv_labels_sort_numerically_and_keep_originals(tmp_path: Path) -> None:
     path = write_csv(tmp_path / "d.csv", ["f", "y"], rows)
 
     # act
-    data = parse_upload(path, file_format="csv", target="y")
+    data = parse_upload(path, file_format="csv", target="y", secret=KEY)
 
     # assert
     assert data.classes == ("2", "7", "10")
@@ -254,7 +262,7 @@ def test_csv_with_string_labels_and_client_column(tmp_path: Path) -> None:
     path = write_csv(tmp_path / "d.csv", ["species", "site", "f1", "f2"], rows)
 
     # act
-    data = parse_upload(path, file_format="csv", target="species", client_column="site")
+    data = parse_upload(path, file_format="csv", target="species", client_column="site", secret=KEY)
 
     # assert
     assert data.classes == ("cat", "dog", "emu")
@@ -265,26 +273,31 @@ def test_csv_with_string_labels_and_client_column(tmp_path: Path) -> None:
     assert len(data.clients_train) == data.n_train
 
 
-def test_csv_split_is_deterministic_and_stratified(tmp_path: Path) -> None:
+def test_csv_split_is_deterministic_per_secret_and_keyed_per_row(tmp_path: Path) -> None:
     # arrange
     path = write_csv(tmp_path / "d.csv", ["a", "b", "label"], numeric_rows(100))
 
     # act
-    first, again = (parse_upload(path, file_format="csv", target="label", seed=5) for _ in "12")
+    first, again = (parse_upload(path, file_format="csv", target="label", secret=KEY) for _ in "12")
+    other = parse_upload(path, file_format="csv", target="label", secret="a1" * 32)
 
-    # assert
+    # assert: each row's side is the keyed hash of its own features and label
     np.testing.assert_array_equal(first.x_train, again.x_train)
-    assert np.bincount(first.y_test).tolist() == [10, 10]
+    assert not np.array_equal(first.x_test, other.x_test)
+    x = np.concatenate([first.x_train, first.x_test])
+    labels = np.asarray(first.classes)[np.concatenate([first.y_train, first.y_test])]
+    held = held_out(x, labels, secret=KEY, test_fraction=0.2)
+    assert held.tolist() == [False] * first.n_train + [True] * first.n_test
 
 
-def test_tiny_class_falls_back_to_unstratified_split(tmp_path: Path) -> None:
-    # arrange: class 2 has a single row, which cannot be stratified
+def test_tiny_class_is_split_like_any_other_row(tmp_path: Path) -> None:
+    # arrange: class 2 has a single row (a stratified split had to special-case it)
     rows = numeric_rows(30)
     rows[0][2] = 2
     path = write_csv(tmp_path / "d.csv", ["a", "b", "label"], rows)
 
     # act
-    data = parse_upload(path, file_format="csv", target="label")
+    data = parse_upload(path, file_format="csv", target="label", secret=KEY)
 
     # assert
     assert data.num_classes == 3
@@ -514,14 +527,14 @@ def test_fewer_than_ten_rows_is_refused(tmp_path: Path) -> None:
         parse_upload(path, file_format="csv", target="label")
 
 
-@pytest.mark.parametrize("fraction", [0.0, 1.0, 0.99])
+@pytest.mark.parametrize("fraction", [0.0, 1.0, 1 - 1e-9])  # the last empties train
 def test_bad_test_fraction_is_refused(tmp_path: Path, fraction: float) -> None:
     # arrange
     path = write_csv(tmp_path / "d.csv", ["a", "b", "label"], numeric_rows(20))
 
     # act
     with pytest.raises(InvalidInput) as exc:
-        parse_upload(path, file_format="csv", target="label", test_fraction=fraction)
+        parse_upload(path, file_format="csv", target="label", test_fraction=fraction, secret=KEY)
 
     # assert
     assert exc.value.field == "test_fraction"
@@ -555,7 +568,9 @@ def test_parquet_with_string_labels_and_client_column(tmp_path: Path) -> None:
     )
 
     # act
-    data = parse_upload(path, file_format="parquet", target="label", client_column="hospital")
+    data = parse_upload(
+        path, file_format="parquet", target="label", client_column="hospital", secret=KEY
+    )
 
     # assert
     assert data.classes == ("no", "yes")
@@ -652,7 +667,7 @@ def test_npz_with_string_labels_and_clients(tmp_path: Path) -> None:
     )
 
     # act
-    data = parse_upload(path, file_format="npz", target=None, client_column="clients")
+    data = parse_upload(path, file_format="npz", target=None, client_column="clients", secret=KEY)
 
     # assert
     assert data.feature_names == ("x0", "x1", "x2")
@@ -665,11 +680,14 @@ def test_npz_without_client_column_ignores_clients_and_target(tmp_path: Path) ->
     # arrange
     n = 20
     path = write_npz(
-        tmp_path / "d.npz", x=np.ones((n, 2)), y=np.arange(n) % 2, clients=np.arange(n)
+        tmp_path / "d.npz",
+        x=np.arange(2.0 * n).reshape(n, 2),  # distinct rows: equal rows share a side
+        y=np.arange(n) % 2,
+        clients=np.arange(n),
     )
 
     # act
-    data = parse_upload(path, file_format="npz", target="whatever")
+    data = parse_upload(path, file_format="npz", target="whatever", secret=KEY)
 
     # assert
     assert data.clients_train is None
@@ -823,7 +841,9 @@ def test_save_and_load_round_trip(tmp_path: Path) -> None:
     # arrange
     rows = [[["cat", "dog"][i % 2], f"c{i % 3}", i / 10, 1.0] for i in range(30)]
     csv_path = write_csv(tmp_path / "d.csv", ["y", "site", "f1", "f2"], rows)
-    data = parse_upload(csv_path, file_format="csv", target="y", client_column="site")
+    data = parse_upload(
+        csv_path, file_format="csv", target="y", client_column="site", secret=KEY, unit="client"
+    )
     path = tmp_path / "store" / "arrays.npz"
     path.parent.mkdir()
 
@@ -832,10 +852,11 @@ def test_save_and_load_round_trip(tmp_path: Path) -> None:
     loaded = load_arrays(path)
 
     # assert
-    for name in ("x_train", "y_train", "x_test", "y_test", "clients_train"):
+    for name in ("x_train", "y_train", "x_test", "y_test", "clients_train", "clients_test"):
         np.testing.assert_array_equal(getattr(data, name), getattr(loaded, name))
     assert loaded.classes == data.classes and loaded.feature_names == data.feature_names
     assert loaded.num_clients == data.num_clients
+    assert loaded.num_test_clients == data.num_test_clients
     assert [p.name for p in path.parent.iterdir()] == ["arrays.npz"]  # no temp file left
 
 
@@ -849,7 +870,7 @@ def test_round_trip_without_clients(tmp_path: Path) -> None:
     loaded = load_arrays(path)
 
     # assert
-    assert loaded.clients_train is None
+    assert loaded.clients_train is None and loaded.clients_test is None
     np.testing.assert_array_equal(loaded.x_test, data.x_test)
 
 
@@ -862,3 +883,158 @@ def test_load_damaged_store_is_refused(tmp_path: Path, content: bytes) -> None:
     # act / assert
     with pytest.raises(MalformedFile):
         load_arrays(path)
+
+
+def test_store_without_clients_test_still_loads(tmp_path: Path) -> None:
+    # arrange: a file as written before client-unit splits (no clients_test member)
+    data = load_builtin("breast_cancer", secret=KEY)
+    path = tmp_path / "old.npz"
+    save_arrays(data, path)
+    with np.load(path) as npz:
+        members = {k: npz[k] for k in npz.files if k != "clients_test"}
+    write_npz(path, **members, clients_train=np.zeros(data.n_train, dtype=np.int64))
+
+    # act
+    loaded = load_arrays(path)
+
+    # assert
+    assert loaded.clients_test is None and loaded.num_test_clients is None
+    assert loaded.num_clients == 1
+
+
+# ----------------------------------------------------------------------------- client unit
+
+
+def client_csv(path: Path, num_clients: int, rows_per_client: int = 5) -> Path:
+    rows = [
+        [f"site-{c}", c + r / 10, r, ["no", "yes"][(c + r) % 2]]
+        for c in range(num_clients)
+        for r in range(rows_per_client)
+    ]
+    return write_csv(path, ["site", "f1", "f2", "label"], rows)
+
+
+def test_client_unit_split_holds_out_whole_clients(tmp_path: Path) -> None:
+    # arrange
+    path = client_csv(tmp_path / "d.csv", 40)
+
+    # act
+    data = parse_upload(
+        path, file_format="csv", target="label", client_column="site", secret=KEY, unit="client"
+    )
+
+    # assert: every client lies wholly on one side; the sides count clients apart
+    assert data.clients_train is not None and data.clients_test is not None
+    assert data.num_clients is not None and data.num_test_clients is not None
+    assert data.num_clients + data.num_test_clients == 40
+    assert data.n_train == 5 * data.num_clients and data.n_test == 5 * data.num_test_clients
+    train_sites = {round(float(f)) for f in data.x_train[:, 0] - data.x_train[:, 1] / 10}
+    test_sites = {round(float(f)) for f in data.x_test[:, 0] - data.x_test[:, 1] / 10}
+    assert not train_sites & test_sites
+    assert within_binomial(data.num_test_clients, 40)
+
+
+def test_record_unit_split_with_clients_keeps_no_test_clients(tmp_path: Path) -> None:
+    # arrange
+    path = client_csv(tmp_path / "d.csv", 10)
+
+    # act
+    data = parse_upload(path, file_format="csv", target="label", client_column="site", secret=KEY)
+
+    # assert
+    assert data.clients_test is None and data.num_test_clients is None
+
+
+# ----------------------------------------------------------------------------- declared schema
+
+
+def test_declared_classes_name_the_labels_in_declared_order(tmp_path: Path) -> None:
+    # arrange: "unknown" is declared but has no rows, which is fine
+    rows = [[i / 40, (i % 7) / 7, ["benign", "malignant"][i % 2]] for i in range(40)]
+    path = write_csv(tmp_path / "d.csv", ["a", "b", "label"], rows)
+    schema = DatasetSchema(classes=["malignant", "unknown", "benign"])
+
+    # act
+    data = parse_upload(path, file_format="csv", target="label", secret=KEY, schema=schema)
+
+    # assert: class i is the i-th declared name, whatever the data holds
+    assert data.classes == ("malignant", "unknown", "benign")
+    x = np.concatenate([data.x_train, data.x_test])
+    y = np.concatenate([data.y_train, data.y_test])
+    expected = np.where(np.round(x[:, 0] * 40).astype(int) % 2 == 1, 0, 2)
+    np.testing.assert_array_equal(y, expected)
+
+
+@pytest.mark.parametrize(
+    ("labels", "declared"),
+    [
+        (np.array([0.0, 1.0] * 10), ["0", "1"]),  # integer-valued floats
+        (np.arange(20) % 2, ["0.0", "1"]),  # declared float spellings
+        (np.array([True, False] * 10), ["False", "True"]),
+        (np.array(["a", "b"] * 10), ["b", "a"]),
+    ],
+    ids=["float-labels", "float-declared", "bool", "strings"],
+)
+def test_numeric_labels_match_their_usual_spelling(
+    tmp_path: Path, labels: np.ndarray, declared: list[str]
+) -> None:
+    # arrange
+    path = write_npz(tmp_path / "d.npz", x=np.arange(40.0).reshape(20, 2), y=labels)
+
+    # act
+    data = parse_upload(
+        path, file_format="npz", target=None, secret=KEY, schema=DatasetSchema(classes=declared)
+    )
+
+    # assert
+    assert data.classes == tuple(declared)
+    assert data.n_train + data.n_test == 20
+
+
+def test_undeclared_label_is_refused_without_echoing_it(tmp_path: Path) -> None:
+    # arrange
+    rows = numeric_rows(20)
+    rows[11][2] = SECRET_WORD
+    path = write_csv(tmp_path / "d.csv", ["a", "b", "label"], rows)
+
+    # act
+    with pytest.raises(InvalidInput) as exc:
+        parse_upload(
+            path, file_format="csv", target="label", schema=DatasetSchema(classes=["0", "1"])
+        )
+
+    # assert
+    assert exc.value.field == "schema.classes"
+    assert_private(exc.value)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "not json",
+        '["a", "b"]',
+        '{"classes": ["a"]}',
+        '{"classes": ["a", "a"]}',
+        '{"classes": ["1", "1.0"]}',
+        '{"classes": ["a", " "]}',
+        '{"classes": ["a", "b"], "extra": 1}',
+        '{"classes": ["a", 2]}',
+        '{"classes": ["a", "b", "c", "d", "e"]}',
+    ],
+    ids=["json", "list", "one", "dupe", "same-number", "blank", "extra", "non-string", "many"],
+)
+def test_bad_schema_is_refused_naming_the_field(text: str) -> None:
+    # act
+    with pytest.raises(InvalidInput) as exc:
+        datasets.parse_schema(text, max_classes=4)
+
+    # assert
+    assert exc.value.field == "schema"
+
+
+def test_schema_parses_a_declared_label_set() -> None:
+    # act
+    schema = datasets.parse_schema('{"classes": ["benign", "malignant"]}', max_classes=4)
+
+    # assert
+    assert schema.classes == ["benign", "malignant"]

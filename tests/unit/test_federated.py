@@ -17,7 +17,7 @@ torch = pytest.importorskip("torch")
 
 from opacus.accountants import RDPAccountant  # noqa: E402
 
-from ppml.datasets import load_builtin  # noqa: E402
+from ppml.datasets import load_builtin, record_keys  # noqa: E402
 from ppml.training.dp_sgd import TrainingPlan, train  # noqa: E402
 from ppml.training.federated import (  # noqa: E402
     DPFedAvgClientLevel,
@@ -44,6 +44,12 @@ from ppml.training.federated.functional import (  # noqa: E402
 from ppml.training.models import build_model  # noqa: E402
 
 NUM_CLASSES = 3
+SPLIT_SECRET = "5e" * 32
+
+
+def keys_for(arrays: dict[str, np.ndarray], domain: str = "dirichlet:0") -> np.ndarray:
+    """Per-row partition keys, as the worker computes them from the dataset's secret."""
+    return record_keys(SPLIT_SECRET, domain, arrays["x_train"], arrays["y_train"].astype(str))
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -114,7 +120,13 @@ def fit(
     *, plan: TrainingPlan, fed: FederatedPlan, dp: FederatedDP | None = None, **kwargs: Any
 ) -> FederatedResult:
     arrays = kwargs.pop("data", None) or make_data()
-    options = {"clients_train": None, "device": "cpu", "dp_seed": 11, **kwargs}
+    options = {
+        "clients_train": None,
+        "device": "cpu",
+        "dp_seed": 11,
+        "record_keys": keys_for(arrays),
+        **kwargs,
+    }
     return train_federated(**arrays, num_classes=NUM_CLASSES, plan=plan, fed=fed, dp=dp, **options)
 
 
@@ -428,7 +440,7 @@ def test_stop_before_the_first_round_reports_zero() -> None:
 
     assert result.stopped and result.rounds_done == 0 and result.steps_done == 0
     assert [(p.steps_done, p.fraction) for p in recorder.progress] == [(0, 0.0)]
-    assert set(result.metrics) == {"test_accuracy", "test_loss"}
+    assert {"test_accuracy", "test_loss", "unit_correct_sum"} <= set(result.metrics)
 
 
 def test_progress_reports_round_numbers() -> None:
@@ -444,7 +456,7 @@ def test_progress_reports_round_numbers() -> None:
     assert [p.epoch for p in recorder.progress] == [2, 4, 6]
     assert recorder.progress[-1].fraction == 1.0
     assert [h["round"] for h in result.history] == [2.0, 3.0]  # every 2nd and the last
-    assert result.metrics == {k: result.history[-1][k] for k in ("test_accuracy", "test_loss")}
+    assert all(result.metrics[k] == v for k, v in result.history[-1].items() if k in result.metrics)
     assert result.epsilon_opacus is not None and result.epsilon_opacus > 0
 
 
@@ -465,6 +477,85 @@ def test_column_partition_and_inconsistent_settings() -> None:
         fit(plan=make_plan(), fed=make_fed(), dp=wrong_rate)
     with pytest.raises(ValueError, match="clients_per_round"):
         make_fed(clients_per_round=7)
+
+
+@pytest.mark.parametrize("level", [None, "sample", "client"])
+def test_empty_clients_train_nothing_and_both_paths_agree(level: str | None) -> None:
+    # arrange: 40 rows over 30 Dirichlet(0.05) clients: many clients are empty, and an
+    # empty one is never refilled from other records
+    data = make_data(n=40)
+    fed = make_fed(num_clients=30, clients_per_round=30, rounds=2, alpha=0.05)
+    dp = {None: None, "client": client_dp(fed), "sample": sample_dp(0.5)}[level]
+    sizes = [len(p) for p in partition_of(fed, data)]
+    assert 0 in sizes
+
+    # act
+    fast = fit(plan=make_plan(), fed=dataclasses.replace(fed, vectorized=True), dp=dp, data=data)
+    slow = fit(plan=make_plan(), fed=dataclasses.replace(fed, vectorized=False), dp=dp, data=data)
+
+    # assert: empty clients still count as sampled, and nothing turns NaN
+    assert all(torch.isfinite(t).all() for t in fast.state_dict.values())
+    assert max_diff(fast.state_dict, slow.state_dict) < 1e-5
+    if level != "client":
+        assert [h["clients"] for h in fast.history] == [30.0, 30.0]
+
+
+class _OnesTrainer:
+    """Every trained client reports a delta of ones."""
+
+    def __init__(self) -> None:
+        self.trained: list[int] = []
+
+    def train(self, params: Any, tasks: Any) -> Iterator[tuple[Any, Any]]:
+        self.trained += [t.client_id for t in tasks]
+        yield tasks, torch.ones(len(tasks), params.numel())
+
+
+@pytest.mark.parametrize(
+    ("weighted", "shards", "expected"),
+    [
+        (False, [[0, 1], [], [2]], 2 / 3),  # each client once: the empty one adds a zero
+        (True, [[0, 1], [], [2]], 1.0),  # weights n_k: the empty one weighs nothing
+        (True, [[], [], []], 0.0),  # nobody trained: the model stays
+        (False, [[], [], []], 0.0),
+    ],
+)
+def test_an_empty_client_reports_a_zero_update(
+    weighted: bool, shards: list[list[int]], expected: float
+) -> None:
+    # arrange: every client sampled, none dropping out
+    from ppml.training.federated.simulation import _Simulation
+
+    trainer = _OnesTrainer()
+    sim = _Simulation(
+        fed=make_fed(num_clients=3, clients_per_round=3),
+        strategy=FedAvg(clients_per_round=3, local_epochs=1),
+        trainer=trainer,
+        shards=[torch.tensor(s, dtype=torch.long) for s in shards],
+        base_seed=0,
+        weighted=weighted,
+    )
+
+    # act
+    params, clients = sim.run_round(0, torch.zeros(4))
+
+    # assert: empty clients are never trained but count as sampled
+    assert clients == 3
+    assert trainer.trained == [i for i, s in enumerate(shards) if s]
+    assert torch.allclose(params, torch.full((4,), expected))
+
+
+def partition_of(fed: FederatedPlan, data: dict[str, np.ndarray]) -> list[np.ndarray]:
+    from ppml.training.federated import partition
+
+    return partition(
+        fed.partition,
+        labels=data["y_train"],
+        num_clients=fed.num_clients,
+        alpha=fed.alpha,
+        seed=0,
+        keys=keys_for(data),
+    )
 
 
 def test_a_thousand_clients_of_fifty_rows_run_in_one_round() -> None:
@@ -540,6 +631,7 @@ def test_fedavg_on_dirichlet_mnist1d_nears_centralised_accuracy(
         fed=fed,
         dp=None,
         device="cpu",
+        record_keys=keys_for(arrays),
     )
 
     # assert (measured: federated 0.67, centralised 0.71)

@@ -5,16 +5,29 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from ppml.datasets.keys import record_keys
 from ppml.training.federated.partition import column, dirichlet, iid, partition
 
 N_CLASSES = 10
 LABELS = np.repeat(np.arange(N_CLASSES), 200)  # 2,000 rows, balanced
+SECRET = "5e" * 32
 
 
-def _check_disjoint_and_complete(parts: list[np.ndarray], n: int) -> None:
+def keys_of(labels: np.ndarray, domain: str = "iid:0") -> np.ndarray:
+    """Real record keys of distinct rows with these labels."""
+    x = np.arange(len(labels), dtype=np.float32).reshape(-1, 1)
+    return record_keys(SECRET, domain, x, labels.astype(str))
+
+
+KEYS = keys_of(LABELS)
+
+
+def _check_disjoint_and_complete(
+    parts: list[np.ndarray], n: int, *, non_empty: bool = False
+) -> None:
     joined = np.concatenate(parts)
     assert all(p.dtype == np.int64 for p in parts)
-    assert all(len(p) >= 1 for p in parts)
+    assert all(len(p) >= 1 for p in parts) or not non_empty
     assert len(joined) == n
     assert np.array_equal(np.sort(joined), np.arange(n))
 
@@ -25,6 +38,7 @@ def _mean_label_skew(labels: np.ndarray, parts: list[np.ndarray]) -> float:
     distances = [
         0.5 * np.abs(np.bincount(labels[p], minlength=N_CLASSES) / len(p) - overall).sum()
         for p in parts
+        if len(p)
     ]
     return float(np.mean(distances))
 
@@ -32,13 +46,12 @@ def _mean_label_skew(labels: np.ndarray, parts: list[np.ndarray]) -> float:
 @pytest.mark.parametrize(
     "parts",
     [
-        pytest.param(lambda: iid(len(LABELS), 7, seed=0), id="iid"),
-        pytest.param(lambda: dirichlet(LABELS, 20, 0.1, seed=0), id="dirichlet-0.1"),
-        pytest.param(lambda: dirichlet(LABELS, 20, 100.0, seed=0), id="dirichlet-100"),
-        pytest.param(lambda: column(LABELS % 13), id="column"),
+        pytest.param(lambda: iid(KEYS, 7), id="iid"),
+        pytest.param(lambda: dirichlet(LABELS, KEYS, 20, 0.1, seed=0), id="dirichlet-0.1"),
+        pytest.param(lambda: dirichlet(LABELS, KEYS, 20, 100.0, seed=0), id="dirichlet-100"),
     ],
 )
-def test_partitions_are_disjoint_complete_and_non_empty(parts: object) -> None:
+def test_keyed_partitions_are_disjoint_and_complete(parts: object) -> None:
     # act
     result = parts()  # type: ignore[operator]
 
@@ -46,18 +59,27 @@ def test_partitions_are_disjoint_complete_and_non_empty(parts: object) -> None:
     _check_disjoint_and_complete(result, len(LABELS))
 
 
-def test_iid_sizes_are_balanced() -> None:
-    sizes = [len(p) for p in iid(1003, 10, seed=3)]
+def test_column_partition_is_disjoint_complete_and_non_empty() -> None:
+    _check_disjoint_and_complete(column(LABELS % 13), len(LABELS), non_empty=True)
 
-    assert max(sizes) - min(sizes) <= 1
+
+def test_iid_sizes_are_binomial() -> None:
+    # arrange: each record picks its client by its own key, so sizes are Binomial(n, 1/k)
+    keys = keys_of(np.arange(1003) % 3)
+
+    # act
+    sizes = [len(p) for p in iid(keys, 10)]
+
+    # assert
     assert sum(sizes) == 1003
+    assert all(abs(s - 100.3) <= 6 * (1003 * 0.1 * 0.9) ** 0.5 for s in sizes)
 
 
 def test_small_alpha_skews_labels_far_more_than_large_alpha() -> None:
     # act
-    skew_small = _mean_label_skew(LABELS, dirichlet(LABELS, 20, 0.1, seed=1))
-    skew_large = _mean_label_skew(LABELS, dirichlet(LABELS, 20, 100.0, seed=1))
-    skew_iid = _mean_label_skew(LABELS, iid(len(LABELS), 20, seed=1))
+    skew_small = _mean_label_skew(LABELS, dirichlet(LABELS, KEYS, 20, 0.1, seed=1))
+    skew_large = _mean_label_skew(LABELS, dirichlet(LABELS, KEYS, 20, 100.0, seed=1))
+    skew_iid = _mean_label_skew(LABELS, iid(KEYS, 20))
 
     # assert: alpha = 0.1 leaves most clients with a few classes; alpha = 100 is near iid
     assert skew_small > 0.5
@@ -66,27 +88,28 @@ def test_small_alpha_skews_labels_far_more_than_large_alpha() -> None:
     assert skew_iid < 0.15
 
 
-def test_partitions_are_deterministic_for_a_seed() -> None:
-    first = dirichlet(LABELS, 20, 0.5, seed=7)
-    again = dirichlet(LABELS, 20, 0.5, seed=7)
-    other = dirichlet(LABELS, 20, 0.5, seed=8)
+def test_partitions_are_deterministic_for_keys_and_seed() -> None:
+    first = dirichlet(LABELS, KEYS, 20, 0.5, seed=7)
+    again = dirichlet(LABELS, KEYS, 20, 0.5, seed=7)
+    other_seed = dirichlet(LABELS, KEYS, 20, 0.5, seed=8)
+    other_keys = dirichlet(LABELS, keys_of(LABELS, "dirichlet:1"), 20, 0.5, seed=7)
 
     assert all(np.array_equal(a, b) for a, b in zip(first, again, strict=True))
-    assert not all(np.array_equal(a, b) for a, b in zip(first, other, strict=True))
-    assert all(
-        np.array_equal(a, b) for a, b in zip(iid(50, 4, seed=1), iid(50, 4, seed=1), strict=True)
-    )
+    assert not all(np.array_equal(a, b) for a, b in zip(first, other_seed, strict=True))
+    assert not all(np.array_equal(a, b) for a, b in zip(first, other_keys, strict=True))
+    assert all(np.array_equal(a, b) for a, b in zip(iid(KEYS, 4), iid(KEYS, 4), strict=True))
 
 
-def test_dirichlet_rebalances_empty_clients_minimally() -> None:
-    # arrange: 60 rows over 50 clients at a tiny alpha leaves most clients empty at first
+def test_dirichlet_leaves_clients_empty_rather_than_moving_records() -> None:
+    # arrange: 60 rows over 50 clients at a tiny alpha: most clients get nothing
     labels = np.arange(60) % 3
 
     # act
-    parts = dirichlet(labels, 50, 0.01, seed=0)
+    parts = dirichlet(labels, keys_of(labels), 50, 0.01, seed=0)
 
-    # assert: everyone has a row (the check includes non-emptiness)
+    # assert: no refilling from other records
     _check_disjoint_and_complete(parts, 60)
+    assert sum(len(p) == 0 for p in parts) > 0
 
 
 def test_column_uses_the_distinct_ids_in_order() -> None:
@@ -102,12 +125,15 @@ def test_column_uses_the_distinct_ids_in_order() -> None:
 @pytest.mark.parametrize(
     ("call", "message"),
     [
-        (lambda: iid(5, 6, seed=0), "must not exceed"),
-        (lambda: iid(5, 0, seed=0), "positive"),
-        (lambda: dirichlet(LABELS, 5, 0.0, seed=0), "alpha"),
+        (lambda: iid(KEYS[:5], 6), "must not exceed"),
+        (lambda: iid(KEYS[:5], 0), "positive"),
+        (lambda: iid(np.arange(5), 2), "uint64"),
+        (lambda: dirichlet(LABELS, KEYS, 5, 0.0, seed=0), "alpha"),
+        (lambda: dirichlet(LABELS, KEYS[:5], 5, 1.0, seed=0), "one entry per row"),
         (lambda: column(np.array([0, -1])), "negative"),
         (lambda: partition("column", labels=LABELS, num_clients=2, alpha=1, seed=0), "client col"),
         (lambda: partition("shards", labels=LABELS, num_clients=2, alpha=1, seed=0), "unknown"),
+        (lambda: partition("iid", labels=LABELS, num_clients=2, alpha=1, seed=0), "one key"),
     ],
 )
 def test_partitioners_refuse_bad_arguments(call: object, message: str) -> None:

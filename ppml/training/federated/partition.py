@@ -1,19 +1,28 @@
-"""Partitioners: split the training rows into federated clients (pure numpy, seeded).
+"""Partitioners: split the training rows into federated clients (pure numpy).
 
 Every partitioner returns one sorted int64 index array per client; together they are
-disjoint and cover every row exactly once, and no client is empty.
+disjoint and cover every row exactly once.
+
+``iid`` and ``dirichlet`` place each record by its own key (a keyed hash of the record
+under the dataset's secret, computed by the caller with ``ppml.datasets.keys``), so a
+record's client is a function of that record and secret randomness alone: adding,
+removing or relabelling one record moves no other (PRIVACY.md, "Every release is a
+mechanism"; parallel composition of sample-level DP across clients needs it). The price
+is that a simulated client may be empty: nothing refills it from other records.
+``column`` uses the data's natural clients, which are never empty.
 """
 
 from __future__ import annotations
 
-import heapq
-
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["PARTITIONERS", "column", "dirichlet", "iid", "partition"]
+from ppml.datasets.keys import uniform
+
+__all__ = ["KEYED", "PARTITIONERS", "class_proportions", "column", "dirichlet", "iid", "partition"]
 
 PARTITIONERS = ("iid", "dirichlet", "column")
+KEYED = frozenset({"iid", "dirichlet"})
 
 IndexArrays = list[npt.NDArray[np.int64]]
 
@@ -32,20 +41,30 @@ def _groups(owner: npt.NDArray[np.int64], num_clients: int) -> IndexArrays:
     return list(np.split(order, np.cumsum(counts)[:-1]))
 
 
-def iid(n: int, num_clients: int, seed: int) -> IndexArrays:
-    """Shuffles the rows and deals them out; client sizes differ by at most one.
+def _uniforms(keys: npt.ArrayLike) -> npt.NDArray[np.float64]:
+    k = np.asarray(keys)
+    if k.ndim != 1 or k.dtype != np.uint64:
+        raise ValueError("keys must be a one-dimensional uint64 array, one per row")
+    return uniform(k)
+
+
+def iid(keys: npt.ArrayLike, num_clients: int) -> IndexArrays:
+    """Each record goes to client ``floor(u · num_clients)``, ``u`` uniform from its key.
+
+    Client sizes are Binomial(n, 1/num_clients): balanced in expectation, and a client
+    may be empty.
 
     Args:
-        n: Number of training rows.
+        keys: One uint64 key per training row (``record_keys(secret, "iid:<seed>", ...)``).
         num_clients: Number of clients, ``1..n``.
-        seed: Seeds the shuffle.
 
     Returns:
         One sorted index array per client.
     """
-    _check_counts(n, num_clients)
-    perm = np.random.default_rng(seed).permutation(n).astype(np.int64)
-    return [np.sort(part) for part in np.array_split(perm, num_clients)]
+    u = _uniforms(keys)
+    _check_counts(len(u), num_clients)
+    owner = np.minimum((u * num_clients).astype(np.int64), num_clients - 1)
+    return _groups(owner, num_clients)
 
 
 def _class_proportions(rng: np.random.Generator, num_clients: int, alpha: float) -> np.ndarray:
@@ -57,60 +76,50 @@ def _class_proportions(rng: np.random.Generator, num_clients: int, alpha: float)
     return p
 
 
-def _fill_empty(owner: npt.NDArray[np.int64], num_clients: int, rng: np.random.Generator) -> None:
-    """Gives every empty client one row, taken from the currently largest client."""
-    counts = np.bincount(owner, minlength=num_clients)
-    empty = np.flatnonzero(counts == 0)
-    if empty.size == 0:
-        return
-    # Rows grouped by owner, in random order within each group, so a donor gives away
-    # random rows by popping from the end of its group.
-    perm = rng.permutation(len(owner))
-    order = perm[np.argsort(owner[perm], kind="stable")]
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    heap = [(-int(c), int(j)) for j, c in enumerate(counts) if c > 1]
-    heapq.heapify(heap)
-    for receiver in empty:
-        neg_count, donor = heapq.heappop(heap)
-        count = -neg_count
-        owner[order[starts[donor] + count - 1]] = receiver
-        if count - 1 > 1:
-            heapq.heappush(heap, (-(count - 1), donor))
+def class_proportions(seed: int, label: int, num_clients: int, alpha: float) -> np.ndarray:
+    """Class ``label``'s proportions over the clients, ~ Dir(alpha), from ``(seed, label)``
+    alone: neither the data nor the other classes change them."""
+    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(label,)))
+    return _class_proportions(rng, num_clients, alpha)
 
 
-def dirichlet(labels: npt.ArrayLike, num_clients: int, alpha: float, seed: int) -> IndexArrays:
-    """Label skew: each class is split over the clients in proportions ~ Dir(alpha).
+def dirichlet(
+    labels: npt.ArrayLike, keys: npt.ArrayLike, num_clients: int, alpha: float, seed: int
+) -> IndexArrays:
+    """Label skew: class ``c`` is spread over the clients in proportions ``p_c ~ Dir(alpha)``.
 
-    Small ``alpha`` (0.1) gives clients that see few classes; large ``alpha`` (100)
-    approaches an iid split. A client left without rows then takes one row from the
-    currently largest client, which is the smallest change that makes every client
-    non-empty.
+    A record of class ``c`` goes to the client whose interval of ``cumsum(p_c)`` holds
+    ``u``, the uniform from its own key, so client ``j`` receives each record of class
+    ``c`` with probability ``p_c[j]``. Small ``alpha`` (0.1) gives clients that see few
+    classes; large ``alpha`` (100) approaches iid. Clients may be empty.
 
     Args:
         labels: Class index of each training row, shape ``(n,)``.
+        keys: One uint64 key per training row (``record_keys(secret, "dirichlet:<seed>",
+            ...)``).
         num_clients: Number of clients, ``1..n``.
         alpha: Dirichlet concentration, > 0.
-        seed: Seeds the proportions and the shuffles.
+        seed: Seeds the proportions (never the data); the worker derives it from the
+            dataset's secret and the job's seed.
 
     Returns:
-        One sorted, non-empty index array per client.
+        One sorted index array per client.
     """
     y = np.asarray(labels)
     if y.ndim != 1:
         raise ValueError("labels must be one-dimensional")
+    u = _uniforms(keys)
+    if u.shape != y.shape:
+        raise ValueError("labels and keys must have one entry per row")
     _check_counts(len(y), num_clients)
     if not alpha > 0 or not np.isfinite(alpha):
         raise ValueError("alpha must be a positive number")
-    rng = np.random.default_rng(seed)
     owner = np.empty(len(y), dtype=np.int64)
-    for cls in np.unique(y):
+    for cls in np.unique(y).tolist():
         rows = np.flatnonzero(y == cls)
-        rng.shuffle(rows)
-        cuts = np.round(np.cumsum(_class_proportions(rng, num_clients, alpha)) * len(rows))
-        cuts = np.minimum(cuts[:-1].astype(np.int64), len(rows))
-        for client, part in enumerate(np.split(rows, cuts)):
-            owner[part] = client
-    _fill_empty(owner, num_clients, rng)
+        edges = np.cumsum(class_proportions(seed, int(cls), num_clients, alpha))
+        picked = np.searchsorted(edges, u[rows], side="right")
+        owner[rows] = np.minimum(picked, num_clients - 1)  # rounding: cumsum may end below 1
     return _groups(owner, num_clients)
 
 
@@ -140,6 +149,7 @@ def partition(
     alpha: float,
     seed: int,
     clients_train: npt.ArrayLike | None = None,
+    keys: npt.ArrayLike | None = None,
 ) -> IndexArrays:
     """Dispatches to a partitioner by name.
 
@@ -148,16 +158,21 @@ def partition(
         labels: Class index of each training row.
         num_clients: Number of clients; for ``"column"`` it must equal the number of ids.
         alpha: Dirichlet concentration (``"dirichlet"`` only).
-        seed: Seeds the split (``"iid"`` and ``"dirichlet"``).
+        seed: Seeds the Dirichlet proportions (``"dirichlet"`` only).
         clients_train: Client id per training row (``"column"`` only).
+        keys: One uint64 key per training row (``"iid"`` and ``"dirichlet"``).
 
     Returns:
-        One sorted, non-empty index array per client.
+        One sorted index array per client (``"column"``: each non-empty).
     """
+    if scheme in KEYED and keys is None:
+        raise ValueError(f"the {scheme} partition needs one key per training row")
     if scheme == "iid":
-        return iid(len(np.asarray(labels)), num_clients, seed)
+        assert keys is not None
+        return iid(keys, num_clients)
     if scheme == "dirichlet":
-        return dirichlet(labels, num_clients, alpha, seed)
+        assert keys is not None
+        return dirichlet(labels, keys, num_clients, alpha, seed)
     if scheme == "column":
         if clients_train is None:
             raise ValueError("the column partition needs a dataset with a client column")

@@ -41,8 +41,8 @@ from ppml.training.checkpoint import CheckpointSink, snapshot, start_of
 from ppml.training.dp_sgd import (
     TrainingCallbacks,
     TrainingPlan,
-    evaluate,
     initial_model,
+    score,
     to_tensors,
 )
 from ppml.training.federated.clients import (
@@ -192,11 +192,20 @@ class _Simulation:
             for client, config, ok in zip(sampled, configs, survived, strict=True)
             if ok
         ]
+        # A keyed partition may leave a client empty: it trains nothing and reports a zero
+        # update, which counts once where every client counts once (sample-level DP, so the
+        # average's denominator does not depend on whether one record is present) and adds
+        # nothing elsewhere (weight n_k = 0; a clipped zero under client-level DP).
+        trained = [t for t in tasks if len(t.rows)]
         partial = None
-        for chunk, deltas in self.trainer.train(params, tasks):
+        for chunk, deltas in self.trainer.train(params, trained) if trained else ():
             weights = [float(len(t.rows)) if self.weighted else 1.0 for t in chunk]
             weight_tensor = torch.tensor(weights, dtype=params.dtype, device=params.device)
             partial = self.strategy.accumulate(partial, deltas, weight_tensor)
+        empty = len(tasks) - len(trained)
+        if empty and not self.weighted:
+            zeros = params.new_zeros((empty, params.numel()))
+            partial = self.strategy.accumulate(partial, zeros, params.new_ones(empty))
         return self.strategy.finish(params, partial), len(tasks)
 
 
@@ -230,6 +239,8 @@ def train_federated(
     dp_seed: int | None = None,
     checkpoint: CheckpointSink | None = None,
     resume: Mapping[str, Any] | None = None,
+    record_keys: npt.NDArray[np.uint64] | None = None,
+    partition_seed: int | None = None,
 ) -> FederatedResult:
     """Simulates federated training and scores the global model on held-out data.
 
@@ -253,6 +264,12 @@ def train_federated(
         resume: A state ``checkpoint`` received: the simulation continues with the
             round after it; ``steps_done``, ``rounds_done`` and ``history`` include
             the rounds before it.
+        record_keys: One uint64 key per training row, a keyed hash of the row under the
+            dataset's secret (``ppml.datasets.keys.partition_keys``); required by the
+            ``"iid"`` and ``"dirichlet"`` partitions, which place every row by its key
+            alone (a client may then be empty).
+        partition_seed: Seeds the Dirichlet proportions; the worker derives it from the
+            dataset's secret. None: ``plan.seed`` (tests).
 
     Returns:
         The global model, steps and rounds done, metrics, per-round history and ε.
@@ -273,8 +290,9 @@ def train_federated(
         labels=np.asarray(y_train),
         num_clients=fed.num_clients,
         alpha=fed.alpha,
-        seed=plan.seed,
+        seed=plan.seed if partition_seed is None else partition_seed,
         clients_train=clients_train,
+        keys=record_keys,
     )
     module = initial_model(plan, x.shape[1], num_classes).to(dev)
     base_seed = plan.seed if dp is None else (secrets.randbits(63) if dp_seed is None else dp_seed)
@@ -305,7 +323,7 @@ def train_federated(
         rounds_done = round_index + 1
         if rounds_done % fed.eval_every == 0 or rounds_done == fed.rounds:
             layout.load(module, params)
-            entry = {"round": float(rounds_done), **evaluate(module, x_te, y_te)}
+            entry = {"round": float(rounds_done), **score(module, x_te, y_te, plan)}
             if dp is None or dp.level != "client":
                 entry["clients"] = float(clients)
             history.append(entry)
@@ -330,7 +348,7 @@ def train_federated(
         steps_done=steps_done,
         rounds_done=rounds_done,
         stopped=stopped,
-        metrics=evaluate(module, x_te, y_te),
+        metrics=score(module, x_te, y_te, plan),
         history=history,
         epsilon_opacus=_epsilon(dp, steps_done),
         device=str(dev),

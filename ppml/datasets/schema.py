@@ -1,0 +1,106 @@
+"""The dataset schema an owner declares at upload: what may be released about the data's shape.
+
+The label set is part of it: released class names must come from the owner's declaration,
+never from the distinct values of the private target column (PRIVACY.md, "Every release is
+a mechanism"). Later versions add the input shape, feature bounds and column names here.
+
+Pure pydantic; the API process imports this module.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from ppml.errors import InvalidInput
+
+__all__ = ["MAX_CLASS_NAME", "DatasetSchema", "canonical_label", "parse_schema"]
+
+MAX_CLASS_NAME = 200
+
+
+class DatasetSchema(BaseModel):
+    """A dataset's declared schema.
+
+    Attributes:
+        classes: The label set; class index ``i`` is the label at position ``i``.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    classes: list[str] = Field(
+        min_length=2,
+        description="The declared label set, 2 or more unique non-empty names; class index i "
+        "is the name at position i. Numeric labels match their usual spelling (1.0 matches "
+        '"1"). Released in place of the target column\'s values.',
+        examples=[["benign", "malignant"]],
+    )
+
+    @field_validator("classes")
+    @classmethod
+    def _names_are_distinct_labels(cls, classes: list[str]) -> list[str]:
+        if any(not name.strip() or len(name) > MAX_CLASS_NAME for name in classes):
+            raise ValueError(f"class names must be non-empty, at most {MAX_CLASS_NAME} characters")
+        if len({canonical_label(name) for name in classes}) != len(classes):
+            raise ValueError("class names must be unique (1 and 1.0 name the same label)")
+        return classes
+
+
+def parse_schema(text: str, *, max_classes: int) -> DatasetSchema:
+    """Parses the JSON text of an upload's ``schema`` field.
+
+    Args:
+        text: A JSON object such as ``{"classes": ["benign", "malignant"]}``.
+        max_classes: The most classes a dataset may declare.
+
+    Returns:
+        The validated schema.
+
+    Raises:
+        InvalidInput: Invalid JSON or schema (``field="schema"``).
+    """
+    try:
+        schema = DatasetSchema.model_validate_json(text)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "schema"
+        raise InvalidInput(
+            f'schema must be a JSON object like {{"classes": ["a", "b"]}}: {where}: {first["msg"]}',
+            field="schema",
+        ) from None
+    if len(schema.classes) > max_classes:
+        raise InvalidInput(
+            f"schema.classes declares more than {max_classes} classes", field="schema"
+        )
+    return schema
+
+
+def canonical_label(value: object) -> str:
+    """The spelling a label is matched by: integers and integer-valued floats as ``"1"``,
+    other numbers by their shortest repr, booleans as ``"True"``/``"False"``, other
+    strings as given (numeric-looking strings as their number)."""
+    if isinstance(value, bool | np.bool_):
+        return "True" if value else "False"
+    if isinstance(value, int | np.integer):
+        return str(int(value))
+    if isinstance(value, float | np.floating):
+        return _canonical_float(float(str(value)))  # str: numpy's shortest form per dtype
+    text = str(value)
+    if text.lower() in ("true", "false"):
+        return text.capitalize()
+    try:
+        return str(int(text))
+    except ValueError:
+        pass
+    try:
+        return _canonical_float(float(text))
+    except ValueError:
+        return text
+
+
+def _canonical_float(number: float) -> str:
+    if not math.isfinite(number):
+        return repr(number)
+    return str(int(number)) if number.is_integer() else repr(number)

@@ -1,0 +1,244 @@
+"""Held-out metrics as releases: exact for the data's owner, a Gaussian mechanism for analysts.
+
+Held-out rows are protected rows (PRIVACY.md). Scoring a model on them computes, per privacy
+unit ``u`` (a record, or a whole client on a client-unit dataset):
+
+* ``a_u`` the fraction of the unit's rows predicted correctly, in ``[0, 1]``;
+* ``l_u`` the unit's mean cross-entropy clipped to ``[0, B]`` (``B = loss_clip``).
+
+What an analyst sees is ``(Σ a_u + N(0, z²)) / U`` and ``(Σ l_u + N(0, (zB)²)) / U``, where
+``U`` is the number of scored units (released metadata). Adding, removing or changing one
+unit moves ``Σ a_u`` by at most 1 and ``Σ l_u`` by at most ``B``, so each set of metrics is
+two Gaussian mechanisms of noise multiplier ``z`` (sensitivity 1 after scaling), priced by
+``ppml.privacy.accounting.evaluation_curve`` and charged with the job. Clamping the noisy
+figures to their ranges is post-processing. The noise comes from the OS CSPRNG.
+
+Exact figures (unclipped mean loss, accuracy over rows) are stored apart for the owner.
+This module is pure Python and numpy: the API and the worker both use it.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+__all__ = [
+    "DEFAULT_EVAL_SHARE",
+    "DEFAULT_LOSS_CLIP",
+    "MAX_METRIC_RELEASES",
+    "SCALARS_PER_RELEASE",
+    "EvaluationPlan",
+    "Mechanism",
+    "ReleasedMetrics",
+    "default_evaluate_every",
+    "exact_metrics",
+    "metric_releases",
+    "release_metrics",
+    "release_outcome",
+]
+
+#: Fraction of a job's target ε spent on its analyst-visible metrics by default.
+DEFAULT_EVAL_SHARE = 0.03
+#: Per-example cross-entropy is clipped to this many nats before it is summed.
+DEFAULT_LOSS_CLIP = 4.0
+#: At most this many sets of metrics per job (a federated history included).
+MAX_METRIC_RELEASES = 50
+#: Each set of metrics is two scalar releases: correct predictions and clipped loss.
+SCALARS_PER_RELEASE = 2
+
+Mechanism = Literal["gaussian", "exact-public-data", "exact-public-validation", "withheld"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvaluationPlan:
+    """How a job's metrics are released, fixed when the job is priced.
+
+    Attributes:
+        mechanism: ``gaussian`` (budgeted data, charged), ``exact-public-data`` (the
+            dataset has no budget), ``exact-public-validation`` (scored on the owner's
+            public validation set, free) or ``withheld`` (budgeted data and an evaluation
+            share of 0: analysts see no metrics).
+        noise_multiplier: ``z`` of the Gaussian releases (``gaussian`` only).
+        loss_clip: ``B``, the per-example loss bound (``gaussian`` only).
+        releases: Sets of metrics the job may release (1, or a federated history's length).
+        epsilon_share: Fraction of the job's target ε the releases were given.
+        scored_on: ``test`` (the dataset's held-out units) or ``validation``.
+        validation_dataset_id: The public set that scores the job, if any.
+    """
+
+    mechanism: Mechanism
+    noise_multiplier: float | None = None
+    loss_clip: float | None = None
+    releases: int = 1
+    epsilon_share: float = 0.0
+    scored_on: Literal["test", "validation"] = "test"
+    validation_dataset_id: str | None = None
+
+    @property
+    def scalar_releases(self) -> int:
+        """Scalar Gaussian releases to charge (0 unless ``gaussian``)."""
+        return SCALARS_PER_RELEASE * self.releases if self.mechanism == "gaussian" else 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """The job's privacy record's ``evaluation`` entry."""
+        return {
+            "mechanism": self.mechanism,
+            "noise_multiplier": self.noise_multiplier,
+            "loss_clip": self.loss_clip,
+            "releases": self.releases,
+            "scalar_releases": self.scalar_releases,
+            "epsilon_share": self.epsilon_share,
+            "scored_on": self.scored_on,
+            "validation_dataset_id": self.validation_dataset_id,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> EvaluationPlan:
+        """Inverse of :meth:`to_dict`; a job priced before metrics were released through a
+        mechanism (no entry) shows none to analysts."""
+        if not data:
+            return cls(mechanism="withheld", releases=0)
+        return cls(
+            mechanism=data["mechanism"],
+            noise_multiplier=data.get("noise_multiplier"),
+            loss_clip=data.get("loss_clip"),
+            releases=int(data.get("releases", 1)),
+            epsilon_share=float(data.get("epsilon_share", 0.0)),
+            scored_on=data.get("scored_on", "test"),
+            validation_dataset_id=data.get("validation_dataset_id"),
+        )
+
+
+def _round(aggregates: Mapping[str, float]) -> int | None:
+    value = aggregates.get("round")
+    return None if value is None else int(value)
+
+
+def exact_metrics(aggregates: Mapping[str, float]) -> dict[str, Any]:
+    """The exact figures of one scoring (owner only, or public data)."""
+    return {
+        "test_accuracy": float(aggregates["test_accuracy"]),
+        "test_loss": float(aggregates["test_loss"]),
+        "round": _round(aggregates),
+        "rows": int(aggregates["rows"]),
+        "units": int(aggregates["units"]),
+    }
+
+
+def release_metrics(
+    aggregates: Mapping[str, float],
+    plan: EvaluationPlan,
+    *,
+    rng: np.random.Generator | None = None,
+) -> dict[str, Any] | None:
+    """What analysts see of one scoring, with the mechanism that released it.
+
+    Args:
+        aggregates: ``ppml.training.dp_sgd.evaluate``'s figures: exact ``test_accuracy``
+            and ``test_loss``, and per-unit sums ``unit_correct_sum`` and
+            ``unit_clipped_loss_sum`` over ``units`` units.
+        plan: The job's evaluation plan.
+        rng: Noise source; None (production) seeds one from the OS CSPRNG. Tests only.
+
+    Returns:
+        ``{"test_accuracy", "test_loss", "round", "release": {...}}``, or None when the
+        plan withholds metrics.
+    """
+    if plan.mechanism == "withheld":
+        return None
+    units = int(aggregates["units"])
+    release: dict[str, Any] = {
+        "mechanism": plan.mechanism,
+        "scored_on": plan.scored_on,
+        "validation_dataset_id": plan.validation_dataset_id,
+        "units": units,
+        "noise_multiplier": None,
+        "loss_clip": None,
+        "accuracy_noise_std": None,
+        "loss_noise_std": None,
+    }
+    if plan.mechanism != "gaussian":
+        exact = exact_metrics(aggregates)
+        return {
+            "test_accuracy": exact["test_accuracy"],
+            "test_loss": exact["test_loss"],
+            "round": exact["round"],
+            "release": release,
+        }
+    z, bound = plan.noise_multiplier, plan.loss_clip
+    assert z is not None and bound is not None
+    noise = rng if rng is not None else np.random.default_rng(secrets.randbits(128))
+    correct = float(aggregates["unit_correct_sum"]) + float(noise.normal(0.0, z))
+    loss = float(aggregates["unit_clipped_loss_sum"]) + float(noise.normal(0.0, z * bound))
+    scale = max(units, 1)  # post-processing by a public count
+    release.update(
+        noise_multiplier=z,
+        loss_clip=bound,
+        accuracy_noise_std=z / scale,
+        loss_noise_std=z * bound / scale,
+    )
+    return {
+        "test_accuracy": min(1.0, max(0.0, correct / scale)),
+        "test_loss": min(bound, max(0.0, loss / scale)),
+        "round": _round(aggregates),
+        "release": release,
+    }
+
+
+def metric_releases(rounds: int | None, evaluate_every: int | None) -> int:
+    """Sets of metrics a job releases: 1 centralised, ``ceil(rounds / every)`` federated."""
+    if rounds is None:
+        return 1
+    every = evaluate_every or default_evaluate_every(rounds)
+    return math.ceil(rounds / every)
+
+
+def default_evaluate_every(rounds: int) -> int:
+    """Score a federated model every this many rounds: at most 20 sets of metrics."""
+    return max(1, math.ceil(rounds / 20))
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReleasedMetrics:
+    """A finished job's metrics: what everyone may see, and the owner's exact figures."""
+
+    metrics: dict[str, Any] | None
+    history: list[dict[str, Any]] | None
+    exact: dict[str, Any]
+
+
+def release_outcome(
+    final: Mapping[str, float],
+    history: list[dict[str, float]] | None,
+    plan: EvaluationPlan,
+    *,
+    rng: np.random.Generator | None = None,
+) -> ReleasedMetrics:
+    """Release a job's final scores and its federated history under ``plan``.
+
+    The final scores are the history's last entry when that entry scored the final model
+    (a federated job that ran all its rounds): released once, not twice.
+    """
+    history = history or []
+    released_history = [release_metrics(entry, plan, rng=rng) for entry in history]
+    last = history[-1] if history else None
+    if last is not None and _same_scores(last, final):
+        metrics = released_history[-1]
+    else:
+        metrics = release_metrics(final, plan, rng=rng)
+    shown = [entry for entry in released_history if entry is not None]
+    exact = {
+        "metrics": exact_metrics(final),
+        "history": [exact_metrics(entry) for entry in history] or None,
+    }
+    return ReleasedMetrics(metrics=metrics, history=shown or None, exact=exact)
+
+
+def _same_scores(entry: Mapping[str, float], final: Mapping[str, float]) -> bool:
+    keys = ("test_accuracy", "test_loss", "unit_correct_sum", "unit_clipped_loss_sum")
+    return all(entry.get(key) == final.get(key) for key in keys)
