@@ -1,4 +1,4 @@
-"""The Celery worker: one thin task that hands a job id to :class:`ppml.runner.JobRunner`."""
+"""The Celery worker: one thin task that hands a job id to :class:`ppml.jobs.runner.JobRunner`."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from sqlalchemy.exc import OperationalError
 
 from ppml.config import get_settings
 from ppml.db.session import Database
+from ppml.jobs.reaper import Reaper
+from ppml.jobs.runner import JobRunner
 from ppml.queue import RUN_JOB, make_celery
-from ppml.reaper import Reaper
-from ppml.runner import JobRunner
 
 __all__ = ["celery_app", "run_job"]
 

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from celery import Celery
 from sqlalchemy.exc import IntegrityError
 
-from ppml.checkpoints import JobCheckpoints
 from ppml.config import Settings
 from ppml.db.models import Dataset, Job, JobStatus, new_id, utcnow
 from ppml.db.repositories import Repositories
@@ -32,11 +31,13 @@ from ppml.errors import (
     PPMLError,
     TooManyRequests,
 )
+from ppml.jobs.checkpoints import JobCheckpoints
+from ppml.jobs.schedule import steps_to_charge
 from ppml.privacy import accounting as acc
 from ppml.privacy.ledger import Ledger, budget_status
 from ppml.queue import enqueue_job
 from ppml.services.grouping import GroupCommit, Pending
-from ppml.services.pricing import Pricing, price, steps_to_charge
+from ppml.services.pricing import Pricing, price
 from ppml.specs import JobSpec, request_hash
 from ppml.storage import ArtifactStore
 

@@ -11,8 +11,8 @@ from fastapi.testclient import TestClient
 
 from ppml.config import Settings
 from ppml.db.session import Database
+from ppml.jobs.runner import JobRunner
 from ppml.privacy import accounting as acc
-from ppml.runner import JobRunner
 from tests.conftest import register_digits
 
 FED = {

@@ -44,13 +44,14 @@ from ppml.db.models import (
 from ppml.db.repositories import Repositories
 from ppml.db.session import Database
 from ppml.errors import BudgetExceeded, JobNotCancellable
+from ppml.jobs.reaper import Reaper
+from ppml.jobs.runner import JobRunner
+from ppml.jobs.schedule import schedule
 from ppml.privacy import accounting as acc
 from ppml.privacy.ledger import Ledger, budget_status
 from ppml.queue import make_celery
-from ppml.reaper import Reaper
-from ppml.runner import JobRunner
 from ppml.services.jobs import JobService
-from ppml.services.pricing import price, schedule
+from ppml.services.pricing import price
 from ppml.services.tenants import create_tenant
 from ppml.specs import JobSpec
 

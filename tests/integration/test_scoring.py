@@ -8,9 +8,9 @@ from ppml.config import Settings
 from ppml.db.models import JobStatus
 from ppml.db.repositories import Repositories
 from ppml.db.session import Database
+from ppml.jobs.runner import JobRunner
+from ppml.jobs.schedule import schedule
 from ppml.privacy import accounting as acc
-from ppml.runner import JobRunner
-from ppml.services.pricing import schedule
 from ppml.specs import JobSpec
 from ppml.storage import ArtifactStore
 from tests.conftest import dp_job_spec

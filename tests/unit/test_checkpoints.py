@@ -15,8 +15,8 @@ torch = pytest.importorskip("torch")
 from opacus.accountants import RDPAccountant  # noqa: E402
 from sklearn.datasets import load_digits  # noqa: E402
 
-from ppml.checkpoints import JobCheckpoints  # noqa: E402
 from ppml.datasets import record_keys  # noqa: E402
+from ppml.jobs.checkpoints import JobCheckpoints  # noqa: E402
 from ppml.storage import ArtifactStore  # noqa: E402
 from ppml.training import DPPlan, TrainingPlan, train  # noqa: E402
 from ppml.training.checkpoint import load_checkpoint, save_checkpoint, start_of  # noqa: E402

@@ -13,8 +13,9 @@ import pytest
 from ppml.config import Settings
 from ppml.db.models import Dataset, Job
 from ppml.errors import InvalidInput
+from ppml.jobs.schedule import schedule, steps_to_charge
 from ppml.privacy import accounting as acc
-from ppml.services.pricing import price, schedule, steps_to_charge
+from ppml.services.pricing import price
 from ppml.specs import JobSpec
 
 
@@ -225,7 +226,7 @@ def test_a_lost_sample_level_federated_job_is_charged_a_whole_round_beyond_its_r
 
 def test_the_receipt_states_the_unit_of_the_jobs_mechanism() -> None:
     # arrange: a client-level job on public data (whose dataset row says "record")
-    from ppml.receipts import receipt_metadata
+    from ppml.jobs.receipts import receipt_metadata
 
     data = dataset(budget=False, clients=80)
     job_spec = spec(level="client", scheme="column")

@@ -20,11 +20,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ppml import datasets as data
-from ppml.checkpoints import JobCheckpoints
 from ppml.config import Settings
 from ppml.db.models import Dataset, Job, JobStatus, utcnow
 from ppml.db.repositories import Repositories
 from ppml.db.session import Database
+from ppml.jobs.checkpoints import JobCheckpoints
+from ppml.jobs.receipts import receipt_metadata
+from ppml.jobs.schedule import Schedule, evaluation_plan, schedule, unreported_steps
 from ppml.privacy import accounting as acc
 from ppml.privacy.evaluation import (
     DEFAULT_LOSS_CLIP,
@@ -33,8 +35,6 @@ from ppml.privacy.evaluation import (
     release_outcome,
 )
 from ppml.privacy.ledger import Ledger
-from ppml.receipts import receipt_metadata
-from ppml.services.pricing import Schedule, evaluation_plan, schedule, unreported_steps
 from ppml.specs import JobSpec
 from ppml.storage import ArtifactStore
 

@@ -16,15 +16,15 @@ from datetime import timedelta
 
 from celery import Celery
 
-from ppml.checkpoints import JobCheckpoints
 from ppml.config import Settings
 from ppml.db.models import JobStatus, utcnow
 from ppml.db.repositories import Repositories
 from ppml.db.session import Database
+from ppml.jobs.checkpoints import JobCheckpoints
+from ppml.jobs.schedule import steps_to_charge
 from ppml.privacy.accounting import final_privacy
 from ppml.privacy.ledger import Ledger
 from ppml.queue import enqueue_job
-from ppml.services.pricing import steps_to_charge
 from ppml.storage import ArtifactStore
 
 __all__ = ["ReapReport", "Reaper"]
