@@ -8,6 +8,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from ppml.datasets.schema import DatasetSchema
+from ppml.jobs.records import JobError, PrivacyRecord, Progress
+from ppml.privacy.evaluation import ExactScores, Metrics, MetricsRelease
 from ppml.services.tenants import Role
 from ppml.specs import JobSpec
 
@@ -34,6 +36,7 @@ __all__ = [
     "PredictResponse",
     "PrivacyBudget",
     "Problem",
+    "Progress",
     "Quote",
     "ReceiptPrivacy",
     "Tenant",
@@ -186,47 +189,6 @@ class LedgerPage(BaseModel):
     next_page_token: str | None
 
 
-class Progress(BaseModel):
-    fraction: float
-    epoch: int
-    round: int | None
-    steps: int
-
-
-class MetricsRelease(BaseModel):
-    """How a set of metrics was released (PRIVACY.md: held-out rows are protected rows)."""
-
-    mechanism: Literal["gaussian", "exact-public-data", "exact-public-validation"] = Field(
-        description="gaussian: a Gaussian mechanism on per-unit sums of held-out scores, "
-        "charged to the dataset's budget with the job; exact-public-data: the dataset has no "
-        "budget; exact-public-validation: scored on the owner's public validation set."
-    )
-    scored_on: Literal["test", "validation"]
-    validation_dataset_id: str | None
-    units: int = Field(description="Privacy units scored (released metadata).")
-    noise_multiplier: float | None = Field(description="σ of the releases (gaussian).")
-    loss_clip: float | None = Field(description="Per-example loss bound (gaussian).")
-    accuracy_noise_std: float | None = Field(description="Std of the noise on test_accuracy.")
-    loss_noise_std: float | None = Field(description="Std of the noise on test_loss.")
-
-
-class Metrics(BaseModel):
-    """Held-out metrics as released to every key of the tenant, with their mechanism."""
-
-    test_accuracy: float
-    test_loss: float = Field(description="Mean cross-entropy (clipped at loss_clip if noisy).")
-    round: int | None = Field(default=None, description="Federated round scored, if any.")
-    release: MetricsRelease
-
-
-class ExactScores(BaseModel):
-    test_accuracy: float
-    test_loss: float = Field(description="Mean cross-entropy, unclipped.")
-    round: int | None = None
-    rows: int | None = Field(default=None, description="Rows scored.")
-    units: int | None = Field(default=None, description="Privacy units scored.")
-
-
 class ExactMetrics(BaseModel):
     """Exact held-out figures of a job: for the dataset's owner only."""
 
@@ -250,8 +212,10 @@ class Job(BaseModel):
     metrics_history: list[Metrics] | None = Field(
         default=None, description="Released metrics per scored round (federated jobs)."
     )
-    privacy: dict[str, Any] | None
-    error: dict[str, Any] | None
+    privacy: PrivacyRecord | None = Field(
+        description="The job's mechanism: its plan at admission, its outcome at the end."
+    )
+    error: JobError | None
     cancel_requested: bool
     attempts: int = Field(
         default=0,

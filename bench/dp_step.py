@@ -37,6 +37,8 @@ from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from ppml.specs import ModelSpec
+from ppml.storage import ArtifactStore
 from ppml.training import DPPlan, TrainingPlan, build_model, train
 from ppml.training.fast_dp import FastDPEngine
 
@@ -64,11 +66,14 @@ def _cnn2d() -> nn.Module:
 
 # name -> (builder, input shape without the batch)
 MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
-    "mlp-40-256-256-10": (lambda: build_model("mlp", hidden_sizes=(256, 256), **MNIST1D), (40,)),
+    "mlp-40-256-256-10": (
+        lambda: build_model(ModelSpec(arch="mlp", hidden_sizes=[256, 256]), **MNIST1D),
+        (40,),
+    ),
     "cnn2d-28x28": (_cnn2d, (1, 28, 28)),
-    "logreg": (lambda: build_model("logreg", **MNIST1D), (40,)),
-    "mlp": (lambda: build_model("mlp", **MNIST1D), (40,)),
-    "cnn1d": (lambda: build_model("cnn1d", **MNIST1D), (40,)),
+    "logreg": (lambda: build_model(ModelSpec(arch="logreg"), **MNIST1D), (40,)),
+    "mlp": (lambda: build_model(ModelSpec(arch="mlp"), **MNIST1D), (40,)),
+    "cnn1d": (lambda: build_model(ModelSpec(arch="cnn1d"), **MNIST1D), (40,)),
 }
 
 
@@ -221,14 +226,11 @@ def e2e(device: str, repeats: int, epochs: int) -> dict[str, Any]:
     """Times DP ``train()`` (engine auto) against its non-private twin on MNIST-1D."""
     from ppml.datasets import load_builtin
 
-    data = load_builtin("mnist1d", cache_dir=Path("/tmp/ppml-cache"))
+    data = load_builtin("mnist1d", cache=ArtifactStore(Path("/tmp/ppml-cache")))
     n = len(data.x_train)
     steps_per_epoch = math.ceil(n / 256)
     plan = TrainingPlan(
-        arch="mlp",
-        hidden_sizes=(256, 256),
-        channels=(16, 32),
-        kernel_size=5,
+        model=ModelSpec(arch="mlp", hidden_sizes=[256, 256]),
         epochs=epochs,
         batch_size=256,
         learning_rate=0.1,

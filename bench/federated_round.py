@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ppml.specs import ModelSpec
 from ppml.training import TrainingPlan, train
 from ppml.training.federated import FederatedPlan, train_federated
 
@@ -50,10 +51,7 @@ def _data(clients: int) -> dict[str, np.ndarray]:
 def _plan(n: int) -> TrainingPlan:
     steps = math.ceil(n / BATCH)
     return TrainingPlan(
-        arch="mlp",
-        hidden_sizes=HIDDEN,
-        channels=(16, 32),
-        kernel_size=5,
+        model=ModelSpec(arch="mlp", hidden_sizes=list(HIDDEN)),
         epochs=1,
         batch_size=BATCH,
         learning_rate=0.05,

@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from ppml.architectures import ModelShape
+
 __all__ = ["IntegrityError", "LoadedModel", "ModelCache", "Prediction", "load_model", "softmax"]
 
 INPUT_NAME = "input"
@@ -50,9 +52,8 @@ class LoadedModel:
     def __init__(self, session: ort.InferenceSession, metadata: dict[str, str]) -> None:
         self.session = session
         self.metadata = metadata
-        architecture = json.loads(metadata["architecture"])
-        self.num_features = int(architecture["num_features"])
-        self.num_classes = int(architecture["num_classes"])
+        shape = ModelShape.from_metadata(metadata["architecture"])
+        self.num_features, self.num_classes = shape.num_features, shape.num_classes
         labels = json.loads(metadata.get("classes", "[]"))
         if len(labels) != self.num_classes:
             labels = list(range(self.num_classes))

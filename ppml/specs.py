@@ -7,16 +7,12 @@ stored spec back with the same models.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
-import math
-from collections.abc import Sequence
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 __all__ = [
-    "ARCHITECTURES",
     "EvaluationSpec",
     "FederatedSpec",
     "JobSpec",
@@ -24,11 +20,8 @@ __all__ = [
     "PartitionSpec",
     "PrivacySpec",
     "TrainingSpec",
-    "count_parameters",
     "request_hash",
 ]
-
-ARCHITECTURES = ("logreg", "mlp", "cnn1d")
 
 PositiveSize = Annotated[int, Field(ge=1, le=4096)]
 
@@ -40,6 +33,7 @@ class _Spec(BaseModel):
 class ModelSpec(_Spec):
     """Architecture of the model to train."""
 
+    # One entry per name in ppml.architectures (count, validation); a test keeps them equal.
     arch: Literal["logreg", "mlp", "cnn1d"] = Field(description="Model architecture.")
     hidden_sizes: list[PositiveSize] = Field(
         default=[128], max_length=8, description="Widths of the hidden layers (mlp)."
@@ -159,38 +153,3 @@ def request_hash(spec: JobSpec) -> str:
     """Canonical hash of a job request, for ``Idempotency-Key`` comparisons."""
     canonical = json.dumps(spec.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
-
-
-def count_parameters(model: ModelSpec, *, num_features: int, num_classes: int) -> int:
-    """Number of trainable parameters, computed without building the model."""
-    if model.arch == "logreg":
-        return (num_features + 1) * num_classes
-    if model.arch == "mlp":
-        widths = [num_features, *model.hidden_sizes, num_classes]
-        return sum((a + 1) * b for a, b in itertools.pairwise(widths))
-    length, c_in, total = num_features, 1, 0
-    for c_out in model.channels:
-        total += c_in * c_out * model.kernel_size + c_out  # conv
-        total += 2 * c_out  # group norm affine
-        c_in = c_out
-        if length >= 2:
-            length = math.floor(length / 2)
-    return total + (length * c_in + 1) * num_classes
-
-
-def cnn1d_problem(channels: Sequence[int], num_features: int) -> str | None:
-    """Why a ``cnn1d`` cannot train on ``num_features`` inputs, or None.
-
-    A block normalises groups of channels over the signal's length; a 1-channel block on a
-    signal pooled down to length 1 would normalise a single value.
-    """
-    length = num_features
-    for index, width in enumerate(channels):
-        if width == 1 and length == 1:
-            return (
-                f"cnn1d block {index} has 1 channel on a signal of length 1; "
-                "use at least 2 channels there"
-            )
-        if length >= 2:
-            length //= 2
-    return None

@@ -1,4 +1,4 @@
-"""The Celery worker: one thin task that hands a job id to :class:`ppml.jobs.runner.JobRunner`."""
+"""The Celery worker: one thin task that hands a job id to ``ppml.jobs.runner.JobRunner``."""
 
 from __future__ import annotations
 
@@ -6,12 +6,11 @@ import logging
 from functools import lru_cache
 
 from celery.signals import worker_ready, worker_shutdown
-from sqlalchemy.exc import OperationalError
 
 from ppml.config import get_settings
 from ppml.db.session import Database
 from ppml.jobs.reaper import Reaper
-from ppml.jobs.runner import JobRunner
+from ppml.jobs.runner import ClaimUnavailable, JobRunner
 from ppml.queue import RUN_JOB, make_celery
 
 __all__ = ["celery_app", "run_job"]
@@ -56,7 +55,9 @@ def _stop_reaper(**_kwargs: object) -> None:
 @celery_app.task(
     name=RUN_JOB,
     acks_late=True,
-    autoretry_for=(OperationalError,),  # the database blinked before the job was claimed
+    # Only the claim is retried: once claimed, the runner trains through database outages
+    # shorter than the lease, and the reaper recovers the job after longer ones.
+    autoretry_for=(ClaimUnavailable,),
     retry_backoff=True,
     max_retries=5,
 )

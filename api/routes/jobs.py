@@ -102,8 +102,12 @@ async def get_job(job: OwnedJob) -> Job:
 async def get_exact_metrics(job: OwnedJob, _owner: RequireOwner) -> ExactMetrics:
     """The exact held-out figures of a job (owner keys only): accuracy over rows and the
     unclipped mean loss, per scored round too. Analysts see the released metrics on the job."""
-    exact = job.exact_metrics or {}
-    return ExactMetrics(job_id=job.id, metrics=exact.get("metrics"), history=exact.get("history"))
+    exact = job.exact_metrics
+    return ExactMetrics(
+        job_id=job.id,
+        metrics=exact.metrics if exact else None,
+        history=exact.history if exact else None,
+    )
 
 
 @router.post(

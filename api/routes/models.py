@@ -30,6 +30,8 @@ from api.schemas import (
 from ppml.db.models import Job, JobStatus
 from ppml.errors import Conflict, InvalidInput
 from ppml.inference import ModelCache
+from ppml.jobs.receipts import file_metadata
+from ppml.jobs.records import Receipt
 from ppml.storage import ArtifactStore
 
 router = APIRouter(prefix="/v1/jobs", tags=["models"])
@@ -47,12 +49,12 @@ class ModelNotReady(Conflict):
 
 def _artifact(job: Job, store: ArtifactStore, fmt: str = "safetensors") -> tuple[Path, str]:
     """Path and sha256 of a succeeded job's artefact in ``fmt``; 409 otherwise."""
-    artifacts = job.artifacts or {}
     if job.status != JobStatus.SUCCEEDED:
         raise ModelNotReady(f"the job is {job.status}; models exist for succeeded jobs")
-    if fmt not in artifacts:
+    ref = job.artifacts.get(fmt) if job.artifacts is not None else None
+    if ref is None:
         raise ModelNotReady(f"this job's model has no {fmt} artefact", format=fmt)
-    return store.path(artifacts[fmt]["key"]), str(artifacts[fmt]["sha256"])
+    return store.path(ref.key), ref.sha256
 
 
 def read_safetensors_metadata(path: Path) -> dict[str, str]:
@@ -192,7 +194,7 @@ def _privacy(job: Job, receipt: dict[str, str], unit: Unit) -> ReceiptPrivacy | 
         sampling=receipt.get("sampling", "poisson"),
         steps=int(receipt["steps"]),
         grid_version=receipt.get("grid_version"),
-        ledger_entry_id=(job.privacy or {}).get("ledger_entry_id"),
+        ledger_entry_id=job.privacy.ledger_entry_id if job.privacy else None,
     )
 
 
@@ -210,13 +212,52 @@ def _json(receipt: dict[str, str], key: str, default: Any) -> Any:
     response_model=ModelCard,
 )
 def get_model_card(job: OwnedJob, store: StoreDep) -> ModelCard:
-    """The privacy receipt, held-out metrics and artefact digests of a trained model."""
+    """The privacy receipt, released held-out metrics and artefact digests of a trained model."""
     path, _ = _artifact(job, store)
-    receipt = read_safetensors_metadata(path)
+    files = job.artifacts.root if job.artifacts is not None else {}
+    digests = {fmt: {"sha256": ref.sha256} for fmt, ref in files.items()}
+    if job.receipt is None:  # a model published before receipts were stored on the job
+        return _card_from_file(job, read_safetensors_metadata(path), digests)
+    receipt, privacy = job.receipt, job.privacy
+    return ModelCard(
+        job_id=job.id,
+        dataset_id=job.dataset_id,
+        private=receipt.private,
+        privacy=_receipt_privacy(receipt, privacy.ledger_entry_id if privacy else None),
+        privacy_unit=receipt.privacy_unit,
+        architecture=ModelArchitecture.model_validate(receipt.architecture),
+        classes=receipt.classes,
+        libraries=receipt.libraries,
+        metrics=job.metrics,
+        receipt=file_metadata(receipt),
+        artifacts=digests,
+    )
+
+
+def _receipt_privacy(receipt: Receipt, ledger_entry_id: str | None) -> ReceiptPrivacy | None:
+    privacy = receipt.privacy
+    if privacy is None or privacy.epsilon_spent is None:
+        return None
+    return ReceiptPrivacy(
+        epsilon=privacy.epsilon_spent,
+        delta=privacy.delta,
+        accountant=privacy.accountant,
+        privacy_unit=privacy.unit,
+        noise_multiplier=privacy.noise_multiplier,
+        max_grad_norm=privacy.max_grad_norm,
+        sample_rate=privacy.sample_rate,
+        sampling=privacy.sampling,
+        steps=privacy.steps,
+        grid_version=privacy.grid_version,
+        ledger_entry_id=ledger_entry_id,
+    )
+
+
+def _card_from_file(
+    job: Job, receipt: dict[str, str], digests: dict[str, dict[str, str]]
+) -> ModelCard:
     unit = _unit(receipt)
     architecture = _json(receipt, "architecture", None)
-    # The released metrics of the job row: never an older file's exact figures.
-    metrics = job.metrics
     return ModelCard(
         job_id=job.id,
         dataset_id=job.dataset_id,
@@ -226,9 +267,9 @@ def get_model_card(job: OwnedJob, store: StoreDep) -> ModelCard:
         architecture=ModelArchitecture(**architecture) if architecture else None,
         classes=[str(c) for c in _json(receipt, "classes", [])],
         libraries=_json(receipt, "libraries", {}),
-        metrics=metrics,
+        metrics=job.metrics,  # released, never an older file's exact figures
         receipt=receipt,
-        artifacts={fmt: {"sha256": a["sha256"]} for fmt, a in (job.artifacts or {}).items()},
+        artifacts=digests,
     )
 
 
@@ -284,6 +325,6 @@ def predict(
         predictions=[model.classes[i] for i in indices],
         class_indices=indices,
         probabilities=result.probabilities.tolist(),
-        receipt_id=(job.privacy or {}).get("ledger_entry_id"),
+        receipt_id=job.privacy.ledger_entry_id if job.privacy else None,
         model_sha256=digest,
     )

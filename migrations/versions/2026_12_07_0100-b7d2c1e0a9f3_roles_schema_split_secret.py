@@ -48,6 +48,7 @@ def upgrade() -> None:
         op.execute("UPDATE datasets SET split_secret = lower(hex(randomblob(32)))")
     with op.batch_alter_table("jobs", schema=None) as batch_op:
         batch_op.add_column(sa.Column("exact_metrics", JSON, nullable=True))
+        batch_op.add_column(sa.Column("receipt", JSON, nullable=True))
     # Metrics stored before were exact figures of protected rows: from now on they are the
     # owner's alone (GET /v1/jobs/{id}/metrics/exact), and analysts see none for old jobs.
     build = "jsonb_build_object" if op.get_bind().dialect.name == "postgresql" else "json_object"
@@ -59,6 +60,7 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     with op.batch_alter_table("jobs", schema=None) as batch_op:
+        batch_op.drop_column("receipt")
         batch_op.drop_column("exact_metrics")
     with op.batch_alter_table("datasets", schema=None) as batch_op:
         batch_op.drop_constraint(

@@ -49,27 +49,14 @@ def _load_spec(path: Path) -> dict[str, Any]:
     return spec
 
 
-def _epsilon_so_far(privacy: dict[str, Any] | None, steps: int) -> float | None:
-    """The job's ε after ``steps`` steps: the server's figure once final, else computed here
-    with the same accountant (the API reports ε spent only when the job ends)."""
-    if not privacy:
-        return None
+def _epsilon_so_far(job: dict[str, Any]) -> float | None:
+    """The job's ε so far, as the server reports it: final once the job ends, else what the
+    steps reported so far spent (``progress.epsilon_spent``)."""
+    privacy = job.get("privacy") or {}
     if privacy.get("epsilon_spent") is not None:
         return float(privacy["epsilon_spent"])
-    if steps <= 0:
-        return 0.0
-    from ppml.privacy import accounting as acc
-
-    try:
-        event = acc.MechanismEvent(
-            sample_rate=float(privacy["sample_rate"]),
-            noise_multiplier=float(privacy["noise_multiplier"]),
-            steps=steps,
-            unit=str(privacy.get("unit", "record")),
-        )
-        return float(acc.epsilon(acc.rdp_curve(event), float(privacy["delta"])))
-    except (KeyError, TypeError, ValueError):
-        return None
+    spent = (job.get("progress") or {}).get("epsilon_spent")
+    return None if spent is None else float(spent)
 
 
 def _progress_detail(job: dict[str, Any], epsilon: float | None) -> str:
@@ -86,7 +73,6 @@ def _progress_detail(job: dict[str, Any], epsilon: float | None) -> str:
 def _follow(client: PPMLClient, job: dict[str, Any], poll: float, timeout: float | None) -> Any:
     """Polls the job with a live progress bar until it ends; returns its final state."""
     deadline = time.monotonic() + timeout if timeout else None
-    epsilons: dict[int, float | None] = {}
     columns = (
         SpinnerColumn(),
         TextColumn("[bold]{task.description}"),
@@ -100,14 +86,11 @@ def _follow(client: PPMLClient, job: dict[str, Any], poll: float, timeout: float
     with Progress(*columns, console=console) as bar:
         task = bar.add_task(job["status"], total=1.0, detail="")
         while True:
-            steps = int((job.get("progress") or {}).get("steps") or 0)
-            if steps not in epsilons or job["status"] in TERMINAL:
-                epsilons[steps] = _epsilon_so_far(job.get("privacy"), steps)
             bar.update(
                 task,
                 description=job["status"],
                 completed=float((job.get("progress") or {}).get("fraction") or 0.0),
-                detail=_progress_detail(job, epsilons[steps]),
+                detail=_progress_detail(job, _epsilon_so_far(job)),
             )
             if job["status"] in TERMINAL:
                 return job

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -114,10 +111,10 @@ class DatasetArrays:
 
 
 def save_arrays(arrays: DatasetArrays, path: Path) -> None:
-    """Write a dataset to ``path`` as an uncompressed ``.npz``, atomically.
+    """Write a dataset to ``path`` as an uncompressed ``.npz`` (a plain write).
 
-    The arrays go to a temporary file in the same directory, which then replaces
-    ``path``; readers never see a partial file.
+    Publish it through ``ArtifactStore.write`` where readers may look: the store makes it
+    appear whole or not at all.
 
     Args:
         arrays: the dataset.
@@ -136,17 +133,8 @@ def save_arrays(arrays: DatasetArrays, path: Path) -> None:
         payload["clients_train"] = arrays.clients_train
     if arrays.clients_test is not None:
         payload["clients_test"] = arrays.clients_test
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    with Path(path).open("wb") as f:  # a file object: np.savez would append ".npz" to a name
+        np.savez(f, **payload)
 
 
 def load_arrays(path: Path) -> DatasetArrays:

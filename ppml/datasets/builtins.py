@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import random
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 
@@ -13,6 +12,7 @@ from ppml.datasets.arrays import DatasetArrays, load_arrays, save_arrays
 from ppml.datasets.keys import new_secret
 from ppml.datasets.split import check_seed, split
 from ppml.errors import InvalidInput, MalformedFile
+from ppml.storage import ArtifactStore
 
 BUILTINS: tuple[str, ...] = ("digits", "breast_cancer", "mnist1d")
 
@@ -25,14 +25,14 @@ BUILTIN_CLASSES: dict[str, tuple[str, ...]] = {
 
 _BUILTIN_TEST_FRACTION = 0.2
 _MNIST1D_SAMPLES = 10_000
-_MNIST1D_CACHE = "mnist1d-v1-seed{seed}.npz"
+_MNIST1D_CACHE = "cache/mnist1d-v1-seed{seed}.npz"
 
 
 def load_builtin(
     name: str,
     *,
     seed: int = 0,
-    cache_dir: Path | None = None,
+    cache: ArtifactStore | None = None,
     secret: str | None = None,
     unit: str = "record",
 ) -> DatasetArrays:
@@ -49,7 +49,8 @@ def load_builtin(
     Args:
         name: one of :data:`BUILTINS`.
         seed: seed of the mnist1d generator, in ``0..2**32-1``.
-        cache_dir: where to cache generated mnist1d arrays; None disables the cache.
+        cache: the store that caches generated mnist1d arrays (under ``cache/``); None
+            disables the cache.
         secret: the dataset's split secret (hex); None draws a fresh one, so the split
             cannot be reproduced (the service always passes the stored secret).
         unit: the privacy unit (built-ins have no clients: every unit is a record).
@@ -67,7 +68,7 @@ def load_builtin(
         )
     check_seed(seed)
     if name == "mnist1d":
-        generated = _load_mnist1d(seed, cache_dir)
+        generated = _load_mnist1d(seed, cache)
         x = np.concatenate([generated.x_train, generated.x_test])
         y = np.concatenate([generated.y_train, generated.y_test])
         names = generated.feature_names
@@ -100,15 +101,14 @@ def _load_sklearn(name: str) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
     return x, y, tuple(str(f) for f in bunch.feature_names)
 
 
-def _load_mnist1d(seed: int, cache_dir: Path | None) -> DatasetArrays:
-    cache = cache_dir / _MNIST1D_CACHE.format(seed=seed) if cache_dir is not None else None
-    if cache is not None and cache.is_file():
+def _load_mnist1d(seed: int, cache: ArtifactStore | None) -> DatasetArrays:
+    key = _MNIST1D_CACHE.format(seed=seed)
+    if cache is not None and cache.exists(key):
         with contextlib.suppress(MalformedFile):  # a damaged cache is regenerated
-            return load_arrays(cache)
+            return load_arrays(cache.path(key))
     arrays = _generate_mnist1d(seed)
     if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        save_arrays(arrays, cache)
+        cache.write(key, lambda path: save_arrays(arrays, path))
     return arrays
 
 

@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
+from pydantic import TypeAdapter
 from sqlalchemy import (
     JSON,
     BigInteger,
@@ -25,7 +26,12 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Dialect
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, validates
+from sqlalchemy.types import TypeEngine
+
+from ppml.jobs.records import Artifacts, JobError, PrivacyRecord, Progress, Receipt
+from ppml.privacy.evaluation import ExactMetrics, Metrics
+from ppml.specs import JobSpec
 
 __all__ = [
     "ApiKey",
@@ -79,6 +85,39 @@ class UTCDateTime(TypeDecorator[datetime]):
 
 
 JSONType = JSON().with_variant(JSONB(), "postgresql")
+
+
+class Typed(TypeDecorator[Any]):
+    """A JSON column holding one pydantic shape: validated on the way in and out.
+
+    Plain dicts are accepted when binding (and coerced on assignment by the models'
+    validators), so a wrong shape fails where it is written, not where it is read.
+    """
+
+    impl = JSON
+    cache_ok = True
+
+    def __init__(self, shape: Any) -> None:
+        super().__init__()
+        self.shape = shape
+        self.adapter: TypeAdapter[Any] = TypeAdapter(shape)
+
+    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
+        return dialect.type_descriptor(JSONB() if dialect.name == "postgresql" else JSON())
+
+    def coerce(self, value: Any) -> Any:
+        return None if value is None else self.adapter.validate_python(value)
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> Any:
+        if value is None:
+            return None
+        return self.adapter.dump_python(self.coerce(value), mode="json")
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> Any:
+        return self.coerce(value)
+
+    def __repr__(self) -> str:  # what Alembic renders: the JSON column it is
+        return "JSON()"
 
 
 class Base(DeclarativeBase):
@@ -183,15 +222,18 @@ class Job(Base):
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"))
     dataset_id: Mapped[str] = mapped_column(ForeignKey("datasets.id"), index=True)
     name: Mapped[str] = mapped_column(String(200))
-    spec: Mapped[dict[str, Any]]
-    status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED)
-    progress: Mapped[dict[str, Any]]
-    metrics: Mapped[dict[str, Any] | None]
-    metrics_history: Mapped[list[dict[str, Any]] | None]  # per round of a federated job
-    # Exact held-out figures: the dataset's owner only ({"metrics": ..., "history": [...]}).
-    exact_metrics: Mapped[dict[str, Any] | None]
-    privacy: Mapped[dict[str, Any] | None]  # the plan at admission, the outcome at the end
-    error: Mapped[dict[str, Any] | None]
+    spec: Mapped[JobSpec] = mapped_column(Typed(JobSpec))
+    # Set only by ppml.jobs.lifecycle, through its transition table.
+    status: Mapped[str] = mapped_column(String(16))
+    progress: Mapped[Progress] = mapped_column(Typed(Progress))
+    metrics: Mapped[Metrics | None] = mapped_column(Typed(Metrics))  # released
+    # Released metrics per scored round of a federated job.
+    metrics_history: Mapped[list[Metrics] | None] = mapped_column(Typed(list[Metrics]))
+    # Exact held-out figures: the dataset's owner only.
+    exact_metrics: Mapped[ExactMetrics | None] = mapped_column(Typed(ExactMetrics))
+    # The plan at admission, the outcome at the end.
+    privacy: Mapped[PrivacyRecord | None] = mapped_column(Typed(PrivacyRecord))
+    error: Mapped[JobError | None] = mapped_column(Typed(JobError))
     idempotency_key: Mapped[str | None] = mapped_column(String(200))
     request_hash: Mapped[str] = mapped_column(String(64))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
@@ -202,12 +244,28 @@ class Job(Base):
     lease_expires_at: Mapped[datetime | None]
     heartbeat_at: Mapped[datetime | None]  # last progress report; None = progress unknown
     enqueued_at: Mapped[datetime | None]
-    # {"safetensors": {"key": ..., "sha256": ...}, "onnx": {...}}: files the worker published.
-    artifacts: Mapped[dict[str, Any] | None]
+    artifacts: Mapped[Artifacts | None] = mapped_column(Typed(Artifacts))  # published files
+    receipt: Mapped[Receipt | None] = mapped_column(Typed(Receipt))  # of the published model
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    @validates(
+        "spec",
+        "progress",
+        "metrics",
+        "metrics_history",
+        "exact_metrics",
+        "privacy",
+        "error",
+        "artifacts",
+        "receipt",
+    )
+    def _typed(self, key: str, value: Any) -> Any:
+        column_type = self.__table__.c[key].type
+        assert isinstance(column_type, Typed)
+        return column_type.coerce(value)
 
 
 class LedgerEntry(Base):

@@ -125,5 +125,5 @@ class AsyncReads:
 
 def _processor(type_: Any, dialect: Any) -> Callable[[Any], Any] | None:
     """The column type's result processing (e.g. UTC datetimes), as the ORM applies it."""
-    processor: Callable[[Any], Any] | None = type_._cached_result_processor(dialect, None)
+    processor: Callable[[Any], Any] | None = type_.result_processor(dialect, None)
     return processor

@@ -23,6 +23,7 @@ from ppml.db.models import (
     Tenant,
     utcnow,
 )
+from ppml.jobs.records import Progress
 
 __all__ = ["Page", "Repositories"]
 
@@ -130,8 +131,11 @@ class Repositories:
         stmt = select(func.count()).select_from(rows.subquery())
         return int(self.session.scalar(stmt) or 0)
 
-    def claim_job(self, job_id: str, *, owner: str, lease_until: datetime) -> bool:
-        """Conditional update queued → running; False when another worker got it first."""
+    def claim_job(
+        self, job_id: str, *, owner: str, lease_until: datetime, status: JobStatus
+    ) -> bool:
+        """Conditional update queued → ``status`` (running; the transition is
+        ``ppml.jobs.lifecycle``'s); False when another worker got it first."""
         now = utcnow()
         result = self.session.execute(
             update(Job)
@@ -139,7 +143,7 @@ class Repositories:
                 Job.id == job_id, Job.status == JobStatus.QUEUED, Job.cancel_requested.is_(False)
             )
             .values(
-                status=JobStatus.RUNNING,
+                status=status,
                 lease_owner=owner,
                 lease_expires_at=lease_until,
                 attempts=Job.attempts + 1,
@@ -157,7 +161,7 @@ class Repositories:
         *,
         owner: str,
         lease_until: datetime,
-        progress: dict[str, Any],
+        progress: Progress,
         steps: int,
     ) -> tuple[bool, bool]:
         """Record progress under the lease. Returns ``(still_owner, cancel_requested)``."""
@@ -165,7 +169,7 @@ class Repositories:
             update(Job)
             .where(Job.id == job_id, Job.lease_owner == owner, Job.status == JobStatus.RUNNING)
             .values(
-                progress=progress,
+                progress=progress.model_dump(mode="json"),
                 steps_done=steps,
                 lease_expires_at=lease_until,
                 heartbeat_at=utcnow(),

@@ -42,12 +42,10 @@ class JobCheckpoints:
         return sorted(found, reverse=True)
 
     def save(self, attempt: int, state: dict[str, Any]) -> None:
-        """Write atomically (staged, then renamed): a crash leaves the previous file."""
+        """Write through the store (atomically): a crash leaves the previous file."""
         from ppml.training.checkpoint import save_checkpoint
 
-        with self.store.staging(".pt") as staged:
-            save_checkpoint(staged, state)
-            self.store.publish(staged, self.key(attempt))
+        self.store.write(self.key(attempt), lambda path: save_checkpoint(path, state))
 
     def latest(self, *, before: int) -> dict[str, Any] | None:
         """The newest readable checkpoint of an attempt earlier than ``before``."""

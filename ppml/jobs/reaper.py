@@ -20,9 +20,10 @@ from ppml.config import Settings
 from ppml.db.models import JobStatus, utcnow
 from ppml.db.repositories import Repositories
 from ppml.db.session import Database
+from ppml.jobs import lifecycle
 from ppml.jobs.checkpoints import JobCheckpoints
+from ppml.jobs.records import JobError
 from ppml.jobs.schedule import steps_to_charge
-from ppml.privacy.accounting import final_privacy
 from ppml.privacy.ledger import Ledger
 from ppml.queue import enqueue_job
 from ppml.storage import ArtifactStore
@@ -78,36 +79,31 @@ class Reaper:
             return None
         with self.db.session(write=True) as session:
             repos = Repositories(session)
-            ledger = Ledger(repos)
-            budget = ledger.lock(found.dataset_id)  # lock order: budget row, then job row
+            Ledger(repos).lock(found.dataset_id)  # lock order: budget row, then job row
             job = repos.job_by_id(job_id, lock=True)
             now = utcnow()
             expires = job.lease_expires_at if job else None
             if job is None or job.status != JobStatus.RUNNING or expires is None or expires >= now:
                 return None
-            job.lease_owner = job.lease_expires_at = None
-            job.updated_at = now
             if job.attempts < self.settings.worker.max_attempts and not job.cancel_requested:
                 # The reservation stays: the job will still run at most its planned steps.
-                job.status = JobStatus.QUEUED
-                job.enqueued_at = None
+                lifecycle.requeue(job)
                 log.warning("job %s: worker lost on attempt %d; re-queued", job_id, job.attempts)
                 return "requeued"
             steps = steps_to_charge(job, report_every=self.settings.worker.report_every_steps)
-            commit = None
-            if budget is not None:
-                commit, _ = ledger.settle(budget, job.id, steps=steps, note="worker lost")
             if job.cancel_requested:
-                job.status = JobStatus.CANCELLED
+                ending = lifecycle.Ending(
+                    status=JobStatus.CANCELLED, steps=steps, note="worker lost"
+                )
             else:
-                job.status = JobStatus.FAILED
-                job.error = {
-                    "code": "worker_lost",
-                    "message": f"the worker stopped reporting ({job.attempts} attempts)",
-                }
-            job.finished_at = now
-            if job.privacy is not None:
-                job.privacy = final_privacy(job.privacy, steps, commit.id if commit else None)
+                error = JobError(
+                    code="worker_lost",
+                    message=f"the worker stopped reporting ({job.attempts} attempts)",
+                )
+                ending = lifecycle.Ending(
+                    status=JobStatus.FAILED, steps=steps, note="worker lost", error=error
+                )
+            lifecycle.finish(repos, job, ending)
             outcome = str(job.status)
         JobCheckpoints(self.store, job_id).clear()
         log.warning("job %s %s: worker lost; charged %s steps", job_id, outcome, steps)

@@ -1,4 +1,4 @@
-"""Running one job on a worker: claim, train, publish the model, settle the ledger.
+"""Running one job on a worker: claim, train, publish the model, end it (ppml.jobs.lifecycle).
 
 Idempotent by construction: a job is claimed with a conditional update, so a duplicate
 delivery of the same message finds it taken (or finished) and does nothing; the ledger's
@@ -7,14 +7,13 @@ idempotency keys make a retried settlement harmless.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from datetime import timedelta
+from dataclasses import replace
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -23,13 +22,23 @@ from ppml import datasets as data
 from ppml.config import Settings
 from ppml.db.models import Dataset, Job, JobStatus, utcnow
 from ppml.db.repositories import Repositories
-from ppml.db.session import Database
+from ppml.db.session import UNAVAILABLE, Database
+from ppml.jobs import lifecycle
 from ppml.jobs.checkpoints import JobCheckpoints
-from ppml.jobs.receipts import receipt_metadata
+from ppml.jobs.heartbeat import Heartbeat, progress_at
+from ppml.jobs.receipts import build_receipt, file_metadata
+from ppml.jobs.records import (
+    ArtifactRef,
+    Artifacts,
+    JobError,
+    PrivacyRecord,
+    Progress,
+    Receipt,
+)
 from ppml.jobs.schedule import Schedule, evaluation_plan, schedule, unreported_steps
-from ppml.privacy import accounting as acc
 from ppml.privacy.evaluation import (
     DEFAULT_LOSS_CLIP,
+    WITHHELD,
     EvaluationPlan,
     ReleasedMetrics,
     release_outcome,
@@ -39,12 +48,12 @@ from ppml.specs import JobSpec
 from ppml.storage import ArtifactStore
 
 if TYPE_CHECKING:
-    from ppml.training.dp_sgd import Progress, TrainResult
+    from ppml.training.dp_sgd import TrainResult
     from ppml.training.federated import FederatedResult
 
     Outcome = TrainResult | FederatedResult
 
-__all__ = ["JobRunner", "worker_identity"]
+__all__ = ["ClaimUnavailable", "JobRunner", "worker_identity"]
 
 log = logging.getLogger(__name__)
 
@@ -53,46 +62,8 @@ def worker_identity() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-@dataclass
-class _Heartbeat:
-    """Training callbacks: progress to the job row under the lease, and cancellation."""
-
-    runner: JobRunner
-    job_id: str
-    deadline: float
-    renew_every: float  # seconds: a third of the lease, so one missed beat is survivable
-    last: dict[str, Any]
-    steps_reported: int = 0
-    cancel: bool = False
-    lost: bool = False
-    timed_out: bool = False
-    last_beat: float = field(default_factory=time.monotonic)
-
-    def on_progress(self, progress: Progress) -> None:
-        self.steps_reported = progress.steps_done
-        self.last = {
-            "fraction": round(progress.fraction, 6),
-            "epoch": progress.epoch,
-            "round": getattr(progress, "round", None),
-            "steps": progress.steps_done,
-        }
-        self.beat()
-
-    def beat(self) -> None:
-        """Report the last progress and renew the lease; learn of cancellation."""
-        owner, cancel = self.runner.heartbeat(self.job_id, self.last, self.steps_reported)
-        self.last_beat = time.monotonic()
-        self.lost = not owner
-        self.cancel = cancel
-
-    def should_stop(self) -> bool:
-        """Checked before every step: cheap, except a lease renewal every few seconds."""
-        now = time.monotonic()
-        if now > self.deadline:
-            self.timed_out = True
-        if now - self.last_beat > self.renew_every:
-            self.beat()
-        return self.cancel or self.lost or self.timed_out
+class ClaimUnavailable(RuntimeError):
+    """The database was unavailable while claiming: the task retries the claim later."""
 
 
 class JobRunner:
@@ -103,10 +74,11 @@ class JobRunner:
         self.owner = owner or worker_identity()
         self.store = ArtifactStore(settings.data_dir)
 
-    def _lease_until(self) -> Any:
+    def _lease_until(self) -> datetime:
         return utcnow() + timedelta(seconds=self.settings.worker.lease_seconds)
 
-    def heartbeat(self, job_id: str, progress: dict[str, Any], steps: int) -> tuple[bool, bool]:
+    def heartbeat(self, job_id: str, progress: Progress, steps: int) -> tuple[bool, bool]:
+        """Record progress under the lease: ``(still the owner, cancel requested)``."""
         with self.db.session(write=True) as session:
             return Repositories(session).heartbeat(
                 job_id,
@@ -117,15 +89,24 @@ class JobRunner:
             )
 
     def claim(self, job_id: str) -> tuple[Job, Dataset] | None:
-        with self.db.session(write=True) as session:
-            repos = Repositories(session)
-            job = repos.job_by_id(job_id)
-            if job is None or job.status != JobStatus.QUEUED:
-                return None
-            if not repos.claim_job(job_id, owner=self.owner, lease_until=self._lease_until()):
-                return None
-            job = repos.job_by_id(job_id)
-            dataset = repos.dataset_by_id(job.dataset_id) if job else None
+        """queued → running for this worker, or None if the job is not (or no longer) queued.
+
+        Raises:
+            ClaimUnavailable: the database could not be reached; nothing was claimed.
+        """
+        try:
+            with self.db.session(write=True) as session:
+                repos = Repositories(session)
+                job = repos.job_by_id(job_id)
+                if job is None or job.status != JobStatus.QUEUED:
+                    return None
+                lease = self._lease_until()
+                if not lifecycle.claim(repos, job_id, owner=self.owner, lease_until=lease):
+                    return None
+                job = repos.job_by_id(job_id)
+                dataset = repos.dataset_by_id(job.dataset_id) if job else None
+        except UNAVAILABLE as exc:
+            raise ClaimUnavailable(f"job {job_id}: database unavailable at claim") from exc
         assert job is not None and dataset is not None
         return job, dataset
 
@@ -136,27 +117,19 @@ class JobRunner:
             log.info("job %s is not queued; nothing to do", job_id)
             return "skipped"
         job, dataset = claimed
-        spec = JobSpec.model_validate(job.spec)
+        spec = job.spec
         limit = spec.training.max_runtime_s or self.settings.worker.job_time_limit_s
         limit = min(limit, self.settings.worker.job_time_limit_s)  # per attempt
         plan = schedule(spec, dataset)  # the same schedule the job was priced with
-        total = plan.total_steps
         checkpoints = JobCheckpoints(self.store, job.id)
         # A re-run (the reaper re-queued it after its worker was lost) resumes from the
         # newest checkpoint; without one it starts over (see JobCheckpoints).
         resume = checkpoints.latest(before=job.attempts) if job.attempts > 1 else None
         start = int(resume["steps"]) if resume is not None else 0
         log.info("job %s claimed (attempt %d), starting at step %d", job_id, job.attempts, start)
+        beat = self._heartbeat(job, plan, start, limit)
         # Progress is "known" from the first beat on: a lost worker is charged what it
         # reported plus one reporting interval instead of its whole reservation.
-        beat = _Heartbeat(
-            self,
-            job_id,
-            deadline=time.monotonic() + limit,
-            renew_every=self.settings.worker.lease_seconds / 3,
-            last=_progress(start, plan, spec),
-            steps_reported=start,
-        )
         beat.beat()
 
         def save_checkpoint(state: dict[str, Any]) -> None:
@@ -168,43 +141,80 @@ class JobRunner:
         except Exception as exc:
             log.exception("job %s failed", job_id)
             report_every = self.settings.worker.report_every_steps
-            unreported = unreported_steps(job.privacy or {}, report_every=report_every)
-            steps = min(total, beat.steps_reported + unreported)
-            failure = {"code": "training_error", "message": type(exc).__name__}
-            return self._finish(job, JobStatus.FAILED, steps=steps, schedule=plan, error=failure)
+            unreported = unreported_steps(job.privacy, report_every=report_every)
+            ending = lifecycle.Ending(
+                status=JobStatus.FAILED,
+                steps=min(plan.total_steps, beat.steps_reported + unreported),
+                note="failed",
+                error=JobError(code="training_error", message=type(exc).__name__),
+            )
+            return self._finish(job, ending)
         if beat.lost:
             log.warning("job %s: lease lost; another worker owns it now", job_id)
             return "lost"
-        status = JobStatus.SUCCEEDED
-        error: dict[str, Any] | None = None
-        if result.stopped and beat.cancel:
-            status = JobStatus.CANCELLED
-        elif result.stopped and beat.timed_out:
-            status = JobStatus.FAILED
-            error = {"code": "time_limit", "message": f"stopped after {limit} s"}
-        released = release_outcome(
-            result.metrics, getattr(result, "history", None), self._evaluation(job, spec, dataset)
-        )
-        artifacts = None
-        if status != JobStatus.FAILED:
-            artifacts = self._save_model(job, dataset, spec, result, released.metrics)
-        return self._finish(
-            job,
-            status,
-            steps=result.steps_done,
-            schedule=plan,
-            error=error,
-            result=result,
-            released=released,
-            artifacts=artifacts,
+        return self._finish(job, self._ending(job, dataset, plan, beat, result, limit))
+
+    def _heartbeat(self, job: Job, plan: Schedule, start: int, limit: float) -> Heartbeat:
+        fed = job.spec.federated
+        privacy = job.privacy
+
+        def epsilon_of(steps: int) -> float | None:
+            # Training alone: the evaluation releases happen at the end.
+            return privacy.model_copy(update={"evaluation": None}).spent(steps) if privacy else None
+
+        return Heartbeat(
+            self.heartbeat,
+            job.id,
+            deadline=time.monotonic() + limit,
+            lease_seconds=self.settings.worker.lease_seconds,
+            last=progress_at(start, plan, local_epochs=fed.local_epochs if fed else None),
+            epsilon_of=epsilon_of,
+            steps_reported=start,
         )
 
+    def _ending(
+        self,
+        job: Job,
+        dataset: Dataset,
+        plan: Schedule,
+        beat: Heartbeat,
+        result: Outcome,
+        limit: float,
+    ) -> lifecycle.Ending:
+        """How a training run that returned ends: its status, metrics, files and receipt."""
+        status, error, note = JobStatus.SUCCEEDED, None, "succeeded"
+        if result.stopped and beat.cancel:
+            status, note = JobStatus.CANCELLED, "cancelled"
+        elif result.stopped and beat.timed_out:
+            status, note = JobStatus.FAILED, "failed"
+            error = JobError(code="time_limit", message=f"stopped after {limit} s")
+        released = release_outcome(
+            result.metrics, getattr(result, "history", None), self._evaluation(job, dataset)
+        )
+        fed = job.spec.federated
+        progress = progress_at(
+            result.steps_done, plan, local_epochs=fed.local_epochs if fed else None
+        )
+        ending = lifecycle.Ending(
+            status=status,
+            steps=result.steps_done,
+            note=note,
+            error=error,
+            progress=progress,
+            released=released,
+        )
+        if status != JobStatus.SUCCEEDED:
+            return ending  # models are published for succeeded jobs only
+        privacy = job.privacy.finished(result.steps_done, None) if job.privacy else None
+        artifacts, receipt = self._save_model(job, dataset, result, privacy, released)
+        return replace(ending, artifacts=artifacts, receipt=receipt)
+
     @staticmethod
-    def _evaluation(job: Job, spec: JobSpec, dataset: Dataset) -> EvaluationPlan:
+    def _evaluation(job: Job, dataset: Dataset) -> EvaluationPlan:
         """How this job's metrics are released: as priced (private jobs), else by its data."""
         if job.privacy is not None:
-            return EvaluationPlan.from_dict(job.privacy.get("evaluation"))
-        return evaluation_plan(spec, dataset)
+            return job.privacy.evaluation or WITHHELD
+        return evaluation_plan(job.spec, dataset)
 
     def _scoring_arrays(self, dataset: Dataset, arrays: data.DatasetArrays) -> dict[str, Any]:
         """The rows that score the model: the owner's public validation set when the dataset
@@ -226,7 +236,7 @@ class JobRunner:
         dataset: Dataset,
         spec: JobSpec,
         schedule: Schedule,
-        beat: _Heartbeat,
+        beat: Heartbeat,
         checkpoint: Callable[[dict[str, Any]], None],
         resume: dict[str, Any] | None,
     ) -> TrainResult | FederatedResult:
@@ -236,10 +246,7 @@ class JobRunner:
         scoring = self._scoring_arrays(dataset, arrays)
         loss_clip = spec.privacy.evaluation.loss_clip if spec.privacy else DEFAULT_LOSS_CLIP
         plan = TrainingPlan(
-            arch=spec.model.arch,
-            hidden_sizes=tuple(spec.model.hidden_sizes),
-            channels=tuple(spec.model.channels),
-            kernel_size=spec.model.kernel_size,
+            model=spec.model,
             epochs=spec.training.epochs if spec.federated is None else 1,
             batch_size=spec.training.batch_size,
             learning_rate=spec.training.learning_rate,
@@ -270,17 +277,17 @@ class JobRunner:
         dp = None
         if private is not None and spec.privacy is not None:
             dp = DPPlan(
-                noise_multiplier=float(private["noise_multiplier"]),
+                noise_multiplier=private.noise_multiplier,
                 max_grad_norm=spec.privacy.max_grad_norm,
-                sample_rate=float(private["sample_rate"]),
-                delta=float(private["delta"]),
+                sample_rate=private.sample_rate,
+                delta=private.delta,
             )
         return train(**common, dp=dp, report_every=self.settings.worker.report_every_steps)
 
     @staticmethod
     def _train_federated(
         spec: JobSpec,
-        private: dict[str, Any] | None,
+        private: PrivacyRecord | None,
         arrays: data.DatasetArrays,
         common: dict[str, Any],
         secret: str | None,
@@ -293,10 +300,10 @@ class JobRunner:
         if private is not None and spec.privacy is not None:
             dp = FederatedDP(
                 level=spec.privacy.level,
-                noise_multiplier=float(private["noise_multiplier"]),
+                noise_multiplier=private.noise_multiplier,
                 clip_norm=spec.privacy.max_grad_norm,
-                sample_rate=float(private["sample_rate"]),
-                delta=float(private["delta"]),
+                sample_rate=private.sample_rate,
+                delta=private.delta,
             )
         plan = FederatedPlan(
             num_clients=fed.num_clients,
@@ -330,105 +337,83 @@ class JobRunner:
         self,
         job: Job,
         dataset: Dataset,
-        spec: JobSpec,
         result: Outcome,
-        metrics: dict[str, Any] | None,
-    ) -> dict[str, dict[str, str]]:
-        """Publish this attempt's model files under keys of their own.
+        privacy: PrivacyRecord | None,
+        released: ReleasedMetrics,
+    ) -> tuple[Artifacts, Receipt]:
+        """Publish this attempt's model files, with their receipt, under keys of their own.
 
         They become the job's artefacts only in :meth:`_finish`, under the ownership check:
         a worker that lost its lease meanwhile never replaces another attempt's model.
         """
-        from ppml.training.export import architecture_metadata, export_onnx, save_model
+        from ppml.architectures import ModelShape
+        from ppml.training.export import export_onnx, save_model
 
-        receipt = receipt_metadata(job, dataset, steps=result.steps_done, metrics=metrics)
-        receipt["architecture"] = architecture_metadata(
-            arch=spec.model.arch,
+        shape = ModelShape(
+            model=job.spec.model,
             num_features=dataset.num_features,
             num_classes=dataset.num_classes,
-            hidden_sizes=tuple(spec.model.hidden_sizes),
-            channels=tuple(spec.model.channels),
-            kernel_size=spec.model.kernel_size,
         )
-        receipt["classes"] = json.dumps(dataset.classes.get("labels", []))
+        receipt = build_receipt(
+            job,
+            dataset,
+            privacy=privacy,
+            metrics=released.metrics,
+            architecture=shape.as_dict(),
+        )
+        metadata = file_metadata(receipt)
         stem = f"models/{job.id}.attempt-{job.attempts}"
-        key = f"{stem}.safetensors"
-        with self.store.staging(".safetensors") as staged:
-            digest = save_model(staged, result.state_dict, metadata=receipt)
-            self.store.publish(staged, key)
-        artifacts = {"safetensors": {"key": key, "sha256": digest}}
-        onnx_key = f"{stem}.onnx"
+        weights = self.store.write(
+            f"{stem}.safetensors",
+            lambda path: save_model(path, result.state_dict, metadata=metadata),
+        )
+        files = {"safetensors": ArtifactRef(key=weights.key, sha256=weights.sha256)}
         try:
-            with self.store.staging(".onnx") as staged:
-                onnx_digest = export_onnx(staged, result.state_dict, metadata=receipt)
-                self.store.publish(staged, onnx_key)
+            graph = self.store.write(
+                f"{stem}.onnx", lambda path: export_onnx(path, result.state_dict, metadata=metadata)
+            )
         except Exception:
             # The budget is spent and the weights are safe: a failed export must not lose the
             # job. The API answers 409 for the missing format.
             log.exception("job %s: ONNX export failed; serving safetensors only", job.id)
         else:
-            artifacts["onnx"] = {"key": onnx_key, "sha256": onnx_digest}
-        return artifacts
+            files["onnx"] = ArtifactRef(key=graph.key, sha256=graph.sha256)
+        return Artifacts(files), receipt
 
-    def _finish(
-        self,
-        job: Job,
-        status: JobStatus,
-        *,
-        steps: int,
-        schedule: Schedule,
-        error: dict[str, Any] | None = None,
-        result: Outcome | None = None,
-        released: ReleasedMetrics | None = None,
-        artifacts: dict[str, dict[str, str]] | None = None,
-    ) -> str:
+    def _finish(self, job: Job, ending: lifecycle.Ending) -> str:
+        """End the job through the lifecycle, if it is still this worker's.
+
+        A database outage here is waited out for up to a lease: the job is this worker's
+        until its lease runs out, and after that the reaper settles it.
+        """
+        deadline = time.monotonic() + self.settings.worker.lease_seconds
+        while True:
+            try:
+                return self._finish_once(job, ending)
+            except UNAVAILABLE:
+                if time.monotonic() > deadline:
+                    self._discard(ending.artifacts)
+                    log.error("job %s: database unavailable at finish; left to the reaper", job.id)
+                    return "lost"
+                log.warning("job %s: database unavailable at finish; retrying", job.id)
+                time.sleep(1.0)
+
+    def _finish_once(self, job: Job, ending: lifecycle.Ending) -> str:
         with self.db.session(write=True) as session:
             repos = Repositories(session)
-            ledger = Ledger(repos)
-            budget = ledger.lock(job.dataset_id)
+            Ledger(repos).lock(job.dataset_id)  # lock order: budget row, then job row
             row = repos.job_by_id(job.id, lock=True)
             if row is None or JobStatus(row.status).terminal or row.lease_owner != self.owner:
-                self._discard(artifacts)
+                self._discard(ending.artifacts)
                 return "skipped"
-            commit = None
-            if budget is not None:
-                commit, _ = ledger.settle(budget, job.id, steps=steps, note=status.value)
-            row.status = status
-            row.error = error
-            row.steps_done = steps
-            row.finished_at = utcnow()
-            row.updated_at = row.finished_at
-            row.lease_expires_at = None
-            if result is not None:
-                row.progress = _progress(
-                    result.steps_done, schedule, JobSpec.model_validate(row.spec)
-                )
-            if released is not None:
-                row.metrics, row.metrics_history = released.metrics, released.history
-                row.exact_metrics = released.exact
-            if row.privacy is not None:
-                row.privacy = acc.final_privacy(row.privacy, steps, commit.id if commit else None)
-            if artifacts is not None:
-                row.artifacts = artifacts
+            lifecycle.finish(repos, row, ending)
         JobCheckpoints(self.store, job.id).clear()  # a finished job never resumes
-        log.info("job %s %s after %d steps", job.id, status.value, steps)
-        return status.value
+        log.info("job %s %s after %s steps", job.id, ending.status.value, ending.steps)
+        return ending.status.value
 
-    def _discard(self, artifacts: dict[str, dict[str, str]] | None) -> None:
+    def _discard(self, artifacts: Artifacts | None) -> None:
         """Delete this attempt's files: the job is another attempt's, or finished already."""
-        for artifact in (artifacts or {}).values():
-            self.store.delete(artifact["key"])
-
-
-def _progress(steps: int, schedule: Schedule, spec: JobSpec) -> dict[str, Any]:
-    fraction = round(min(1.0, steps / schedule.total_steps), 6)
-    if spec.federated is None:
-        return {
-            "fraction": fraction,
-            "epoch": steps // schedule.steps_per_epoch,
-            "round": None,
-            "steps": steps,
-        }
-    rounds = steps // schedule.steps_per_epoch
-    epochs = rounds * spec.federated.local_epochs
-    return {"fraction": fraction, "epoch": epochs, "round": rounds, "steps": steps}
+        for fmt in artifacts.formats() if artifacts is not None else []:
+            ref = artifacts.get(fmt) if artifacts is not None else None
+            if ref is not None:
+                self.store.delete(ref.key)

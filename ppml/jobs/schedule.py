@@ -20,10 +20,11 @@ Pricing (``ppml.services.pricing``) and the worker's runner plan with the same
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 from ppml.db.models import Dataset, Job
 from ppml.errors import InvalidInput
+from ppml.jobs.records import PrivacyRecord
 from ppml.privacy import accounting as acc
 from ppml.privacy.evaluation import (
     DEFAULT_LOSS_CLIP,
@@ -119,13 +120,13 @@ def steps_to_charge(job: Job, *, report_every: int) -> int | None:
     """
     if not job.data_touched:
         return None
-    privacy = job.privacy or {}
-    planned = int(privacy.get("steps_planned") or job.steps_done)
+    privacy = job.privacy
+    planned = privacy.steps_planned if privacy is not None else job.steps_done
     if job.heartbeat_at is None:
         return planned
     return min(planned, job.steps_done + unreported_steps(privacy, report_every=report_every))
 
 
-def unreported_steps(privacy: dict[str, Any], *, report_every: int) -> int:
+def unreported_steps(privacy: PrivacyRecord | None, *, report_every: int) -> int:
     """Steps a job may have run since its last report (see :func:`steps_to_charge`)."""
-    return max(report_every, int(privacy.get("charge_interval") or 0))
+    return max(report_every, privacy.charge_interval if privacy is not None else 0)

@@ -33,11 +33,9 @@ __all__ = [
     "epsilon",
     "evaluation_curve",
     "filter_epsilon",
-    "final_privacy",
     "fits",
     "library_versions",
     "plan_dp_sgd",
-    "plan_event",
     "pld_epsilon",
     "rdp_curve",
     "steps_per_epoch",
@@ -420,33 +418,3 @@ def pld_epsilon(events: Iterable[MechanismEvent], delta: float) -> float:
         if event.steps:
             accountant.compose(_dp_event(event))
     return float(accountant.get_epsilon(delta))
-
-
-def plan_event(plan: dict[str, Any], steps: int) -> MechanismEvent:
-    """The mechanism event of a job's privacy record after ``steps`` steps."""
-    evaluation = plan.get("evaluation") or {}
-    return MechanismEvent(
-        sample_rate=float(plan["sample_rate"]),
-        noise_multiplier=float(plan["noise_multiplier"]),
-        steps=steps,
-        unit=str(plan.get("unit", "record")),
-        eval_noise_multiplier=evaluation.get("noise_multiplier"),
-        eval_releases=int(evaluation.get("scalar_releases") or 0),
-    )
-
-
-def final_privacy(
-    plan: dict[str, Any], steps: int | None, ledger_entry_id: str | None
-) -> dict[str, Any]:
-    """A job's privacy record after ``steps`` steps: its plan plus the ε they spent
-    (training and the evaluation releases together, as the ledger charges them). None
-    steps: the data was never touched, nothing was spent."""
-    spent = 0.0
-    if steps is not None:
-        spent = epsilon(rdp_curve(plan_event(plan, steps)), float(plan["delta"]))
-    return {
-        **plan,
-        "steps": steps or 0,
-        "epsilon_spent": spent,
-        "ledger_entry_id": ledger_entry_id,
-    }

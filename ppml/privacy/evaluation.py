@@ -23,17 +23,23 @@ import math
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, computed_field
 
 __all__ = [
     "DEFAULT_EVAL_SHARE",
     "DEFAULT_LOSS_CLIP",
     "MAX_METRIC_RELEASES",
     "SCALARS_PER_RELEASE",
+    "WITHHELD",
     "EvaluationPlan",
+    "ExactMetrics",
+    "ExactScores",
     "Mechanism",
+    "Metrics",
+    "MetricsRelease",
     "ReleasedMetrics",
     "default_evaluate_every",
     "exact_metrics",
@@ -54,8 +60,11 @@ SCALARS_PER_RELEASE = 2
 Mechanism = Literal["gaussian", "exact-public-data", "exact-public-validation", "withheld"]
 
 
-@dataclass(frozen=True, kw_only=True)
-class EvaluationPlan:
+class _Record(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class EvaluationPlan(_Record):
     """How a job's metrics are released, fixed when the job is priced.
 
     Attributes:
@@ -71,6 +80,9 @@ class EvaluationPlan:
         validation_dataset_id: The public set that scores the job, if any.
     """
 
+    # Stored records carry the computed ``scalar_releases`` too: ignored when read back.
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
     mechanism: Mechanism
     noise_multiplier: float | None = None
     loss_clip: float | None = None
@@ -79,39 +91,60 @@ class EvaluationPlan:
     scored_on: Literal["test", "validation"] = "test"
     validation_dataset_id: str | None = None
 
+    @computed_field  # type: ignore[prop-decorator]
     @property
     def scalar_releases(self) -> int:
         """Scalar Gaussian releases to charge (0 unless ``gaussian``)."""
         return SCALARS_PER_RELEASE * self.releases if self.mechanism == "gaussian" else 0
 
-    def to_dict(self) -> dict[str, Any]:
-        """The job's privacy record's ``evaluation`` entry."""
-        return {
-            "mechanism": self.mechanism,
-            "noise_multiplier": self.noise_multiplier,
-            "loss_clip": self.loss_clip,
-            "releases": self.releases,
-            "scalar_releases": self.scalar_releases,
-            "epsilon_share": self.epsilon_share,
-            "scored_on": self.scored_on,
-            "validation_dataset_id": self.validation_dataset_id,
-        }
 
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any] | None) -> EvaluationPlan:
-        """Inverse of :meth:`to_dict`; a job priced before metrics were released through a
-        mechanism (no entry) shows none to analysts."""
-        if not data:
-            return cls(mechanism="withheld", releases=0)
-        return cls(
-            mechanism=data["mechanism"],
-            noise_multiplier=data.get("noise_multiplier"),
-            loss_clip=data.get("loss_clip"),
-            releases=int(data.get("releases", 1)),
-            epsilon_share=float(data.get("epsilon_share", 0.0)),
-            scored_on=data.get("scored_on", "test"),
-            validation_dataset_id=data.get("validation_dataset_id"),
-        )
+#: A job priced before metrics were released through a mechanism shows analysts none.
+WITHHELD = EvaluationPlan(mechanism="withheld", releases=0)
+
+
+class MetricsRelease(_Record):
+    """How a set of metrics was released (PRIVACY.md: held-out rows are protected rows)."""
+
+    mechanism: Literal["gaussian", "exact-public-data", "exact-public-validation"] = Field(
+        description="gaussian: a Gaussian mechanism on per-unit sums of held-out scores, "
+        "charged to the dataset's budget with the job; exact-public-data: the dataset has no "
+        "budget; exact-public-validation: scored on the owner's public validation set."
+    )
+    scored_on: Literal["test", "validation"]
+    validation_dataset_id: str | None
+    units: int = Field(description="Privacy units scored (released metadata).")
+    noise_multiplier: float | None = Field(description="σ of the releases (gaussian).")
+    loss_clip: float | None = Field(description="Per-example loss bound (gaussian).")
+    accuracy_noise_std: float | None = Field(description="Std of the noise on test_accuracy.")
+    loss_noise_std: float | None = Field(description="Std of the noise on test_loss.")
+
+
+class Metrics(_Record):
+    """Held-out metrics as released to every key of the tenant, with their mechanism."""
+
+    test_accuracy: float
+    test_loss: float = Field(description="Mean cross-entropy (clipped at loss_clip if noisy).")
+    round: int | None = Field(default=None, description="Federated round scored, if any.")
+    release: MetricsRelease
+
+
+class ExactScores(_Record):
+    """One scoring's exact figures (figures stored by older versions may carry more keys)."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    test_accuracy: float
+    test_loss: float = Field(description="Mean cross-entropy, unclipped.")
+    round: int | None = None
+    rows: int | None = Field(default=None, description="Rows scored.")
+    units: int | None = Field(default=None, description="Privacy units scored.")
+
+
+class ExactMetrics(_Record):
+    """A job's exact held-out figures: for the dataset's owner only."""
+
+    metrics: ExactScores | None = None
+    history: list[ExactScores] | None = None
 
 
 def _round(aggregates: Mapping[str, float]) -> int | None:
@@ -119,15 +152,15 @@ def _round(aggregates: Mapping[str, float]) -> int | None:
     return None if value is None else int(value)
 
 
-def exact_metrics(aggregates: Mapping[str, float]) -> dict[str, Any]:
+def exact_metrics(aggregates: Mapping[str, float]) -> ExactScores:
     """The exact figures of one scoring (owner only, or public data)."""
-    return {
-        "test_accuracy": float(aggregates["test_accuracy"]),
-        "test_loss": float(aggregates["test_loss"]),
-        "round": _round(aggregates),
-        "rows": int(aggregates["rows"]),
-        "units": int(aggregates["units"]),
-    }
+    return ExactScores(
+        test_accuracy=float(aggregates["test_accuracy"]),
+        test_loss=float(aggregates["test_loss"]),
+        round=_round(aggregates),
+        rows=int(aggregates["rows"]),
+        units=int(aggregates["units"]),
+    )
 
 
 def release_metrics(
@@ -135,7 +168,7 @@ def release_metrics(
     plan: EvaluationPlan,
     *,
     rng: np.random.Generator | None = None,
-) -> dict[str, Any] | None:
+) -> Metrics | None:
     """What analysts see of one scoring, with the mechanism that released it.
 
     Args:
@@ -146,48 +179,52 @@ def release_metrics(
         rng: Noise source; None (production) seeds one from the OS CSPRNG. Tests only.
 
     Returns:
-        ``{"test_accuracy", "test_loss", "round", "release": {...}}``, or None when the
-        plan withholds metrics.
+        The released metrics, or None when the plan withholds them.
     """
     if plan.mechanism == "withheld":
         return None
     units = int(aggregates["units"])
-    release: dict[str, Any] = {
-        "mechanism": plan.mechanism,
+    common = {
         "scored_on": plan.scored_on,
         "validation_dataset_id": plan.validation_dataset_id,
         "units": units,
-        "noise_multiplier": None,
-        "loss_clip": None,
-        "accuracy_noise_std": None,
-        "loss_noise_std": None,
     }
     if plan.mechanism != "gaussian":
         exact = exact_metrics(aggregates)
-        return {
-            "test_accuracy": exact["test_accuracy"],
-            "test_loss": exact["test_loss"],
-            "round": exact["round"],
-            "release": release,
-        }
+        release = MetricsRelease(
+            mechanism=plan.mechanism,
+            noise_multiplier=None,
+            loss_clip=None,
+            accuracy_noise_std=None,
+            loss_noise_std=None,
+            **common,
+        )
+        return Metrics(
+            test_accuracy=exact.test_accuracy,
+            test_loss=exact.test_loss,
+            round=exact.round,
+            release=release,
+        )
     z, bound = plan.noise_multiplier, plan.loss_clip
     assert z is not None and bound is not None
     noise = rng if rng is not None else np.random.default_rng(secrets.randbits(128))
     correct = float(aggregates["unit_correct_sum"]) + float(noise.normal(0.0, z))
     loss = float(aggregates["unit_clipped_loss_sum"]) + float(noise.normal(0.0, z * bound))
     scale = max(units, 1)  # post-processing by a public count
-    release.update(
+    release = MetricsRelease(
+        mechanism="gaussian",
         noise_multiplier=z,
         loss_clip=bound,
         accuracy_noise_std=z / scale,
         loss_noise_std=z * bound / scale,
+        **common,
     )
-    return {
-        "test_accuracy": min(1.0, max(0.0, correct / scale)),
-        "test_loss": min(bound, max(0.0, loss / scale)),
-        "round": _round(aggregates),
-        "release": release,
-    }
+    return Metrics(
+        test_accuracy=min(1.0, max(0.0, correct / scale)),
+        test_loss=min(bound, max(0.0, loss / scale)),
+        round=_round(aggregates),
+        release=release,
+    )
 
 
 def metric_releases(rounds: int | None, evaluate_every: int | None) -> int:
@@ -207,9 +244,9 @@ def default_evaluate_every(rounds: int) -> int:
 class ReleasedMetrics:
     """A finished job's metrics: what everyone may see, and the owner's exact figures."""
 
-    metrics: dict[str, Any] | None
-    history: list[dict[str, Any]] | None
-    exact: dict[str, Any]
+    metrics: Metrics | None
+    history: list[Metrics] | None
+    exact: ExactMetrics
 
 
 def release_outcome(
@@ -232,10 +269,10 @@ def release_outcome(
     else:
         metrics = release_metrics(final, plan, rng=rng)
     shown = [entry for entry in released_history if entry is not None]
-    exact = {
-        "metrics": exact_metrics(final),
-        "history": [exact_metrics(entry) for entry in history] or None,
-    }
+    exact = ExactMetrics(
+        metrics=exact_metrics(final),
+        history=[exact_metrics(entry) for entry in history] or None,
+    )
     return ReleasedMetrics(metrics=metrics, history=shown or None, exact=exact)
 
 

@@ -99,9 +99,7 @@ def _store(
     schema = data.DatasetSchema(classes=list(arrays.classes))
     dataset_id = new_id("ds")
     key = f"datasets/{dataset_id}.npz"
-    with store.staging(".npz") as staged:
-        data.save_arrays(arrays, staged)
-        store.publish(staged, key)
+    store.write(key, lambda path: data.save_arrays(arrays, path))
     dataset = Dataset(
         id=dataset_id,
         tenant_id=tenant_id,
@@ -152,9 +150,7 @@ def register_builtin(
 ) -> Dataset:
     """Registers a built-in; its classes are the fixed set it declares (``BUILTIN_CLASSES``)."""
     secret = data.new_secret()
-    arrays = data.load_builtin(
-        builtin, seed=0, cache_dir=settings.data_dir / "cache", secret=secret, unit=unit
-    )
+    arrays = data.load_builtin(builtin, seed=0, cache=store, secret=secret, unit=unit)
     return _store(
         repos,
         store,

@@ -31,7 +31,9 @@ from ppml.errors import (
     PPMLError,
     TooManyRequests,
 )
+from ppml.jobs import lifecycle
 from ppml.jobs.checkpoints import JobCheckpoints
+from ppml.jobs.records import Progress
 from ppml.jobs.schedule import steps_to_charge
 from ppml.privacy import accounting as acc
 from ppml.privacy.ledger import Ledger, budget_status
@@ -111,19 +113,15 @@ _Queued = Pending[tuple[_Admission, str], Job]
 
 def _new_job(admission: _Admission, digest: str, idempotency_key: str | None) -> Job:
     spec = admission.spec
-    return Job(
+    # A federated job reports rounds from 0, as its worker will.
+    progress = Progress(fraction=0.0, epoch=0, round=None if spec.federated is None else 0, steps=0)
+    return lifecycle.new_job(
         id=new_id("job"),
         tenant_id=admission.tenant_id,
         dataset_id=admission.dataset.id,
         name=spec.name,
-        spec=spec.model_dump(mode="json"),
-        status=JobStatus.QUEUED,
-        progress={
-            "fraction": 0.0,
-            "epoch": 0,
-            "round": None if spec.federated is None else 0,  # as the worker reports it
-            "steps": 0,
-        },
+        spec=spec,
+        progress=progress,
         metrics=None,
         privacy=admission.pricing.privacy_plan(spec),
         error=None,
@@ -356,8 +354,7 @@ class JobService:
             raise NotFound("job not found")
         with self.db.session(write=True) as session:
             repos = Repositories(session)
-            ledger = Ledger(repos)
-            budget = ledger.lock(found.dataset_id)  # lock order: budget row, then job row
+            Ledger(repos).lock(found.dataset_id)  # lock order: budget row, then job row
             job = repos.job_by_id(job_id, lock=True)
             assert job is not None
             if JobStatus(job.status).terminal:
@@ -365,18 +362,12 @@ class JobService:
             job.cancel_requested = True
             job.updated_at = utcnow()
             if job.status == JobStatus.QUEUED:
-                job.status = JobStatus.CANCELLED
-                job.finished_at = utcnow()
                 # A job re-queued after a lost worker has touched the data already.
                 steps = steps_to_charge(job, report_every=self.settings.worker.report_every_steps)
-                commit = None
-                if budget is not None:
-                    commit, _ = ledger.settle(
-                        budget, job.id, steps=steps, note="cancelled while queued"
-                    )
-                if steps is not None and job.privacy is not None:
-                    entry = commit.id if commit else None
-                    job.privacy = acc.final_privacy(job.privacy, steps, entry)
+                ending = lifecycle.Ending(
+                    status=JobStatus.CANCELLED, steps=steps, note="cancelled while queued"
+                )
+                lifecycle.finish(repos, job, ending)
         if job.status == JobStatus.CANCELLED:
             JobCheckpoints(self.store, job.id).clear()
         return job

@@ -15,16 +15,17 @@ a record-level job only on a record-unit budget.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from typing import Any
+from dataclasses import dataclass
 
+from ppml.architectures import count_parameters, model_problem
 from ppml.config import Settings
 from ppml.db.models import Dataset
 from ppml.errors import InvalidInput, PrivacyRequired
+from ppml.jobs.records import PrivacyRecord
 from ppml.jobs.schedule import Schedule, evaluation_plan, schedule
 from ppml.privacy import accounting as acc
 from ppml.privacy.evaluation import EvaluationPlan
-from ppml.specs import FederatedSpec, JobSpec, cnn1d_problem, count_parameters
+from ppml.specs import FederatedSpec, JobSpec
 
 __all__ = ["Pricing", "price"]
 
@@ -39,27 +40,28 @@ class Pricing:
     delta: float | None
     evaluation: EvaluationPlan
 
-    def privacy_plan(self, spec: JobSpec) -> dict[str, Any] | None:
-        if self.event is None or spec.privacy is None:
+    def privacy_plan(self, spec: JobSpec) -> PrivacyRecord | None:
+        """The job's privacy record at admission."""
+        if self.event is None or spec.privacy is None or self.delta is None:
             return None
-        return {
-            "target_epsilon": spec.privacy.target_epsilon,
-            "epsilon_planned": self.epsilon,
-            "epsilon_spent": None,
-            "delta": self.delta,
-            "noise_multiplier": self.event.noise_multiplier,
-            "max_grad_norm": spec.privacy.max_grad_norm,
-            "sample_rate": self.event.sample_rate,
-            "sampling": self.event.sampling,
-            "steps": 0,
-            "steps_planned": self.event.steps,
-            "charge_interval": self.schedule.charge_interval,
-            "unit": self.event.unit,
-            "level": spec.privacy.level,
-            "accountant": "rdp",
-            "grid_version": acc.GRID_VERSION,
-            "evaluation": self.evaluation.to_dict(),
-        }
+        return PrivacyRecord(
+            target_epsilon=spec.privacy.target_epsilon,
+            epsilon_planned=self.epsilon,
+            epsilon_spent=None,
+            delta=self.delta,
+            noise_multiplier=self.event.noise_multiplier,
+            max_grad_norm=spec.privacy.max_grad_norm,
+            sample_rate=self.event.sample_rate,
+            sampling=self.event.sampling,
+            steps=0,
+            steps_planned=self.event.steps,
+            charge_interval=self.schedule.charge_interval,
+            unit="client" if self.event.unit == "client" else "record",
+            level=spec.privacy.level,
+            accountant="rdp",
+            grid_version=acc.GRID_VERSION,
+            evaluation=self.evaluation,
+        )
 
 
 def _check_limits(spec: JobSpec, dataset: Dataset, settings: Settings) -> None:
@@ -78,10 +80,9 @@ def _check_limits(spec: JobSpec, dataset: Dataset, settings: Settings) -> None:
             field="federated.rounds" if fed else "training.epochs",
             limit=limits.max_sample_epochs,
         )
-    if spec.model.arch == "cnn1d":
-        problem = cnn1d_problem(spec.model.channels, dataset.num_features)
-        if problem is not None:
-            raise InvalidInput(problem, field="model.channels")
+    problem = model_problem(spec.model, num_features=dataset.num_features)
+    if problem is not None:
+        raise InvalidInput(problem.message, field=f"model.{problem.field}")
     params = count_parameters(
         spec.model, num_features=dataset.num_features, num_classes=dataset.num_classes
     )
@@ -241,4 +242,4 @@ def _calibrate(
         eval_noise_multiplier=z,
         eval_releases=evaluation.scalar_releases,
     )
-    return event, replace(evaluation, noise_multiplier=z)
+    return event, evaluation.model_copy(update={"noise_multiplier": z})

@@ -13,19 +13,16 @@ from ppml.training.dp_sgd import (
     evaluate,
     train,
 )
-from ppml.training.export import architecture_metadata, load_model, save_model
-from ppml.training.models import ARCHITECTURES, build_model, count_parameters
+from ppml.training.export import load_model, save_model
+from ppml.training.models import build_model
 
 __all__ = [
-    "ARCHITECTURES",
     "DPPlan",
     "Progress",
     "TrainResult",
     "TrainingCallbacks",
     "TrainingPlan",
-    "architecture_metadata",
     "build_model",
-    "count_parameters",
     "evaluate",
     "load_model",
     "save_model",

@@ -14,7 +14,7 @@ import numpy.typing as npt
 import torch
 from torch import nn
 
-from ppml.training.models import ARCHITECTURES
+from ppml.specs import ModelSpec
 
 __all__ = [
     "DP_ENGINES",
@@ -40,10 +40,7 @@ class TrainingPlan:
     """What to train and how, independent of privacy.
 
     Attributes:
-        arch: Architecture registry name (see ``ppml.training.models``).
-        hidden_sizes: Hidden widths (``mlp``).
-        channels: Convolution channels (``cnn1d``).
-        kernel_size: Convolution kernel width (``cnn1d``).
+        model: The architecture and its sizes (see ``ppml.architectures``).
         epochs: Number of epochs.
         batch_size: Expected (DP) or exact (non-private) batch size.
         learning_rate: Optimizer step size.
@@ -57,10 +54,7 @@ class TrainingPlan:
             per unit; None when every row is its own unit.
     """
 
-    arch: str
-    hidden_sizes: tuple[int, ...]
-    channels: tuple[int, ...]
-    kernel_size: int
+    model: ModelSpec
     epochs: int
     batch_size: int
     learning_rate: float
@@ -73,8 +67,6 @@ class TrainingPlan:
     test_units: npt.NDArray[np.int64] | None = field(default=None, compare=False, hash=False)
 
     def __post_init__(self) -> None:
-        if self.arch not in ARCHITECTURES:
-            raise ValueError(f"unknown architecture {self.arch!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {self.optimizer!r}")
         if min(self.epochs, self.batch_size, self.steps_per_epoch) < 1:

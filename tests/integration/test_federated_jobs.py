@@ -11,6 +11,7 @@ from fastapi.testclient import TestClient
 
 from ppml.config import Settings
 from ppml.db.session import Database
+from ppml.jobs.records import PrivacyRecord
 from ppml.jobs.runner import JobRunner
 from ppml.privacy import accounting as acc
 from tests.conftest import register_digits
@@ -105,7 +106,7 @@ def test_federated_dp_job_runs_and_charges_its_mechanism(
         assert entry["release"]["mechanism"] == "gaussian"
         assert entry["release"]["units"] == scored_units
     assert job["metrics"] == job["metrics_history"][-1]  # the last score, not a fifth release
-    event = acc.plan_event(plan, plan["steps_planned"])
+    event = PrivacyRecord.model_validate(plan).event(plan["steps_planned"])
     assert event.eval_releases == 8
     assert job["privacy"]["epsilon_spent"] == pytest.approx(
         acc.epsilon(acc.rdp_curve(event), delta)

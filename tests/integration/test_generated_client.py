@@ -136,7 +136,7 @@ def test_generated_client_runs_the_whole_workflow(generated: str, service: str) 
     assert job.spec.dataset_id == dataset.id  # the spec comes back typed
     assert download.status_code == 200 and len(download.content) > 0
     assert hashlib.sha256(download.content).hexdigest() == card.artifacts["onnx"]["sha256"]
-    assert card.privacy.epsilon == pytest.approx(job.privacy["epsilon_spent"])
+    assert card.privacy.epsilon == pytest.approx(job.privacy.epsilon_spent)
     assert len(answer.predictions) == 1 and len(answer.probabilities[0]) == 10
     assert missing.status_code == 404
     assert isinstance(missing.parsed, models.Problem) and missing.parsed.status == 404

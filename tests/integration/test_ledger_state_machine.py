@@ -44,9 +44,10 @@ from ppml.db.models import (
 from ppml.db.repositories import Repositories
 from ppml.db.session import Database
 from ppml.errors import BudgetExceeded, JobNotCancellable
+from ppml.jobs import lifecycle
 from ppml.jobs.reaper import Reaper
+from ppml.jobs.records import Progress
 from ppml.jobs.runner import JobRunner
-from ppml.jobs.schedule import schedule
 from ppml.privacy import accounting as acc
 from ppml.privacy.ledger import Ledger, budget_status
 from ppml.queue import make_celery
@@ -141,14 +142,19 @@ def privacy_plan(event: acc.MechanismEvent) -> dict[str, Any]:
     }
 
 
+def progress(steps: int) -> Progress:
+    """A progress report of ``steps`` steps (the machine only tracks the step count)."""
+    return Progress(fraction=0.0, epoch=0, steps=steps)
+
+
 def worker_finish(runner: JobRunner, row: Job, status: JobStatus, *, steps: int) -> str:
     """The runner's last act after training (settle the ledger, set the status), without
     the training: ``_finish`` is where ``JobRunner.run`` ends on every path."""
     with runner.db.session() as session:
         dataset = Repositories(session).dataset_by_id(row.dataset_id)
     assert dataset is not None
-    plan = schedule(JobSpec.model_validate(row.spec), dataset)
-    return runner._finish(row, status, steps=steps, schedule=plan)
+    ending = lifecycle.Ending(status=status, steps=steps, note=status.value)
+    return runner._finish(row, ending)
 
 
 def expire_lease(db: Database, job_id: str) -> None:
@@ -310,8 +316,11 @@ def machine_class(h: Harness) -> type[RuleBasedStateMachine]:
         def do_start(self, job_id: str, worker: str) -> None:
             job = self.jobs[job_id]
             with db.session(write=True) as session:
-                claimed = Repositories(session).claim_job(
-                    job.id, owner=worker, lease_until=utcnow() + timedelta(minutes=1)
+                claimed = lifecycle.claim(
+                    Repositories(session),
+                    job.id,
+                    owner=worker,
+                    lease_until=utcnow() + timedelta(minutes=1),
                 )
             # only a queued job can be claimed, and only once (duplicate deliveries)
             assert claimed == (job.status == JobStatus.QUEUED)
@@ -324,7 +333,7 @@ def machine_class(h: Harness) -> type[RuleBasedStateMachine]:
             job = self.jobs[job_id]
             steps = min(job.planned, job.reported + reports * h.report_every)
             assert job.owner is not None
-            owner, cancel = workers[job.owner].heartbeat(job.id, {"steps": steps}, steps)
+            owner, cancel = workers[job.owner].heartbeat(job.id, progress(steps), steps)
             assert owner and cancel == job.cancel_requested
             job.reported, job.heartbeats = steps, job.heartbeats + 1
             seen["progress"] += 1
@@ -378,7 +387,9 @@ def machine_class(h: Harness) -> type[RuleBasedStateMachine]:
                 seen["lease expiry: " + ("reported" if job.heartbeats else "unknown")] += 1
             # the lost worker comes back: it is no longer the owner, and settles nothing
             assert job.owner is not None
-            assert workers[job.owner].heartbeat(job.id, {}, job.planned)[0] is False
+            assert (
+                workers[job.owner].heartbeat(job.id, progress(job.planned), job.planned)[0] is False
+            )
 
         def do_complete(self, job_id: str, steps: int | None = None) -> None:
             """The worker finishes: all steps, or (a cancel seen at a report) ``steps``."""

@@ -15,7 +15,12 @@ from ppml.db.session import Database
 from ppml.errors import PrivacyUnitMismatch
 from ppml.privacy import accounting as acc
 from ppml.privacy.ledger import Ledger
-from tests.integration.test_ledger_state_machine import make_dataset, make_tenant, privacy_plan
+from tests.integration.test_ledger_state_machine import (
+    job_spec,
+    make_dataset,
+    make_tenant,
+    privacy_plan,
+)
 
 
 def test_a_mechanism_of_another_unit_is_refused_and_nothing_is_written(
@@ -29,9 +34,9 @@ def test_a_mechanism_of_another_unit_is_refused_and_nothing_is_written(
         tenant_id=dataset.tenant_id,
         dataset_id=dataset.id,
         name="wrong unit",
-        spec={},
+        spec=job_spec(dataset.id, epsilon=1.0, epochs=1),
         status=JobStatus.QUEUED,
-        progress={},
+        progress={"fraction": 0.0, "epoch": 0, "steps": 0},
         privacy=privacy_plan(event),
         request_hash="0" * 64,
     )

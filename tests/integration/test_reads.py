@@ -48,8 +48,9 @@ def _job_with_every_column_set(
             "accuracy_noise_std": 0.025,
             "loss_noise_std": 0.1,
         }
-        job.metrics = {"test_accuracy": 0.5, "test_loss": 1.0, "round": None, "release": release}
-        job.metrics_history = [{**job.metrics, "round": r} for r in (1, 2)]
+        metrics = {"test_accuracy": 0.5, "test_loss": 1.0, "round": None, "release": release}
+        job.metrics = metrics
+        job.metrics_history = [{**metrics, "round": r} for r in (1, 2)]
         job.exact_metrics = {"metrics": {"test_accuracy": 0.51, "test_loss": 1.1}, "history": None}
         job.error = {"code": "none", "message": "ünïcode"}
         job.lease_owner = "worker-1"

@@ -8,10 +8,11 @@ from ppml.config import Settings
 from ppml.db.models import JobStatus
 from ppml.db.repositories import Repositories
 from ppml.db.session import Database
+from ppml.jobs import lifecycle
+from ppml.jobs.records import ArtifactRef, Artifacts, PrivacyRecord
 from ppml.jobs.runner import JobRunner
 from ppml.jobs.schedule import schedule
 from ppml.privacy import accounting as acc
-from ppml.specs import JobSpec
 from ppml.storage import ArtifactStore
 from tests.conftest import dp_job_spec
 
@@ -52,7 +53,7 @@ def test_a_public_validation_set_scores_jobs_exactly_and_for_free(
     assert job["metrics"]["test_accuracy"] == exact["metrics"]["test_accuracy"]
     plan = job["privacy"]
     assert plan["evaluation"]["scalar_releases"] == 0
-    event = acc.plan_event(plan, plan["steps"])
+    event = PrivacyRecord.model_validate(plan).event(plan["steps"])
     assert event.eval_releases == 0
     assert plan["epsilon_spent"] == acc.epsilon(acc.rdp_curve(event), plan["delta"])
 
@@ -81,12 +82,13 @@ def test_a_worker_that_lost_its_job_discards_its_model_files(
     with store.staging(".safetensors") as staged:
         staged.write_bytes(b"weights of a lost attempt")
         store.publish(staged, key)
-    plan = schedule(JobSpec.model_validate(job.spec), dataset)
-    artifacts = {"safetensors": {"key": key, "sha256": "0" * 64}}
-    # act
-    outcome = runner._finish(
-        job, JobStatus.SUCCEEDED, steps=plan.total_steps, schedule=plan, artifacts=artifacts
+    plan = schedule(job.spec, dataset)
+    artifacts = Artifacts({"safetensors": ArtifactRef(key=key, sha256="0" * 64)})
+    ending = lifecycle.Ending(
+        status=JobStatus.SUCCEEDED, steps=plan.total_steps, note="succeeded", artifacts=artifacts
     )
+    # act
+    outcome = runner._finish(job, ending)
     # assert: nothing of attempt 1 became the job's
     assert outcome == "skipped"
     assert not store.exists(key)

@@ -17,6 +17,7 @@ from sklearn.datasets import load_digits  # noqa: E402
 
 from ppml.datasets import record_keys  # noqa: E402
 from ppml.jobs.checkpoints import JobCheckpoints  # noqa: E402
+from ppml.specs import ModelSpec  # noqa: E402
 from ppml.storage import ArtifactStore  # noqa: E402
 from ppml.training import DPPlan, TrainingPlan, train  # noqa: E402
 from ppml.training.checkpoint import load_checkpoint, save_checkpoint, start_of  # noqa: E402
@@ -39,10 +40,7 @@ def arrays() -> dict[str, np.ndarray]:
 
 def plan(optimizer: str = "sgd") -> TrainingPlan:
     return TrainingPlan(
-        arch="mlp",
-        hidden_sizes=(32,),
-        channels=(),
-        kernel_size=3,
+        model=ModelSpec(arch="mlp", hidden_sizes=[32]),
         epochs=EPOCHS,
         batch_size=BATCH,
         learning_rate=0.05 if optimizer == "adam" else 0.3,
@@ -192,10 +190,7 @@ def fed_plan(strategy: str) -> FederatedPlan:
 
 def fed_fit(arrays: dict[str, np.ndarray], fed: FederatedPlan, **kwargs: Any) -> Any:
     local = TrainingPlan(
-        arch="mlp",
-        hidden_sizes=(16,),
-        channels=(),
-        kernel_size=3,
+        model=ModelSpec(arch="mlp", hidden_sizes=[16]),
         epochs=1,
         batch_size=16,
         learning_rate=0.1,

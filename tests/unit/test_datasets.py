@@ -33,6 +33,7 @@ from ppml.datasets import (
 )
 from ppml.datasets.split import held_out
 from ppml.errors import InvalidInput, MalformedFile, PayloadTooLarge, PPMLError
+from ppml.storage import ArtifactStore
 
 SECRET = "8675309.25"  # planted in files; must never appear in an error
 SECRET_WORD = "hunter2-secret"
@@ -126,7 +127,8 @@ def test_sklearn_builtins_split_is_deterministic_per_secret(name: str) -> None:
 @pytest.fixture(scope="module")
 def mnist1d_cache(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, DatasetArrays]:
     cache_dir = tmp_path_factory.mktemp("mnist1d")
-    return cache_dir, load_builtin("mnist1d", seed=1, cache_dir=cache_dir, secret=KEY)
+    data = load_builtin("mnist1d", seed=1, cache=ArtifactStore(cache_dir), secret=KEY)
+    return cache_dir, data
 
 
 def test_mnist1d_has_expected_shapes(mnist1d_cache: tuple[Path, DatasetArrays]) -> None:
@@ -153,12 +155,12 @@ def test_mnist1d_is_cached_and_deterministic(
 
     # act
     start = time.perf_counter()
-    cached = load_builtin("mnist1d", seed=1, cache_dir=cache_dir, secret=KEY)
+    cached = load_builtin("mnist1d", seed=1, cache=ArtifactStore(cache_dir), secret=KEY)
     cached_seconds = time.perf_counter() - start
     regenerated = load_builtin("mnist1d", seed=1, secret=KEY)
 
     # assert
-    assert (cache_dir / "mnist1d-v1-seed1.npz").is_file()
+    assert (cache_dir / "cache" / "mnist1d-v1-seed1.npz").is_file()
     assert cached_seconds < 1.0
     for other in (cached, regenerated):
         np.testing.assert_array_equal(first.x_train, other.x_train)

@@ -53,14 +53,15 @@ AGGREGATES = {
 def test_the_released_accuracy_carries_noise_of_the_stated_size() -> None:
     rng = np.random.default_rng(0)
     draws = [release_metrics(AGGREGATES, gaussian_plan(), rng=rng) for _ in range(4000)]
-    accuracies = np.array([d["test_accuracy"] for d in draws if d is not None])
+    accuracies = np.array([d.test_accuracy for d in draws if d is not None])
     # assert: unbiased around the exact figure, with std z / units
     assert accuracies.mean() == pytest.approx(0.9, abs=0.002)
     assert accuracies.std() == pytest.approx(5.0 / 400, rel=0.05)
-    release = draws[0]["release"] if draws[0] else {}
-    assert release["mechanism"] == "gaussian"
-    assert release["accuracy_noise_std"] == pytest.approx(5.0 / 400)
-    assert release["noise_multiplier"] == 5.0 and release["loss_clip"] == 4.0
+    assert draws[0] is not None
+    release = draws[0].release
+    assert release.mechanism == "gaussian"
+    assert release.accuracy_noise_std == pytest.approx(5.0 / 400)
+    assert release.noise_multiplier == 5.0 and release.loss_clip == 4.0
 
 
 def test_released_figures_stay_in_their_ranges() -> None:
@@ -68,13 +69,13 @@ def test_released_figures_stay_in_their_ranges() -> None:
     for _ in range(200):
         out = release_metrics(AGGREGATES, gaussian_plan(z=500.0), rng=rng)
         assert out is not None
-        assert 0.0 <= out["test_accuracy"] <= 1.0 and 0.0 <= out["test_loss"] <= 4.0
+        assert 0.0 <= out.test_accuracy <= 1.0 and 0.0 <= out.test_loss <= 4.0
 
 
 def test_public_data_is_released_exactly_and_withheld_metrics_are_not_released() -> None:
     exact = release_metrics(AGGREGATES, EvaluationPlan(mechanism="exact-public-data"))
-    assert exact is not None and exact["test_accuracy"] == 0.9
-    assert exact["release"]["mechanism"] == "exact-public-data"
+    assert exact is not None and exact.test_accuracy == 0.9
+    assert exact.release.mechanism == "exact-public-data"
     assert release_metrics(AGGREGATES, EvaluationPlan(mechanism="withheld")) is None
 
 
@@ -86,5 +87,5 @@ def test_a_final_score_equal_to_the_last_round_is_released_once() -> None:
     # assert: the final metrics are the last release, not a third, fresh one
     assert released.history is not None and len(released.history) == 2
     assert released.metrics == released.history[-1]
-    assert released.exact["metrics"]["test_accuracy"] == 0.9
-    assert [entry["round"] for entry in released.exact["history"]] == [1, 2]
+    assert released.exact.metrics is not None and released.exact.metrics.test_accuracy == 0.9
+    assert [entry.round for entry in released.exact.history or []] == [1, 2]

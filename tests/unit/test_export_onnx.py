@@ -13,39 +13,45 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from ppml.architectures import ModelShape
 from ppml.inference import IntegrityError, ModelCache, load_model, softmax
-from ppml.training.export import architecture_metadata, export_onnx
+from ppml.specs import ModelSpec
+from ppml.storage import Artifact, ArtifactStore
+from ppml.training.export import export_onnx
 from ppml.training.models import build_model
 
 CASES: list[tuple[str, int, dict[str, Any]]] = [
     ("logreg", 64, {}),
-    ("mlp", 64, {"hidden_sizes": (32, 16)}),
-    ("mlp", 30, {"hidden_sizes": (8,)}),
-    ("cnn1d", 64, {"channels": (8, 16), "kernel_size": 5}),
-    ("cnn1d", 9, {"channels": (4, 8), "kernel_size": 4}),  # odd length, even kernel
+    ("mlp", 64, {"hidden_sizes": [32, 16]}),
+    ("mlp", 30, {"hidden_sizes": [8]}),
+    ("cnn1d", 64, {"channels": [8, 16], "kernel_size": 5}),
+    ("cnn1d", 9, {"channels": [4, 8], "kernel_size": 4}),  # odd length, even kernel
 ]
 
 
 def _model(arch: str, num_features: int, kwargs: dict[str, Any]) -> tuple[Any, dict[str, str]]:
     torch.manual_seed(0)
-    module = build_model(arch, num_features=num_features, num_classes=5, **kwargs).eval()
+    spec = ModelSpec(arch=arch, **kwargs)
+    module = build_model(spec, num_features=num_features, num_classes=5).eval()
     with torch.no_grad():  # non-trivial weights everywhere, GroupNorm affine included
         for parameter in module.parameters():
             parameter.copy_(torch.randn_like(parameter) * 0.5)
+    shape = ModelShape(model=spec, num_features=num_features, num_classes=5)
     metadata = {
-        "architecture": architecture_metadata(
-            arch=arch,
-            num_features=num_features,
-            num_classes=5,
-            hidden_sizes=kwargs.get("hidden_sizes", (128,)),
-            channels=kwargs.get("channels", (16, 32)),
-            kernel_size=kwargs.get("kernel_size", 5),
-        ),
+        "architecture": shape.to_metadata(),
         "classes": json.dumps(["a", "b", "c", "d", "e"]),
         "epsilon": "2.5",
         "job_id": "job_x",
     }
     return module, metadata
+
+
+def _publish(store: ArtifactStore, name: str, module: Any, metadata: dict[str, str]) -> Artifact:
+    """Exports through the store, as the worker does."""
+    weights = module.state_dict()
+    return store.write(
+        f"models/{name}.onnx", lambda path: export_onnx(path, weights, metadata=metadata)
+    )
 
 
 @pytest.mark.parametrize(("arch", "num_features", "kwargs"), CASES)
@@ -54,12 +60,14 @@ def test_onnx_matches_pytorch_for_batches_of_1_and_17(
 ) -> None:
     # arrange
     module, metadata = _model(arch, num_features, kwargs)
-    path = tmp_path / "model.onnx"
+    store = ArtifactStore(tmp_path)
     # act
-    digest = export_onnx(path, module.state_dict(), metadata=metadata)
+    artifact = _publish(store, "model", module, metadata)
+    path = store.path(artifact.key)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     # assert
-    assert digest == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert artifact.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert artifact.size == path.stat().st_size
     assert [i.name for i in session.get_inputs()] == ["input"]
     assert [o.name for o in session.get_outputs()] == ["logits"]
     batch_dim, width = session.get_inputs()[0].shape
@@ -73,15 +81,15 @@ def test_onnx_matches_pytorch_for_batches_of_1_and_17(
             expected = module(torch.from_numpy(x)).numpy()
         assert logits.shape == (batch, 5)
         assert np.abs(logits - expected).max() <= 1e-4
-    assert list(tmp_path.iterdir()) == [path]  # no temporary file left behind
+    assert list((tmp_path / "tmp").iterdir()) == []  # no staged file left behind
 
 
 def test_receipt_sits_in_metadata_props(tmp_path: Path) -> None:
     module, metadata = _model("logreg", 4, {})
-    path = tmp_path / "m.onnx"
+    store = ArtifactStore(tmp_path)
 
-    digest = export_onnx(path, module.state_dict(), metadata=metadata)
-    loaded = load_model(path, sha256=digest)
+    artifact = _publish(store, "m", module, metadata)
+    loaded = load_model(store.path(artifact.key), sha256=artifact.sha256)
 
     assert loaded.metadata == metadata
     assert (loaded.num_features, loaded.num_classes) == (4, 5)
@@ -100,9 +108,10 @@ def test_export_refuses_bad_metadata(tmp_path: Path) -> None:
 
 def test_loaded_model_predicts_labels_and_probabilities(tmp_path: Path) -> None:
     # arrange
-    module, metadata = _model("mlp", 6, {"hidden_sizes": (8,)})
-    path = tmp_path / "m.onnx"
-    loaded = load_model(path, sha256=export_onnx(path, module.state_dict(), metadata=metadata))
+    module, metadata = _model("mlp", 6, {"hidden_sizes": [8]})
+    store = ArtifactStore(tmp_path)
+    artifact = _publish(store, "m", module, metadata)
+    loaded = load_model(store.path(artifact.key), sha256=artifact.sha256)
     x = np.random.default_rng(2).normal(size=(9, 6)).astype(np.float32)
     # act
     result = loaded.predict(x)
@@ -130,12 +139,12 @@ def test_softmax_is_stable_for_large_logits() -> None:
 
 def test_model_cache_is_an_lru_keyed_by_job_and_digest(tmp_path: Path) -> None:
     # arrange: three artefacts, a cache of two
-    paths, digests = [], []
+    store, paths, digests = ArtifactStore(tmp_path), [], []
     for index in range(3):
         module, metadata = _model("logreg", 4, {})
-        path = tmp_path / f"m{index}.onnx"
-        digests.append(export_onnx(path, module.state_dict(), metadata=metadata))
-        paths.append(path)
+        artifact = _publish(store, f"m{index}", module, metadata)
+        digests.append(artifact.sha256)
+        paths.append(store.path(artifact.key))
     cache = ModelCache(capacity=2)
     # act
     first = cache.get("j0", digests[0], paths[0])
@@ -153,8 +162,9 @@ def test_model_cache_is_an_lru_keyed_by_job_and_digest(tmp_path: Path) -> None:
 
 def test_model_cache_is_safe_under_concurrent_use(tmp_path: Path) -> None:
     module, metadata = _model("logreg", 4, {})
-    path = tmp_path / "m.onnx"
-    digest = export_onnx(path, module.state_dict(), metadata=metadata)
+    store = ArtifactStore(tmp_path)
+    artifact = _publish(store, "m", module, metadata)
+    path, digest = store.path(artifact.key), artifact.sha256
     cache = ModelCache(capacity=1)
     seen: list[object] = []
     failures: list[BaseException] = []

@@ -28,8 +28,9 @@ from opacus.optimizers import DPOptimizer  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
+from ppml.architectures import ARCHITECTURES  # noqa: E402
+from ppml.specs import ModelSpec  # noqa: E402
 from ppml.training import (  # noqa: E402
-    ARCHITECTURES,
     DPPlan,
     TrainingPlan,
     TrainResult,
@@ -277,9 +278,8 @@ def test_builtin_architectures_match_opacus(
     # a GroupNorm over one value cannot train: cnn1d on one feature needs two rows
     assume(not (arch == "cnn1d" and features == 1 and batch == 1))
     torch.manual_seed(seed)
-    model = build_model(
-        arch, num_features=features, num_classes=10, hidden_sizes=(16, 8), channels=(4, 6)
-    )
+    spec = ModelSpec(arch=arch, hidden_sizes=[16, 8], channels=[4, 6])
+    model = build_model(spec, num_features=features, num_classes=10)
     assert unsupported_layers(model) == []
     check(model, (torch.randn(batch, features), labels(batch, 10)), clip)
 
@@ -287,7 +287,9 @@ def test_builtin_architectures_match_opacus(
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
 def test_mnist1d_shaped_architectures_match_opacus(arch: str) -> None:
     torch.manual_seed(0)
-    model = build_model(arch, num_features=40, num_classes=10, hidden_sizes=(256, 256))
+    model = build_model(
+        ModelSpec(arch=arch, hidden_sizes=[256, 256]), num_features=40, num_classes=10
+    )
 
     check(model, (torch.randn(64, 40), labels(64, 10)), 1.0)
 
@@ -433,10 +435,7 @@ def _tiny_run(arch: str, engine: str, dp_seed: int = 3) -> TrainResult:
     x = rng.normal(size=(240, 12)).astype(np.float32)
     y = (x[:, 0] + x[:, 1] > 0).astype(np.int64) + 2 * (x[:, 2] > 0)
     plan = TrainingPlan(
-        arch=arch,
-        hidden_sizes=(16,),
-        channels=(4, 6),
-        kernel_size=3,
+        model=ModelSpec(arch=arch, hidden_sizes=[16], channels=[4, 6], kernel_size=3),
         epochs=3,
         batch_size=32,
         learning_rate=0.3,

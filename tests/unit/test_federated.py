@@ -18,6 +18,8 @@ torch = pytest.importorskip("torch")
 from opacus.accountants import RDPAccountant  # noqa: E402
 
 from ppml.datasets import load_builtin, record_keys  # noqa: E402
+from ppml.specs import ModelSpec  # noqa: E402
+from ppml.storage import ArtifactStore  # noqa: E402
 from ppml.training.dp_sgd import TrainingPlan, train  # noqa: E402
 from ppml.training.federated import (  # noqa: E402
     DPFedAvgClientLevel,
@@ -68,12 +70,14 @@ def make_data(n: int = 240, d: int = 8, seed: int = 0) -> dict[str, np.ndarray]:
     return {"x_train": x[:n], "y_train": y[:n], "x_test": x[n:], "y_test": y[n:]}
 
 
+MODEL: dict[str, Any] = {"arch": "mlp", "hidden_sizes": [16], "channels": [4, 4], "kernel_size": 3}
+
+
 def make_plan(**overrides: Any) -> TrainingPlan:
+    """A small plan; overrides of ``MODEL``'s fields go to its ``ModelSpec``."""
+    model = {name: overrides.pop(name, default) for name, default in MODEL.items()}
     kwargs: dict[str, Any] = {
-        "arch": "mlp",
-        "hidden_sizes": (16,),
-        "channels": (4, 4),
-        "kernel_size": 3,
+        "model": ModelSpec.model_validate(model),
         "epochs": 1,
         "batch_size": 8,
         "learning_rate": 0.1,
@@ -239,7 +243,7 @@ def test_dp_wrapper_validates_and_poisson_samples() -> None:
 
 def test_hand_written_mlp_gradients_match_autograd() -> None:
     # arrange: 3 clients with their own weights; the last one's batch is all padding
-    module = build_model("mlp", num_features=5, num_classes=4, hidden_sizes=(6, 7))
+    module = build_model(ModelSpec(arch="mlp", hidden_sizes=[6, 7]), num_features=5, num_classes=4)
     layout = ParamLayout.of(module)
     gen = torch.Generator().manual_seed(0)
     flat = torch.randn(3, layout.size, generator=gen)
@@ -277,7 +281,8 @@ def test_hand_written_mlp_gradients_match_autograd() -> None:
     assert torch.allclose(as_flat(stacked), flat - 0.5 * want, atol=1e-6)
     assert torch.equal(stepped[2], flat[2])  # all padding: no step
     assert torch.allclose(as_flat(fewer), want[:2], atol=1e-6)
-    assert BatchedMLP.of(build_model("cnn1d", num_features=8, num_classes=4)) is None
+    cnn = build_model(ModelSpec(arch="cnn1d"), num_features=8, num_classes=4)
+    assert BatchedMLP.of(cnn) is None
 
 
 # --- the round loop --------------------------------------------------------------------
@@ -291,7 +296,7 @@ def test_fedavg_with_one_client_equals_centralised_sgd(vectorized: bool) -> None
     fed = make_fed(num_clients=1, clients_per_round=1, local_epochs=1, partition="iid")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(plan.seed)
-        model = build_model("mlp", num_features=8, num_classes=NUM_CLASSES, hidden_sizes=(16,))
+        model = build_model(plan.model, num_features=8, num_classes=NUM_CLASSES)
     optimizer = torch.optim.SGD(model.parameters(), lr=plan.learning_rate)
     x, y = torch.from_numpy(data["x_train"]), torch.from_numpy(data["y_train"])
     for round_index in range(fed.rounds):
@@ -594,7 +599,7 @@ def test_fedavg_on_dirichlet_mnist1d_nears_centralised_accuracy(
 ) -> None:
     # arrange: the same MLP and optimiser settings; centralised for 20 epochs, federated
     # for 40 rounds of 2 local epochs on 20 Dirichlet(0.5) clients
-    data = load_builtin("mnist1d", cache_dir=tmp_path_factory.mktemp("mnist1d"))
+    data = load_builtin("mnist1d", cache=ArtifactStore(tmp_path_factory.mktemp("mnist1d")))
     arrays = {
         "x_train": data.x_train,
         "y_train": data.y_train,

@@ -24,6 +24,7 @@ from torch.nn import functional as F
 
 from ppml.privacy import accounting as acc
 from ppml.privacy.evaluation import EvaluationPlan, release_metrics
+from ppml.specs import ModelSpec
 from ppml.training.dp_sgd import TrainingPlan, evaluate, initial_model, train
 
 TARGETS = 300
@@ -38,10 +39,7 @@ def trained_digits_model() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]
     y = digits.target.astype(np.int64)
     x_train, y_train, x_test, y_test = x[:1437], y[:1437], x[1437:], y[1437:]
     plan = TrainingPlan(
-        arch="logreg",
-        hidden_sizes=(),
-        channels=(16,),
-        kernel_size=3,
+        model=ModelSpec(arch="logreg"),
         epochs=10,
         batch_size=64,
         learning_rate=0.5,
@@ -120,12 +118,12 @@ def _attack(
         else:
             out = release_metrics(scores, plan, rng=rng)
             assert out is not None
-            units = out["release"]["units"]
+            units = out.release.units
             clipped = loss.clamp(max=LOSS_CLIP)
             base_correct = float(correct[rows, labels[rows]].sum())
             base_loss = float(clipped[rows, labels[rows]].sum())
-            a = out["test_accuracy"] * units - base_correct - correct[target]
-            b = out["test_loss"] * units - base_loss - clipped[target]
+            a = out.test_accuracy * units - base_correct - correct[target]
+            b = out.test_loss * units - base_loss - clipped[target]
             log_likelihood = -(a**2) / (2 * z**2) - b**2 / (2 * (z * LOSS_CLIP) ** 2)
             guess = int(torch.argmax(log_likelihood))
         wins += guess == secret

@@ -183,11 +183,11 @@ def test_the_privacy_plan_records_the_evaluation_mechanism() -> None:
     job_spec = spec()
     pricing = price(job_spec, dataset(), Settings())
     plan = pricing.privacy_plan(job_spec)
-    assert plan is not None
-    assert plan["evaluation"]["mechanism"] == "gaussian"
-    assert plan["evaluation"]["scalar_releases"] == 2
+    assert plan is not None and plan.evaluation is not None
+    assert plan.evaluation.mechanism == "gaussian"
+    assert plan.evaluation.scalar_releases == 2
     # The record rebuilds the very event that was reserved.
-    assert acc.plan_event(plan, plan["steps_planned"]) == pricing.event
+    assert plan.event(plan.steps_planned) == pricing.event
 
 
 def test_a_partial_run_is_charged_its_steps_and_every_evaluation() -> None:
@@ -226,15 +226,13 @@ def test_a_lost_sample_level_federated_job_is_charged_a_whole_round_beyond_its_r
 
 def test_the_receipt_states_the_unit_of_the_jobs_mechanism() -> None:
     # arrange: a client-level job on public data (whose dataset row says "record")
-    from ppml.jobs.receipts import receipt_metadata
+    from ppml.jobs.receipts import build_receipt
 
     data = dataset(budget=False, clients=80)
     job_spec = spec(level="client", scheme="column")
     pricing = price(job_spec, data, Settings())
-    job = Job(
-        id="job_1", spec=job_spec.model_dump(mode="json"), privacy=pricing.privacy_plan(job_spec)
-    )
+    job = Job(id="job_1", spec=job_spec, privacy=pricing.privacy_plan(job_spec))
     # act
-    receipt = receipt_metadata(job, data, steps=5)
+    receipt = build_receipt(job, data, privacy=job.privacy, metrics=None, architecture={})
     # assert
-    assert receipt["privacy_unit"] == "client"
+    assert receipt.privacy_unit == "client"

@@ -6,7 +6,7 @@ import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import Any
 
 import numpy as np
 import pytest
@@ -22,14 +22,14 @@ from opacus.validators import ModuleValidator  # noqa: E402
 from sklearn.datasets import load_digits  # noqa: E402
 from sklearn.model_selection import train_test_split  # noqa: E402
 
+from ppml.architectures import ARCHITECTURES, ModelShape  # noqa: E402
+from ppml.specs import ModelSpec  # noqa: E402
+from ppml.storage import ArtifactStore  # noqa: E402
 from ppml.training import (  # noqa: E402
-    ARCHITECTURES,
     DPPlan,
     TrainingPlan,
     TrainResult,
-    architecture_metadata,
     build_model,
-    count_parameters,
     load_model,
     save_model,
     train,
@@ -44,14 +44,9 @@ TARGET_EPSILON = 3.0
 DELTA = 1e-5
 
 
-class ArchKwargs(TypedDict):
-    hidden_sizes: tuple[int, ...]
-    channels: tuple[int, ...]
-    kernel_size: int
-
-
-# channels=6 exercises a GroupNorm whose group count is not min(4, c)
-ARCH_KWARGS = ArchKwargs(hidden_sizes=(32, 16), channels=(8, 6), kernel_size=3)
+def spec_of(arch: str) -> ModelSpec:
+    # channels=6 exercises a GroupNorm whose group count is not min(4, c)
+    return ModelSpec(arch=arch, hidden_sizes=[32, 16], channels=[8, 6], kernel_size=3)
 
 
 @dataclass
@@ -91,10 +86,7 @@ def make_plan(
 ) -> TrainingPlan:
     steps_per_epoch = math.ceil(n_train / batch_size)
     return TrainingPlan(
-        arch=arch,
-        hidden_sizes=(128,),
-        channels=channels,
-        kernel_size=5,
+        model=ModelSpec(arch=arch, hidden_sizes=[128], channels=list(channels), kernel_size=5),
         epochs=epochs,
         batch_size=batch_size,
         learning_rate=DIGITS_LR,
@@ -139,9 +131,9 @@ def dp_digits_run(digits: Digits) -> tuple[TrainResult, TrainingPlan, DPPlan, Re
 
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
 @pytest.mark.parametrize("num_features", [1, 7, 64])
-def test_every_architecture_builds_validates_and_counts(arch: str, num_features: int) -> None:
+def test_every_architecture_builds_and_validates(arch: str, num_features: int) -> None:
     # arrange
-    model = build_model(arch, num_features=num_features, num_classes=5, **ARCH_KWARGS)
+    model = build_model(spec_of(arch), num_features=num_features, num_classes=5)
 
     # act
     logits = model(torch.randn(3, num_features))
@@ -149,10 +141,6 @@ def test_every_architecture_builds_validates_and_counts(arch: str, num_features:
     # assert
     assert logits.shape == (3, 5)
     assert ModuleValidator.validate(model, strict=True) == []
-    expected = sum(p.numel() for p in model.parameters())
-    assert count_parameters(arch, num_features=num_features, num_classes=5, **ARCH_KWARGS) == (
-        expected
-    )
 
 
 @pytest.mark.parametrize("num_features", [1, 2, 3])
@@ -168,10 +156,7 @@ def test_narrow_cnn1d_on_short_signals_trains_or_is_refused_up_front(
     x = rng.normal(size=(30, num_features)).astype(np.float32)
     y = (x[:, 0] > 0).astype(np.int64)
     plan = TrainingPlan(
-        arch="cnn1d",
-        hidden_sizes=(),
-        channels=channels,
-        kernel_size=3,
+        model=ModelSpec(arch="cnn1d", channels=list(channels), kernel_size=3),
         epochs=1,
         batch_size=1,  # one-row batches too
         learning_rate=0.1,
@@ -192,41 +177,22 @@ def test_narrow_cnn1d_on_short_signals_trains_or_is_refused_up_front(
         return
     result = train(**arrays, num_classes=2, plan=plan, dp=dp if private else None, device="cpu")
     assert result.steps_done == 30 and math.isfinite(result.metrics["test_loss"])
-    params = sum(v.numel() for v in result.state_dict.values())
-    assert (
-        count_parameters(
-            "cnn1d",
-            num_features=num_features,
-            num_classes=2,
-            hidden_sizes=(),
-            channels=channels,
-            kernel_size=3,
-        )
-        == params
-    )
 
 
 def test_architectures_match_the_spec() -> None:
-    mlp = build_model("mlp", num_features=4, num_classes=3, hidden_sizes=(8, 5))
-    cnn = build_model("cnn1d", num_features=16, num_classes=3, channels=(4, 8), kernel_size=5)
+    mlp = build_model(ModelSpec(arch="mlp", hidden_sizes=[8, 5]), num_features=4, num_classes=3)
+    cnn_spec = ModelSpec(arch="cnn1d", channels=[4, 8], kernel_size=5)
+    cnn = build_model(cnn_spec, num_features=16, num_classes=3)
 
     linear_shapes = [tuple(m.weight.shape) for m in mlp.modules() if isinstance(m, torch.nn.Linear)]
     assert linear_shapes == [(8, 4), (5, 8), (3, 5)]
-    assert len(list(build_model("logreg", num_features=4, num_classes=3).parameters())) == 2
+    logreg = build_model(ModelSpec(arch="logreg"), num_features=4, num_classes=3)
+    assert len(list(logreg.parameters())) == 2
     kinds = [type(m).__name__ for m in cnn.modules()]
     assert kinds.count("Conv1d") == 2 and kinds.count("GroupNorm") == 2
     assert kinds.count("MaxPool1d") == 2 and "BatchNorm1d" not in kinds
     head = [m for m in cnn.modules() if isinstance(m, torch.nn.Linear)][-1]
     assert head.in_features == 8 * 4  # 16 -> 8 -> 4 after two poolings
-
-
-def test_unknown_architecture_is_a_value_error() -> None:
-    with pytest.raises(ValueError, match="unknown architecture"):
-        build_model("resnet", num_features=4, num_classes=2)
-    with pytest.raises(ValueError, match="unknown architecture"):
-        count_parameters(
-            "resnet", num_features=4, num_classes=2, hidden_sizes=(), channels=(), kernel_size=3
-        )
 
 
 # --- DP-SGD -------------------------------------------------------------------------
@@ -265,7 +231,7 @@ def test_dp_epsilon_agrees_with_dp_accounting(dp_digits_run: tuple) -> None:
 
 def test_state_dict_is_plain_cpu_and_contiguous(dp_digits_run: tuple) -> None:
     result, plan, _dp, _recorder = dp_digits_run
-    reference = build_model(plan.arch, num_features=64, num_classes=10, hidden_sizes=(128,))
+    reference = build_model(plan.model, num_features=64, num_classes=10)
 
     assert set(result.state_dict) == set(reference.state_dict())
     assert all(t.device.type == "cpu" and t.is_contiguous() for t in result.state_dict.values())
@@ -309,10 +275,7 @@ def test_empty_poisson_batches_still_add_noise() -> None:
     x = rng.normal(size=(4, 3)).astype(np.float32)
     y = np.array([0, 1, 0, 1], dtype=np.int64)
     plan = TrainingPlan(
-        arch="logreg",
-        hidden_sizes=(),
-        channels=(),
-        kernel_size=3,
+        model=ModelSpec(arch="logreg"),
         epochs=3,
         batch_size=1,
         learning_rate=0.1,
@@ -322,7 +285,7 @@ def test_empty_poisson_batches_still_add_noise() -> None:
     )
     dp = DPPlan(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.01, delta=1e-3)
     torch.manual_seed(plan.seed)
-    initial = build_model("logreg", num_features=3, num_classes=2).state_dict()
+    initial = build_model(plan.model, num_features=3, num_classes=2).state_dict()
     # the first step's mask is the first draw of the seeded DP generator
     first_mask = torch.rand(4, generator=torch.Generator().manual_seed(11)) < dp.sample_rate
 
@@ -390,44 +353,31 @@ def test_invalid_inputs_are_value_errors_without_data(digits: Digits) -> None:
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
-def test_export_round_trip(tmp_path: Path, arch: str) -> None:
+def test_export_round_trip_through_the_store(tmp_path: Path, arch: str) -> None:
     # arrange
-    model = build_model(arch, num_features=10, num_classes=4, **ARCH_KWARGS).eval()
-    metadata = {
-        "architecture": architecture_metadata(
-            arch=arch, num_features=10, num_classes=4, **ARCH_KWARGS
-        ),
-        "epsilon": "2.99",
-        "delta": "1e-05",
-    }
-    path = tmp_path / "model.safetensors"
+    shape = ModelShape(model=spec_of(arch), num_features=10, num_classes=4)
+    model = build_model(shape.model, num_features=10, num_classes=4).eval()
+    metadata = {"architecture": shape.to_metadata(), "epsilon": "2.99", "delta": "1e-05"}
+    store = ArtifactStore(tmp_path)
     x = torch.randn(5, 10)
 
     # act
-    digest = save_model(path, model.state_dict(), metadata=metadata)
+    artifact = store.write(
+        "models/m.safetensors", lambda path: save_model(path, model.state_dict(), metadata=metadata)
+    )
+    path = store.path(artifact.key)
     loaded, loaded_metadata = load_model(path)
 
     # assert
-    assert digest == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert artifact.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
     assert loaded_metadata == metadata
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
-    assert list(tmp_path.iterdir()) == [path]  # no temporary file left behind
-
-
-def test_architecture_metadata_is_sorted_json() -> None:
-    text = architecture_metadata(
-        arch="mlp", num_features=3, num_classes=2, hidden_sizes=(4,), channels=(), kernel_size=5
-    )
-
-    assert text == (
-        '{"arch": "mlp", "channels": [], "hidden_sizes": [4], "kernel_size": 5, '
-        '"num_classes": 2, "num_features": 3}'
-    )
+    assert list((tmp_path / "tmp").iterdir()) == []  # no staged file left behind
 
 
 def test_export_rejects_bad_metadata(tmp_path: Path) -> None:
-    model = build_model("logreg", num_features=3, num_classes=2)
+    model = build_model(ModelSpec(arch="logreg"), num_features=3, num_classes=2)
     path = tmp_path / "m.safetensors"
 
     with pytest.raises(ValueError, match="strings"):

@@ -141,11 +141,11 @@ def _build_trainer(
         momentum=plan.momentum,
         dp=local_dp,
     )
-    vectorize = fed.vectorized if fed.vectorized is not None else plan.arch in VECTORIZABLE
+    vectorize = fed.vectorized if fed.vectorized is not None else plan.model.arch in VECTORIZABLE
     if not vectorize:
         return LoopTrainer(setup)
-    if plan.arch not in VECTORIZABLE:
-        raise ValueError(f"architecture {plan.arch!r} cannot be trained vectorised")
+    if plan.model.arch not in VECTORIZABLE:
+        raise ValueError(f"architecture {plan.model.arch!r} cannot be trained vectorised")
     return VectorizedTrainer(setup, chunk_size=fed.chunk_size)
 
 

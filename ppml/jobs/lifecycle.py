@@ -1,0 +1,137 @@
+"""Every change of a job's status, through one transition table.
+
+::
+
+    queued ──claim──▶ running ──finish──▶ succeeded | failed | cancelled
+      │                 │
+      │                 └──requeue (worker lost, attempts left)──▶ queued
+      └──cancel while queued──▶ cancelled
+
+A job's end is written in one place, :func:`finish`: it settles the ledger (commit what may
+have run, release the rest), sets the terminal status, records the privacy outcome, and keeps
+or discards the attempt's model files. The runner, the reaper and cancellation all end jobs
+through it, inside their own unit of work, under the budget row's lock taken first (lock
+order: budget row, then job row).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from ppml.db.models import Job, JobStatus, LedgerEntry, utcnow
+from ppml.db.repositories import Repositories
+from ppml.jobs.records import Artifacts, JobError, Progress, Receipt
+from ppml.privacy.evaluation import ReleasedMetrics
+from ppml.privacy.ledger import Ledger
+from ppml.specs import JobSpec
+
+__all__ = [
+    "TRANSITIONS",
+    "Ending",
+    "IllegalTransition",
+    "claim",
+    "finish",
+    "move",
+    "new_job",
+    "requeue",
+]
+
+QUEUED, RUNNING = JobStatus.QUEUED, JobStatus.RUNNING
+SUCCEEDED, FAILED, CANCELLED = JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED
+
+#: The statuses a job may move to from each status. Terminal statuses lead nowhere.
+TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
+    QUEUED: frozenset({RUNNING, CANCELLED}),
+    RUNNING: frozenset({QUEUED, SUCCEEDED, FAILED, CANCELLED}),
+    SUCCEEDED: frozenset(),
+    FAILED: frozenset(),
+    CANCELLED: frozenset(),
+}
+
+
+class IllegalTransition(RuntimeError):
+    """A status change the table does not allow: a bug, never a user's error."""
+
+
+def move(job: Job, to: JobStatus, *, now: datetime | None = None) -> None:
+    """Set ``job.status`` to ``to`` if the table allows it (the only status assignment)."""
+    current = JobStatus(job.status)
+    if to not in TRANSITIONS[current]:
+        raise IllegalTransition(f"job {job.id}: {current} → {to} is not a transition")
+    job.status = to
+    job.updated_at = now or utcnow()
+    if to.terminal:
+        job.finished_at = job.updated_at
+        job.lease_owner = job.lease_expires_at = None
+
+
+def new_job(*, spec: JobSpec, progress: Progress, **fields: object) -> Job:
+    """A job row in its first status, ``queued``."""
+    return Job(status=QUEUED, spec=spec, progress=progress, **fields)
+
+
+def claim(repos: Repositories, job_id: str, *, owner: str, lease_until: datetime) -> bool:
+    """queued → running for one worker: a conditional update, so only one claim wins."""
+    assert RUNNING in TRANSITIONS[QUEUED]
+    return repos.claim_job(job_id, owner=owner, lease_until=lease_until, status=RUNNING)
+
+
+def requeue(job: Job) -> None:
+    """running → queued after its worker was lost; the reservation stays."""
+    move(job, QUEUED)
+    job.lease_owner = job.lease_expires_at = None
+    job.enqueued_at = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Ending:
+    """How a job ends.
+
+    Attributes:
+        status: The terminal status.
+        steps: Steps to charge: None when the data was never touched (a full release).
+        note: Why, on the ledger's release entry.
+        error: Why it failed.
+        progress: The final progress (the runner's report of where it stopped).
+        released: Its metrics (the runner only).
+        artifacts: This attempt's model files: the job's if the job ends here, deleted if not.
+        receipt: The receipt those files carry.
+    """
+
+    status: JobStatus
+    steps: int | None
+    note: str
+    error: JobError | None = None
+    progress: Progress | None = None
+    released: ReleasedMetrics | None = None
+    artifacts: Artifacts | None = None
+    receipt: Receipt | None = None
+
+
+def finish(repos: Repositories, job: Job, ending: Ending) -> LedgerEntry | None:
+    """End ``job`` (locked, not terminal): settle its charge and record its outcome.
+
+    The caller holds the budget row's lock (taken before the job row's) and commits.
+    Returns the ledger's COMMIT entry, if anything was committed.
+    """
+    ledger = Ledger(repos)
+    budget = repos.budget(job.dataset_id)  # locked by the caller in this transaction
+    commit = None
+    if budget is not None:
+        commit, _release = ledger.settle(budget, job.id, steps=ending.steps, note=ending.note)
+    move(job, ending.status)
+    job.error = ending.error
+    if ending.steps is not None:
+        job.steps_done = ending.steps
+    if ending.progress is not None:
+        job.progress = ending.progress
+    if ending.released is not None:
+        job.metrics, job.metrics_history = ending.released.metrics, ending.released.history
+        job.exact_metrics = ending.released.exact
+    if job.privacy is not None:
+        job.privacy = job.privacy.finished(ending.steps, commit.id if commit else None)
+        job.progress = job.progress.model_copy(update={"epsilon_spent": job.privacy.epsilon_spent})
+    if ending.artifacts is not None:
+        job.artifacts, job.receipt = ending.artifacts, ending.receipt
+    return commit

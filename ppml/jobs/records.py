@@ -1,0 +1,135 @@
+"""Typed records of a job row's JSON columns, validated on the way in and out of the database.
+
+Each column has one shape, defined here (metrics in ``ppml.privacy.evaluation``); the API
+answers with these same models. Records are frozen: a change is a new record, assigned whole.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, RootModel
+
+from ppml.privacy import accounting as acc
+from ppml.privacy.evaluation import EvaluationPlan, Metrics
+
+__all__ = ["ArtifactRef", "Artifacts", "JobError", "PrivacyRecord", "Progress", "Receipt"]
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Progress(_Record):
+    """How far a job has come, as its worker last reported."""
+
+    fraction: float = Field(ge=0, le=1)
+    epoch: int = Field(ge=0)
+    round: int | None = Field(default=None, description="Federated round (federated jobs).")
+    steps: int = Field(ge=0)
+    epsilon_spent: float | None = Field(
+        default=None,
+        description="ε of the steps reported so far (private jobs), at the job's δ; "
+        "the evaluation releases are counted once the job has ended.",
+    )
+
+
+class JobError(_Record):
+    """Why a job failed: a code and a message that carry no data values."""
+
+    code: str
+    message: str
+
+
+class ArtifactRef(_Record):
+    """A published file: its key in the artefact store and its SHA-256."""
+
+    key: str
+    sha256: str
+
+
+class Artifacts(RootModel[dict[str, ArtifactRef]]):
+    """The model files a job published, by format (``safetensors``, ``onnx``)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    def get(self, fmt: str) -> ArtifactRef | None:
+        return self.root.get(fmt)
+
+    def formats(self) -> list[str]:
+        return list(self.root)
+
+
+class PrivacyRecord(_Record):
+    """A private job's mechanism: its plan at admission, its outcome at the end."""
+
+    target_epsilon: float
+    epsilon_planned: float = Field(description="ε of the whole plan, metrics included.")
+    epsilon_spent: float | None = Field(description="ε committed (null until the job ends).")
+    delta: float
+    noise_multiplier: float = Field(description="σ of the training noise.")
+    max_grad_norm: float = Field(description="Clipping norm C.")
+    sample_rate: float = Field(description="Poisson sampling rate q.")
+    sampling: str = "poisson"
+    steps: int = Field(description="Noisy steps (or rounds) run.")
+    steps_planned: int
+    charge_interval: int = Field(
+        default=0, description="Steps that may run between two progress reports."
+    )
+    unit: Literal["record", "client"] = Field(description="The privacy unit protected.")
+    level: Literal["sample", "client"] = "sample"
+    accountant: str = "rdp"
+    grid_version: str
+    evaluation: EvaluationPlan | None = Field(
+        default=None, description="How the held-out metrics are released and charged."
+    )
+    ledger_entry_id: str | None = Field(
+        default=None, description="The ledger entry that committed the charge."
+    )
+
+    def event(self, steps: int) -> acc.MechanismEvent:
+        """The mechanism event of this job after ``steps`` steps, as the ledger charges it
+        (the evaluation releases are always whole: see ``MechanismEvent.with_steps``)."""
+        evaluation = self.evaluation
+        return acc.MechanismEvent(
+            sample_rate=self.sample_rate,
+            noise_multiplier=self.noise_multiplier,
+            steps=steps,
+            sampling=self.sampling,
+            unit=self.unit,
+            eval_noise_multiplier=evaluation.noise_multiplier if evaluation else None,
+            eval_releases=evaluation.scalar_releases if evaluation else 0,
+        )
+
+    def spent(self, steps: int | None) -> float:
+        """ε of ``steps`` steps (training and evaluation); None: the data was never touched."""
+        if steps is None:
+            return 0.0
+        return acc.epsilon(acc.rdp_curve(self.event(steps)), self.delta)
+
+    def finished(self, steps: int | None, ledger_entry_id: str | None) -> PrivacyRecord:
+        """The record after the job ran ``steps`` steps (None: never touched its data)."""
+        return self.model_copy(
+            update={
+                "steps": steps or 0,
+                "epsilon_spent": self.spent(steps),
+                "ledger_entry_id": ledger_entry_id,
+            }
+        )
+
+
+class Receipt(_Record):
+    """The privacy receipt of a trained model, stored once on the job; the model files'
+    metadata and the model card are renderings of it."""
+
+    format: Literal["ppml-model-v1"] = "ppml-model-v1"
+    job_id: str
+    dataset_id: str
+    private: bool
+    privacy_unit: Literal["record", "client"]
+    privacy: PrivacyRecord | None
+    libraries: dict[str, str]
+    architecture: dict[str, object]
+    classes: list[str]
+    metrics: Metrics | None = Field(description="The released held-out metrics.")
+    rounds_planned: int | None = None
