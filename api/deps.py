@@ -9,8 +9,6 @@ the job lookup behind polls and downloads makes none on PostgreSQL (``ppml.db.re
 from __future__ import annotations
 
 import hmac
-import threading
-import time
 from collections.abc import Iterator
 from typing import Annotated, Any
 
@@ -19,6 +17,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
+from ppml.cache import LRUCache
 from ppml.config import Settings
 from ppml.db.models import Dataset, Job
 from ppml.db.reads import AsyncReads
@@ -98,33 +97,10 @@ async def _admin(credentials: Credentials, settings: SettingsDep) -> None:
         raise Unauthorized("invalid admin token")
 
 
-class _KeyCache:
-    """Valid keys' principals for a few seconds, so most requests skip the key lookup.
-
-    Only successful lookups are cached (a guessed key always reaches the database), and an
-    entry lives ``ttl`` seconds, which bounds how long a deleted key keeps working.
-    """
-
-    def __init__(self, ttl: float = 30.0, size: int = 4096) -> None:
-        self.ttl, self.size = ttl, size
-        self._entries: dict[str, tuple[Principal, float]] = {}
-        self._lock = threading.Lock()
-
-    def get(self, key: str) -> Principal | None:
-        with self._lock:
-            entry = self._entries.get(key)
-        if entry is None or entry[1] < time.monotonic():
-            return None
-        return entry[0]
-
-    def put(self, key: str, principal: Principal) -> None:
-        with self._lock:
-            if len(self._entries) >= self.size:
-                self._entries.clear()
-            self._entries[key] = (principal, time.monotonic() + self.ttl)
-
-
-_keys = _KeyCache()
+# Valid keys' principals for a few seconds, so most requests skip the key lookup. Only
+# successful lookups are cached (a guessed key always reaches the database), and an entry
+# lives 30 s, which bounds how long a deleted key keeps working.
+_keys: LRUCache[str, Principal] = LRUCache(4096, ttl=30.0)
 
 
 def _lookup_principal(db: Database, key: str) -> Principal | None:

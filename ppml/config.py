@@ -26,8 +26,6 @@ class Limits(BaseModel):
     max_active_jobs_per_tenant: int = 256  # queued + running
     max_predict_rows: int = 4096
     model_cache_size: int = 32  # loaded ONNX sessions kept by each API process
-    max_page_size: int = 200
-    default_page_size: int = 50
 
 
 class WorkerSettings(BaseModel):

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import create_engine, text
+from sqlalchemy import Engine, create_engine, text
 
 from api.app import create_app
 from ppml.config import Settings
@@ -28,38 +30,104 @@ def _pg_url(name: str) -> str:
     return PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
 
 
-@pytest.fixture
-def pg_database_url() -> Iterator[str]:
-    """A fresh, empty PostgreSQL database, dropped afterwards."""
-    name = f"ppml_test_{secrets.token_hex(6)}"
+# Databases: the migrations run once per session, into a template; each test gets a copy.
+# PostgreSQL clones the template (CREATE DATABASE … TEMPLATE, a file copy), SQLite copies the
+# file. Tests do not roll back a transaction instead: the app, the services and the workers
+# open their own sessions, connections and threads (and spawn processes), so one connection
+# per test cannot hold what they write; a copy isolates every kind of test alike.
+
+
+@pytest.fixture(scope="session")
+def pg_admin() -> Iterator[Engine]:
+    """An autocommit engine on the server's maintenance database (CREATE/DROP DATABASE)."""
     admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    yield admin
+    admin.dispose()
+
+
+@contextmanager
+def _pg_database(admin: Engine, *, template: str | None) -> Iterator[str]:
+    """A new database (a copy of ``template`` if given, else empty), dropped afterwards."""
+    name = f"ppml_test_{secrets.token_hex(6)}"
+    copy = f' TEMPLATE "{template}"' if template else ""
     with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
+        conn.execute(text(f'CREATE DATABASE "{name}"{copy}'))
     try:
         yield _pg_url(name)
     finally:
         with admin.connect() as conn:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def pg_template(pg_admin: Engine) -> Iterator[str]:
+    """Name of a PostgreSQL database built by the migrations once per session, for cloning.
+
+    Unique per pytest process, so concurrent runs on one server do not share it.
+    """
+    name = f"ppml_template_{os.getpid()}_{secrets.token_hex(4)}"
+    with pg_admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        upgrade(_pg_url(name))  # its engine has no pool: nothing stays connected
+        with pg_admin.connect() as conn:
+            # PostgreSQL refuses to copy a database that has a session open; none can open.
+            conn.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false'))
+        yield name
+    finally:
+        with pg_admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A SQLite file built by the migrations once per session, for copying."""
+    path = tmp_path_factory.mktemp("template") / "ppml.db"
+    upgrade(f"sqlite:///{path}")  # rollback-journal mode, closed: the one file is the database
+    return path
 
 
 @pytest.fixture
-def sqlite_database_url(tmp_path: Path) -> str:
-    return f"sqlite:///{tmp_path / 'ppml.db'}"
+def pg_database_url(pg_admin: Engine, pg_template: str) -> Iterator[str]:
+    """A fresh, migrated PostgreSQL database (a clone of the template), dropped afterwards."""
+    with _pg_database(pg_admin, template=pg_template) as url:
+        yield url
+
+
+@pytest.fixture
+def sqlite_database_url(tmp_path: Path, sqlite_template: Path) -> str:
+    """A fresh, migrated SQLite database (a copy of the template) in the test's directory."""
+    path = tmp_path / "ppml.db"
+    shutil.copyfile(sqlite_template, path)
+    return f"sqlite:///{path}"
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """Each test using it runs on SQLite and on PostgreSQL."""
+def database_url(request: pytest.FixtureRequest) -> str:
+    """A fresh, migrated database: each test using it runs on SQLite and on PostgreSQL."""
     if request.param == "sqlite":
         return str(request.getfixturevalue("sqlite_database_url"))
     return str(request.getfixturevalue("pg_database_url"))
 
 
 @pytest.fixture
+def empty_pg_database_url(pg_admin: Engine) -> Iterator[str]:
+    """A fresh, empty PostgreSQL database, dropped afterwards."""
+    with _pg_database(pg_admin, template=None) as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def empty_database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh, empty database, on SQLite and on PostgreSQL, for tests that run migrations."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'empty.db'}"
+    return str(request.getfixturevalue("empty_pg_database_url"))
+
+
+@pytest.fixture
 def database(database_url: str) -> Iterator[Database]:
-    """A database whose schema was built by the Alembic migrations."""
-    upgrade(database_url)
+    """A database whose schema was built by the Alembic migrations (a copy of the template)."""
     db = Database(database_url)
     yield db
     db.dispose()

@@ -31,3 +31,6 @@ def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 
 PageToken = Annotated[str | None, Query(max_length=64, description="From next_page_token.")]
+# One page size for every list: fixed, so the OpenAPI document states it.
+PageSize = Annotated[int, Query(ge=1, le=200, description="Items per page (at most 200).")]
+DEFAULT_PAGE_SIZE = 50

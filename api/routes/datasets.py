@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Form, Query, Response, UploadFile
+from fastapi import APIRouter, Form, Response, UploadFile
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.deps import CurrentPrincipal, CurrentTenant, OwnedDataset, ReposDep, SettingsDep, StoreDep
-from api.routes.common import PageToken, errors
+from api.routes.common import DEFAULT_PAGE_SIZE, PageSize, PageToken, errors
 from api.schemas import (
     VALIDATION_DATASET_DESCRIPTION,
     Budget,
@@ -196,7 +196,7 @@ def upload_dataset(
 def list_datasets(
     tenant_id: CurrentTenant,
     repos: ReposDep,
-    page_size: Annotated[int, Query(ge=1, le=200)] = 50,
+    page_size: PageSize = DEFAULT_PAGE_SIZE,
     page_token: PageToken = None,
 ) -> DatasetPage:
     """List the tenant's datasets, newest first."""
@@ -245,7 +245,7 @@ def get_dataset_budget(dataset: OwnedDataset, repos: ReposDep) -> Budget:
 def list_ledger_entries(
     dataset: OwnedDataset,
     repos: ReposDep,
-    page_size: Annotated[int, Query(ge=1, le=200)] = 50,
+    page_size: PageSize = DEFAULT_PAGE_SIZE,
     page_token: PageToken = None,
 ) -> LedgerPage:
     """The dataset's append-only ledger, oldest first."""

@@ -5,12 +5,11 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel
-from sqlalchemy import func, select, text
 
 from api.deps import DatabaseDep
 from api.errors import problem
 from api.schemas import Problem
-from ppml.db.models import Job
+from ppml.db.repositories import Repositories
 
 router = APIRouter(tags=["health"])
 
@@ -35,7 +34,7 @@ def get_readiness(db: DatabaseDep) -> Health | JSONResponse:
     """The database answers."""
     try:
         with db.session() as session:
-            session.execute(text("SELECT 1"))
+            Repositories(session).ping()
     except Exception:
         return problem(503, "not-ready", "Not ready", "the database is unreachable")
     return Health(status="ready")
@@ -45,7 +44,7 @@ def get_readiness(db: DatabaseDep) -> Health | JSONResponse:
 def get_metrics(db: DatabaseDep) -> str:
     """Prometheus text format: jobs by status."""
     with db.session() as session:
-        rows = session.execute(select(Job.status, func.count()).group_by(Job.status)).all()
+        counts = Repositories(session).jobs_by_status()
     lines = ["# HELP ppml_jobs Jobs by status.", "# TYPE ppml_jobs gauge"]
-    lines += [f'ppml_jobs{{status="{status}"}} {count}' for status, count in rows]
+    lines += [f'ppml_jobs{{status="{status}"}} {count}' for status, count in counts.items()]
     return "\n".join(lines) + "\n"

@@ -7,28 +7,28 @@ route and another for validating a plain ``def`` route's answer.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Header, Path, Query, Response
+from fastapi import APIRouter, Header, Path, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
 from api.deps import (
     CurrentTenant,
-    DatabaseDep,
     JobServiceDep,
     OwnedJob,
     ReposDep,
     RequireOwner,
 )
-from api.routes.common import PageToken, errors
+from api.routes.common import DEFAULT_PAGE_SIZE, PageSize, PageToken, errors
 from api.schemas import ExactMetrics, Job, JobPage, JobSpec, Quote
 from ppml.db import models
-from ppml.db.repositories import Repositories
+from ppml.db.reads import AsyncReads
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -77,7 +77,7 @@ def list_jobs(
     repos: ReposDep,
     status: StatusFilter | None = None,
     dataset_id: Annotated[str | None, Query(max_length=64)] = None,
-    page_size: Annotated[int, Query(ge=1, le=200)] = 50,
+    page_size: PageSize = DEFAULT_PAGE_SIZE,
     page_token: PageToken = None,
 ) -> JobPage:
     """List the tenant's jobs, newest first."""
@@ -126,12 +126,15 @@ async def cancel_job(
     return to_schema(await run_in_threadpool(jobs.cancel, tenant_id, job_id))
 
 
-def _events(db: DatabaseDep, tenant_id: str, job_id: str, poll_s: float) -> Iterator[str]:
+async def _events(
+    request: Request, reads: AsyncReads, tenant_id: str, job_id: str, poll_s: float
+) -> AsyncIterator[str]:
+    """Poll the job through the API's job reads (no thread held per follower) until it ends
+    or the client leaves."""
     last_status, last_progress = None, None
     deadline = time.monotonic() + 24 * 3600
-    while time.monotonic() < deadline:
-        with db.session() as session:
-            row = Repositories(session).job(tenant_id, job_id)
+    while time.monotonic() < deadline and not await request.is_disconnected():
+        row = await reads.job(tenant_id, job_id)
         if row is None:
             return
         job = to_schema(row)
@@ -145,7 +148,7 @@ def _events(db: DatabaseDep, tenant_id: str, job_id: str, poll_s: float) -> Iter
         if job.status in ("succeeded", "failed", "cancelled"):
             yield f"event: end\ndata: {job.model_dump_json()}\n\n"
             return
-        time.sleep(poll_s)
+        await asyncio.sleep(poll_s)
 
 
 @router.get(
@@ -157,12 +160,13 @@ def _events(db: DatabaseDep, tenant_id: str, job_id: str, poll_s: float) -> Iter
     },
     response_class=StreamingResponse,
 )
-def stream_job_events(
-    job: OwnedJob, tenant_id: CurrentTenant, db: DatabaseDep
+async def stream_job_events(
+    job: OwnedJob, tenant_id: CurrentTenant, request: Request
 ) -> StreamingResponse:
     """Server-sent events (``status``, ``progress``, then ``end``) until the job finishes."""
+    reads: AsyncReads = request.app.state.reads
     return StreamingResponse(
-        _events(db, tenant_id, job.id, poll_s=0.5),
+        _events(request, reads, tenant_id, job.id, poll_s=0.5),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache"},
     )

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import struct
-import threading
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -27,6 +26,7 @@ from api.schemas import (
     PredictResponse,
     ReceiptPrivacy,
 )
+from ppml.cache import LRUCache
 from ppml.db.models import Job, JobStatus
 from ppml.errors import Conflict, InvalidInput
 from ppml.inference import ModelCache
@@ -143,10 +143,10 @@ class _SmallFiles:
     """
 
     def __init__(self, *, max_file: int = 4 << 20, max_total: int = 64 << 20) -> None:
-        self.max_file, self.max_total = max_file, max_total
-        self._files: dict[tuple[Path, str], bytes] = {}
-        self._total = 0
-        self._lock = threading.Lock()
+        self.max_file = max_file
+        self._files: LRUCache[tuple[Path, str], bytes] = LRUCache(
+            4096, max_weight=max_total, weigh=len
+        )
 
     def get(self, path: Path, digest: str) -> bytes | None:
         return self._files.get((path, digest))
@@ -159,13 +159,7 @@ class _SmallFiles:
             data = handle.read(self.max_file + 1)
         if len(data) > self.max_file:  # grew since the stat: not a published artefact
             return None
-        with self._lock:
-            if self._total + len(data) > self.max_total:
-                self._files.clear()
-                self._total = 0
-            if (path, digest) not in self._files:
-                self._files[(path, digest)] = data
-                self._total += len(data)
+        self._files.put((path, digest), data)
         return data
 
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Body, Path, Query
+from fastapi import APIRouter, Body, Path
 
 from api.deps import AdminAuth, ReposDep
-from api.routes.common import PageToken, errors
+from api.routes.common import DEFAULT_PAGE_SIZE, PageSize, PageToken, errors
 from api.schemas import ApiKeyCreate, ApiKeyCreated, Tenant, TenantCreate, TenantPage
 from ppml.services import tenants
 
@@ -27,7 +27,7 @@ def create_tenant(body: TenantCreate, _admin: AdminAuth, repos: ReposDep) -> Ten
 def list_tenants(
     _admin: AdminAuth,
     repos: ReposDep,
-    page_size: Annotated[int, Query(ge=1, le=200)] = 50,
+    page_size: PageSize = DEFAULT_PAGE_SIZE,
     page_token: PageToken = None,
 ) -> TenantPage:
     """List tenants (admin token)."""

@@ -107,7 +107,8 @@ def _read_parquet(
         )
     _check_columns(names, target, client_column)
     try:
-        return pf.read().to_pandas()
+        frame: pd.DataFrame = pf.read().to_pandas()  # pyarrow is untyped
+        return frame
     except MemoryError:
         raise
     except Exception:

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select, text, update
 from sqlalchemy.orm import Session
 
 from ppml.db.models import (
@@ -37,6 +37,16 @@ class Repositories:
 
     def __init__(self, session: Session) -> None:
         self.session = session
+
+    # --- health -----------------------------------------------------------------------
+    def ping(self) -> None:
+        """A round trip to the database (readiness)."""
+        self.session.execute(text("SELECT 1"))
+
+    def jobs_by_status(self) -> dict[str, int]:
+        """How many jobs each status holds (operators' metrics)."""
+        rows = self.session.execute(select(Job.status, func.count()).group_by(Job.status))
+        return {str(status): int(count) for status, count in rows.all()}
 
     # --- tenants and keys -------------------------------------------------------------
     def add(self, *objects: Any) -> None:

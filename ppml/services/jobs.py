@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from celery import Celery
 from sqlalchemy.exc import IntegrityError
 
+from ppml.cache import LRUCache
 from ppml.config import Settings
 from ppml.db.models import Dataset, Job, JobStatus, new_id, utcnow
 from ppml.db.repositories import Repositories
@@ -75,27 +76,25 @@ class _ActiveJobs:
 
     def __init__(self, ttl: float = 1.0) -> None:
         self.ttl = ttl
-        self._counts: dict[str, tuple[int, float]] = {}
-        self._lock = threading.Lock()
+        # tenant → (count, fresh until); the least recently used tenants are forgotten first
+        self._counts: LRUCache[str, tuple[int, float]] = LRUCache(10_000)
+        self._lock = threading.Lock()  # makes admitted()'s read-modify-write atomic
 
     def count(self, tenant_id: str, read: Callable[[], int], *, limit: int) -> int:
-        with self._lock:
-            cached = self._counts.get(tenant_id)
+        cached = self._counts.get(tenant_id)
         now = time.monotonic()
         if cached is not None and cached[1] > now and cached[0] < limit:
             return cached[0]
         fresh = read()
         with self._lock:
-            if len(self._counts) > 10_000:
-                self._counts.clear()
-            self._counts[tenant_id] = (fresh, now + self.ttl)
+            self._counts.put(tenant_id, (fresh, now + self.ttl))
         return fresh
 
     def admitted(self, tenant_id: str) -> None:
         with self._lock:
             cached = self._counts.get(tenant_id)
             if cached is not None:
-                self._counts[tenant_id] = (cached[0] + 1, cached[1])
+                self._counts.put(tenant_id, (cached[0] + 1, cached[1]))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -146,7 +145,7 @@ class JobService:
         self.db, self.settings, self.celery = db, settings, celery
         self.store = ArtifactStore(settings.data_dir)
         # Datasets never change after registration, so admission need not re-read them.
-        self._datasets: dict[tuple[str, str], Dataset] = {}
+        self._datasets: LRUCache[tuple[str, str], Dataset] = LRUCache(10_000)
         self._active = _ActiveJobs()
         # Concurrent admissions to one dataset share one budget lock and one commit.
         self._admissions: GroupCommit[tuple[_Admission, str], Job] = GroupCommit(
@@ -159,9 +158,7 @@ class JobService:
             dataset = repos.dataset(tenant_id, dataset_id)
             if dataset is None:
                 raise NotFound("dataset not found", field="dataset_id")
-            if len(self._datasets) > 10_000:
-                self._datasets.clear()
-            self._datasets[(tenant_id, dataset_id)] = dataset
+            self._datasets.put((tenant_id, dataset_id), dataset)
         return dataset
 
     def _priced(self, tenant_id: str, spec: JobSpec) -> tuple[Dataset, Pricing]:

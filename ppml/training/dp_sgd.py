@@ -245,7 +245,7 @@ def train(
             ``steps_done`` counts the steps before it too.
 
     Returns:
-        The trained weights, steps taken, test metrics and Opacus' ε.
+        The trained weights, steps taken, test metrics.
 
     Raises:
         ValueError: If the arrays are malformed, ``report_every`` is not positive or
@@ -282,6 +282,5 @@ def train(
         steps_done=steps_done,
         stopped=stopped,
         metrics=score(module, x_te, y_te, plan),
-        epsilon_opacus=stepper.epsilon(),
         device=str(dev),
     )

@@ -85,7 +85,7 @@ class DPPlan:
         noise_multiplier: sigma, noise std relative to ``max_grad_norm``.
         max_grad_norm: C, the per-sample clipping norm.
         sample_rate: Poisson sampling rate ``q`` (``batch_size / n_train``).
-        delta: δ at which ``epsilon_opacus`` is reported.
+        delta: The job's δ (the ledger, not the training, accounts the job).
         engine: How per-sample gradients are clipped: ``"fast"`` (single backward
             pass, ``ppml.training.fast_dp``), ``"opacus"`` (Opacus hooks), or
             ``"auto"``: fast when it handles every layer natively, else Opacus.
@@ -143,7 +143,6 @@ class TrainResult:
         stopped: Whether training ended early through ``should_stop``.
         metrics: ``evaluate``'s figures on the held-out arrays (exact ``test_accuracy``
             and ``test_loss``, and the per-unit sums the released metrics are made of).
-        epsilon_opacus: ε at ``dp.delta`` from Opacus' RDP accountant; None if non-private.
         device: The device trained on, e.g. ``"cpu"`` or ``"cuda"``.
     """
 
@@ -151,5 +150,4 @@ class TrainResult:
     steps_done: int
     stopped: bool
     metrics: dict[str, float]
-    epsilon_opacus: float | None
     device: str

@@ -11,7 +11,6 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 from opacus import GradSampleModule
-from opacus.accountants import RDPAccountant
 from opacus.optimizers import DPOptimizer
 from torch import nn
 from torch.nn import functional as F
@@ -26,8 +25,6 @@ class Stepper(Protocol):
     module: nn.Module
 
     def step(self, step_index: int) -> None: ...
-
-    def epsilon(self) -> float | None: ...
 
     def state(self) -> dict[str, Any]: ...
 
@@ -76,9 +73,6 @@ class PlainStepper:
         F.cross_entropy(self.module(self._x[rows]), self._y[rows]).backward()
         self._optimizer.step()
 
-    def epsilon(self) -> float | None:
-        return None
-
     def state(self) -> dict[str, Any]:
         return _model_and_optimizer(self.module, self._optimizer)
 
@@ -102,7 +96,6 @@ class PrivateStepper:
         self._x, self._y = data
         self._dp = dp
         self._generator = generator
-        self._accountant = RDPAccountant()
         self._engine: FastDPEngine | None = None
         self._gsm: GradSampleModule | None = None
         self._optimizer: torch.optim.Optimizer
@@ -149,23 +142,14 @@ class PrivateStepper:
             loss = F.cross_entropy(logits, self._y.index_select(0, rows), reduction="sum")
             self._engine.backward(loss)  # sets every p.grad (noise alone if no rows)
         self._optimizer.step()
-        self._accountant.step(
-            noise_multiplier=self._dp.noise_multiplier, sample_rate=self._dp.sample_rate
-        )
-
-    def epsilon(self) -> float | None:
-        return float(self._accountant.get_epsilon(delta=self._dp.delta))
 
     def state(self) -> dict[str, Any]:
         # Not the generator: a resumed run draws fresh secret randomness (see checkpoint).
         return _model_and_optimizer(self.module, self._optimizer)
 
     def load_state(self, state: Mapping[str, Any], steps_done: int) -> None:
+        del steps_done  # the ledger, not the stepper, counts what was spent
         _restore(self.module, self._optimizer, state)
-        if steps_done:
-            self._accountant.history = [
-                (self._dp.noise_multiplier, self._dp.sample_rate, steps_done)
-            ]
 
     def close(self) -> None:
         """Removes the engine's hooks so ``module`` is a plain module again."""

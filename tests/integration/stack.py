@@ -92,3 +92,15 @@ def embedded_serve(root: Path, admin_token: str) -> Iterator[tuple[str, subproce
         base = f"http://127.0.0.1:{port}"
         wait_ready(base, proc, log)
         yield base, proc
+
+
+def tenant_client(base: str, admin_token: str) -> httpx.Client:
+    """A new tenant's client on the service at ``base``: its owner key in every request."""
+    admin = {"Authorization": f"Bearer {admin_token}"}
+    tenant = httpx.post(f"{base}/v1/tenants", json={"name": "clinic"}, headers=admin)
+    assert tenant.status_code == 201, tenant.text
+    key = httpx.post(f"{base}/v1/tenants/{tenant.json()['id']}/api-keys", headers=admin)
+    assert key.status_code == 201
+    return httpx.Client(
+        base_url=base, headers={"Authorization": f"Bearer {key.json()['key']}"}, timeout=30
+    )

@@ -31,11 +31,12 @@ from tests.integration.stack import (
     process,
     service_env,
     stop,
+    tenant_client,
     wait_for_status,
     wait_ready,
 )
-from tests.integration.test_stacks import ADMIN, _tenant_client
 
+ADMIN = "faults-admin-token-0123456789"
 LEASE_S, REAPER_S = 3, 1
 
 
@@ -172,7 +173,7 @@ def _checkpoints(stack: Stack, job_id: str) -> list[Path]:
 
 def test_a_worker_killed_mid_job_is_resumed_elsewhere_and_charged_once(stack: Stack) -> None:
     # arrange: two workers; the job runs on one of them
-    client = _tenant_client(stack.base)
+    client = tenant_client(stack.base, ADMIN)
     dataset_id = _dataset(client)
     for index in (0, 1):
         stack.worker()
@@ -215,7 +216,7 @@ def test_a_worker_killed_mid_job_is_resumed_elsewhere_and_charged_once(stack: St
 def test_a_poison_job_fails_after_its_attempts_and_the_queue_drains(stack: Stack) -> None:
     """The job kills every worker that runs it (played here by kill -9 on claim)."""
     # arrange
-    client = _tenant_client(stack.base)
+    client = tenant_client(stack.base, ADMIN)
     dataset_id = _dataset(client)
     stack.worker()
     poison = client.post("/v1/jobs", json=dp_job_spec(dataset_id, epsilon=5.0, epochs=400)).json()[
@@ -242,7 +243,7 @@ def test_a_poison_job_fails_after_its_attempts_and_the_queue_drains(stack: Stack
 
 def test_a_message_delivered_twice_trains_once_and_charges_once(stack: Stack) -> None:
     # arrange: two workers, one job, its message published a second time
-    client = _tenant_client(stack.base)
+    client = tenant_client(stack.base, ADMIN)
     dataset_id = _dataset(client)
     stack.worker()
     stack.worker()
@@ -264,7 +265,7 @@ def test_a_message_delivered_twice_trains_once_and_charges_once(stack: Stack) ->
 
 def test_broker_restart_without_persistence_loses_no_job(stack: Stack) -> None:
     # arrange: one worker busy with a job while two more wait in Redis
-    client = _tenant_client(stack.base)
+    client = tenant_client(stack.base, ADMIN)
     dataset_id = _dataset(client)
     stack.worker()
     running = client.post("/v1/jobs", json=dp_job_spec(dataset_id, epsilon=2.0, epochs=100)).json()[

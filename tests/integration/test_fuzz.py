@@ -11,6 +11,7 @@ dataset), with a documented 422 naming the field. No schema can express those ru
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,16 +26,17 @@ from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from api.app import create_app
 from ppml.config import Settings
-from ppml.db.migrate import upgrade
 from ppml.db.session import Database
 from tests.conftest import ADMIN_TOKEN, new_tenant, register_digits
 
 
 @pytest.fixture(scope="module")
-def fuzz_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[FastAPI, dict[str, str]]]:
+def fuzz_app(
+    tmp_path_factory: pytest.TempPathFactory, sqlite_template: Path
+) -> Iterator[tuple[FastAPI, dict[str, str]]]:
     tmp = tmp_path_factory.mktemp("fuzz")
+    shutil.copyfile(sqlite_template, tmp / "ppml.db")
     url = f"sqlite:///{tmp / 'ppml.db'}"
-    upgrade(url)
     db = Database(url)
     app = create_app(
         Settings(

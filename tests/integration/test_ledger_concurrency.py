@@ -26,7 +26,6 @@ import pytest
 from sqlalchemy import select
 
 from ppml.config import Settings
-from ppml.db.migrate import upgrade
 from ppml.db.models import Dataset, Job, JobStatus, LedgerEntry, LedgerKind, new_id
 from ppml.db.repositories import Repositories
 from ppml.db.session import Database
@@ -37,7 +36,7 @@ from ppml.queue import make_celery
 from ppml.services.jobs import JobService
 from ppml.services.pricing import price
 from ppml.specs import JobSpec
-from tests.integration.test_ledger_state_machine import (
+from tests.integration.ledger_helpers import (
     DELTA,
     job_spec,
     make_dataset,
@@ -258,7 +257,6 @@ def naive_admit(
 @pytest.mark.timeout(300)
 def test_naive_admission_overspends_without_the_lock(pg_database_url: str, tmp_path: Any) -> None:
     # arrange
-    upgrade(pg_database_url)
     db = Database(pg_database_url)
     app_settings = Settings(
         data_dir=tmp_path / "data", database_url=pg_database_url, broker_url="memory://"

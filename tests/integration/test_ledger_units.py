@@ -15,7 +15,7 @@ from ppml.db.session import Database
 from ppml.errors import PrivacyUnitMismatch
 from ppml.privacy import accounting as acc
 from ppml.privacy.ledger import Ledger
-from tests.integration.test_ledger_state_machine import (
+from tests.integration.ledger_helpers import (
     job_spec,
     make_dataset,
     make_tenant,

@@ -197,11 +197,11 @@ def test_require_owner_passes_an_owner_and_answers_403_to_an_analyst(
     _problem(missing, 401)
 
 
-def test_keys_made_before_roles_become_owner_keys(database_url: str) -> None:
+def test_keys_made_before_roles_become_owner_keys(empty_database_url: str) -> None:
     # arrange: a tenant and a key written at the first revision, before roles existed
-    upgrade(database_url, "f4f40aead129")
+    upgrade(empty_database_url, "f4f40aead129")
     key = "ppml_sk_" + secrets.token_urlsafe(32)
-    engine = create_engine(database_url)
+    engine = create_engine(empty_database_url)
     with engine.begin() as conn:
         conn.execute(
             text("INSERT INTO tenants (id, name, created_at) VALUES ('ten_old', 'old', :now)"),
@@ -215,13 +215,13 @@ def test_keys_made_before_roles_become_owner_keys(database_url: str) -> None:
             {"hash": hash_key(key), "prefix": key[:12], "now": "2026-11-30 00:00:00+00:00"},
         )
     # act
-    upgrade(database_url)
+    upgrade(empty_database_url)
     # assert
     with engine.connect() as conn:
         role = conn.scalar(text("SELECT role FROM api_keys WHERE id = 'key_old'"))
     engine.dispose()
     assert role == "owner"
-    db = Database(database_url)
+    db = Database(empty_database_url)
     try:
         with db.read_one() as session:
             principal = principal_for_key(Repositories(session), key)

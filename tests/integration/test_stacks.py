@@ -15,7 +15,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 import pytest
 
@@ -27,6 +26,7 @@ from tests.integration.stack import (
     free_port,
     process,
     service_env,
+    tenant_client,
     wait_for_status,
     wait_ready,
 )
@@ -59,17 +59,6 @@ def production(tmp_path: Path, pg_database_url: str) -> Iterator[str]:
             yield base
 
 
-def _tenant_client(base: str) -> httpx.Client:
-    admin = {"Authorization": f"Bearer {ADMIN}"}
-    tenant = httpx.post(f"{base}/v1/tenants", json={"name": "clinic"}, headers=admin)
-    assert tenant.status_code == 201, tenant.text
-    key = httpx.post(f"{base}/v1/tenants/{tenant.json()['id']}/api-keys", headers=admin)
-    assert key.status_code == 201
-    return httpx.Client(
-        base_url=base, headers={"Authorization": f"Bearer {key.json()['key']}"}, timeout=30
-    )
-
-
 def _predict_accuracy(
     model_bytes: bytes, tmp_path: Path, dataset_id: str
 ) -> tuple[float, dict[str, str]]:
@@ -89,7 +78,7 @@ def _predict_accuracy(
 
 
 def _scenario(base: str, tmp_path: Path) -> dict[str, Any]:
-    client = _tenant_client(base)
+    client = tenant_client(base, ADMIN)
     body = {"name": "digits", "source": {"builtin": "digits"}}
     created = client.post(
         "/v1/datasets", json={**body, "privacy_budget": {"epsilon": 8.0, "delta": 1e-5}}
@@ -142,7 +131,7 @@ def test_production_stack_trains_and_serves_a_dp_model(production: str, tmp_path
 
 def test_running_job_cancels_and_is_charged_for_steps_run(production: str) -> None:
     # arrange: a long job (1000 epochs) on a generous budget
-    client = _tenant_client(production)
+    client = tenant_client(production, ADMIN)
     body = {
         "name": "d",
         "source": {"builtin": "digits"},

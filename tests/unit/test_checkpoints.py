@@ -12,7 +12,6 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from opacus.accountants import RDPAccountant  # noqa: E402
 from sklearn.datasets import load_digits  # noqa: E402
 
 from ppml.datasets import record_keys  # noqa: E402
@@ -144,9 +143,6 @@ def test_a_private_resume_continues_from_the_checkpoint_and_counts_every_step(
     assert same_weights(at_checkpoint.state_dict, dict(middle["model"]))
     assert finished.steps_done == TOTAL
     assert not same_weights(finished.state_dict, dict(middle["model"]))
-    accountant = RDPAccountant()
-    accountant.history = [(1.1, BATCH / 1437, TOTAL)]
-    assert finished.epsilon_opacus == pytest.approx(accountant.get_epsilon(delta=1e-5))
 
 
 def test_a_private_checkpoint_holds_no_randomness(
@@ -255,9 +251,6 @@ def test_a_resumed_client_level_dp_run_charges_every_round(
 
     assert "base_seed" not in state and set(state["server"]) == set()
     assert resumed.rounds_done == 4 and resumed.steps_done == 4
-    accountant = RDPAccountant()
-    accountant.history = [(1.0, 0.5, 4)]
-    assert resumed.epsilon_opacus == pytest.approx(accountant.get_epsilon(delta=1e-5))
     assert [entry["round"] for entry in resumed.history] == [1.0, 2.0, 3.0, 4.0]
     assert all(math.isfinite(float(v)) for v in resumed.state_dict["0.weight"].flatten()[:5])
 

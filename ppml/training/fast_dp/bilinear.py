@@ -68,7 +68,8 @@ class _Bilinear:
             gram_a = torch.bmm(self.a, self.a.transpose(1, 2)).view(self.batch, -1)
             gram_g = torch.bmm(self.g, self.g.transpose(1, 2)).view(self.batch, -1)
             # a sum of squares up to rounding, which may dip below zero
-            return torch.linalg.vecdot(gram_a, gram_g).clamp_min_(0.0).sqrt_()
+            squares: Tensor = torch.linalg.vecdot(gram_a, gram_g)
+            return squares.clamp_min_(0.0).sqrt_()
         self.samples = torch.bmm(self.g.transpose(1, 2), self.a).view(self.batch, -1)
         return row_norms(self.samples)
 
@@ -177,7 +178,7 @@ def _conv_per_sample(conv: ConvNd, x: Tensor, g: Tensor) -> Tensor:
     """
     x, padding = _conv_input(conv, x)
     batch, shape = x.shape[0], conv.weight.shape
-    folded = torch.ops.aten.convolution_backward(
+    folded: Tensor = torch.ops.aten.convolution_backward(
         g.reshape(1, -1, *g.shape[2:]),
         x.reshape(1, -1, *x.shape[2:]),
         # only its shape matters: the weight gradient does not depend on the weight

@@ -37,7 +37,8 @@ class Call(NamedTuple):
 
 def row_norms(x: Tensor) -> Tensor:
     """L2 norm of each row of a ``(B, n)`` tensor."""
-    return torch.linalg.vector_norm(x, dim=1)
+    norms: Tensor = torch.linalg.vector_norm(x, dim=1)
+    return norms
 
 
 def join(parts: list[Tensor], dim: int) -> Tensor:

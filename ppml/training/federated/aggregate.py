@@ -99,7 +99,7 @@ def clip_rows(updates: torch.Tensor, clip_norm: float) -> torch.Tensor:
     Returns:
         The clipped deltas ``(K, P)``.
     """
-    norms = torch.linalg.vector_norm(updates, dim=1)
+    norms: torch.Tensor = torch.linalg.vector_norm(updates, dim=1)
     factors = (clip_norm / (norms + CLIP_EPSILON)).clamp(max=1.0)
     return updates * factors[:, None]
 

@@ -82,7 +82,7 @@ class FederatedDP:
         clip_norm: C: of a client's update (client level) or of a sample's gradient.
         sample_rate: Client level: ``clients_per_round / num_clients``; sample level:
             the Poisson rate ``q`` every client uses on its shard.
-        delta: δ at which ``epsilon_opacus`` is reported; None reports no ε.
+        delta: The job's δ (the ledger, not the training, accounts the job).
     """
 
     level: str
@@ -129,7 +129,6 @@ class FederatedResult:
         metrics: Final ``test_accuracy`` and ``test_loss`` of the global model.
         history: Per evaluated round ``round``, ``test_accuracy``, ``test_loss`` and
             (not under client-level DP) ``clients``, the clients aggregated.
-        epsilon_opacus: ε at ``dp.delta`` from Opacus' RDP accountant, or None.
         device: The device trained on.
     """
 
@@ -139,5 +138,4 @@ class FederatedResult:
     stopped: bool
     metrics: dict[str, float]
     history: list[dict[str, float]]
-    epsilon_opacus: float | None
     device: str

@@ -33,7 +33,6 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import torch
-from opacus.accountants import RDPAccountant
 from torch import nn
 from torch.nn.utils import parameters_to_vector
 
@@ -155,16 +154,6 @@ def _steps_per_round(fed: FederatedPlan, dp: FederatedDP | None) -> int:
     return 1
 
 
-def _epsilon(dp: FederatedDP | None, steps: int) -> float | None:
-    if dp is None or dp.delta is None:
-        return None
-    if steps == 0:
-        return 0.0
-    accountant = RDPAccountant()
-    accountant.history = [(dp.noise_multiplier, dp.sample_rate, steps)]
-    return float(accountant.get_epsilon(delta=dp.delta))
-
-
 @dataclass
 class _Simulation:
     """The state one job's round loop carries between rounds."""
@@ -272,7 +261,7 @@ def train_federated(
             dataset's secret. None: ``plan.seed`` (tests).
 
     Returns:
-        The global model, steps and rounds done, metrics, per-round history and ε.
+        The global model, steps and rounds done, metrics and per-round history.
 
     Raises:
         ValueError: If the arrays, the partition or the DP settings are inconsistent, or
@@ -350,6 +339,5 @@ def train_federated(
         stopped=stopped,
         metrics=score(module, x_te, y_te, plan),
         history=history,
-        epsilon_opacus=_epsilon(dp, steps_done),
         device=str(dev),
     )

@@ -1,0 +1,366 @@
+"""The job service on its own: quote, admission (single and grouped), idempotent replays,
+cancellation; on the real databases (SQLite and PostgreSQL) and a real Celery app on
+kombu's in-process ``memory://`` broker."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from sqlalchemy import func, select
+
+from ppml.config import Limits, Settings, WorkerSettings
+from ppml.db.models import Dataset, Job, JobStatus, LedgerEntry, LedgerKind
+from ppml.db.repositories import Repositories
+from ppml.db.session import Database
+from ppml.errors import (
+    BudgetExceeded,
+    IdempotencyMismatch,
+    JobNotCancellable,
+    NotFound,
+    TooManyRequests,
+)
+from ppml.jobs.runner import JobRunner
+from ppml.privacy import accounting as acc
+from ppml.privacy.ledger import budget_status
+from ppml.queue import RUN_JOB, make_celery
+from ppml.services.datasets import BudgetRequest, register_builtin
+from ppml.services.jobs import JobService
+from ppml.services.pricing import price
+from ppml.services.tenants import create_tenant
+from ppml.specs import JobSpec
+from ppml.storage import ArtifactStore
+
+ZERO = list(acc.zero())
+
+
+@dataclass
+class World:
+    """A tenant, its datasets, and the service under test on a queue of its own."""
+
+    db: Database
+    settings: Settings
+    service: JobService
+    tenant_id: str
+
+    def digits(self, *, epsilon: float | None = 8.0, tenant_id: str | None = None) -> Dataset:
+        budget = None if epsilon is None else BudgetRequest(epsilon=epsilon, delta=1e-5)
+        with self.db.session(write=True) as session:
+            return register_builtin(
+                Repositories(session),
+                ArtifactStore(self.settings.data_dir),
+                self.settings,
+                tenant_id=tenant_id or self.tenant_id,
+                name="digits",
+                builtin="digits",
+                budget=budget,
+            )
+
+    def budget(self, dataset_id: str) -> Any:
+        with self.db.session() as session:
+            budget = Repositories(session).budget(dataset_id)
+        assert budget is not None
+        return budget
+
+    def ledger(self, dataset_id: str) -> list[LedgerEntry]:
+        with self.db.session() as session:
+            return list(Repositories(session).ledger_entries(dataset_id))
+
+    def job_count(self) -> int:
+        with self.db.session() as session:
+            return int(session.scalar(select(func.count()).select_from(Job)) or 0)
+
+    def job(self, job_id: str) -> Job:
+        with self.db.session() as session:
+            job = Repositories(session).job_by_id(job_id)
+        assert job is not None
+        return job
+
+    def sent(self) -> list[str]:
+        """Job ids of the run_job messages waiting in this test's queue (drains it)."""
+        ids = []
+        with self.service.celery.connection_for_read() as conn:
+            queue = conn.SimpleQueue(self.settings.worker.queue, no_ack=True)
+            while True:
+                try:
+                    message = queue.get(block=False)
+                except queue.Empty:
+                    break
+                assert message.headers["task"] == RUN_JOB
+                ids.append(message.payload[0][0])
+            queue.close()
+        return ids
+
+
+def spec(dataset_id: str, *, epsilon: float | None = 1.0, epochs: int = 2) -> JobSpec:
+    privacy = None if epsilon is None else {"target_epsilon": epsilon, "delta": 1e-5}
+    return JobSpec.model_validate(
+        {
+            "name": "tiny",
+            "dataset_id": dataset_id,
+            "model": {"arch": "logreg"},
+            "training": {"epochs": epochs, "batch_size": 64, "learning_rate": 0.1},
+            "privacy": privacy,
+        }
+    )
+
+
+def make_world(database: Database, settings: Settings, **limits: Any) -> World:
+    worker = WorkerSettings(queue=f"training-{secrets.token_hex(4)}")  # memory:// is global
+    settings = settings.model_copy(update={"worker": worker, "limits": Limits(**limits)})
+    with database.session(write=True) as session:
+        tenant = create_tenant(Repositories(session), name=f"t-{secrets.token_hex(4)}")
+    service = JobService(database, settings, make_celery(settings))
+    return World(database, settings, service, tenant.id)
+
+
+@pytest.fixture
+def world(database: Database, settings: Settings) -> Iterator[World]:
+    world = make_world(database, settings)
+    yield world
+    world.sent()  # leave nothing in the process-wide memory broker
+
+
+def snapshot(world: World, dataset_id: str) -> tuple[Any, ...]:
+    """Everything admission may write: the budget row, the entries, the jobs."""
+    budget = world.budget(dataset_id)
+    entries = [(e.id, e.kind) for e in world.ledger(dataset_id)]
+    return budget.committed, budget.reserved, budget.version, entries, world.job_count()
+
+
+# ----------------------------------------------------------------------------- quote
+
+
+def test_a_quote_prices_the_job_as_admission_would_and_writes_nothing(world: World) -> None:
+    # arrange
+    dataset = world.digits(epsilon=8.0)
+    job = spec(dataset.id, epsilon=1.0)
+    priced = price(job, dataset, world.settings)
+    before = snapshot(world, dataset.id)
+    # act
+    quote = world.service.quote(world.tenant_id, job)
+    # assert
+    assert priced.event is not None
+    assert quote.fits_budget is True and quote.max_target_epsilon is None
+    assert quote.epsilon == priced.epsilon and 0.99 < quote.epsilon <= 1.0
+    assert quote.noise_multiplier == priced.event.noise_multiplier
+    assert quote.sample_rate == priced.event.sample_rate
+    assert quote.steps == priced.schedule.total_steps == priced.event.steps
+    assert quote.epsilon_remaining == budget_status(world.budget(dataset.id)).epsilon_remaining
+    assert snapshot(world, dataset.id) == before
+    assert before[:2] == ({"grid": acc.GRID_VERSION, "units": ZERO},) * 2
+    assert world.sent() == []
+
+
+def test_a_quote_of_a_job_over_budget_offers_the_largest_target_that_fits(world: World) -> None:
+    # arrange
+    dataset = world.digits(epsilon=1.0)
+    before = snapshot(world, dataset.id)
+    # act
+    quote = world.service.quote(world.tenant_id, spec(dataset.id, epsilon=3.0))
+    # assert
+    assert quote.fits_budget is False
+    assert quote.max_target_epsilon is not None and 0 < quote.max_target_epsilon < 1.0
+    assert snapshot(world, dataset.id) == before
+
+
+# ----------------------------------------------------------------------------- submit
+
+
+@pytest.mark.parametrize("key", [None, "key-1"], ids=["grouped", "keyed"])
+def test_submit_reserves_exactly_the_curve_it_priced_and_sends_the_job(
+    world: World, key: str | None
+) -> None:
+    # arrange
+    dataset = world.digits(epsilon=8.0)
+    job_spec = spec(dataset.id, epsilon=1.0)
+    priced = price(job_spec, dataset, world.settings)
+    assert priced.event is not None
+    curve = list(acc.rdp_curve(priced.event))
+    # act
+    job, created = world.service.submit(world.tenant_id, job_spec, idempotency_key=key)
+    # assert: one RESERVE entry of the priced curve, the totals moved by exactly that
+    assert created and job.status == JobStatus.QUEUED
+    entries = world.ledger(dataset.id)
+    assert [(e.kind, e.job_id) for e in entries] == [(LedgerKind.RESERVE, job.id)]
+    reserve = entries[0]
+    assert reserve.rdp == {"grid": acc.GRID_VERSION, "units": curve}
+    assert reserve.event == priced.event.to_dict()
+    assert reserve.idempotency_key == f"{job.id}:reserve"
+    budget = world.budget(dataset.id)
+    assert budget.reserved["units"] == curve and budget.committed["units"] == ZERO
+    # the row carries the plan it was priced with, and its message went out after commit
+    stored = world.job(job.id)
+    assert stored.privacy == priced.privacy_plan(job_spec)
+    assert stored.attempts == 0 and not stored.data_touched and stored.idempotency_key == key
+    assert stored.enqueued_at is not None
+    assert world.sent() == [job.id]
+
+
+def test_a_job_on_public_data_reserves_nothing(world: World) -> None:
+    # arrange
+    dataset = world.digits(epsilon=None)
+    # act
+    job, created = world.service.submit(world.tenant_id, spec(dataset.id, epsilon=None))
+    # assert
+    assert created and job.privacy is None
+    assert world.ledger(dataset.id) == []
+    assert world.sent() == [job.id]
+
+
+def test_an_idempotency_key_replay_returns_the_same_job_and_reserves_once(world: World) -> None:
+    # arrange
+    dataset = world.digits(epsilon=8.0)
+    job_spec = spec(dataset.id)
+    first, created = world.service.submit(world.tenant_id, job_spec, idempotency_key="k")
+    after_first = snapshot(world, dataset.id)
+    # act
+    again, created_again = world.service.submit(world.tenant_id, job_spec, idempotency_key="k")
+    # assert: the same job, nothing written or sent a second time
+    assert (created, created_again) == (True, False)
+    assert again.id == first.id
+    assert snapshot(world, dataset.id) == after_first
+    assert [e.kind for e in world.ledger(dataset.id)] == [LedgerKind.RESERVE]
+    assert world.sent() == [first.id]
+
+
+def test_an_idempotency_key_reused_with_another_body_is_refused_and_writes_nothing(
+    world: World,
+) -> None:
+    # arrange
+    dataset = world.digits(epsilon=8.0)
+    world.service.submit(world.tenant_id, spec(dataset.id, epochs=2), idempotency_key="k")
+    world.sent()
+    before = snapshot(world, dataset.id)
+    # act
+    with pytest.raises(IdempotencyMismatch) as refused:
+        world.service.submit(world.tenant_id, spec(dataset.id, epochs=3), idempotency_key="k")
+    # assert
+    assert refused.value.field == "Idempotency-Key"
+    assert snapshot(world, dataset.id) == before
+    assert world.sent() == []
+
+
+def test_an_idempotency_key_is_scoped_to_its_tenant(world: World) -> None:
+    # arrange: another tenant uses the same key on its own data
+    with world.db.session(write=True) as session:
+        other = create_tenant(Repositories(session), name=f"t-{secrets.token_hex(4)}").id
+    mine, theirs = world.digits(), world.digits(tenant_id=other)
+    first, _ = world.service.submit(world.tenant_id, spec(mine.id), idempotency_key="k")
+    # act
+    second, created = world.service.submit(other, spec(theirs.id), idempotency_key="k")
+    # assert
+    assert created and second.id != first.id and second.tenant_id == other
+
+
+@pytest.mark.parametrize("key", [None, "key-1"], ids=["grouped", "keyed"])
+def test_a_job_over_budget_is_refused_with_what_remains_and_writes_nothing(
+    world: World, key: str | None
+) -> None:
+    # arrange
+    dataset = world.digits(epsilon=1.0)
+    before = snapshot(world, dataset.id)
+    # act
+    with pytest.raises(BudgetExceeded) as refused:
+        world.service.submit(world.tenant_id, spec(dataset.id, epsilon=3.0), idempotency_key=key)
+    # assert: the 409 says what is left and the largest target that would fit
+    extra = refused.value.extra
+    assert extra["epsilon_remaining"] == budget_status(world.budget(dataset.id)).epsilon_remaining
+    assert 0 < extra["epsilon_remaining"] <= 1.0
+    assert extra["epsilon_requested"] > extra["epsilon_remaining"]
+    assert extra["max_target_epsilon"] is not None and 0 < extra["max_target_epsilon"] < 1.0
+    assert snapshot(world, dataset.id) == before
+    assert world.sent() == []
+
+
+def test_the_largest_target_offered_in_a_refusal_is_admitted(world: World) -> None:
+    # arrange: a budget partly reserved by one job; a second one too large for the rest
+    dataset = world.digits(epsilon=2.0)
+    world.service.submit(world.tenant_id, spec(dataset.id, epsilon=1.0))
+    with pytest.raises(BudgetExceeded) as refused:
+        world.service.submit(world.tenant_id, spec(dataset.id, epsilon=1.5))
+    offered = refused.value.extra["max_target_epsilon"]
+    # act
+    job, created = world.service.submit(world.tenant_id, spec(dataset.id, epsilon=offered))
+    # assert
+    assert created and job.privacy is not None and job.privacy.target_epsilon == offered
+
+
+def test_a_tenant_at_its_active_job_limit_is_refused_but_may_still_replay(
+    database: Database, settings: Settings
+) -> None:
+    # arrange: one queued or running job per tenant
+    world = make_world(database, settings, max_active_jobs_per_tenant=1)
+    dataset = world.digits(epsilon=8.0)
+    first, _ = world.service.submit(world.tenant_id, spec(dataset.id), idempotency_key="k")
+    before = snapshot(world, dataset.id)
+    # act
+    with pytest.raises(TooManyRequests) as refused:
+        world.service.submit(world.tenant_id, spec(dataset.id, epochs=3))
+    replay, created = world.service.submit(world.tenant_id, spec(dataset.id), idempotency_key="k")
+    # assert
+    assert refused.value.extra["limit"] == 1
+    assert replay.id == first.id and not created
+    assert snapshot(world, dataset.id) == before
+    world.sent()
+
+
+# ----------------------------------------------------------------------------- cancel
+
+
+def test_cancel_of_a_queued_job_releases_everything_and_a_second_cancel_is_refused(
+    world: World,
+) -> None:
+    # arrange
+    dataset = world.digits(epsilon=8.0)
+    job, _ = world.service.submit(world.tenant_id, spec(dataset.id))
+    # act
+    cancelled = world.service.cancel(world.tenant_id, job.id)
+    # assert: never touched, so the whole reservation goes back and nothing is committed
+    assert cancelled.status == JobStatus.CANCELLED and cancelled.cancel_requested
+    entries = {e.kind: e for e in world.ledger(dataset.id)}
+    assert sorted(entries) == ["release", "reserve"]
+    assert entries[LedgerKind.RELEASE].rdp == entries[LedgerKind.RESERVE].rdp
+    budget = world.budget(dataset.id)
+    assert budget.reserved["units"] == ZERO and budget.committed["units"] == ZERO
+    stored = world.job(job.id)
+    assert stored.status == JobStatus.CANCELLED and stored.finished_at is not None
+    assert stored.privacy is not None and stored.privacy.epsilon_spent == 0.0
+    assert stored.privacy.ledger_entry_id is None and stored.privacy.steps == 0
+    # a second cancel is refused and changes nothing
+    settled = snapshot(world, dataset.id)
+    with pytest.raises(JobNotCancellable) as refused:
+        world.service.cancel(world.tenant_id, job.id)
+    assert refused.value.extra["job_status"] == JobStatus.CANCELLED
+    assert snapshot(world, dataset.id) == settled
+
+
+def test_cancel_of_a_running_job_only_asks_its_worker_to_stop(world: World) -> None:
+    # arrange
+    dataset = world.digits(epsilon=8.0)
+    job, _ = world.service.submit(world.tenant_id, spec(dataset.id))
+    assert JobRunner(world.db, world.settings, owner="worker-a").claim(job.id) is not None
+    # act
+    asked = world.service.cancel(world.tenant_id, job.id)
+    # assert: still running under its lease, reservation whole; the worker settles it
+    assert asked.status == JobStatus.RUNNING and asked.cancel_requested
+    stored = world.job(job.id)
+    assert stored.lease_owner == "worker-a" and stored.cancel_requested
+    assert [e.kind for e in world.ledger(dataset.id)] == [LedgerKind.RESERVE]
+
+
+def test_cancel_of_another_tenants_job_is_not_found_and_changes_nothing(world: World) -> None:
+    # arrange
+    dataset = world.digits(epsilon=8.0)
+    job, _ = world.service.submit(world.tenant_id, spec(dataset.id))
+    with world.db.session(write=True) as session:
+        stranger = create_tenant(Repositories(session), name=f"t-{secrets.token_hex(4)}").id
+    # act
+    with pytest.raises(NotFound):
+        world.service.cancel(stranger, job.id)
+    # assert
+    stored = world.job(job.id)
+    assert stored.status == JobStatus.QUEUED and not stored.cancel_requested
