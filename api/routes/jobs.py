@@ -14,7 +14,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Header, Path, Query, Request, Response
+from fastapi import APIRouter, BackgroundTasks, Header, Path, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
@@ -117,13 +117,22 @@ async def get_exact_metrics(job: OwnedJob, _owner: RequireOwner) -> ExactMetrics
     responses=errors(404, 409),
     response_model=Job,
 )
-async def cancel_job(
-    job_id: Annotated[str, Path(max_length=64)], tenant_id: CurrentTenant, jobs: JobServiceDep
+def cancel_job(
+    job_id: Annotated[str, Path(max_length=64)],
+    tenant_id: CurrentTenant,
+    jobs: JobServiceDep,
+    repos: ReposDep,
+    background: BackgroundTasks,
 ) -> Job:
     """Cancel a job. Queued jobs stop at once with a full refund; running jobs stop at the next
     step and are charged for the steps they ran. Finished jobs answer 409."""
     # The service looks the job up within the tenant (404 otherwise): no second read here.
-    return to_schema(await run_in_threadpool(jobs.cancel, tenant_id, job_id))
+    # It runs in the request's unit of work, committed before the response is sent; the
+    # checkpoints of a job it cancelled are deleted after that.
+    job = jobs.cancel_in(repos, tenant_id, job_id)
+    if job.status == "cancelled":
+        background.add_task(jobs.forget, job.id)
+    return to_schema(job)
 
 
 async def _events(

@@ -152,7 +152,17 @@ class JobRunner:
         if beat.lost:
             log.warning("job %s: lease lost; another worker owns it now", job_id)
             return "lost"
-        return self._finish(job, self._ending(job, dataset, plan, beat, result, limit))
+        try:
+            ending = self._ending(job, dataset, plan, beat, result, limit)
+        except Exception as exc:  # publishing the model failed (storage): end it, don't hide it
+            log.exception("job %s: could not publish its model", job_id)
+            ending = lifecycle.Ending(
+                status=JobStatus.FAILED,
+                steps=result.steps_done,
+                note="failed",
+                error=JobError(code="publish_error", message=type(exc).__name__),
+            )
+        return self._finish(job, ending)
 
     def _heartbeat(self, job: Job, plan: Schedule, start: int, limit: float) -> Heartbeat:
         fed = job.spec.federated

@@ -184,20 +184,17 @@ def release_metrics(
     if plan.mechanism == "withheld":
         return None
     units = int(aggregates["units"])
-    common = {
-        "scored_on": plan.scored_on,
-        "validation_dataset_id": plan.validation_dataset_id,
-        "units": units,
-    }
     if plan.mechanism != "gaussian":
         exact = exact_metrics(aggregates)
         release = MetricsRelease(
             mechanism=plan.mechanism,
+            scored_on=plan.scored_on,
+            validation_dataset_id=plan.validation_dataset_id,
+            units=units,
             noise_multiplier=None,
             loss_clip=None,
             accuracy_noise_std=None,
             loss_noise_std=None,
-            **common,
         )
         return Metrics(
             test_accuracy=exact.test_accuracy,
@@ -213,11 +210,13 @@ def release_metrics(
     scale = max(units, 1)  # post-processing by a public count
     release = MetricsRelease(
         mechanism="gaussian",
+        scored_on=plan.scored_on,
+        validation_dataset_id=plan.validation_dataset_id,
+        units=units,
         noise_multiplier=z,
         loss_clip=bound,
         accuracy_noise_std=z / scale,
         loss_noise_std=z * bound / scale,
-        **common,
     )
     return Metrics(
         test_accuracy=min(1.0, max(0.0, correct / scale)),

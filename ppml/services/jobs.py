@@ -344,27 +344,38 @@ class JobService:
                 Repositories(session).mark_enqueued(job_id, sent=False)
 
     def cancel(self, tenant_id: str, job_id: str) -> Job:
-        """Queued → cancelled with a full release; running → asks the worker to stop."""
-        with self.db.session() as session:
-            found = Repositories(session).job(tenant_id, job_id)
+        """:meth:`cancel_in` a transaction of its own, then :meth:`forget` (in-process use)."""
+        with self.db.session(write=True) as session:
+            job = self.cancel_in(Repositories(session), tenant_id, job_id)
+        if job.status == JobStatus.CANCELLED:
+            self.forget(job.id)
+        return job
+
+    def cancel_in(self, repos: Repositories, tenant_id: str, job_id: str) -> Job:
+        """Queued → cancelled with a full release; running → asks the worker to stop.
+
+        Runs in the caller's unit of work (a writer transaction), which commits it; a job
+        cancelled here then has checkpoints to :meth:`forget`, after the commit.
+        """
+        found = repos.job(tenant_id, job_id)
         if found is None:
             raise NotFound("job not found")
-        with self.db.session(write=True) as session:
-            repos = Repositories(session)
-            Ledger(repos).lock(found.dataset_id)  # lock order: budget row, then job row
-            job = repos.job_by_id(job_id, lock=True)
-            assert job is not None
-            if JobStatus(job.status).terminal:
-                raise JobNotCancellable(f"job is already {job.status}", job_status=job.status)
-            job.cancel_requested = True
-            job.updated_at = utcnow()
-            if job.status == JobStatus.QUEUED:
-                # A job re-queued after a lost worker has touched the data already.
-                steps = steps_to_charge(job, report_every=self.settings.worker.report_every_steps)
-                ending = lifecycle.Ending(
-                    status=JobStatus.CANCELLED, steps=steps, note="cancelled while queued"
-                )
-                lifecycle.finish(repos, job, ending)
-        if job.status == JobStatus.CANCELLED:
-            JobCheckpoints(self.store, job.id).clear()
+        Ledger(repos).lock(found.dataset_id)  # lock order: budget row, then job row
+        job = repos.job_by_id(job_id, lock=True)
+        assert job is not None
+        if JobStatus(job.status).terminal:
+            raise JobNotCancellable(f"job is already {job.status}", job_status=job.status)
+        job.cancel_requested = True
+        job.updated_at = utcnow()
+        if job.status == JobStatus.QUEUED:
+            # A job re-queued after a lost worker has touched the data already.
+            steps = steps_to_charge(job, report_every=self.settings.worker.report_every_steps)
+            ending = lifecycle.Ending(
+                status=JobStatus.CANCELLED, steps=steps, note="cancelled while queued"
+            )
+            lifecycle.finish(repos, job, ending)
         return job
+
+    def forget(self, job_id: str) -> None:
+        """Delete a finished job's checkpoints (after the transaction that finished it)."""
+        JobCheckpoints(self.store, job_id).clear()

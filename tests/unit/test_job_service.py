@@ -5,7 +5,9 @@ kombu's in-process ``memory://`` broker."""
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +30,7 @@ from ppml.privacy import accounting as acc
 from ppml.privacy.ledger import budget_status
 from ppml.queue import RUN_JOB, make_celery
 from ppml.services.datasets import BudgetRequest, register_builtin
+from ppml.services.grouping import Pending
 from ppml.services.jobs import JobService
 from ppml.services.pricing import price
 from ppml.services.tenants import create_tenant
@@ -287,6 +290,82 @@ def test_the_largest_target_offered_in_a_refusal_is_admitted(world: World) -> No
     job, created = world.service.submit(world.tenant_id, spec(dataset.id, epsilon=offered))
     # assert
     assert created and job.privacy is not None and job.privacy.target_epsilon == offered
+
+
+def wait_until(condition: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + 30
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+class GatedService(JobService):
+    """Admission whose first batch waits until ``queued`` more admissions queue behind it,
+    so that those are decided together, in one transaction, as the next batch."""
+
+    def __init__(self, world: World, *, queued: int) -> None:
+        super().__init__(world.db, world.settings, world.service.celery)
+        self.queued = queued
+        self.batches: list[int] = []
+
+    def waiting(self, dataset_id: str) -> int:
+        return len(self._admissions._waiting.get(dataset_id, ()))
+
+    def _admit_batch(self, dataset_id: Hashable, batch: Sequence[Pending[Any, Job]]) -> None:
+        self.batches.append(len(batch))
+        if len(self.batches) == 1:
+            wait_until(lambda: self.waiting(str(dataset_id)) == self.queued)
+        super()._admit_batch(dataset_id, batch)
+
+
+def test_admissions_decided_together_equal_a_serial_replay_in_arrival_order(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    # arrange: one admission holds the dataset's batch open while five more queue, in order
+    dataset = world.digits(epsilon=2.0)
+    specs = [spec(dataset.id, epsilon=1.0) for _ in range(6)]
+    caps, used, expected = acc.caps(2.0, 1e-5), acc.zero(), []
+    for job_spec in specs:  # the filter, in arrival order (σ calibrated here, outside the race)
+        event = price(job_spec, dataset, world.settings).event
+        assert event is not None
+        expected.append(acc.fits(used, acc.rdp_curve(event), caps))
+        used = acc.add(used, acc.rdp_curve(event)) if expected[-1] else used
+    assert True in expected[1:] and False in expected[1:]  # the batch admits and refuses
+    service = GatedService(world, queued=len(specs) - 1)
+    outcomes: dict[int, Job | BudgetExceeded] = {}
+
+    def submit(index: int) -> None:
+        try:
+            outcomes[index] = service.submit(world.tenant_id, specs[index])[0]
+        except BudgetExceeded as refusal:
+            outcomes[index] = refusal
+
+    threads = [threading.Thread(target=submit, args=(i,)) for i in range(len(specs))]
+
+    def queued(count: int) -> Callable[[], bool]:
+        return lambda: service.waiting(dataset.id) == count
+
+    # act
+    threads[0].start()
+    wait_until(lambda: service.batches == [1])  # the leader holds its batch open
+    for index, thread in enumerate(threads[1:], start=1):
+        thread.start()
+        wait_until(queued(index))  # one at a time, so the arrival order is known
+    for thread in threads:
+        thread.join(timeout=60)
+    # assert: the leader alone, then the five together, decided as one after the other
+    assert service.batches == [1, len(specs) - 1]
+    assert "grouped admission failed" not in caplog.text  # no one-by-one fallback
+    assert [isinstance(outcomes[i], Job) for i in range(len(specs))] == expected
+    admitted = [o.id for o in outcomes.values() if isinstance(o, Job)]
+    entries = world.ledger(dataset.id)
+    assert sorted(e.job_id for e in entries) == sorted(admitted)
+    assert {e.kind for e in entries} == {LedgerKind.RESERVE}
+    assert tuple(world.budget(dataset.id).reserved["units"]) == used
+    assert world.job_count() == len(admitted)
+    for refusal in (o for o in outcomes.values() if isinstance(o, BudgetExceeded)):
+        assert refusal.extra["max_target_epsilon"] is not None
+    assert sorted(world.sent()) == sorted(admitted)
 
 
 def test_a_tenant_at_its_active_job_limit_is_refused_but_may_still_replay(

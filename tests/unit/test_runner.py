@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -14,11 +15,12 @@ import pytest
 from sqlalchemy import update
 
 from ppml.config import Settings, WorkerSettings
-from ppml.db.models import Job, JobStatus, LedgerEntry, LedgerKind, utcnow
+from ppml.db.models import Dataset, Job, JobStatus, LedgerEntry, LedgerKind, utcnow
 from ppml.db.repositories import Repositories
 from ppml.db.session import UNAVAILABLE, Database
 from ppml.jobs import lifecycle
 from ppml.jobs.checkpoints import JobCheckpoints
+from ppml.jobs.heartbeat import Heartbeat
 from ppml.jobs.reaper import Reaper
 from ppml.jobs.records import ArtifactRef, Artifacts, Progress
 from ppml.jobs.runner import ClaimUnavailable, JobRunner
@@ -301,8 +303,16 @@ class FailsAtSecondCheckpoint(JobRunner):
     """Training raises between two reports: the second checkpoint (at step 10) is written
     just before the progress report of step 10, so only step 5 was ever reported."""
 
-    def _train(self, *args: Any) -> Any:
-        *head, checkpoint, resume = args
+    def _train(
+        self,
+        job: Job,
+        dataset: Dataset,
+        spec: JobSpec,
+        plan: Schedule,
+        beat: Heartbeat,
+        checkpoint: Callable[[dict[str, Any]], None],
+        resume: dict[str, Any] | None,
+    ) -> Any:
         saves: list[int] = []
 
         def failing(state: dict[str, Any]) -> None:
@@ -311,7 +321,7 @@ class FailsAtSecondCheckpoint(JobRunner):
                 raise FloatingPointError("the loss went to nan")
             checkpoint(state)
 
-        return super()._train(*head, failing, resume)
+        return super()._train(job, dataset, spec, plan, beat, failing, resume)
 
 
 def test_a_training_exception_fails_the_job_charging_the_reported_steps_and_one_interval(
@@ -361,6 +371,43 @@ def test_a_job_whose_data_cannot_be_read_fails_and_is_charged_one_reporting_inte
     assert (job.error.code, job.error.message) == ("training_error", "MalformedFile")
     commit = next(e for e in world.ledger(job_id) if e.kind == LedgerKind.COMMIT)
     assert acc.MechanismEvent.from_dict(commit.event).steps == REPORT_EVERY == job.steps_done
+
+
+def test_a_job_past_its_time_limit_fails_charged_the_steps_it_ran_without_a_model(
+    database: Database, settings: Settings
+) -> None:
+    # arrange: a time limit already over when training starts
+    world = make_world(database, worker_settings(settings, job_time_limit_s=0))
+    job_id = world.submit(private=True)
+    # act
+    outcome = JobRunner(world.db, world.settings).run(job_id)
+    # assert: stopped before its first step; only its metric releases are committed
+    job = world.job(job_id)
+    assert outcome == "failed" and job.error is not None
+    assert job.error.code == "time_limit" and job.steps_done == 0
+    entries = {e.kind: e for e in world.ledger(job_id)}
+    event = acc.MechanismEvent.from_dict(entries[LedgerKind.COMMIT].event)
+    assert event.steps == 0 and event.eval_releases > 0
+    assert job.privacy is not None and job.privacy.ledger_entry_id == entries[LedgerKind.COMMIT].id
+    assert job.artifacts is None and world.model_files(job_id) == []
+
+
+def test_a_model_that_cannot_be_published_fails_the_job_at_once_charging_the_steps_run(
+    world: World,
+) -> None:
+    # arrange: the store cannot take the model files (a file where their folder goes)
+    job_id = world.submit(private=True)
+    planned = world.plan(job_id).total_steps
+    (world.store.root / "models").write_bytes(b"not a folder")
+    # act
+    outcome = JobRunner(world.db, world.settings).run(job_id)
+    # assert: ended here, not left to the reaper; every step ran, so every step is charged
+    job = world.job(job_id)
+    assert outcome == "failed" and job.status == JobStatus.FAILED
+    assert job.error is not None and job.error.code == "publish_error"
+    assert job.lease_owner is None and job.artifacts is None
+    commit = next(e for e in world.ledger(job_id) if e.kind == LedgerKind.COMMIT)
+    assert acc.MechanismEvent.from_dict(commit.event).steps == planned
 
 
 # ----------------------------------------------------------------------------- the database
