@@ -36,15 +36,15 @@ from ppml.services.pricing import price
 from ppml.services.tenants import create_tenant
 from ppml.specs import JobSpec
 from ppml.storage import ArtifactStore
+from tests.unit.worlds import Reads
 
 ZERO = list(acc.zero())
 
 
 @dataclass
-class World:
+class World(Reads):
     """A tenant, its datasets, and the service under test on a queue of its own."""
 
-    db: Database
     settings: Settings
     service: JobService
     tenant_id: str
@@ -75,12 +75,6 @@ class World:
     def job_count(self) -> int:
         with self.db.session() as session:
             return int(session.scalar(select(func.count()).select_from(Job)) or 0)
-
-    def job(self, job_id: str) -> Job:
-        with self.db.session() as session:
-            job = Repositories(session).job_by_id(job_id)
-        assert job is not None
-        return job
 
     def sent(self) -> list[str]:
         """Job ids of the run_job messages waiting in this test's queue (drains it)."""

@@ -100,10 +100,8 @@ class _Outage:
         return True, False
 
 
-def test_a_database_outage_shorter_than_the_lease_does_not_stop_training(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    # arrange: a 30 s lease and a clock we move by hand
+def _beating(monkeypatch: pytest.MonkeyPatch) -> tuple[list[float], _Outage, Heartbeat]:
+    """A heartbeat with a 30 s lease, its database, and a clock moved by hand."""
     clock = [1000.0]
     monkeypatch.setattr("ppml.jobs.heartbeat.time.monotonic", lambda: clock[0])
     target = _Outage()
@@ -116,6 +114,14 @@ def test_a_database_outage_shorter_than_the_lease_does_not_stop_training(
         last_beat=clock[0],
         last_renewal=clock[0],
     )
+    return clock, target, beat
+
+
+def test_a_database_outage_shorter_than_the_lease_does_not_stop_training(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # arrange: a 30 s lease and a clock we move by hand
+    clock, target, beat = _beating(monkeypatch)
     # act: the database goes down for 25 s (renewals due every 10 s fail)
     target.down = True
     for _ in range(5):
@@ -131,18 +137,7 @@ def test_a_database_outage_shorter_than_the_lease_does_not_stop_training(
 def test_an_outage_longer_than_the_lease_gives_the_job_up(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    clock = [1000.0]
-    monkeypatch.setattr("ppml.jobs.heartbeat.time.monotonic", lambda: clock[0])
-    target = _Outage()
-    beat = Heartbeat(
-        target,
-        "job_1",
-        deadline=clock[0] + 3600,
-        lease_seconds=30.0,
-        last=Progress(fraction=0.0, epoch=0, steps=0),
-        last_beat=clock[0],
-        last_renewal=clock[0],
-    )
+    clock, target, beat = _beating(monkeypatch)
     target.down = True
     stopped = False
     for _ in range(10):

@@ -16,7 +16,7 @@ from celery import Celery
 from sqlalchemy import update
 
 from ppml.config import Settings, WorkerSettings
-from ppml.db.models import Job, JobStatus, LedgerEntry, LedgerKind, utcnow
+from ppml.db.models import Job, JobStatus, LedgerKind, utcnow
 from ppml.db.repositories import Repositories
 from ppml.db.session import Database
 from ppml.jobs.reaper import ENQUEUE_GRACE, Reaper
@@ -30,15 +30,15 @@ from ppml.services.jobs import JobService
 from ppml.services.tenants import create_tenant
 from ppml.specs import JobSpec
 from ppml.storage import ArtifactStore
+from tests.unit.worlds import Reads
 
 REPORT_EVERY = 5
 
 
 @dataclass
-class World:
+class World(Reads):
     """A tenant with budgeted digits, the admission service, a reaper and a worker."""
 
-    db: Database
     settings: Settings
     celery: Celery
     service: JobService
@@ -68,16 +68,6 @@ class World:
             progress = Progress(fraction=0.1, epoch=0, steps=reported)
             assert self.worker.heartbeat(job_id, progress, reported) == (True, False)
         return job_id
-
-    def job(self, job_id: str) -> Job:
-        with self.db.session() as session:
-            job = Repositories(session).job_by_id(job_id)
-        assert job is not None
-        return job
-
-    def ledger(self, job_id: str) -> list[LedgerEntry]:
-        with self.db.session() as session:
-            return list(Repositories(session).job_ledger_entries(job_id))
 
     def budget_totals(self) -> tuple[Any, Any]:
         with self.db.session() as session:
@@ -176,7 +166,7 @@ def test_an_expired_lease_with_attempts_left_is_requeued_keeping_its_reservation
     assert job.enqueued_at is not None and job.finished_at is None
     assert world.sent() == [job_id]
     # the reservation stays whole: nothing settled yet
-    assert [e.kind for e in world.ledger(job_id)] == [LedgerKind.RESERVE]
+    assert [e.kind for e in world.job_ledger(job_id)] == [LedgerKind.RESERVE]
     assert world.budget_totals() == totals
     # the lost worker is no longer the owner when it comes back
     progress = Progress(fraction=0.2, epoch=0, steps=2 * REPORT_EVERY)
@@ -204,7 +194,7 @@ def test_an_expired_lease_at_max_attempts_fails_worker_lost_and_commits_the_step
     assert job.status == JobStatus.FAILED and job.error is not None
     assert job.error.code == "worker_lost" and "1 attempts" in job.error.message
     assert job.lease_owner is None and job.finished_at is not None
-    entries = {e.kind: e for e in world.ledger(job_id)}
+    entries = {e.kind: e for e in world.job_ledger(job_id)}
     assert sorted(entries) == ["commit", "release", "reserve"]
     commit = entries[LedgerKind.COMMIT]
     assert acc.MechanismEvent.from_dict(commit.event).steps == expected
@@ -229,7 +219,7 @@ def test_an_expired_lease_of_a_job_asked_to_cancel_ends_cancelled_even_with_atte
     job = world.job(job_id)
     assert report.lost == [job_id] and report.requeued == []
     assert job.status == JobStatus.CANCELLED and job.error is None
-    entries = {e.kind: e for e in world.ledger(job_id)}
+    entries = {e.kind: e for e in world.job_ledger(job_id)}
     assert sorted(entries) == ["commit", "release", "reserve"]
     assert acc.MechanismEvent.from_dict(entries[LedgerKind.COMMIT].event).steps == 2 * REPORT_EVERY
     assert job.privacy is not None and job.privacy.ledger_entry_id == entries[LedgerKind.COMMIT].id
@@ -253,7 +243,7 @@ def test_a_lease_renewed_after_the_reaper_listed_it_as_expired_is_left_alone(
     assert outcome is None
     assert after.status == JobStatus.RUNNING and after.lease_owner == "worker-a"
     assert after.lease_expires_at == before.lease_expires_at and after.attempts == 1
-    assert [e.kind for e in world.ledger(job_id)] == [LedgerKind.RESERVE]
+    assert [e.kind for e in world.job_ledger(job_id)] == [LedgerKind.RESERVE]
 
 
 def test_a_running_job_with_a_live_lease_is_not_reaped(world: World) -> None:

@@ -15,7 +15,7 @@ import pytest
 from sqlalchemy import update
 
 from ppml.config import Settings, WorkerSettings
-from ppml.db.models import Dataset, Job, JobStatus, LedgerEntry, LedgerKind, utcnow
+from ppml.db.models import Dataset, Job, JobStatus, LedgerKind, utcnow
 from ppml.db.repositories import Repositories
 from ppml.db.session import UNAVAILABLE, Database
 from ppml.jobs import lifecycle
@@ -33,15 +33,15 @@ from ppml.services.jobs import JobService
 from ppml.services.tenants import create_tenant
 from ppml.specs import JobSpec
 from ppml.storage import ArtifactStore
+from tests.unit.worlds import Reads
 
 REPORT_EVERY = 5
 
 
 @dataclass
-class World:
+class World(Reads):
     """One tenant, its datasets and the services a worker's runner works beside."""
 
-    db: Database
     settings: Settings
     service: JobService
     store: ArtifactStore
@@ -77,16 +77,6 @@ class World:
         job, created = self.service.submit(self.tenant_id, spec)
         assert created and job.status == JobStatus.QUEUED
         return job.id
-
-    def job(self, job_id: str) -> Job:
-        with self.db.session() as session:
-            job = Repositories(session).job_by_id(job_id)
-        assert job is not None
-        return job
-
-    def ledger(self, job_id: str) -> list[LedgerEntry]:
-        with self.db.session() as session:
-            return list(Repositories(session).job_ledger_entries(job_id))
 
     def plan(self, job_id: str) -> Schedule:
         job = self.job(job_id)
@@ -190,7 +180,7 @@ def test_a_queued_job_runs_to_success_and_publishes_its_first_attempts_model_fil
     assert job.receipt.private is False and job.receipt.privacy is None
     assert job.receipt.metrics == job.metrics is not None
     # a public job is charged nothing, and a finished job keeps no checkpoint
-    assert world.ledger(job_id) == []
+    assert world.job_ledger(job_id) == []
     assert world.checkpoints(job_id) == []
 
 
@@ -201,7 +191,7 @@ def test_a_second_delivery_of_a_finished_job_is_skipped_and_changes_nothing(
     job_id = world.submit(private=True)
     assert JobRunner(world.db, world.settings, owner="worker-a").run(job_id) == "succeeded"
     before = world.job(job_id)
-    entries = [(e.id, e.kind) for e in world.ledger(job_id)]
+    entries = [(e.id, e.kind) for e in world.job_ledger(job_id)]
     files = world.model_file_stamps(job_id)
     # act: the same message is delivered again, to another worker
     outcome = JobRunner(world.db, world.settings, owner="worker-b").run(job_id)
@@ -211,7 +201,7 @@ def test_a_second_delivery_of_a_finished_job_is_skipped_and_changes_nothing(
     assert after.status == JobStatus.SUCCEEDED and after.attempts == 1
     assert after.updated_at == before.updated_at and after.artifacts == before.artifacts
     assert after.privacy == before.privacy and after.receipt == before.receipt
-    assert [(e.id, e.kind) for e in world.ledger(job_id)] == entries
+    assert [(e.id, e.kind) for e in world.job_ledger(job_id)] == entries
     assert sorted(kind for _id, kind in entries) == ["commit", "release", "reserve"]
     assert world.model_file_stamps(job_id) == files
 
@@ -226,7 +216,7 @@ def test_a_job_cancelled_while_queued_is_skipped_without_touching_its_data(world
     job = world.job(job_id)
     assert outcome == "skipped"
     assert job.status == JobStatus.CANCELLED and job.attempts == 0 and not job.data_touched
-    assert sorted(e.kind for e in world.ledger(job_id)) == ["release", "reserve"]
+    assert sorted(e.kind for e in world.job_ledger(job_id)) == ["release", "reserve"]
     assert world.model_files(job_id) == []
 
 
@@ -285,7 +275,7 @@ def test_a_cancel_requested_mid_run_ends_the_job_cancelled_charging_only_the_ste
     assert runner.cancelled_at == REPORT_EVERY < planned
     assert job.steps_done == REPORT_EVERY and job.progress.steps == REPORT_EVERY
     # charged the steps that ran (and its metric releases), the rest released
-    entries = {e.kind: e for e in world.ledger(job_id)}
+    entries = {e.kind: e for e in world.job_ledger(job_id)}
     assert sorted(entries) == ["commit", "release", "reserve"]
     commit = entries[LedgerKind.COMMIT]
     assert acc.MechanismEvent.from_dict(commit.event).steps == REPORT_EVERY
@@ -341,7 +331,7 @@ def test_a_training_exception_fails_the_job_charging_the_reported_steps_and_one_
     assert job.error is not None
     assert (job.error.code, job.error.message) == ("training_error", "FloatingPointError")
     # charged step 5 (reported) plus what may have run since (steps 6-10 did)
-    entries = {e.kind: e for e in world.ledger(job_id)}
+    entries = {e.kind: e for e in world.job_ledger(job_id)}
     assert sorted(entries) == ["commit", "release", "reserve"]
     assert acc.MechanismEvent.from_dict(entries[LedgerKind.COMMIT].event).steps == expected
     assert job.steps_done == expected
@@ -369,7 +359,7 @@ def test_a_job_whose_data_cannot_be_read_fails_and_is_charged_one_reporting_inte
     job = world.job(job_id)
     assert outcome == "failed" and job.error is not None
     assert (job.error.code, job.error.message) == ("training_error", "MalformedFile")
-    commit = next(e for e in world.ledger(job_id) if e.kind == LedgerKind.COMMIT)
+    commit = next(e for e in world.job_ledger(job_id) if e.kind == LedgerKind.COMMIT)
     assert acc.MechanismEvent.from_dict(commit.event).steps == REPORT_EVERY == job.steps_done
 
 
@@ -385,7 +375,7 @@ def test_a_job_past_its_time_limit_fails_charged_the_steps_it_ran_without_a_mode
     job = world.job(job_id)
     assert outcome == "failed" and job.error is not None
     assert job.error.code == "time_limit" and job.steps_done == 0
-    entries = {e.kind: e for e in world.ledger(job_id)}
+    entries = {e.kind: e for e in world.job_ledger(job_id)}
     event = acc.MechanismEvent.from_dict(entries[LedgerKind.COMMIT].event)
     assert event.steps == 0 and event.eval_releases > 0
     assert job.privacy is not None and job.privacy.ledger_entry_id == entries[LedgerKind.COMMIT].id
@@ -406,7 +396,7 @@ def test_a_model_that_cannot_be_published_fails_the_job_at_once_charging_the_ste
     assert outcome == "failed" and job.status == JobStatus.FAILED
     assert job.error is not None and job.error.code == "publish_error"
     assert job.lease_owner is None and job.artifacts is None
-    commit = next(e for e in world.ledger(job_id) if e.kind == LedgerKind.COMMIT)
+    commit = next(e for e in world.job_ledger(job_id) if e.kind == LedgerKind.COMMIT)
     assert acc.MechanismEvent.from_dict(commit.event).steps == planned
 
 
@@ -445,7 +435,7 @@ def test_a_finish_after_the_reaper_took_the_job_is_skipped_and_deletes_the_attem
     world.expire_lease(job_id)
     Reaper(world.db, world.settings, make_celery(world.settings)).run_once()
     reaped_job = world.job(job_id)
-    entries = [(e.id, e.kind) for e in world.ledger(job_id)]
+    entries = [(e.id, e.kind) for e in world.job_ledger(job_id)]
     artifacts = Artifacts(
         {
             fmt: publish_bytes(world.store, f"models/{job_id}.attempt-1.{fmt}", b"weights")
@@ -466,7 +456,7 @@ def test_a_finish_after_the_reaper_took_the_job_is_skipped_and_deletes_the_attem
     assert outcome == "skipped"
     assert after.status == reaped and after.updated_at == reaped_job.updated_at
     assert after.artifacts is None and after.privacy == reaped_job.privacy
-    assert [(e.id, e.kind) for e in world.ledger(job_id)] == entries
+    assert [(e.id, e.kind) for e in world.job_ledger(job_id)] == entries
     assert world.model_files(job_id) == []
 
 
@@ -497,7 +487,7 @@ def test_a_finish_that_cannot_reach_the_database_within_a_lease_is_left_to_the_r
     assert outcome == "lost"
     assert not world.store.exists(ref.key)
     assert after.status == JobStatus.RUNNING and after.lease_owner == "worker-a"
-    assert sorted(e.kind for e in world.ledger(job_id)) == ["reserve"]
+    assert sorted(e.kind for e in world.job_ledger(job_id)) == ["reserve"]
 
 
 def test_the_runner_beats_before_training_so_progress_is_known_from_the_start(
