@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from urllib.parse import parse_qsl
+
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.errors import problem
 
-__all__ = ["BodySizeLimit"]
+__all__ = ["BodySizeLimit", "NulGuard"]
 
 
 class BodySizeLimit:
@@ -75,3 +78,81 @@ def _content_length(scope: Scope) -> int | None:
             except ValueError:
                 return None
     return None
+
+
+class NulGuard:
+    """422 for a NUL character in the path, the query or a JSON body, before any route runs.
+
+    PostgreSQL cannot store NUL in text, so such input must be refused as invalid rather
+    than fail at the database. Multipart bodies carry binary files and are not scanned: their
+    text fields are checked where they are parsed (``ppml.datasets``, the upload form).
+    """
+
+    _ESCAPE = b"\\u0000"
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        field = _nul_in_url(scope)
+        if field is not None:
+            await _nul_problem(field)(scope, receive, send)
+            return
+        if not _is_json(scope):
+            await self.app(scope, receive, send)
+            return
+        tail, refused, started = b"", False, False
+
+        async def scanning_receive() -> Message:
+            nonlocal tail, refused
+            if refused:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.request":
+                chunk = tail + message.get("body", b"")
+                if (self._ESCAPE in chunk.lower() or b"\x00" in chunk) and not started:
+                    refused = True
+                    await _nul_problem("body")(scope, receive, send)
+                    return {"type": "http.disconnect"}
+                tail = chunk[-(len(self._ESCAPE) - 1) :]
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal started
+            if refused:
+                return
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        await self.app(scope, scanning_receive, guarded_send)
+
+
+def _nul_in_url(scope: Scope) -> str | None:
+    if "\x00" in scope.get("path", ""):
+        return "path"
+    query = scope.get("query_string", b"").decode("latin-1")
+    for name, value in parse_qsl(query, keep_blank_values=True):
+        if "\x00" in name or "\x00" in value:
+            return name.replace("\x00", "") or "query"
+    return None
+
+
+def _is_json(scope: Scope) -> bool:
+    for name, value in scope.get("headers", []):
+        if name == b"content-type":
+            return b"json" in value.lower()
+    return False
+
+
+def _nul_problem(field: str) -> Response:
+    return problem(
+        422,
+        "invalid-input",
+        "Invalid input",
+        "NUL characters are not allowed in text",
+        extra={"field": field},
+    )

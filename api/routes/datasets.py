@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Form, Response, UploadFile
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from api.deps import CurrentPrincipal, CurrentTenant, OwnedDataset, ReposDep, SettingsDep, StoreDep
 from api.routes.common import DEFAULT_PAGE_SIZE, PageSize, PageToken, errors
@@ -61,6 +61,16 @@ class DatasetUpload(BaseModel):
     validation_dataset_id: str | None = Field(
         default=None, max_length=64, description=VALIDATION_DATASET_DESCRIPTION
     )
+
+    @model_validator(mode="after")
+    def _no_nul(self) -> DatasetUpload:
+        # PostgreSQL stores no NUL in text; the JSON guard does not scan multipart bodies.
+        for name in ("name", "target", "client_column", "dataset_schema", "validation_dataset_id"):
+            value = getattr(self, name, None)
+            if isinstance(value, str) and "\x00" in value:
+                field = "schema" if name == "dataset_schema" else name
+                raise InvalidInput("NUL characters are not allowed in text", field=field)
+        return self
 
 
 def to_schema(row: models.Dataset) -> Dataset:

@@ -25,7 +25,10 @@ def _factorize(raw: Any, missing: MalformedFile) -> tuple[np.ndarray, list[str]]
         codes, uniques = pd.factorize(raw, sort=False)
     if (codes < 0).any():
         raise missing
-    return codes.astype(np.int64), [canonical_label(u) for u in uniques]
+    names = [canonical_label(u) for u in uniques]
+    if any("\x00" in name for name in names):  # text the database cannot store
+        raise MalformedFile("a value holds a NUL character", field=missing.field)
+    return codes.astype(np.int64), names
 
 
 def encode_labels(

@@ -41,6 +41,8 @@ class DatasetSchema(BaseModel):
     @field_validator("classes")
     @classmethod
     def _names_are_distinct_labels(cls, classes: list[str]) -> list[str]:
+        if any("\x00" in name for name in classes):
+            raise ValueError("class names must not hold NUL characters")
         if any(not name.strip() or len(name) > MAX_CLASS_NAME for name in classes):
             raise ValueError(f"class names must be non-empty, at most {MAX_CLASS_NAME} characters")
         if len({canonical_label(name) for name in classes}) != len(classes):

@@ -1,0 +1,69 @@
+"""NUL characters answer 422 on both backends, and change nothing (PostgreSQL cannot store
+them in text; they used to answer 500 and drop the connection)."""
+
+from __future__ import annotations
+
+import io
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from tests.conftest import dp_job_spec, register_digits
+
+
+def _assert_422(response: httpx.Response, field: str) -> None:
+    assert response.status_code == 422, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    assert response.json()["field"] == field
+
+
+@pytest.mark.parametrize(
+    ("path", "field"),
+    [
+        ("/v1/jobs?dataset_id=ds%00x", "dataset_id"),
+        ("/v1/jobs?page_token=a%00", "page_token"),
+        ("/v1/jobs/job_%00", "path"),
+        ("/v1/datasets/ds_%00/budget", "path"),
+    ],
+)
+def test_nul_in_the_url_is_a_422(
+    client: TestClient, tenant: dict[str, str], path: str, field: str
+) -> None:
+    _assert_422(client.get(path, headers=tenant), field)
+
+
+def test_nul_in_a_json_body_is_a_422_and_creates_nothing(
+    client: TestClient, tenant: dict[str, str]
+) -> None:
+    # arrange
+    dataset_id = register_digits(client, tenant)
+    spec = {**dp_job_spec(dataset_id), "name": "evil\u0000name"}
+    body = {"name": "d\u0000", "source": {"builtin": "digits"}, "privacy_budget": None}
+    # act / assert
+    _assert_422(client.post("/v1/jobs", json=spec, headers=tenant), "body")
+    _assert_422(client.post("/v1/datasets", json=body, headers=tenant), "body")
+    assert client.get("/v1/jobs", headers=tenant).json()["items"] == []
+    assert len(client.get("/v1/datasets", headers=tenant).json()["items"]) == 1
+
+
+def test_nul_in_an_upload_name_or_label_is_a_422_and_stores_nothing(
+    client: TestClient, tenant: dict[str, str]
+) -> None:
+    rows = "a,b,label\n" + "".join(f"{i},{i % 3},{'x' if i % 2 else 'y'}\n" for i in range(40))
+    bad_label = rows.replace("y\n", "y\x00z\n", 1)
+    named = client.post(
+        "/v1/datasets/upload",
+        headers=tenant,
+        data={"name": "p\x00", "target": "label"},
+        files={"file": ("d.csv", io.BytesIO(rows.encode()))},
+    )
+    labelled = client.post(
+        "/v1/datasets/upload",
+        headers=tenant,
+        data={"name": "p", "target": "label"},
+        files={"file": ("d.csv", io.BytesIO(bad_label.encode()))},
+    )
+    _assert_422(named, "name")
+    _assert_422(labelled, "target")
+    assert client.get("/v1/datasets", headers=tenant).json()["items"] == []
