@@ -13,7 +13,7 @@ from fastapi import Depends, FastAPI
 from api.deps import reject_unknown_query
 from api.errors import install_error_handlers
 from api.heap import FrozenHeap
-from api.limits import BodySizeLimit, NulGuard
+from api.limits import BodySizeLimit, NoSniff, NulGuard
 from api.routes import datasets, health, jobs, models, tenants
 from ppml.config import Settings, get_settings
 from ppml.db.reads import AsyncReads
@@ -78,4 +78,5 @@ def create_app(settings: Settings | None = None, db: Database | None = None) -> 
         app.include_router(module.router)
     app.add_middleware(NulGuard)
     app.add_middleware(BodySizeLimit, max_bytes=settings.limits.max_upload_bytes)
+    app.add_middleware(NoSniff)
     return app

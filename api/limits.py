@@ -9,7 +9,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.errors import problem
 
-__all__ = ["BodySizeLimit", "NulGuard"]
+__all__ = ["BodySizeLimit", "NoSniff", "NulGuard"]
 
 
 class BodySizeLimit:
@@ -156,3 +156,21 @@ def _nul_problem(field: str) -> Response:
         "NUL characters are not allowed in text",
         extra={"field": field},
     )
+
+
+class NoSniff:
+    """Every response says ``X-Content-Type-Options: nosniff``: browsers must not guess."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def send_with_header(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [
+                    *message.get("headers", []),
+                    (b"x-content-type-options", b"nosniff"),
+                ]
+            await send(message)
+
+        await self.app(scope, receive, send_with_header if scope["type"] == "http" else send)

@@ -94,8 +94,10 @@ class ApiKeyCreated(BaseModel):
 
 
 class PrivacyBudget(_In):
-    epsilon: float = Field(gt=0, le=100, description="Total ε allotted to the dataset.")
-    delta: float = Field(gt=0, lt=1, description="Total δ; must be well below 1/n.")
+    epsilon: float = Field(
+        strict=True, gt=0, le=100, description="Total ε allotted to the dataset."
+    )
+    delta: float = Field(strict=True, gt=0, lt=1, description="Total δ; must be well below 1/n.")
 
 
 VALIDATION_DATASET_DESCRIPTION = (

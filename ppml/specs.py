@@ -23,7 +23,7 @@ __all__ = [
     "request_hash",
 ]
 
-PositiveSize = Annotated[int, Field(ge=1, le=4096)]
+PositiveSize = Annotated[int, Field(strict=True, ge=1, le=4096)]
 
 
 class _Spec(BaseModel):
@@ -41,20 +41,29 @@ class ModelSpec(_Spec):
     channels: list[PositiveSize] = Field(
         default=[16, 32], min_length=1, max_length=6, description="Conv channels (cnn1d)."
     )
-    kernel_size: int = Field(default=5, ge=1, le=31, description="Conv kernel size (cnn1d).")
+    kernel_size: int = Field(
+        strict=True, default=5, ge=1, le=31, description="Conv kernel size (cnn1d)."
+    )
 
 
 class TrainingSpec(_Spec):
     """Optimisation settings."""
 
-    epochs: int = Field(ge=1, le=10_000, description="Passes over the training records.")
-    batch_size: int = Field(ge=1, le=65_536, description="Expected batch size.")
-    learning_rate: float = Field(gt=0, le=100, description="Optimiser learning rate.")
+    epochs: int = Field(
+        strict=True, ge=1, le=10_000, description="Passes over the training records."
+    )
+    batch_size: int = Field(strict=True, ge=1, le=65_536, description="Expected batch size.")
+    learning_rate: float = Field(
+        strict=True, ge=1e-8, le=100, description="Optimiser learning rate."
+    )
     optimizer: Literal["sgd", "adam"] = "sgd"
-    momentum: float = Field(default=0.0, ge=0, lt=1, description="SGD momentum.")
-    seed: int = Field(default=0, ge=0, le=2**31 - 1)
+    momentum: float = Field(strict=True, default=0.0, ge=0, lt=1, description="SGD momentum.")
+    seed: int = Field(strict=True, default=0, ge=0, le=2**31 - 1)
     max_runtime_s: int | None = Field(
-        default=None, ge=1, description="Stop the job after this many seconds (capped)."
+        strict=True,
+        default=None,
+        ge=1,
+        description="Stop the job after this many seconds (capped).",
     )
 
 
@@ -63,6 +72,7 @@ class EvaluationSpec(_Spec):
     protected rows). Owners always see the exact figures."""
 
     epsilon_share: float = Field(
+        strict=True,
         default=0.03,
         ge=0,
         le=0.5,
@@ -72,6 +82,7 @@ class EvaluationSpec(_Spec):
         "validation set (exact and free there).",
     )
     loss_clip: float = Field(
+        strict=True,
         default=4.0,
         gt=0,
         le=100,
@@ -82,11 +93,17 @@ class EvaluationSpec(_Spec):
 class PrivacySpec(_Spec):
     """Differential privacy of the job. σ is calibrated so the job spends ``target_epsilon``."""
 
-    target_epsilon: float = Field(gt=0, le=100, description="ε this job may spend.")
+    target_epsilon: float = Field(strict=True, ge=1e-3, le=100, description="ε this job may spend.")
     delta: float | None = Field(
-        default=None, gt=0, lt=1, description="δ of the job; defaults to the dataset's δ."
+        strict=True,
+        default=None,
+        gt=0,
+        lt=1,
+        description="δ of the job; defaults to the dataset's δ.",
     )
-    max_grad_norm: float = Field(default=1.0, gt=0, le=1e4, description="Clipping norm C.")
+    max_grad_norm: float = Field(
+        strict=True, default=1.0, ge=1e-6, le=1e4, description="Clipping norm C."
+    )
     level: Literal["sample", "client"] = Field(
         default="sample", description="Privacy unit: one record, or one federated client."
     )
@@ -100,27 +117,33 @@ class PrivacySpec(_Spec):
 
 class PartitionSpec(_Spec):
     scheme: Literal["iid", "dirichlet", "column"] = "iid"
-    alpha: float = Field(default=0.5, gt=0, le=1e4, description="Dirichlet concentration.")
+    alpha: float = Field(
+        strict=True, default=0.5, ge=1e-4, le=1e4, description="Dirichlet concentration."
+    )
 
 
 class FederatedSpec(_Spec):
     """Federated simulation over clients carved out of the dataset."""
 
-    num_clients: int = Field(ge=1, le=100_000)
-    clients_per_round: int = Field(ge=1, le=100_000)
-    rounds: int = Field(ge=1, le=100_000)
-    local_epochs: int = Field(default=1, ge=1, le=1_000)
+    num_clients: int = Field(strict=True, ge=1, le=100_000)
+    clients_per_round: int = Field(strict=True, ge=1, le=100_000)
+    rounds: int = Field(strict=True, ge=1, le=100_000)
+    local_epochs: int = Field(strict=True, default=1, ge=1, le=1_000)
     partition: PartitionSpec = PartitionSpec()
     strategy: Literal["fedavg", "fedprox", "fedadam"] = "fedavg"
-    mu: float = Field(default=0.01, ge=0, description="FedProx proximal weight.")
+    mu: float = Field(strict=True, default=0.01, ge=0, description="FedProx proximal weight.")
     server_learning_rate: float = Field(
+        strict=True,
         default=1.0,
         gt=0,
         description="Server step size: 1.0 applies the averaged update (FedAvg, FedProx); "
         "FedAdam wants about 0.01-0.1.",
     )
-    dropout: float = Field(default=0.0, ge=0, lt=1, description="Fraction of clients lost.")
+    dropout: float = Field(
+        strict=True, default=0.0, ge=0, lt=1, description="Fraction of clients lost."
+    )
     evaluate_every: int | None = Field(
+        strict=True,
         default=None,
         ge=1,
         le=100_000,

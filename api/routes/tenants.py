@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Body, Path
+from fastapi import APIRouter, Body, Path, Response
 
 from api.deps import AdminAuth, ReposDep
 from api.routes.common import DEFAULT_PAGE_SIZE, PageSize, PageToken, errors
@@ -50,11 +50,13 @@ def create_api_key(
     # No body is an owner's key, as before roles existed. A default rather than ``| None``:
     # generated clients then send no body when none is given (not a JSON null).
     body: Annotated[ApiKeyCreate, Body(default_factory=ApiKeyCreate)],
+    response: Response,
 ) -> ApiKeyCreated:
     """Create an owner or analyst API key for a tenant (admin token). The key is shown once.
 
     Without a body the key is an owner's.
     """
+    response.headers["Cache-Control"] = "no-store"  # a secret: no cache may keep it
     row, key = tenants.create_api_key(repos, tenant_id=tenant_id, role=body.role)
     return ApiKeyCreated(
         id=row.id, tenant_id=row.tenant_id, key=key, role=body.role, created_at=row.created_at

@@ -1,5 +1,6 @@
-"""NUL characters answer 422 on both backends, and change nothing (PostgreSQL cannot store
-them in text; they used to answer 500 and drop the connection)."""
+"""Hostile input: NUL characters answer 422 on both backends and change nothing (PostgreSQL
+cannot store them in text; they used to answer 500), numbers must be numbers, and responses
+carry the headers that keep browsers from guessing or caching secrets."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.conftest import dp_job_spec, register_digits
+from tests.conftest import admin_headers, dp_job_spec, register_digits
 
 
 def _assert_422(response: httpx.Response, field: str) -> None:
@@ -67,3 +68,24 @@ def test_nul_in_an_upload_name_or_label_is_a_422_and_stores_nothing(
     _assert_422(named, "name")
     _assert_422(labelled, "target")
     assert client.get("/v1/datasets", headers=tenant).json()["items"] == []
+
+
+def test_numbers_are_numbers_on_the_wire(client: TestClient, tenant: dict[str, str]) -> None:
+    # "1.0" and true are not ε; a vanishing clipping norm or learning rate is refused too
+    dataset_id = register_digits(client, tenant)
+    base = dp_job_spec(dataset_id)
+    for privacy in ({"target_epsilon": "1.0"}, {"target_epsilon": True}, {"max_grad_norm": 1e-300}):
+        spec = {**base, "privacy": {**base["privacy"], **privacy}}
+        assert client.post("/v1/jobs/quote", json=spec, headers=tenant).status_code == 422
+    slow = {**base, "training": {**base["training"], "learning_rate": 1e-320}}
+    assert client.post("/v1/jobs/quote", json=slow, headers=tenant).status_code == 422
+    assert client.post("/v1/jobs/quote", json=base, headers=tenant).status_code == 200
+
+
+def test_responses_say_nosniff_and_new_keys_are_not_cached(client: TestClient) -> None:
+    tenant = client.post("/v1/tenants", json={"name": "sniff"}, headers=admin_headers()).json()
+    key = client.post(f"/v1/tenants/{tenant['id']}/api-keys", headers=admin_headers())
+    assert key.status_code == 201
+    assert key.headers["cache-control"] == "no-store"
+    assert key.headers["x-content-type-options"] == "nosniff"
+    assert client.get("/healthz").headers["x-content-type-options"] == "nosniff"
