@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -59,6 +60,22 @@ def db_check(
     typer.echo("ledger consistent" if not bad else f"repaired: {', '.join(bad)}")
 
 
+def _die_with_parent() -> None:
+    """In the worker child (Linux): the kernel sends it SIGTERM when ``ppml serve`` dies,
+    even by SIGKILL, so no embedded worker outlives its server."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+def _exit_on_term(signum: int, _frame: object) -> None:
+    # uvicorn restores this handler after its graceful shutdown and raises the signal again:
+    # exiting through SystemExit runs serve()'s finally, which stops the embedded worker.
+    raise SystemExit(128 + signum)
+
+
 class _WorkerSupervisor:
     """Keeps one embedded worker process alive while the API runs."""
 
@@ -71,7 +88,9 @@ class _WorkerSupervisor:
 
     def _loop(self) -> None:
         while not self.stopping.is_set():
-            self.process = subprocess.Popen([sys.executable, "-m", "worker"])
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "worker"], preexec_fn=_die_with_parent
+            )
             code = self.process.wait()
             if self.stopping.is_set():
                 return
@@ -126,6 +145,7 @@ def serve(
     typer.echo(f"admin token: {token_source}")
     typer.echo(f"database: {url}\nbroker: {settings.resolved_broker_url}")
     supervisor = _WorkerSupervisor()
+    signal.signal(signal.SIGTERM, _exit_on_term)
     if worker:
         supervisor.start()
     try:

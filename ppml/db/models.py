@@ -165,6 +165,11 @@ class ApiKey(Base):
     # "owner" (registers budgeted data, sees exact figures of it) or "analyst" (PRIVACY.md).
     role: Mapped[str] = mapped_column(String(16), default="owner")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime | None]  # refused from then on; None: never expires
+    revoked_at: Mapped[datetime | None]  # refused from then on; a revoked key stays revoked
+    # Moved at most once a minute per key (ppml.services.tenants.LAST_USED_EVERY), so a busy
+    # key costs no write per request.
+    last_used_at: Mapped[datetime | None]
 
 
 class Dataset(Base):

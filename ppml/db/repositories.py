@@ -67,11 +67,38 @@ class Repositories:
         stmt = select(Tenant)
         return self._page(stmt, Tenant.id, page_size, page_token, descending=False)
 
-    def principal_for_key_hash(self, key_hash: str) -> tuple[str, str] | None:
-        """``(tenant_id, role)`` of the key with this hash, or None."""
-        stmt = select(ApiKey.tenant_id, ApiKey.role).where(ApiKey.key_hash == key_hash)
-        row = self.session.execute(stmt).one_or_none()
-        return None if row is None else (row.tenant_id, row.role)
+    def lock_tenant(self, tenant_id: str) -> bool:
+        """Lock the tenant's row (``FOR NO KEY UPDATE``): admissions of one tenant take turns.
+
+        ``NO KEY`` leaves rows that refer to the tenant (new datasets, keys, jobs) free to be
+        inserted meanwhile. A no-op on SQLite, whose writers hold the database lock. Returns
+        whether the tenant exists.
+        """
+        stmt = select(Tenant.id).where(Tenant.id == tenant_id).with_for_update(key_share=True)
+        return self.session.scalar(stmt) is not None
+
+    def api_key_by_hash(self, key_hash: str) -> ApiKey | None:
+        """The key with this hash, revoked or expired ones included."""
+        return self.session.scalar(select(ApiKey).where(ApiKey.key_hash == key_hash))
+
+    def api_key(self, tenant_id: str, key_id: str) -> ApiKey | None:
+        return self.session.scalar(
+            select(ApiKey).where(ApiKey.id == key_id, ApiKey.tenant_id == tenant_id)
+        )
+
+    def list_api_keys(self, tenant_id: str, *, page_size: int, page_token: str | None) -> Page:
+        stmt = select(ApiKey).where(ApiKey.tenant_id == tenant_id)
+        return self._page(stmt, ApiKey.id, page_size, page_token)
+
+    def touch_api_key(self, key_id: str, *, now: datetime, not_since: datetime) -> None:
+        """Set the key's ``last_used_at`` to ``now`` unless it was set at ``not_since`` or later
+        (so concurrent requests and API processes write it at most once per interval)."""
+        self.session.execute(
+            update(ApiKey)
+            .where(ApiKey.id == key_id)
+            .where((ApiKey.last_used_at.is_(None)) | (ApiKey.last_used_at < not_since))
+            .values(last_used_at=now)
+        )
 
     # --- datasets ---------------------------------------------------------------------
     def dataset(self, tenant_id: str, dataset_id: str) -> Dataset | None:

@@ -5,23 +5,33 @@ from __future__ import annotations
 import hashlib
 import secrets
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Literal, get_args
 
-from ppml.db.models import ApiKey, Tenant, new_id
-from ppml.db.repositories import Repositories
+from ppml.db.models import ApiKey, Tenant, new_id, utcnow
+from ppml.db.repositories import Page, Repositories
 from ppml.errors import Conflict, Forbidden, InvalidInput, NotFound
 
 __all__ = [
+    "LAST_USED_EVERY",
     "ROLES",
     "Principal",
     "Role",
+    "ValidKey",
+    "check_key",
     "create_api_key",
     "create_tenant",
     "hash_key",
+    "list_api_keys",
     "principal_for_key",
+    "record_key_use",
     "require_owner",
+    "revoke_api_key",
     "tenant_for_key",
 ]
+
+# A key's last_used_at moves at most this often: a busy key costs no write per request.
+LAST_USED_EVERY = timedelta(minutes=1)
 
 KEY_PREFIX = "ppml_sk_"
 
@@ -66,16 +76,29 @@ def create_tenant(repos: Repositories, *, name: str) -> Tenant:
 
 
 def create_api_key(
-    repos: Repositories, *, tenant_id: str, role: str = "owner"
+    repos: Repositories,
+    *,
+    tenant_id: str,
+    role: str = "owner",
+    expires_at: datetime | None = None,
 ) -> tuple[ApiKey, str]:
     """A new key for the tenant; returns the row and the plaintext (shown once).
 
+    Args:
+        expires_at: When the key stops working (timezone-aware); None: it never expires.
+
     Raises:
-        InvalidInput: ``role`` is neither ``owner`` nor ``analyst``.
+        InvalidInput: ``role`` is neither ``owner`` nor ``analyst``, or ``expires_at`` is
+            naive or not in the future.
         NotFound: no such tenant.
     """
     if role not in ROLES:
         raise InvalidInput(f"role must be one of {', '.join(ROLES)}", field="role")
+    if expires_at is not None:
+        if expires_at.tzinfo is None:
+            raise InvalidInput("expires_at needs a time zone (e.g. Z)", field="expires_at")
+        if expires_at <= utcnow():
+            raise InvalidInput("expires_at must be in the future", field="expires_at")
     if repos.tenant(tenant_id) is None:
         raise NotFound("tenant not found")
     key = KEY_PREFIX + secrets.token_urlsafe(32)
@@ -85,17 +108,80 @@ def create_api_key(
         key_hash=hash_key(key),
         prefix=key[:12],
         role=role,
+        expires_at=expires_at,
     )
     repos.add(row)
     return row, key
 
 
-def principal_for_key(repos: Repositories, key: str) -> Principal | None:
-    """The tenant and role of a plaintext key, or None when it is no valid key."""
+@dataclass(frozen=True, slots=True)
+class ValidKey:
+    """A key that may act now: for whom, until when, and whether to record its use."""
+
+    id: str
+    principal: Principal
+    expires_at: datetime | None
+    use_unrecorded: bool  # last_used_at is older than LAST_USED_EVERY (or unset)
+
+    def valid_at(self, now: datetime) -> bool:
+        return self.expires_at is None or now < self.expires_at
+
+
+def check_key(repos: Repositories, key: str, *, now: datetime) -> ValidKey | None:
+    """The key behind a plaintext, if it exists and is neither revoked nor expired at ``now``."""
     if not key.startswith(KEY_PREFIX):
         return None
-    found = repos.principal_for_key_hash(hash_key(key))
-    return None if found is None else Principal(tenant_id=found[0], role=found[1])
+    row = repos.api_key_by_hash(hash_key(key))
+    if row is None or row.revoked_at is not None:
+        return None
+    valid = ValidKey(
+        id=row.id,
+        principal=Principal(tenant_id=row.tenant_id, role=row.role),
+        expires_at=row.expires_at,
+        use_unrecorded=row.last_used_at is None or row.last_used_at < now - LAST_USED_EVERY,
+    )
+    return valid if valid.valid_at(now) else None
+
+
+def record_key_use(repos: Repositories, key_id: str, *, now: datetime) -> None:
+    """Move the key's ``last_used_at`` to ``now``, unless it moved less than a minute ago."""
+    repos.touch_api_key(key_id, now=now, not_since=now - LAST_USED_EVERY)
+
+
+def principal_for_key(repos: Repositories, key: str) -> Principal | None:
+    """The tenant and role of a plaintext key, or None when it is no valid key."""
+    valid = check_key(repos, key, now=utcnow())
+    return None if valid is None else valid.principal
+
+
+def list_api_keys(
+    repos: Repositories, *, tenant_id: str, page_size: int, page_token: str | None
+) -> Page:
+    """The tenant's keys, newest first, revoked and expired ones included.
+
+    Raises:
+        NotFound: no such tenant.
+    """
+    if repos.tenant(tenant_id) is None:
+        raise NotFound("tenant not found")
+    return repos.list_api_keys(tenant_id, page_size=page_size, page_token=page_token)
+
+
+def revoke_api_key(repos: Repositories, *, tenant_id: str, key_id: str) -> ApiKey:
+    """Revoke one of the tenant's keys; revoking a revoked key changes nothing.
+
+    Every API process refuses the key within a second of the commit (their key caches keep
+    an entry at most that long; ``api.auth``).
+
+    Raises:
+        NotFound: the tenant has no such key.
+    """
+    row = repos.api_key(tenant_id, key_id)
+    if row is None:
+        raise NotFound("API key not found")
+    if row.revoked_at is None:
+        row.revoked_at = utcnow()
+    return row
 
 
 def tenant_for_key(repos: Repositories, key: str) -> str | None:
