@@ -316,6 +316,7 @@ def calibrate_noise(
     raise ValueError("could not calibrate the noise multiplier for this target")
 
 
+@lru_cache(maxsize=4096)
 def calibrate_with_evaluation(
     *,
     target_epsilon: float,
