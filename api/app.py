@@ -10,12 +10,14 @@ from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
 
+from api.auth import Authenticate
 from api.deps import reject_unknown_query
 from api.errors import install_error_handlers
+from api.events import StreamSlots
 from api.heap import FrozenHeap
-from api.limits import BodySizeLimit, NoSniff, NulGuard
-from api.routes import datasets, health, jobs, models, tenants
-from ppml.config import Settings, get_settings
+from api.limits import MULTIPART_SLACK, BodySizeLimit, NoSniff, NulGuard, RouteLimit
+from api.routes import datasets, health, jobs, keys, models, tenants
+from ppml.config import Limits, Settings, get_settings
 from ppml.db.reads import AsyncReads
 from ppml.db.session import Database
 from ppml.queue import make_celery
@@ -62,6 +64,7 @@ def create_app(settings: Settings | None = None, db: Database | None = None) -> 
         dependencies=[Depends(reject_unknown_query)],
         openapi_tags=[
             {"name": "tenants", "description": "Admin: tenants and API keys."},
+            {"name": "keys", "description": "Owners: their tenant's API keys."},
             {"name": "datasets", "description": "Datasets, budgets and ledgers."},
             {"name": "jobs", "description": "Training jobs."},
             {"name": "models", "description": "Trained models and their privacy receipts."},
@@ -69,14 +72,27 @@ def create_app(settings: Settings | None = None, db: Database | None = None) -> 
         ],
     )
     app.state.settings = settings
+    limits = settings.limits
     app.state.db = db
     app.state.store = ArtifactStore(settings.data_dir)
     app.state.reads = reads = AsyncReads(db)
+    app.state.streams = StreamSlots(settings.events.max_per_tenant)
     app.state.jobs = JobService(db, settings, make_celery(settings))
     install_error_handlers(app)
-    for module in (tenants, datasets, jobs, models, health):
+    for module in (tenants, keys, datasets, jobs, models, health):
         app.include_router(module.router)
+    # The last added runs first: authentication, then body limits, before any route reads.
     app.add_middleware(NulGuard)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.limits.max_upload_bytes)
+    app.add_middleware(BodySizeLimit, max_bytes=limits.max_json_bytes, routes=_body_limits(limits))
+    app.add_middleware(Authenticate, settings=settings, db=db)
     app.add_middleware(NoSniff)
     return app
+
+
+def _body_limits(limits: Limits) -> list[RouteLimit]:
+    """Routes whose bodies may be larger than JSON's ``max_json_bytes``."""
+    upload = limits.max_upload_bytes + MULTIPART_SLACK
+    return [
+        RouteLimit("POST", "/v1/datasets/upload", upload, media_type="multipart/form-data"),
+        RouteLimit("POST", "/v1/jobs/[^/]+/predict", limits.max_predict_bytes),
+    ]

@@ -8,16 +8,14 @@ the job lookup behind polls and downloads makes none on PostgreSQL (``ppml.db.re
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import Iterator
 from typing import Annotated, Any
 
 from fastapi import Depends, Path, Request
-from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
-from ppml.cache import LRUCache
+from api.auth import PRINCIPAL_SCOPE_KEY, is_admin_token, principal_for_token
 from ppml.config import Settings
 from ppml.db.models import Dataset, Job
 from ppml.db.reads import AsyncReads
@@ -25,7 +23,7 @@ from ppml.db.repositories import Repositories
 from ppml.db.session import Database
 from ppml.errors import InvalidInput, NotFound, Unauthorized
 from ppml.services.jobs import JobService
-from ppml.services.tenants import Principal, hash_key, principal_for_key, require_owner
+from ppml.services.tenants import Principal, require_owner
 from ppml.storage import ArtifactStore
 
 __all__ = [
@@ -89,38 +87,24 @@ async def _repos(
 ReposDep = Annotated[Repositories, Depends(_repos, scope="function")]
 
 
+# The checks below repeat what api.auth.Authenticate did before the body was read (it leaves
+# the key's principal in the scope), so a route stays guarded in an app without it.
 async def _admin(credentials: Credentials, settings: SettingsDep) -> None:
     if credentials is None:
         raise Unauthorized("missing bearer token")
-    expected = settings.ensure_admin_token()
-    if not hmac.compare_digest(credentials.credentials.encode(), expected.encode()):
+    if not is_admin_token(settings, credentials.credentials):
         raise Unauthorized("invalid admin token")
 
 
-# Valid keys' principals for a few seconds, so most requests skip the key lookup. Only
-# successful lookups are cached (a guessed key always reaches the database), and an entry
-# lives 30 s, which bounds how long a deleted key keeps working.
-_keys: LRUCache[str, Principal] = LRUCache(4096, ttl=30.0)
-
-
-def _lookup_principal(db: Database, key: str) -> Principal | None:
-    # A short read of its own: the request's writer transaction must not start here.
-    with db.read_one() as session:
-        return principal_for_key(Repositories(session), key)
-
-
-async def _principal(credentials: Credentials, db: DatabaseDep) -> Principal:
-    # Async, so a cached key costs no thread-pool hop; only a miss reads in a thread.
+async def _principal(request: Request, credentials: Credentials, db: DatabaseDep) -> Principal:
+    found: Principal | None = request.scope.get(PRINCIPAL_SCOPE_KEY)
+    if found is not None:
+        return found
     if credentials is None:
         raise Unauthorized("missing bearer token")
-    key = hash_key(credentials.credentials)
-    principal = _keys.get(key)
-    if principal is not None:
-        return principal
-    principal = await run_in_threadpool(_lookup_principal, db, credentials.credentials)
+    principal = await principal_for_token(db, credentials.credentials)
     if principal is None:
         raise Unauthorized("invalid API key")
-    _keys.put(key, principal)
     return principal
 
 

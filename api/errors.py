@@ -14,7 +14,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ppml import errors
 from ppml.db.session import UNAVAILABLE
 
-__all__ = ["PROBLEM_MEDIA_TYPE", "install_error_handlers", "problem"]
+__all__ = [
+    "PROBLEM_MEDIA_TYPE",
+    "error_response",
+    "install_error_handlers",
+    "problem",
+    "unavailable_response",
+]
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +86,11 @@ def _field_name(loc: tuple[Any, ...]) -> str:
 
 async def _ppml_error(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, errors.PPMLError)
+    return error_response(exc)
+
+
+def error_response(exc: errors.PPMLError) -> JSONResponse:
+    """The problem document of a domain error (also for middleware, outside the handlers)."""
     status = status_of(exc)
     extra = dict(exc.extra)
     field = getattr(exc, "field", None)
@@ -118,6 +129,11 @@ async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
 
 
 async def _unavailable(_request: Request, exc: Exception) -> JSONResponse:
+    return unavailable_response(exc)
+
+
+def unavailable_response(exc: Exception) -> JSONResponse:
+    """The 503 for a database that is unavailable (also for middleware)."""
     # Not the client's fault and not a bug: the database is down, restarting or saturated.
     # The unit of work rolled back; a submit whose COMMIT was cut off may still have landed,
     # which is what its Idempotency-Key is for on the retry.

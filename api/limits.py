@@ -1,7 +1,10 @@
-"""An ASGI guard that refuses oversize request bodies before they are buffered."""
+"""ASGI guards on requests before any route runs: body sizes, NUL characters, nosniff."""
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
 from urllib.parse import parse_qsl
 
 from starlette.responses import Response
@@ -9,28 +12,54 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.errors import problem
 
-__all__ = ["BodySizeLimit", "NoSniff", "NulGuard"]
+__all__ = ["MULTIPART_SLACK", "BodySizeLimit", "NoSniff", "NulGuard", "RouteLimit"]
+
+# Multipart framing and form fields ride along with an uploaded file: allow some slack.
+MULTIPART_SLACK = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class RouteLimit:
+    """A body limit of its own for the requests of one route (and, if given, one media type)."""
+
+    method: str
+    path: str  # a regular expression matched against the whole path
+    max_bytes: int
+    media_type: str | None = None  # e.g. "multipart/form-data"; None: any
+
+    def matches(self, scope: Scope) -> bool:
+        if scope["method"] != self.method or not re.fullmatch(self.path, scope["path"]):
+            return False
+        return self.media_type is None or _content_type(scope).startswith(self.media_type)
 
 
 class BodySizeLimit:
     """413 on a declared ``Content-Length`` over the limit, or as soon as streamed bytes pass it.
 
-    When a streamed body passes the limit, the guard answers 413 itself and tells the app the
-    client went away, so no parser wraps the refusal into another error; whatever the app
-    sends afterwards is dropped.
+    The limit is ``max_bytes`` unless a :class:`RouteLimit` matches the request. When a
+    streamed body passes the limit, the guard answers 413 itself and tells the app the client
+    went away, so no parser wraps the refusal into another error; whatever the app sends
+    afterwards is dropped.
     """
 
-    def __init__(self, app: ASGIApp, *, max_bytes: int, slack: int = 64 * 1024) -> None:
-        # Multipart framing and form fields ride along with the file: allow some slack.
-        self.app, self.max_bytes = app, max_bytes + slack
+    def __init__(self, app: ASGIApp, *, max_bytes: int, routes: Sequence[RouteLimit] = ()) -> None:
+        self.app, self.max_bytes, self.routes = app, max_bytes, tuple(routes)
+
+    def limit(self, scope: Scope) -> int:
+        """The body limit of this request."""
+        for route in self.routes:
+            if route.matches(scope):
+                return route.max_bytes
+        return self.max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.limit(scope)
         declared = _content_length(scope)
-        if declared is not None and declared > self.max_bytes:
-            await self._refuse(scope, receive, send)
+        if declared is not None and declared > limit:
+            await _refuse(limit, scope, receive, send)
             return
         seen = 0
         started = refused = False
@@ -42,9 +71,9 @@ class BodySizeLimit:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.max_bytes and not started:
+                if seen > limit and not started:
                     refused = True
-                    await self._refuse(scope, receive, send)
+                    await _refuse(limit, scope, receive, send)
                     return {"type": "http.disconnect"}
             return message
 
@@ -58,16 +87,17 @@ class BodySizeLimit:
 
         await self.app(scope, counting_receive, guarded_send)
 
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
-        response = problem(
-            413,
-            "payload-too-large",
-            "Payload too large",
-            f"request bodies are limited to {self.max_bytes} bytes",
-            extra={"limit": self.max_bytes},
-        )
-        response.headers["Connection"] = "close"
-        await response(scope, receive, send)
+
+async def _refuse(limit: int, scope: Scope, receive: Receive, send: Send) -> None:
+    response = problem(
+        413,
+        "payload-too-large",
+        "Payload too large",
+        f"request bodies of this route are limited to {limit} bytes",
+        extra={"limit": limit},
+    )
+    response.headers["Connection"] = "close"
+    await response(scope, receive, send)
 
 
 def _content_length(scope: Scope) -> int | None:
@@ -141,11 +171,15 @@ def _nul_in_url(scope: Scope) -> str | None:
     return None
 
 
-def _is_json(scope: Scope) -> bool:
+def _content_type(scope: Scope) -> str:
     for name, value in scope.get("headers", []):
         if name == b"content-type":
-            return b"json" in value.lower()
-    return False
+            return str(value.decode("latin-1")).strip().lower()
+    return ""
+
+
+def _is_json(scope: Scope) -> bool:
+    return "json" in _content_type(scope)
 
 
 def _nul_problem(field: str) -> Response:

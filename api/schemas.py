@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field
 
 from ppml.datasets.schema import DatasetSchema
 from ppml.jobs.records import JobError, PrivacyRecord, Progress
@@ -14,12 +14,15 @@ from ppml.services.tenants import Role
 from ppml.specs import JobSpec
 
 __all__ = [
+    "ApiKey",
     "ApiKeyCreate",
     "ApiKeyCreated",
+    "ApiKeyPage",
     "Budget",
     "Dataset",
     "DatasetCreate",
     "DatasetPage",
+    "DatasetProblem",
     "DatasetSchema",
     "ExactMetrics",
     "ExactScores",
@@ -81,16 +84,54 @@ ROLE_DESCRIPTION = (
 )
 
 
+EXPIRES_DESCRIPTION = "When the key stops working (ISO-8601 with a time zone); null: never."
+
+
+def _iso_text(value: Any) -> Any:
+    # Timestamps travel as ISO-8601 text: a number (seconds since 1970?) is a mistake.
+    if value is not None and not isinstance(value, str):
+        raise ValueError("a timestamp must be an ISO-8601 string with a time zone")
+    return value
+
+
+IsoTimestamp = Annotated[AwareDatetime, BeforeValidator(_iso_text)]
+
+
 class ApiKeyCreate(_In):
     role: Role = Field(default="owner", description=ROLE_DESCRIPTION)
+    expires_at: IsoTimestamp | None = Field(
+        default=None, description=EXPIRES_DESCRIPTION + " Must be in the future."
+    )
 
 
 class ApiKeyCreated(BaseModel):
     id: str
     tenant_id: str
     key: str = Field(description="The secret key. It is shown only once.")
+    prefix: str = Field(description="The key's first characters, shown in key listings.")
     role: Role = Field(description=ROLE_DESCRIPTION)
     created_at: datetime
+    expires_at: datetime | None = Field(description=EXPIRES_DESCRIPTION)
+
+
+class ApiKey(BaseModel):
+    """A key as listed: never the key itself nor its hash, only its first characters."""
+
+    id: str
+    tenant_id: str
+    prefix: str = Field(description="The key's first characters, to tell keys apart.")
+    role: Role = Field(description=ROLE_DESCRIPTION)
+    created_at: datetime
+    expires_at: datetime | None = Field(description=EXPIRES_DESCRIPTION)
+    revoked_at: datetime | None = Field(description="When the key was revoked; null: it was not.")
+    last_used_at: datetime | None = Field(
+        description="When the key was last used, to the minute (recorded at most once a minute)."
+    )
+
+
+class ApiKeyPage(BaseModel):
+    items: list[ApiKey]
+    next_page_token: str | None
 
 
 class PrivacyBudget(_In):
@@ -123,19 +164,47 @@ class DatasetCreate(_In):
     )
 
 
+class DatasetProblem(BaseModel):
+    """Why an upload is invalid: a problem document (RFC 9457) without a status, naming the
+    problem and the field, never a value from the data."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str
+    title: str
+    detail: str
+    field: str | None = None
+
+
 class Dataset(BaseModel):
     """A registered dataset. Its counts are released metadata (PRIVACY.md): each unit's
     train/test side is a keyed hash of that unit alone, so they vary around the split's
-    fraction; its classes are the declared ones, never read from the private data."""
+    fraction; its classes are the declared ones, never read from the private data.
+
+    An upload is ``validating`` until a worker has decoded and checked it (its counts are
+    null until then), then ``ready`` (it takes jobs) or ``invalid`` (``problem`` says why;
+    nothing of the file is kept)."""
 
     id: str
     name: str
+    status: Literal["validating", "ready", "invalid"] = Field(
+        description="validating (an upload being checked), ready, or invalid (see problem)."
+    )
+    problem: DatasetProblem | None = Field(
+        default=None, description="Why the upload is invalid (invalid datasets only)."
+    )
     source: dict[str, Any]
     task: str
-    num_features: int
-    num_classes: int = Field(description="Declared classes (released metadata).")
-    num_train: int = Field(description="Training rows (released metadata).")
-    num_test: int = Field(description="Held-out test rows (released metadata).")
+    num_features: int | None = Field(description="Feature columns; null until ready.")
+    num_classes: int | None = Field(
+        description="Declared classes (released metadata); null until ready."
+    )
+    num_train: int | None = Field(
+        description="Training rows (released metadata); null until ready."
+    )
+    num_test: int | None = Field(
+        description="Held-out test rows (released metadata); null until ready."
+    )
     num_clients: int | None = Field(
         description="Natural clients (distinct client ids) with training rows; null without "
         "a client column (released metadata)."
@@ -144,10 +213,14 @@ class Dataset(BaseModel):
         description="Natural clients wholly held out for testing (client privacy unit); "
         "null otherwise (released metadata).",
     )
-    classes: list[str] = Field(description="The declared classes, as in schema.classes.")
-    data_schema: DatasetSchema = Field(
+    classes: list[str] = Field(
+        description="The declared classes, as in schema.classes (empty until a public "
+        "upload without a schema is ready)."
+    )
+    data_schema: DatasetSchema | None = Field(
         alias="schema",
-        description="The declared schema: its classes are the released label set.",
+        description="The declared schema: its classes are the released label set; null "
+        "until a public upload without a schema is ready.",
     )
     privacy_budget: PrivacyBudget | None
     privacy_unit: Literal["record", "client"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -88,7 +89,9 @@ class PPMLClient:
         _raise_for_problem(response)
         return response.json() if response.content else None
 
-    def _pages(self, path: str, params: dict[str, Any], limit: int) -> list[dict[str, Any]]:
+    def _pages(
+        self, path: str, params: dict[str, Any], limit: int, *, admin: bool = False
+    ) -> list[dict[str, Any]]:
         items: list[dict[str, Any]] = []
         token: str | None = None
         while len(items) < limit:
@@ -96,7 +99,7 @@ class PPMLClient:
             query["page_size"] = min(200, limit - len(items))
             if token:
                 query["page_token"] = token
-            page = self.request("GET", path, params=query)
+            page = self.request("GET", path, admin=admin, params=query)
             items += page["items"]
             token = page.get("next_page_token")
             if not token:
@@ -111,12 +114,36 @@ class PPMLClient:
         )
         return result
 
-    def create_api_key(self, tenant_id: str, role: str = "owner") -> dict[str, Any]:
-        """A new key of ``role`` (``owner`` or ``analyst``) for the tenant; shown once."""
+    def create_api_key(
+        self, tenant_id: str, role: str = "owner", *, expires_at: str | None = None
+    ) -> dict[str, Any]:
+        """A new key of ``role`` (``owner`` or ``analyst``) for the tenant; shown once.
+
+        ``expires_at`` (ISO-8601 with a time zone) ends it then; None: it never expires.
+        """
+        body: dict[str, Any] = {"role": role}
+        if expires_at is not None:
+            body["expires_at"] = expires_at
         result: dict[str, Any] = self.request(
-            "POST", f"/v1/tenants/{tenant_id}/api-keys", admin=True, json={"role": role}
+            "POST", f"/v1/tenants/{tenant_id}/api-keys", admin=True, json=body
         )
         return result
+
+    def list_api_keys(
+        self, tenant_id: str | None = None, *, limit: int = 50
+    ) -> list[dict[str, Any]]:
+        """A tenant's keys, newest first (never the keys themselves): with ``tenant_id`` as the
+        admin, without it the API key's own tenant (an owner's key)."""
+        if tenant_id is None:
+            return self._pages("/v1/api-keys", {}, limit)
+        return self._pages(f"/v1/tenants/{tenant_id}/api-keys", {}, limit, admin=True)
+
+    def revoke_api_key(self, key_id: str, *, tenant_id: str | None = None) -> None:
+        """Revoke a key: with ``tenant_id`` as the admin, without it as the tenant's owner."""
+        if tenant_id is None:
+            self.request("DELETE", f"/v1/api-keys/{key_id}")
+        else:
+            self.request("DELETE", f"/v1/tenants/{tenant_id}/api-keys/{key_id}", admin=True)
 
     # --- datasets ----------------------------------------------------------------------
 
@@ -150,9 +177,20 @@ class PPMLClient:
         privacy_unit: str = "record",
         schema: dict[str, Any] | None = None,
         validation_dataset_id: str | None = None,
+        wait: bool = True,
+        wait_timeout: float = 600.0,
     ) -> dict[str, Any]:
         """Uploads a file; ``schema`` (e.g. ``{"classes": ["a", "b"]}``) declares the label
-        set, required with a budget."""
+        set, required with a budget.
+
+        The API stores the file and validates it in a worker; with ``wait`` (the default)
+        this returns the dataset once it is ready (see :meth:`wait_for_dataset`), else the
+        dataset as accepted, still ``validating``.
+
+        Raises:
+            ApiError: the upload was refused, or (``wait``) it ended invalid or is still
+                validating after ``wait_timeout`` seconds.
+        """
         form: dict[str, str] = {"name": name, "privacy_unit": privacy_unit}
         if schema is not None:
             form["schema"] = json.dumps(schema)
@@ -169,7 +207,35 @@ class PPMLClient:
             result: dict[str, Any] = self.request(
                 "POST", "/v1/datasets/upload", data=form, files=files
             )
+        if wait and result.get("status") == "validating":
+            return self.wait_for_dataset(result["id"], timeout=wait_timeout)
         return result
+
+    def get_dataset(self, dataset_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = self.request("GET", f"/v1/datasets/{dataset_id}")
+        return result
+
+    def wait_for_dataset(
+        self, dataset_id: str, *, timeout: float = 600.0, interval: float = 0.5
+    ) -> dict[str, Any]:
+        """Polls a validating dataset until it is ready; returns it.
+
+        Raises:
+            ApiError: it ended invalid (the reason's detail and problem), or is still
+                validating after ``timeout`` seconds.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            dataset = self.get_dataset(dataset_id)
+            if dataset.get("status") == "invalid":
+                problem = dataset.get("problem") or {}
+                detail = str(problem.get("detail") or "the upload is invalid")
+                raise ApiError(422, f"dataset {dataset_id} is invalid: {detail}", problem)
+            if dataset.get("status", "ready") != "validating":
+                return dataset
+            if time.monotonic() >= deadline:
+                raise ApiError(504, f"dataset {dataset_id} is still validating after {timeout:g} s")
+            time.sleep(interval)
 
     def list_datasets(self, *, limit: int = 50) -> list[dict[str, Any]]:
         return self._pages("/v1/datasets", {}, limit)

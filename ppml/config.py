@@ -10,15 +10,24 @@ from typing import Literal
 from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["Limits", "Settings", "WorkerSettings", "get_settings"]
+__all__ = ["EventStreams", "Limits", "Settings", "WorkerSettings", "get_settings"]
 
 
 class Limits(BaseModel):
     """Caps on what one request or job may ask for (all reported in 4xx problem bodies)."""
 
-    max_upload_bytes: int = 256 * 1024 * 1024
+    max_upload_bytes: int = 256 * 1024 * 1024  # a multipart POST /v1/datasets/upload
+    # Every other request body (JSON): refused with 413 from its Content-Length or once the
+    # streamed bytes pass it, before anything parses it. Predictions carry rows of features.
+    max_json_bytes: int = Field(default=1024 * 1024, ge=1024)
+    max_predict_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     max_rows: int = 1_000_000
     max_columns: int = 10_000
+    # What an upload may decode to, estimated from its headers (rows × columns × item size)
+    # before anything decodes it: a small compressed file can decode to gigabytes.
+    max_decoded_bytes: int = Field(default=512 * 1024 * 1024, ge=1024 * 1024)
+    # Stored bytes of one tenant's datasets (uploads being validated count at their size).
+    max_tenant_storage_bytes: int = Field(default=10 * 1024**3, ge=1024 * 1024)
     max_classes: int = 1_000
     max_epochs: int = 1_000
     max_sample_epochs: int = 200_000_000  # epochs × training records
@@ -26,6 +35,19 @@ class Limits(BaseModel):
     max_active_jobs_per_tenant: int = 256  # queued + running
     max_predict_rows: int = 4096
     model_cache_size: int = 32  # loaded ONNX sessions kept by each API process
+
+
+class EventStreams(BaseModel):
+    """How ``GET /v1/jobs/{id}/events`` serves its followers (limits per API process)."""
+
+    poll_s: float = Field(default=0.5, gt=0, le=5)  # how often a stream with news polls
+    idle_poll_s: float = Field(default=2.0, gt=0, le=10)  # ... and a quiet one, at the slowest
+    keepalive_s: float = Field(default=10.0, gt=0, le=15)  # a comment when nothing else was sent
+    # A stream ends after this long; the client reconnects with Last-Event-ID and misses nothing.
+    max_duration_s: float = Field(default=3600.0, gt=0)
+    retry_ms: int = Field(default=3000, ge=0)  # the reconnection delay clients are told
+    max_per_tenant: int = Field(default=20, ge=1)  # open streams; more answer 429
+    retry_after_s: int = Field(default=5, ge=1)  # what that 429 asks clients to wait
 
 
 class WorkerSettings(BaseModel):
@@ -43,6 +65,9 @@ class WorkerSettings(BaseModel):
     # Re-send a queued job's message after this long: a broker restart without persistence
     # loses messages; duplicates are harmless (only one delivery can claim the job).
     requeue_after_s: float = 300.0
+    # An upload's validation holds the dataset this long: a duplicate delivery meanwhile
+    # leaves it alone, and only after it may a re-sent task try again (a worker lost).
+    ingest_lease_s: float = Field(default=900.0, gt=0)
     # CPU threads per training process (None: torch's default, one per core). On machines
     # shared with the API or other workers, fewer threads avoid busy-waiting on each other.
     torch_threads: int | None = None
@@ -60,6 +85,7 @@ class Settings(BaseSettings):
     admin_token: str | None = Field(default=None, repr=False)
     limits: Limits = Limits()
     worker: WorkerSettings = WorkerSettings()
+    events: EventStreams = EventStreams()
 
     @model_validator(mode="after")
     def _refuse_unsafe_production(self) -> Settings:

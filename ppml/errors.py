@@ -69,6 +69,20 @@ class PrivacyUnitMismatch(Conflict):
     title = "Privacy unit mismatch"
 
 
+class StorageQuotaExceeded(Conflict):
+    """The tenant's stored datasets and this upload would pass its storage quota."""
+
+    code = "storage-quota-exceeded"
+    title = "Storage quota exceeded"
+
+
+class DatasetNotReady(Conflict):
+    """A job or a reference names a dataset that is still validating, or invalid."""
+
+    code = "dataset-not-ready"
+    title = "Dataset not ready"
+
+
 class JobNotCancellable(Conflict):
     code = "job-not-cancellable"
     title = "Job is already finished"

@@ -13,9 +13,12 @@ from kombu import Queue
 
 from ppml.config import Settings
 
-__all__ = ["RUN_JOB", "enqueue_job", "make_celery"]
+__all__ = ["INGEST_DATASET", "RUN_JOB", "enqueue_ingestion", "enqueue_job", "make_celery"]
 
 RUN_JOB = "ppml.run_job"
+# Validates a stored upload outside the API (ppml.services.ingestion); same queue as jobs,
+# so the embedded worker runs it too.
+INGEST_DATASET = "ppml.ingest_dataset"
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +45,7 @@ def make_celery(settings: Settings) -> Celery:
         broker_connection_retry_on_startup=True,
         task_queues=[Queue(queue)],
         task_default_queue=queue,
-        task_routes={RUN_JOB: {"queue": queue}},
+        task_routes={RUN_JOB: {"queue": queue}, INGEST_DATASET: {"queue": queue}},
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
@@ -65,5 +68,20 @@ def enqueue_job(app: Celery, job_id: str) -> bool:
         app.send_task(RUN_JOB, args=[job_id], queue=app.conf.task_default_queue, retry=False)
     except Exception:
         log.exception("could not enqueue job %s", job_id)
+        return False
+    return True
+
+
+def enqueue_ingestion(app: Celery, dataset_id: str) -> bool:
+    """Send ``ingest_dataset(dataset_id)``; False (logged) when the broker is unreachable.
+
+    A dataset whose message was lost stays ``validating``; the reaper sends it again.
+    """
+    try:
+        app.send_task(
+            INGEST_DATASET, args=[dataset_id], queue=app.conf.task_default_queue, retry=False
+        )
+    except Exception:
+        log.exception("could not enqueue the ingestion of dataset %s", dataset_id)
         return False
     return True

@@ -1,4 +1,5 @@
-"""The Celery worker: one thin task that hands a job id to ``ppml.jobs.runner.JobRunner``."""
+"""The Celery worker: thin tasks that hand a job id to ``ppml.jobs.runner.JobRunner`` and a
+dataset id to ``ppml.services.ingestion``."""
 
 from __future__ import annotations
 
@@ -8,12 +9,14 @@ from functools import lru_cache
 from celery.signals import worker_ready, worker_shutdown
 
 from ppml.config import get_settings
-from ppml.db.session import Database
+from ppml.db.session import UNAVAILABLE, Database
 from ppml.jobs.reaper import Reaper
 from ppml.jobs.runner import ClaimUnavailable, JobRunner
-from ppml.queue import RUN_JOB, make_celery
+from ppml.queue import INGEST_DATASET, RUN_JOB, make_celery
+from ppml.services.ingestion import ingest_upload
+from ppml.storage import ArtifactStore
 
-__all__ = ["celery_app", "run_job"]
+__all__ = ["celery_app", "ingest_dataset", "run_job"]
 
 log = logging.getLogger(__name__)
 
@@ -64,3 +67,17 @@ def _stop_reaper(**_kwargs: object) -> None:
 def run_job(job_id: str) -> str:
     """Run a queued job. Safe to deliver twice: only one delivery can claim it."""
     return _runner().run(job_id)
+
+
+@celery_app.task(
+    name=INGEST_DATASET,
+    acks_late=True,
+    # A database outage is retried; everything else ends the dataset ready or invalid.
+    autoretry_for=UNAVAILABLE,
+    retry_backoff=True,
+    max_retries=5,
+)
+def ingest_dataset(dataset_id: str) -> str:
+    """Validate a stored upload. Safe to deliver twice: only a validating dataset is ingested."""
+    settings = get_settings()
+    return ingest_upload(_runner().db, ArtifactStore(settings.data_dir), settings, dataset_id)

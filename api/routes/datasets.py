@@ -4,10 +4,18 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Form, Response, UploadFile
+from fastapi import APIRouter, BackgroundTasks, Form, Response, UploadFile
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from api.deps import CurrentPrincipal, CurrentTenant, OwnedDataset, ReposDep, SettingsDep, StoreDep
+from api.deps import (
+    CurrentPrincipal,
+    CurrentTenant,
+    JobServiceDep,
+    OwnedDataset,
+    ReposDep,
+    SettingsDep,
+    StoreDep,
+)
 from api.routes.common import DEFAULT_PAGE_SIZE, PageSize, PageToken, errors
 from api.schemas import (
     VALIDATION_DATASET_DESCRIPTION,
@@ -15,6 +23,7 @@ from api.schemas import (
     Dataset,
     DatasetCreate,
     DatasetPage,
+    DatasetProblem,
     DatasetSchema,
     LedgerEntry,
     LedgerPage,
@@ -24,6 +33,7 @@ from ppml.datasets.schema import parse_schema
 from ppml.db import models
 from ppml.errors import InvalidInput, NotFound, PayloadTooLarge
 from ppml.privacy.ledger import budget_status
+from ppml.queue import enqueue_ingestion
 from ppml.services import datasets as service
 from ppml.services.tenants import require_owner
 
@@ -73,24 +83,37 @@ class DatasetUpload(BaseModel):
         return self
 
 
+def _problem(row: models.Dataset) -> DatasetProblem | None:
+    if row.problem is None:
+        return None
+    reason = dict(row.problem)
+    code = reason.pop("code", "invalid-input")
+    # Stored by ppml.services.ingestion from a domain error: no re-validation on reads.
+    return DatasetProblem.model_construct(type=f"/problems/{code}", **reason)
+
+
 def to_schema(row: models.Dataset) -> Dataset:
     budget = None
     if row.epsilon_total is not None and row.delta_total is not None:
         budget = PrivacyBudget(epsilon=row.epsilon_total, delta=row.delta_total)
+    ready = row.status == models.DatasetStatus.READY
+    classes = service.declared_classes(row)
     return Dataset(
         id=row.id,
         name=row.name,
+        status=row.status,
+        problem=_problem(row),
         source=row.source,
         task=row.task,
-        num_features=row.num_features,
-        num_classes=row.num_classes,
-        num_train=row.num_train,
-        num_test=row.num_test,
-        num_clients=row.num_clients,
-        num_test_clients=row.num_test_clients,
-        classes=service.declared_classes(row),
+        num_features=row.num_features if ready else None,
+        num_classes=row.num_classes if ready else None,
+        num_train=row.num_train if ready else None,
+        num_test=row.num_test if ready else None,
+        num_clients=row.num_clients if ready else None,
+        num_test_clients=row.num_test_clients if ready else None,
+        classes=classes,
         # Stored rows were validated when registered: no re-validation on reads.
-        schema=DatasetSchema.model_construct(classes=service.declared_classes(row)),
+        schema=DatasetSchema.model_construct(classes=classes) if classes else None,
         privacy_budget=budget,
         privacy_unit=row.privacy_unit,
         validation_dataset_id=row.validation_dataset_id,
@@ -144,9 +167,9 @@ def create_dataset(
 
 @router.post(
     "/upload",
-    status_code=201,
+    status_code=202,
     operation_id="upload_dataset",
-    responses=errors(403, 413),
+    responses=errors(403, 409, 413),
     response_model=Dataset,
 )
 def upload_dataset(
@@ -156,11 +179,19 @@ def upload_dataset(
     repos: ReposDep,
     store: StoreDep,
     settings: SettingsDep,
+    jobs: JobServiceDep,
     response: Response,
+    background: BackgroundTasks,
 ) -> Dataset:
     """Upload a CSV, Parquet or NPZ file. Omit epsilon and delta for public data.
 
-    A budget needs an owner key (403 for an analyst key, before anything is stored).
+    What can be checked before the file is stored is answered at once: a budget needs an
+    owner key (403 for an analyst key); the file's size, format, declared columns and the
+    size it would decode to (413, 422); the declared schema (422); the tenant's storage
+    quota (409). The file is then stored and the answer is 202 with the dataset
+    ``validating``: a worker decodes and checks it, and the dataset becomes ``ready`` or
+    ``invalid`` (its ``problem`` says why, and nothing of the file is kept). Poll the
+    ``Location``.
     """
     if form.epsilon is not None or form.delta is not None:
         require_owner(principal, BUDGET_NEEDS_OWNER)
@@ -183,7 +214,7 @@ def upload_dataset(
         budget = None
         if form.epsilon is not None and form.delta is not None:
             budget = service.BudgetRequest(epsilon=form.epsilon, delta=form.delta)
-        row = service.register_upload(
+        row = service.accept_upload(
             repos,
             store,
             settings,
@@ -198,6 +229,8 @@ def upload_dataset(
             schema=schema,
             validation_dataset_id=form.validation_dataset_id,
         )
+    # Background tasks run after the response, so after the unit of work has committed.
+    background.add_task(enqueue_ingestion, jobs.celery, row.id)
     _location(response, row.id)
     return to_schema(row)
 
@@ -225,11 +258,12 @@ def get_dataset(dataset: OwnedDataset) -> Dataset:
 @router.get(
     "/{dataset_id}/budget",
     operation_id="get_dataset_budget",
-    responses=errors(404),
+    responses=errors(404, 409),
     response_model=Budget,
 )
 def get_dataset_budget(dataset: OwnedDataset, repos: ReposDep) -> Budget:
-    """Spent, reserved and remaining ε, composed across jobs by RDP."""
+    """Spent, reserved and remaining ε, composed across jobs by RDP (ready datasets)."""
+    service.require_ready(dataset)
     budget = repos.budget(dataset.id)
     if budget is None:
         raise NotFound("this dataset is public and has no privacy budget")

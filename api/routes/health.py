@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel
 
 from api.deps import DatabaseDep
 from api.errors import problem
+from api.events import StreamSlots
 from api.schemas import Problem
 from ppml.db.repositories import Repositories
 
@@ -41,10 +42,16 @@ def get_readiness(db: DatabaseDep) -> Health | JSONResponse:
 
 
 @router.get("/metrics", operation_id="get_metrics", response_class=PlainTextResponse)
-def get_metrics(db: DatabaseDep) -> str:
-    """Prometheus text format: jobs by status."""
+def get_metrics(db: DatabaseDep, request: Request) -> str:
+    """Prometheus text format: jobs by status; event streams open in this API process."""
     with db.session() as session:
         counts = Repositories(session).jobs_by_status()
     lines = ["# HELP ppml_jobs Jobs by status.", "# TYPE ppml_jobs gauge"]
     lines += [f'ppml_jobs{{status="{status}"}} {count}' for status, count in counts.items()]
+    streams: StreamSlots = request.app.state.streams
+    lines += [
+        "# HELP ppml_event_streams_open Job event streams open in this API process.",
+        "# TYPE ppml_event_streams_open gauge",
+        f"ppml_event_streams_open {streams.total}",
+    ]
     return "\n".join(lines) + "\n"

@@ -7,11 +7,7 @@ route and another for validating a plain ``def`` route's answer.
 
 from __future__ import annotations
 
-import asyncio
 import functools
-import json
-import time
-from collections.abc import AsyncIterator
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, BackgroundTasks, Header, Path, Query, Request, Response
@@ -25,10 +21,13 @@ from api.deps import (
     ReposDep,
     RequireOwner,
 )
+from api.events import EventStream, StreamSlots, follow
 from api.routes.common import DEFAULT_PAGE_SIZE, PageSize, PageToken, errors
 from api.schemas import ExactMetrics, Job, JobPage, JobSpec, Quote
+from ppml.config import Settings
 from ppml.db import models
 from ppml.db.reads import AsyncReads
+from ppml.errors import TooManyRequests
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -135,47 +134,43 @@ def cancel_job(
     return to_schema(job)
 
 
-async def _events(
-    request: Request, reads: AsyncReads, tenant_id: str, job_id: str, poll_s: float
-) -> AsyncIterator[str]:
-    """Poll the job through the API's job reads (no thread held per follower) until it ends
-    or the client leaves."""
-    last_status, last_progress = None, None
-    deadline = time.monotonic() + 24 * 3600
-    while time.monotonic() < deadline and not await request.is_disconnected():
-        row = await reads.job(tenant_id, job_id)
-        if row is None:
-            return
-        job = to_schema(row)
-        if job.status != last_status:
-            last_status = job.status
-            yield f"event: status\ndata: {json.dumps({'status': job.status})}\n\n"
-        progress = job.progress.model_dump()
-        if progress != last_progress:
-            last_progress = progress
-            yield f"event: progress\ndata: {json.dumps(progress)}\n\n"
-        if job.status in ("succeeded", "failed", "cancelled"):
-            yield f"event: end\ndata: {job.model_dump_json()}\n\n"
-            return
-        await asyncio.sleep(poll_s)
-
-
 @router.get(
     "/{job_id}/events",
     operation_id="stream_job_events",
     responses={
-        **errors(404),
+        **errors(404, 429),
         200: {"content": {"text/event-stream": {}}, "description": "Server-sent events."},
     },
     response_class=StreamingResponse,
 )
 async def stream_job_events(
-    job: OwnedJob, tenant_id: CurrentTenant, request: Request
+    job: OwnedJob,
+    tenant_id: CurrentTenant,
+    request: Request,
+    last_event_id: Annotated[
+        int | None,
+        Header(
+            alias="Last-Event-ID",
+            ge=0,
+            le=2**31 - 1,
+            description="The id of the last event received: the stream resumes after it.",
+        ),
+    ] = None,
 ) -> StreamingResponse:
-    """Server-sent events (``status``, ``progress``, then ``end``) until the job finishes."""
+    """Server-sent events until the job ends: ``status`` and ``progress`` (each with the id of
+    the job's event sequence), then ``end`` with the job. Without ``Last-Event-ID`` the stream
+    starts with the job's current status and progress; with it, it replays what came after.
+    A stream lasts at most the server's maximum duration (reconnect with ``Last-Event-ID``);
+    a tenant holding too many open streams is answered 429 with ``Retry-After``."""
+    settings: Settings = request.app.state.settings
+    config = settings.events
+    slots: StreamSlots = request.app.state.streams
+    if not slots.take(tenant_id):
+        raise TooManyRequests(
+            f"at most {slots.per_tenant} open event streams per tenant",
+            limit=slots.per_tenant,
+            retry_after=config.retry_after_s,
+        )
     reads: AsyncReads = request.app.state.reads
-    return StreamingResponse(
-        _events(request, reads, tenant_id, job.id, poll_s=0.5),
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache"},
-    )
+    stream = follow(request, reads, tenant_id, job.id, after=last_event_id, config=config)
+    return EventStream(stream, on_close=functools.partial(slots.give_back, tenant_id))

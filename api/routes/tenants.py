@@ -8,7 +8,15 @@ from fastapi import APIRouter, Body, Path, Response
 
 from api.deps import AdminAuth, ReposDep
 from api.routes.common import DEFAULT_PAGE_SIZE, PageSize, PageToken, errors
-from api.schemas import ApiKeyCreate, ApiKeyCreated, Tenant, TenantCreate, TenantPage
+from api.schemas import (
+    ApiKey,
+    ApiKeyCreate,
+    ApiKeyCreated,
+    ApiKeyPage,
+    Tenant,
+    TenantCreate,
+    TenantPage,
+)
 from ppml.services import tenants
 
 router = APIRouter(prefix="/v1/tenants", tags=["tenants"])
@@ -57,7 +65,59 @@ def create_api_key(
     Without a body the key is an owner's.
     """
     response.headers["Cache-Control"] = "no-store"  # a secret: no cache may keep it
-    row, key = tenants.create_api_key(repos, tenant_id=tenant_id, role=body.role)
-    return ApiKeyCreated(
-        id=row.id, tenant_id=row.tenant_id, key=key, role=body.role, created_at=row.created_at
+    row, key = tenants.create_api_key(
+        repos, tenant_id=tenant_id, role=body.role, expires_at=body.expires_at
     )
+    return ApiKeyCreated(
+        id=row.id,
+        tenant_id=row.tenant_id,
+        key=key,
+        prefix=row.prefix,
+        role=body.role,
+        created_at=row.created_at,
+        expires_at=row.expires_at,
+    )
+
+
+@router.get(
+    "/{tenant_id}/api-keys",
+    operation_id="list_api_keys",
+    responses=errors(404),
+    response_model=ApiKeyPage,
+)
+def list_api_keys(
+    tenant_id: Annotated[str, Path(max_length=64)],
+    _admin: AdminAuth,
+    repos: ReposDep,
+    page_size: PageSize = DEFAULT_PAGE_SIZE,
+    page_token: PageToken = None,
+) -> ApiKeyPage:
+    """List a tenant's API keys, revoked and expired ones included (admin token).
+
+    Keys are never shown again after their creation: only their first characters.
+    """
+    rows, token = tenants.list_api_keys(
+        repos, tenant_id=tenant_id, page_size=page_size, page_token=page_token
+    )
+    items = [ApiKey.model_validate(r, from_attributes=True) for r in rows]
+    return ApiKeyPage(items=items, next_page_token=token)
+
+
+@router.delete(
+    "/{tenant_id}/api-keys/{key_id}",
+    status_code=204,
+    operation_id="revoke_api_key",
+    responses=errors(404),
+)
+def revoke_api_key(
+    tenant_id: Annotated[str, Path(max_length=64)],
+    key_id: Annotated[str, Path(max_length=64)],
+    _admin: AdminAuth,
+    repos: ReposDep,
+) -> Response:
+    """Revoke a tenant's API key (admin token); every API process refuses it within a second.
+
+    Revoking a revoked key changes nothing. The key stays listed, with ``revoked_at``.
+    """
+    tenants.revoke_api_key(repos, tenant_id=tenant_id, key_id=key_id)
+    return Response(status_code=204)

@@ -77,6 +77,8 @@ def _schema(classes: str | None, schema: str | None) -> dict[str, Any] | None:
 def _dataset_line(dataset: dict[str, Any]) -> str:
     budget = dataset.get("privacy_budget")
     privacy = f"ε={budget['epsilon']:g}, δ={budget['delta']:g}" if budget else "public"
+    if dataset.get("status", "ready") != "ready":
+        return f"dataset {dataset['id']} {dataset['name']!r}: {dataset['status']}; {privacy}"
     return (
         f"dataset {dataset['id']} {dataset['name']!r}: {dataset['num_train']} train / "
         f"{dataset['num_test']} test rows, {dataset['num_features']} features, "
@@ -125,6 +127,13 @@ def datasets_upload(
     classes: Classes = None,
     schema: Schema = None,
     validation_dataset: Validation = None,
+    wait: Annotated[
+        bool,
+        typer.Option(
+            "--wait/--no-wait",
+            help="Wait until the server has validated the file (else print it validating).",
+        ),
+    ] = True,
     url: Url = DEFAULT_URL,
     api_key: ApiKey = None,
     as_json: AsJson = False,
@@ -132,7 +141,9 @@ def datasets_upload(
     """Upload a CSV, Parquet or NPZ file as a dataset with its privacy budget.
 
     Budgeted data declares its label set (--classes): the released classes are the
-    declared ones, and a row with an undeclared label is refused.
+    declared ones, and a row with an undeclared label is refused. The server validates the
+    file after storing it; by default the command waits for that, and fails (exit 1) with
+    the reason if the file is invalid.
     """
     budget = _budget(epsilon, delta, public)
     declared = _schema(classes, schema)
@@ -148,6 +159,7 @@ def datasets_upload(
             privacy_unit=privacy_unit,
             schema=declared,
             validation_dataset_id=validation_dataset,
+            wait=wait,
         )
     created(dataset, dataset["id"], _dataset_line(dataset), as_json)
 
@@ -169,15 +181,16 @@ def datasets_list(
             [
                 d["id"],
                 d["name"],
-                str(d["num_features"]),
-                str(d["num_classes"]),
-                f"{d['num_train']}/{d['num_test']}",
+                d.get("status", "ready"),
+                fmt(d["num_features"]),
+                fmt(d["num_classes"]),
+                f"{fmt(d['num_train'])}/{fmt(d['num_test'])}",
                 fmt(budget.get("epsilon")),
                 fmt(budget.get("delta")),
                 d["created_at"][:16].replace("T", " "),
             ]
         )
-    columns = ["id", "name", "features", "classes", "train/test", "ε", "δ", "created"]
+    columns = ["id", "name", "status", "features", "classes", "train/test", "ε", "δ", "created"]
     table("datasets", columns, rows)
 
 

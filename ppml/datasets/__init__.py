@@ -9,7 +9,8 @@ Where things live:
   (:func:`save_arrays`, :func:`load_arrays`).
 * ``builtins``: :func:`load_builtin` (digits, breast_cancer, mnist1d and its cache).
 * ``uploads``: :func:`detect_format` and :func:`parse_upload`, which reads with ``tables``
-  (CSV and Parquet) or ``npz``.
+  (CSV and Parquet) or ``npz``; ``inspect``: what an upload would decode to, bounded from
+  its headers before anything decodes it (the decompression-bomb guard).
 * ``labels``: label and client-id encoding; ``split``: the keyed train/test split and the
   row and seed checks; ``keys``: the keyed hashes behind the split and the partitions;
   ``schema``: :class:`DatasetSchema`, the owner's declared label set.

@@ -21,6 +21,8 @@ class UploadLimits:
     max_columns: int = 10_000
     max_classes: int = 1_000
     max_uncompressed_bytes: int = 2 * 1024**3  # NPZ members and Parquet (zip-bomb guard)
+    # The decoded size estimated from the headers, before decoding (``ppml.datasets.inspect``).
+    max_decoded_bytes: int = 512 * 1024**2
 
 
 @dataclass(frozen=True, eq=False)

@@ -17,15 +17,20 @@ _X_KINDS = "biuf"  # bool, signed/unsigned int, float
 _LABEL_KINDS = "biufU"
 
 
-def read_npz(
-    path: Path, client_column: str | None, lim: UploadLimits
-) -> tuple[np.ndarray, Any, Any, tuple[str, ...]]:
+Headers = dict[str, tuple[tuple[int, ...], np.dtype[Any]]]
+
+
+def npz_headers(path: Path, client_column: str | None, lim: UploadLimits) -> Headers:
+    """The arrays an upload uses (``x``, ``y``, the client array), checked from their headers.
+
+    Nothing is decompressed but each member's ``.npy`` header.
+    """
     if client_column in ("x", "y"):
         raise InvalidInput(
             "client_column must name an array other than x and y", field="client_column"
         )
     wanted = ["x", "y"] + ([client_column] if client_column is not None else [])
-    headers = _inspect_npz(path, lim)
+    headers = inspect_npz(path, lim)
     for name in ("x", "y"):
         if name not in headers:
             raise MalformedFile(f"the NPZ archive has no array named {name!r}", field="file")
@@ -33,7 +38,14 @@ def read_npz(
         raise InvalidInput(
             f"the NPZ archive has no array named {shown(client_column)!r}", field="client_column"
         )
-    _check_npz_shapes(headers, wanted, lim)
+    check_npz_shapes(headers, wanted, lim)
+    return {name: headers[name] for name in wanted}
+
+
+def read_npz(
+    path: Path, client_column: str | None, lim: UploadLimits
+) -> tuple[np.ndarray, Any, Any, tuple[str, ...]]:
+    wanted = list(npz_headers(path, client_column, lim))
     try:
         with np.load(path, allow_pickle=False) as npz:
             arrays = [np.asarray(npz[name]) for name in wanted]
@@ -47,7 +59,7 @@ def read_npz(
     return x, arrays[1], clients, tuple(f"x{j}" for j in range(x.shape[1]))
 
 
-def _inspect_npz(path: Path, lim: UploadLimits) -> dict[str, tuple[tuple[int, ...], np.dtype[Any]]]:
+def inspect_npz(path: Path, lim: UploadLimits) -> Headers:
     """Read every member's declared size and ``.npy`` header without loading any data."""
     try:
         zf = zipfile.ZipFile(path)
@@ -87,9 +99,7 @@ def _npy_header(fp: IO[bytes]) -> tuple[tuple[int, ...], np.dtype[Any]]:
     return tuple(int(s) for s in shape), dtype
 
 
-def _check_npz_shapes(
-    headers: dict[str, tuple[tuple[int, ...], np.dtype[Any]]], wanted: list[str], lim: UploadLimits
-) -> None:
+def check_npz_shapes(headers: Headers, wanted: list[str], lim: UploadLimits) -> None:
     (x_shape, x_dtype), (y_shape, y_dtype) = headers["x"], headers["y"]
     if len(x_shape) != 2 or x_dtype.kind not in _X_KINDS:
         raise MalformedFile("array 'x' must be 2-D with numeric values", field="file")

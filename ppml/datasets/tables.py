@@ -25,8 +25,8 @@ def read_table(
     if target is None:
         raise InvalidInput("a target (label) column is required", field="target")
     if file_format == "csv":
-        header = _read_csv_header(path, lim)
-        _check_columns(header, target, client_column)
+        header = read_csv_header(path, lim)
+        check_columns(header, target, client_column)
         frame = _read_csv_body(path, header, lim)
     else:
         frame = _read_parquet(path, target, client_column, lim)
@@ -38,7 +38,7 @@ def read_table(
     return x, frame[target], clients, names
 
 
-def _read_csv_header(path: Path, lim: UploadLimits) -> list[str]:
+def read_csv_header(path: Path, lim: UploadLimits) -> list[str]:
     cap = lim.max_columns * _HEADER_BYTES_PER_COLUMN
     with path.open("rb") as f:
         raw = f.readline(cap + 1)
@@ -105,7 +105,7 @@ def _read_parquet(
         raise PayloadTooLarge(
             f"the file expands to more than {lim.max_uncompressed_bytes} bytes", field="file"
         )
-    _check_columns(names, target, client_column)
+    check_columns(names, target, client_column)
     try:
         frame: pd.DataFrame = pf.read().to_pandas()  # pyarrow is untyped
         return frame
@@ -115,13 +115,13 @@ def _read_parquet(
         raise MalformedFile("the Parquet file could not be read", field="file") from None
 
 
-def _check_columns(names: list[str], target: str, client_column: str | None) -> None:
+def check_columns(names: list[str], target: str, client_column: str | None) -> None:
     seen: set[str] = set()
     for i, name in enumerate(names):
         if not name.strip():
             raise MalformedFile(f"column {i + 1} has an empty name", field="file")
         if name in seen:
-            raise MalformedFile(f"duplicate column name: {_column(name, i)}", field="file")
+            raise MalformedFile(f"duplicate column name: {column_label(name, i)}", field="file")
         seen.add(name)
     if target not in seen:
         raise InvalidInput(
@@ -144,20 +144,21 @@ def _features(
     for j, (i, name) in enumerate(cols):
         series = frame.iloc[:, i]
         if not pd.api.types.is_numeric_dtype(series) or pd.api.types.is_complex_dtype(series):
-            raise MalformedFile(f"{_column(name, i)} is not numeric", field="file")
+            raise MalformedFile(f"{column_label(name, i)} is not numeric", field="file")
         if series.isna().any():
-            raise MalformedFile(f"{_column(name, i)} has missing values", field="file")
+            raise MalformedFile(f"{column_label(name, i)} has missing values", field="file")
         with np.errstate(over="ignore", invalid="ignore"):
             x[:, j] = series.to_numpy(dtype=np.float64)
         if not np.isfinite(x[:, j]).all():
             raise MalformedFile(
-                f"{_column(name, i)} has infinite values or values beyond float32 range",
+                f"{column_label(name, i)} has infinite values or values beyond float32 range",
                 field="file",
             )
     return x, tuple(name for _, name in cols)
 
 
-def _column(name: str, index: int) -> str:
+def column_label(name: str, index: int) -> str:
+    """How an error names a column: its position, and its name unless it looks like data."""
     # A numeric-looking "name" usually means the header row is data: show its position only.
     with contextlib.suppress(ValueError):
         float(name)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ppml.datasets.arrays import DatasetArrays, UploadLimits
+from ppml.datasets.inspect import inspect_upload
 from ppml.datasets.keys import new_secret
 from ppml.datasets.labels import encode_clients, encode_labels
 from ppml.datasets.npz import read_npz
@@ -105,7 +106,8 @@ def parse_upload(
         InvalidInput: bad arguments, a missing target or client column, a label outside
             the declared classes (``field="schema.classes"``), fewer than 2 or more than
             ``limits.max_classes`` classes, or too few rows to split.
-        PayloadTooLarge: the file exceeds ``limits``.
+        PayloadTooLarge: the file exceeds ``limits``, its decoded size included (checked
+            from its headers before decoding: :func:`ppml.datasets.inspect.inspect_upload`).
     """
     if file_format not in FORMATS:
         raise InvalidInput(f"file format must be one of {', '.join(FORMATS)}", field="file")
@@ -114,6 +116,11 @@ def parse_upload(
     if client_column is not None and client_column == target:
         raise InvalidInput("client_column must differ from target", field="client_column")
     try:
+        # The decoded-size bound again, before decoding: limits may have changed since the
+        # upload was accepted, and callers other than the service must be guarded too.
+        inspect_upload(
+            path, file_format=file_format, target=target, client_column=client_column, limits=limits
+        )
         if file_format == "npz":
             x, y_raw, c_raw, names = read_npz(path, client_column, limits)
         else:

@@ -38,7 +38,10 @@ __all__ = [
     "Base",
     "Dataset",
     "DatasetBudget",
+    "DatasetStatus",
     "Job",
+    "JobEvent",
+    "JobEventKind",
     "JobStatus",
     "LedgerEntry",
     "LedgerKind",
@@ -141,6 +144,22 @@ class JobStatus(StrEnum):
         return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
 
 
+class DatasetStatus(StrEnum):
+    """An upload is ``validating`` until the ingestion task makes it ``ready`` or ``invalid``;
+    built-ins are ``ready`` at once. Only a ready dataset takes jobs."""
+
+    VALIDATING = "validating"
+    READY = "ready"
+    INVALID = "invalid"
+
+
+class JobEventKind(StrEnum):
+    """What a job's event stream tells its followers (the ``end`` event is the job itself)."""
+
+    STATUS = "status"  # {"status": ...}
+    PROGRESS = "progress"  # the job's progress record
+
+
 class LedgerKind(StrEnum):
     RESERVE = "reserve"
     COMMIT = "commit"
@@ -174,6 +193,7 @@ class ApiKey(Base):
 
 class Dataset(Base):
     __tablename__ = "datasets"
+    __table_args__ = (Index("ix_datasets_tenant_status", "tenant_id", "status"),)
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
@@ -198,6 +218,27 @@ class Dataset(Base):
     delta_total: Mapped[float | None] = mapped_column(Float)
     storage_key: Mapped[str] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Ingestion (ppml.services.ingestion). While validating, the counts and classes above
+    # hold placeholders (0, []) that the API shows as null; nothing reads them before ready.
+    status: Mapped[str] = mapped_column(
+        String(16), default=DatasetStatus.READY, server_default=DatasetStatus.READY
+    )
+    # Why an upload is invalid: {"code", "title", "detail", "field", ...}, never data values.
+    problem: Mapped[dict[str, Any] | None]
+    # What the ingestion task needs (never released): the stored upload's key, its format,
+    # the target and client columns. Cleared once the dataset is ready or invalid.
+    ingest: Mapped[dict[str, Any] | None]
+    ingest_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    ingest_sent_at: Mapped[datetime | None]  # when the ingestion task was last sent
+    ingest_started_at: Mapped[datetime | None]  # when the current attempt began
+    # Bytes this dataset keeps in the store (the upload while validating, then its arrays),
+    # summed per tenant against limits.max_tenant_storage_bytes.
+    stored_bytes: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+
+    def __init__(self, **kwargs: Any) -> None:
+        # Column defaults apply at INSERT; a row built in Python is ready unless told.
+        kwargs.setdefault("status", DatasetStatus.READY)
+        super().__init__(**kwargs)
 
 
 class DatasetBudget(Base):
@@ -255,6 +296,9 @@ class Job(Base):
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # The seq of the job's newest event (0: none yet): incremented in the statement that
+    # records the event, so it is allocated under the row's lock (see JobEvent).
+    last_event_seq: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
     @validates(
         "spec",
@@ -287,4 +331,21 @@ class LedgerEntry(Base):
     event: Mapped[dict[str, Any]]
     epsilon: Mapped[float] = mapped_column(Float)
     note: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class JobEvent(Base):
+    """Append-only: what the job's event stream sends, numbered 1, 2, ... per job.
+
+    Written in the transaction that changes the job row (status, progress), so the two never
+    disagree; the seq is the job row's ``last_event_seq``. Events carry only what the job
+    resource shows analysts: a status, or the progress record.
+    """
+
+    __tablename__ = "job_events"
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    data: Mapped[dict[str, Any]]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

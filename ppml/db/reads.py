@@ -1,11 +1,12 @@
-"""Point reads for the API's hottest path (``GET /v1/jobs/{id}``) without a worker thread.
+"""Point reads for the API's hottest paths (``GET /v1/jobs/{id}``, the job's event stream)
+without a worker thread.
 
 A poll through the synchronous engine waits twice for a thread and the GIL (into the
 thread pool and back) and builds an ORM session around one ``SELECT``. On PostgreSQL this
 module runs the same ``SELECT`` on the event loop over an asynchronous psycopg pool, and
-turns the row into a detached ``Job`` with the column types' own result processing, so
-callers get what the ORM would give them. SQLite has no asynchronous driver here: there the
-read runs in a worker thread through the ORM, as before.
+turns the row into a detached ``Job`` (or ``JobEvent``) with the column types' own result
+processing, so callers get what the ORM would give them. SQLite has no asynchronous driver
+here: there the read runs in a worker thread through the ORM, as before.
 
 The pool opens in the app's lifespan; until it is open (or after it closed), reads take the
 thread path, so behaviour never depends on it.
@@ -14,27 +15,53 @@ thread path, so behaviour never depends on it.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import psycopg
 from anyio import to_thread
 from sqlalchemy import bindparam, select
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import Dialect, make_url
 
-from ppml.db.models import Job
+from ppml.db.models import Job, JobEvent
 from ppml.db.repositories import Repositories
 from ppml.db.session import Database
 
-__all__ = ["APPLICATION_NAME", "AsyncReads"]
+__all__ = ["APPLICATION_NAME", "EVENT_BATCH", "AsyncReads", "EventHead"]
 
 APPLICATION_NAME = "ppml-api-reads"  # how the pool's connections show in pg_stat_activity
+EVENT_BATCH = 500  # events per read of a job's stream
 
 log = logging.getLogger(__name__)
 
 
+class EventHead(NamedTuple):
+    """What an event stream polls: the job's status and the seq of its newest event."""
+
+    status: str
+    last_event_seq: int
+
+
+class _Select:
+    """One ``SELECT`` of table columns, rendered once by SQLAlchemy (so the statement stays
+    the model's: quoting, names) with psycopg's named placeholders, and the columns' result
+    processing to apply to its rows."""
+
+    def __init__(self, stmt: Any, columns: Sequence[Any], dialect: Dialect) -> None:
+        self.sql = str(stmt.compile(dialect=dialect))
+        self.names = [c.key for c in columns]
+        self.processors = [_processor(c.type, dialect) for c in columns]
+
+    def values(self, row: Sequence[Any]) -> dict[str, Any]:
+        return {
+            name: value if proc is None else proc(value)
+            for name, value, proc in zip(self.names, row, self.processors, strict=True)
+        }
+
+
 class AsyncReads:
-    """``await reads.job(tenant_id, job_id)``: the tenant's job, or None."""
+    """``await reads.job(tenant_id, job_id)``: the tenant's job, or None; the event stream's
+    :meth:`event_head` and :meth:`job_events`."""
 
     def __init__(self, db: Database, *, size: int = 8, wait_s: float = 3.0) -> None:
         # wait_s: how long a read waits for a free connection. Reads take well under a
@@ -42,18 +69,18 @@ class AsyncReads:
         # PoolTimeout, which the API answers with 503 rather than holding the client.
         self.db, self.size, self.wait_s = db, size, wait_s
         self._pool: Any = None  # psycopg_pool.AsyncConnectionPool once open
-        table = Job.__table__
-        columns = list(table.columns)
-        self._names = [c.key for c in columns]
-        # Rendered by SQLAlchemy once, so the statement stays the model's (quoting, names),
-        # with psycopg's named placeholders.
-        stmt = select(*columns).where(
-            table.c.id == bindparam("job_id"), table.c.tenant_id == bindparam("tenant_id")
+        dialect = db.engine.dialect
+        jobs, events = Job.__table__, JobEvent.__table__
+        owned = (jobs.c.id == bindparam("job_id")) & (jobs.c.tenant_id == bindparam("tenant_id"))
+        self._job = _Select(select(*jobs.columns).where(owned), list(jobs.columns), dialect)
+        head = [jobs.c.status, jobs.c.last_event_seq]
+        self._head = _Select(select(*head).where(owned), head, dialect)
+        after = (events.c.job_id == bindparam("job_id")) & (events.c.seq > bindparam("after"))
+        self._events = _Select(
+            select(*events.columns).where(after).order_by(events.c.seq).limit(bindparam("limit")),
+            list(events.columns),
+            dialect,
         )
-        self._sql = str(stmt.compile(dialect=db.engine.dialect))
-        self._processors: list[Callable[[Any], Any] | None] = [
-            _processor(c.type, db.engine.dialect) for c in columns
-        ]
 
     @property
     def asynchronous(self) -> bool:
@@ -94,33 +121,56 @@ class AsyncReads:
         pool = self._pool
         if pool is None:
             return await to_thread.run_sync(self._job_in_thread, tenant_id, job_id)
-        row = await self._fetch(pool, {"job_id": job_id, "tenant_id": tenant_id})
-        if row is None:
-            return None
-        values = {
-            name: value if proc is None else proc(value)
-            for name, value, proc in zip(self._names, row, self._processors, strict=True)
-        }
-        return Job(**values)
+        rows = await self._fetch(pool, self._job, {"job_id": job_id, "tenant_id": tenant_id})
+        return Job(**self._job.values(rows[0])) if rows else None
 
-    async def _fetch(self, pool: Any, params: dict[str, str]) -> Any:
+    async def event_head(self, tenant_id: str, job_id: str) -> EventHead | None:
+        """The tenant's job's status and newest event seq (what a stream polls), or None."""
+        pool = self._pool
+        if pool is None:
+            return await to_thread.run_sync(self._head_in_thread, tenant_id, job_id)
+        rows = await self._fetch(pool, self._head, {"job_id": job_id, "tenant_id": tenant_id})
+        return EventHead(**self._head.values(rows[0])) if rows else None
+
+    async def job_events(
+        self, job_id: str, *, after: int, limit: int = EVENT_BATCH
+    ) -> list[JobEvent]:
+        """The job's events after seq ``after``, oldest first (the caller checked ownership)."""
+        pool = self._pool
+        if pool is None:
+            return await to_thread.run_sync(self._events_in_thread, job_id, after, limit)
+        params = {"job_id": job_id, "after": after, "limit": limit}
+        rows = await self._fetch(pool, self._events, params)
+        return [JobEvent(**self._events.values(row)) for row in rows]
+
+    async def _fetch(self, pool: Any, query: _Select, params: dict[str, Any]) -> list[Any]:
         try:
-            return await self._fetch_once(pool, params)
+            return await self._fetch_once(pool, query, params)
         except psycopg.OperationalError:
             # The server dropped connections (a restart, an idle timeout): the broken one
             # leaves the pool on return; check() drops the other dead idle ones, and the
             # retry waits for a fresh connection.
             await pool.check()
-            return await self._fetch_once(pool, params)
+            return await self._fetch_once(pool, query, params)
 
-    async def _fetch_once(self, pool: Any, params: dict[str, str]) -> Any:
+    async def _fetch_once(self, pool: Any, query: _Select, params: dict[str, Any]) -> list[Any]:
         async with pool.connection() as conn:
-            cursor = await conn.execute(self._sql, params, prepare=True)
-            return await cursor.fetchone()
+            cursor = await conn.execute(query.sql, params, prepare=True)
+            rows: list[Any] = await cursor.fetchall()
+            return rows
 
     def _job_in_thread(self, tenant_id: str, job_id: str) -> Job | None:
         with self.db.read_one() as session:
             return Repositories(session).job(tenant_id, job_id)
+
+    def _head_in_thread(self, tenant_id: str, job_id: str) -> EventHead | None:
+        with self.db.read_one() as session:
+            head = Repositories(session).event_head(tenant_id, job_id)
+        return None if head is None else EventHead(*head)
+
+    def _events_in_thread(self, job_id: str, after: int, limit: int) -> list[JobEvent]:
+        with self.db.read_one() as session:
+            return list(Repositories(session).job_events(job_id, after=after, limit=limit))
 
 
 def _processor(type_: Any, dialect: Any) -> Callable[[Any], Any] | None:

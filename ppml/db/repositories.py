@@ -10,14 +10,17 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select, text, update
+from sqlalchemy import func, insert, select, text, update
 from sqlalchemy.orm import Session
 
 from ppml.db.models import (
     ApiKey,
     Dataset,
     DatasetBudget,
+    DatasetStatus,
     Job,
+    JobEvent,
+    JobEventKind,
     JobStatus,
     LedgerEntry,
     Tenant,
@@ -110,6 +113,40 @@ class Repositories:
         """Unscoped lookup, for workers only (they act for the job's owner)."""
         return self.session.get(Dataset, dataset_id)
 
+    def lock_dataset(self, dataset_id: str) -> Dataset | None:
+        """The dataset row ``FOR UPDATE`` (workers: ingestion), read afresh."""
+        stmt = select(Dataset).where(Dataset.id == dataset_id).with_for_update()
+        return self.session.scalar(stmt.execution_options(populate_existing=True))
+
+    def tenant_stored_bytes(self, tenant_id: str) -> int:
+        """Bytes the tenant's datasets keep in the store, under the tenant row's lock, so
+        concurrent uploads of one tenant are checked against its quota one at a time."""
+        self.session.execute(select(Tenant.id).where(Tenant.id == tenant_id).with_for_update())
+        total = self.session.scalar(
+            select(func.coalesce(func.sum(Dataset.stored_bytes), 0)).where(
+                Dataset.tenant_id == tenant_id
+            )
+        )
+        return int(total or 0)
+
+    def unsent_ingestions(self, *, sent_before: datetime, started_before: datetime) -> list[str]:
+        """Validating datasets whose ingestion task was last sent before ``sent_before`` and
+        whose last attempt (if any) began before ``started_before``."""
+        stmt = select(Dataset.id).where(
+            Dataset.status == DatasetStatus.VALIDATING,
+            (Dataset.ingest_sent_at.is_(None)) | (Dataset.ingest_sent_at < sent_before),
+            (Dataset.ingest_started_at.is_(None)) | (Dataset.ingest_started_at < started_before),
+        )
+        return list(self.session.scalars(stmt.order_by(Dataset.id).limit(500)).all())
+
+    def mark_ingest_sent(self, dataset_id: str) -> None:
+        self.session.execute(
+            update(Dataset)
+            .where(Dataset.id == dataset_id)
+            .values(ingest_sent_at=utcnow())
+            .execution_options(synchronize_session=False)
+        )
+
     def list_datasets(self, tenant_id: str, *, page_size: int, page_token: str | None) -> Page:
         stmt = select(Dataset).where(Dataset.tenant_id == tenant_id)
         return self._page(stmt, Dataset.id, page_size, page_token)
@@ -201,23 +238,37 @@ class Repositories:
         progress: Progress,
         steps: int,
     ) -> tuple[bool, bool]:
-        """Record progress under the lease. Returns ``(still_owner, cancel_requested)``."""
-        result = self.session.execute(
-            update(Job)
+        """Record progress under the lease, and a ``progress`` event when it changed.
+
+        Returns ``(still_owner, cancel_requested)``.
+        """
+        owned = self.session.execute(
+            select(Job.progress, Job.cancel_requested)
             .where(Job.id == job_id, Job.lease_owner == owner, Job.status == JobStatus.RUNNING)
+            .with_for_update()
+        ).one_or_none()
+        if owned is None:
+            return False, True
+        changed = owned.progress != progress
+        now = utcnow()
+        seq = self.session.scalar(
+            update(Job)
+            .where(Job.id == job_id)
             .values(
                 progress=progress.model_dump(mode="json"),
                 steps_done=steps,
                 lease_expires_at=lease_until,
-                heartbeat_at=utcnow(),
-                updated_at=utcnow(),
+                heartbeat_at=now,
+                updated_at=now,
+                last_event_seq=Job.last_event_seq + (1 if changed else 0),
             )
+            .returning(Job.last_event_seq)
             .execution_options(synchronize_session=False)
         )
-        if getattr(result, "rowcount", 0) != 1:
-            return False, True
-        cancel = self.session.scalar(select(Job.cancel_requested).where(Job.id == job_id))
-        return True, bool(cancel)
+        if changed:
+            assert seq is not None
+            self._add_event(job_id, seq, JobEventKind.PROGRESS, progress.model_dump(mode="json"))
+        return True, bool(owned.cancel_requested)
 
     def expired_leases(self, now: datetime, *, limit: int = 100) -> list[str]:
         """Running jobs whose worker stopped renewing its lease."""
@@ -246,6 +297,52 @@ class Repositories:
             .where(Job.id == job_id)
             .values(enqueued_at=utcnow() if sent else None)
             .execution_options(synchronize_session=False)
+        )
+
+    # --- job events -------------------------------------------------------------------
+    def append_job_event(self, job_id: str, kind: JobEventKind, data: dict[str, Any]) -> int:
+        """Record the job's next event; returns its seq.
+
+        The caller changes the job row in this transaction (and holds its lock): the seq is
+        the row's counter, incremented in one statement, so concurrent writers of one job
+        queue on the row and never share a seq.
+        """
+        seq = self.session.scalar(
+            update(Job)
+            .where(Job.id == job_id)
+            .values(last_event_seq=Job.last_event_seq + 1)
+            .returning(Job.last_event_seq)
+            .execution_options(synchronize_session=False)
+        )
+        if seq is None:
+            raise LookupError(f"job {job_id} not found")
+        self._add_event(job_id, seq, kind, data)
+        return int(seq)
+
+    def event_head(self, tenant_id: str, job_id: str) -> tuple[str, int] | None:
+        """``(status, last_event_seq)`` of the tenant's job: what an event stream polls."""
+        stmt = select(Job.status, Job.last_event_seq).where(
+            Job.id == job_id, Job.tenant_id == tenant_id
+        )
+        row = self.session.execute(stmt).one_or_none()
+        return None if row is None else (str(row.status), int(row.last_event_seq))
+
+    def job_events(self, job_id: str, *, after: int, limit: int = 500) -> Sequence[JobEvent]:
+        """The job's events after seq ``after``, oldest first."""
+        stmt = (
+            select(JobEvent)
+            .where(JobEvent.job_id == job_id, JobEvent.seq > after)
+            .order_by(JobEvent.seq)
+            .limit(limit)
+        )
+        return self.session.scalars(stmt).all()
+
+    def _add_event(self, job_id: str, seq: int, kind: JobEventKind, data: dict[str, Any]) -> None:
+        # A Core insert, written now: the ORM's unit of work would order it by its own rules.
+        self.session.execute(
+            insert(JobEvent).values(
+                job_id=job_id, seq=seq, kind=kind.value, data=data, created_at=utcnow()
+            )
         )
 
     # --- ledger -----------------------------------------------------------------------

@@ -12,6 +12,9 @@ have run, release the rest), sets the terminal status, records the privacy outco
 or discards the attempt's model files. The runner, the reaper and cancellation all end jobs
 through it, inside their own unit of work, under the budget row's lock taken first (lock
 order: budget row, then job row).
+
+Every status change and every change of progress here also records the job's next event
+(``ppml.db.models.JobEvent``) in the same transaction: the event stream replays them.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from ppml.db.models import Job, JobStatus, LedgerEntry, utcnow
+from ppml.db.models import Job, JobEventKind, JobStatus, LedgerEntry, utcnow
 from ppml.db.repositories import Repositories
 from ppml.jobs.records import Artifacts, JobError, Progress, Receipt
 from ppml.privacy.evaluation import ReleasedMetrics
@@ -54,11 +57,13 @@ class IllegalTransition(RuntimeError):
     """A status change the table does not allow: a bug, never a user's error."""
 
 
-def move(job: Job, to: JobStatus, *, now: datetime | None = None) -> None:
-    """Set ``job.status`` to ``to`` if the table allows it (the only status assignment)."""
+def move(repos: Repositories, job: Job, to: JobStatus, *, now: datetime | None = None) -> None:
+    """Set ``job.status`` to ``to`` if the table allows it (the only status assignment), and
+    record the ``status`` event. ``job`` is locked in the caller's transaction."""
     current = JobStatus(job.status)
     if to not in TRANSITIONS[current]:
         raise IllegalTransition(f"job {job.id}: {current} → {to} is not a transition")
+    repos.append_job_event(job.id, JobEventKind.STATUS, {"status": to.value})
     job.status = to
     job.updated_at = now or utcnow()
     if to.terminal:
@@ -72,14 +77,18 @@ def new_job(*, spec: JobSpec, progress: Progress, **fields: object) -> Job:
 
 
 def claim(repos: Repositories, job_id: str, *, owner: str, lease_until: datetime) -> bool:
-    """queued → running for one worker: a conditional update, so only one claim wins."""
+    """queued → running for one worker: a conditional update, so only one claim wins; the
+    winner records the ``status`` event on the row it now holds."""
     assert RUNNING in TRANSITIONS[QUEUED]
-    return repos.claim_job(job_id, owner=owner, lease_until=lease_until, status=RUNNING)
+    if not repos.claim_job(job_id, owner=owner, lease_until=lease_until, status=RUNNING):
+        return False
+    repos.append_job_event(job_id, JobEventKind.STATUS, {"status": RUNNING.value})
+    return True
 
 
-def requeue(job: Job) -> None:
+def requeue(repos: Repositories, job: Job) -> None:
     """running → queued after its worker was lost; the reservation stays."""
-    move(job, QUEUED)
+    move(repos, job, QUEUED)
     job.lease_owner = job.lease_expires_at = None
     job.enqueued_at = None
 
@@ -120,7 +129,8 @@ def finish(repos: Repositories, job: Job, ending: Ending) -> LedgerEntry | None:
     commit = None
     if budget is not None:
         commit, _release = ledger.settle(budget, job.id, steps=ending.steps, note=ending.note)
-    move(job, ending.status)
+    progress = job.progress
+    move(repos, job, ending.status)
     job.error = ending.error
     if ending.steps is not None:
         job.steps_done = ending.steps
@@ -134,4 +144,7 @@ def finish(repos: Repositories, job: Job, ending: Ending) -> LedgerEntry | None:
         job.progress = job.progress.model_copy(update={"epsilon_spent": job.privacy.epsilon_spent})
     if ending.artifacts is not None:
         job.artifacts, job.receipt = ending.artifacts, ending.receipt
+    if job.progress != progress:  # the final report, and ε of the whole run
+        data = job.progress.model_dump(mode="json")
+        repos.append_job_event(job.id, JobEventKind.PROGRESS, data)
     return commit

@@ -1,4 +1,5 @@
-"""The reaper: recovers jobs whose worker vanished and re-sends jobs whose message was lost.
+"""The reaper: recovers jobs whose worker vanished and re-sends jobs (and the ingestion of
+uploads still validating) whose message was lost.
 
 A running job whose lease expired goes back to the queue, keeping its reservation, and its
 next claim resumes from its last checkpoint; once it has been claimed ``max_attempts``
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 from celery import Celery
@@ -25,7 +26,7 @@ from ppml.jobs.checkpoints import JobCheckpoints
 from ppml.jobs.records import JobError
 from ppml.jobs.schedule import steps_to_charge
 from ppml.privacy.ledger import Ledger
-from ppml.queue import enqueue_job
+from ppml.queue import enqueue_ingestion, enqueue_job
 from ppml.storage import ArtifactStore
 
 __all__ = ["ReapReport", "Reaper"]
@@ -41,6 +42,8 @@ class ReapReport:
     lost: list[str]  # settled: failed (out of attempts) or cancelled
     requeued: list[str]  # back in the queue, to resume from their checkpoints
     resent: list[str]
+    # Validating datasets whose ingestion message was sent again.
+    resent_datasets: list[str] = field(default_factory=list)
 
 
 class Reaper:
@@ -59,7 +62,12 @@ class Reaper:
                 lost.append(job_id)
         for job_id in requeued:
             self._send(job_id)
-        return ReapReport(lost=lost, requeued=requeued, resent=self._resend())
+        return ReapReport(
+            lost=lost,
+            requeued=requeued,
+            resent=self._resend(),
+            resent_datasets=self._resend_ingestions(),
+        )
 
     def _expired(self) -> list[str]:
         with self.db.session() as session:
@@ -87,7 +95,7 @@ class Reaper:
                 return None
             if job.attempts < self.settings.worker.max_attempts and not job.cancel_requested:
                 # The reservation stays: the job will still run at most its planned steps.
-                lifecycle.requeue(job)
+                lifecycle.requeue(repos, job)
                 log.warning("job %s: worker lost on attempt %d; re-queued", job_id, job.attempts)
                 return "requeued"
             steps = steps_to_charge(job, report_every=self.settings.worker.report_every_steps)
@@ -125,6 +133,24 @@ class Reaper:
             )
         return [job_id for job_id in ids if self._send(job_id)]
 
+    def _resend_ingestions(self) -> list[str]:
+        """Send again the ingestion of uploads still validating after ``requeue_after_s``
+        and not being validated (a lost message or worker); a duplicate finds the dataset
+        done, or held by a live attempt, and exits."""
+        now, worker = utcnow(), self.settings.worker
+        with self.db.session() as session:
+            ids = Repositories(session).unsent_ingestions(
+                sent_before=now - timedelta(seconds=worker.requeue_after_s),
+                started_before=now - timedelta(seconds=worker.ingest_lease_s),
+            )
+        resent = []
+        for dataset_id in ids:
+            if enqueue_ingestion(self.celery, dataset_id):
+                with self.db.session(write=True) as session:
+                    Repositories(session).mark_ingest_sent(dataset_id)
+                resent.append(dataset_id)
+        return resent
+
     def start(self) -> threading.Thread:
         """Run every ``reaper_interval_s`` in a daemon thread until :meth:`stop`."""
 
@@ -132,7 +158,7 @@ class Reaper:
             while not self._stop.wait(self.settings.worker.reaper_interval_s):
                 try:
                     report = self.run_once()
-                    if report.lost or report.requeued or report.resent:
+                    if report.lost or report.requeued or report.resent or report.resent_datasets:
                         log.info("reaper: %s", report)
                 except Exception:
                     log.exception("reaper pass failed")

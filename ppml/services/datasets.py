@@ -1,5 +1,11 @@
 """Registering datasets: built-ins and uploads become validated arrays plus a budget.
 
+Built-ins are registered in the request. Uploads are accepted in the request only as far as
+their headers go (:func:`accept_upload`: size, format, declared schema, the decoded-size
+bound, the tenant's storage quota); the file is then stored as it came and the dataset is
+``validating`` until the ingestion task (:mod:`ppml.services.ingestion`) decodes it outside
+the API, and makes it ``ready`` or ``invalid``.
+
 Each dataset gets a secret (``split_secret``, never released) that keys its train/test
 split and its simulated federated partitions, and a declared schema whose classes are the
 released label set (PRIVACY.md, "Every release is a mechanism").
@@ -12,13 +18,24 @@ from pathlib import Path
 
 from ppml import datasets as data
 from ppml.config import Settings
-from ppml.db.models import Dataset, new_id
+from ppml.datasets.inspect import inspect_upload
+from ppml.db.models import Dataset, DatasetStatus, new_id, utcnow
 from ppml.db.repositories import Repositories
-from ppml.errors import InvalidInput
+from ppml.errors import DatasetNotReady, InvalidInput, StorageQuotaExceeded
 from ppml.privacy.ledger import Ledger
 from ppml.storage import ArtifactStore
 
-__all__ = ["BudgetRequest", "declared_classes", "register_builtin", "register_upload"]
+__all__ = [
+    "BudgetRequest",
+    "accept_upload",
+    "check_budget",
+    "check_validation",
+    "declared_classes",
+    "raw_upload_key",
+    "register_builtin",
+    "require_ready",
+    "upload_limits",
+]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -38,7 +55,8 @@ def _population(unit: str, arrays: data.DatasetArrays) -> tuple[int, str]:
     return train + test, f"{train} training and {test} held-out {kind}"
 
 
-def _check_budget(budget: BudgetRequest | None, *, unit: str, arrays: data.DatasetArrays) -> None:
+def check_budget(budget: BudgetRequest | None, *, unit: str, arrays: data.DatasetArrays) -> None:
+    """δ must be well below 1/n, n counting every protected unit (held-out ones too)."""
     if budget is None:
         return
     population, counted = _population(unit, arrays)
@@ -57,14 +75,15 @@ def declared_classes(dataset: Dataset) -> list[str]:
     return [str(c) for c in schema.get("classes", dataset.classes.get("labels", []))]
 
 
-def _check_validation(
+def check_validation(
     repos: Repositories,
     validation_dataset_id: str | None,
     *,
     tenant_id: str,
-    arrays: data.DatasetArrays,
+    arrays: data.DatasetArrays | None,
 ) -> None:
-    """A validation set must be the tenant's public data, shaped and labelled alike."""
+    """A validation set must be the tenant's ready public data, shaped and labelled alike
+    (``arrays`` None: the checks that need no data, when an upload is accepted)."""
     if validation_dataset_id is None:
         return
     other = repos.dataset(tenant_id, validation_dataset_id)
@@ -73,12 +92,29 @@ def _check_validation(
         problem = "names no dataset of this tenant"
     elif other.epsilon_total is not None or other.delta_total is not None:
         problem = "must name public data (a dataset without a privacy budget)"
+    elif other.status != DatasetStatus.READY:
+        problem = f"must name a ready dataset (it is {other.status})"
+    elif arrays is None:
+        problem = None
     elif other.num_features != arrays.num_features:
         problem = "must name a dataset with the same number of features"
     elif declared_classes(other) != list(arrays.classes):
         problem = "must name a dataset that declares the same classes, in the same order"
     if problem is not None:
         raise InvalidInput(f"validation_dataset_id {problem}", field="validation_dataset_id")
+
+
+def _check_quota(repos: Repositories, settings: Settings, tenant_id: str, size: int) -> None:
+    limit = settings.limits.max_tenant_storage_bytes
+    used = repos.tenant_stored_bytes(tenant_id)
+    if used + size > limit:
+        raise StorageQuotaExceeded(
+            f"this tenant stores {used} bytes of datasets; {size} more would pass its quota "
+            f"of {limit} bytes",
+            stored_bytes=used,
+            upload_bytes=size,
+            limit=limit,
+        )
 
 
 def _store(
@@ -94,12 +130,12 @@ def _store(
     secret: str,
     validation_dataset_id: str | None,
 ) -> Dataset:
-    _check_budget(budget, unit=unit, arrays=arrays)
-    _check_validation(repos, validation_dataset_id, tenant_id=tenant_id, arrays=arrays)
+    check_budget(budget, unit=unit, arrays=arrays)
+    check_validation(repos, validation_dataset_id, tenant_id=tenant_id, arrays=arrays)
     schema = data.DatasetSchema(classes=list(arrays.classes))
     dataset_id = new_id("ds")
     key = f"datasets/{dataset_id}.npz"
-    store.write(key, lambda path: data.save_arrays(arrays, path))
+    artifact = store.write(key, lambda path: data.save_arrays(arrays, path))
     dataset = Dataset(
         id=dataset_id,
         tenant_id=tenant_id,
@@ -120,6 +156,8 @@ def _store(
         epsilon_total=budget.epsilon if budget else None,
         delta_total=budget.delta if budget else None,
         storage_key=key,
+        status=DatasetStatus.READY,
+        stored_bytes=artifact.size,
     )
     try:
         repos.add(dataset)
@@ -149,6 +187,7 @@ def register_builtin(
     validation_dataset_id: str | None = None,
 ) -> Dataset:
     """Registers a built-in; its classes are the fixed set it declares (``BUILTIN_CLASSES``)."""
+    _check_quota(repos, settings, tenant_id, 0)
     secret = data.new_secret()
     arrays = data.load_builtin(builtin, seed=0, cache=store, secret=secret, unit=unit)
     return _store(
@@ -165,7 +204,23 @@ def register_builtin(
     )
 
 
-def register_upload(
+def upload_limits(settings: Settings) -> data.UploadLimits:
+    """The upload limits of the settings."""
+    limits = settings.limits
+    return data.UploadLimits(
+        max_rows=limits.max_rows,
+        max_columns=limits.max_columns,
+        max_classes=limits.max_classes,
+        max_decoded_bytes=limits.max_decoded_bytes,
+    )
+
+
+def raw_upload_key(dataset: Dataset) -> str:
+    """Where a validating upload's file is stored, as it came (deleted once validated)."""
+    return f"uploads/{dataset.id}.{dataset.source['upload']['format']}"
+
+
+def accept_upload(
     repos: Repositories,
     store: ArtifactStore,
     settings: Settings,
@@ -181,8 +236,20 @@ def register_upload(
     schema: data.DatasetSchema | None = None,
     validation_dataset_id: str | None = None,
 ) -> Dataset:
-    """Registers an upload. Budgeted data must declare its ``schema``: the released classes
-    are the declared ones, never the distinct values of the private target column."""
+    """Accepts an upload as far as its headers go; the dataset is then ``validating``.
+
+    Checked here, before anything is stored and without decoding the file: its format, its
+    declared columns (CSV header, Parquet footer, NPZ ``.npy`` headers), its decoded-size
+    bound (``limits.max_decoded_bytes``), the declared schema and the tenant's storage quota.
+    The file is then published as it came, and the caller enqueues the ingestion task once
+    the row is committed. Budgeted data must declare its ``schema``: the released classes
+    are the declared ones, never the distinct values of the private target column.
+
+    Raises:
+        InvalidInput: a missing schema, an unreadable header, a missing column.
+        PayloadTooLarge: too many rows or columns, or too much once decoded.
+        StorageQuotaExceeded: the tenant's datasets and this file would pass its quota.
+    """
     if budget is not None and schema is None:
         raise InvalidInput(
             'data with a privacy budget must declare its schema, e.g. {"classes": ["a", "b"]}',
@@ -191,34 +258,60 @@ def register_upload(
     with staged.open("rb") as handle:
         head = handle.read(8)
     file_format = data.detect_format(filename, head)
-    limits = data.UploadLimits(
-        max_rows=settings.limits.max_rows,
-        max_columns=settings.limits.max_columns,
-        max_classes=settings.limits.max_classes,
-    )
-    secret = data.new_secret()
-    arrays = data.parse_upload(
+    inspect_upload(
         staged,
         file_format=file_format,
         target=target,
         client_column=client_column,
-        limits=limits,
-        secret=secret,
-        unit=unit,
-        schema=schema,
+        limits=upload_limits(settings),
     )
+    check_validation(repos, validation_dataset_id, tenant_id=tenant_id, arrays=None)
+    size = staged.stat().st_size
     source: dict[str, object] = {"upload": {"format": file_format}}
     if client_column is not None:
         source["client_column"] = True
-    return _store(
-        repos,
-        store,
-        arrays,
+    dataset_id = new_id("ds")
+    dataset = Dataset(
+        id=dataset_id,
         tenant_id=tenant_id,
         name=name,
         source=source,
-        budget=budget,
-        unit=unit,
-        secret=secret,
+        task="classification",
+        # Placeholders until ready (the API shows null): see Dataset.status.
+        num_features=0,
+        num_classes=0,
+        num_train=0,
+        num_test=0,
+        classes={"labels": list(schema.classes) if schema else []},
+        data_schema=schema.model_dump() if schema else None,
+        split_secret=data.new_secret(),
         validation_dataset_id=validation_dataset_id,
+        privacy_unit=unit,
+        epsilon_total=budget.epsilon if budget else None,
+        delta_total=budget.delta if budget else None,
+        storage_key=f"datasets/{dataset_id}.npz",
+        status=DatasetStatus.VALIDATING,
+        ingest={"target": target, "client_column": client_column},
+        ingest_sent_at=utcnow(),
+        stored_bytes=size,
     )
+    key = raw_upload_key(dataset)
+    # Published before the quota's lock on the tenant row, so no fsync runs under it.
+    store.publish(staged, key)
+    try:
+        _check_quota(repos, settings, tenant_id, size)
+        repos.add(dataset)
+    except BaseException:
+        store.delete(key)
+        raise
+    return dataset
+
+
+def require_ready(dataset: Dataset) -> None:
+    """Jobs and budgets need a ready dataset: 409 while validating, or once invalid."""
+    if dataset.status != DatasetStatus.READY:
+        raise DatasetNotReady(
+            f"dataset {dataset.id} is {dataset.status}; it takes jobs once it is ready",
+            field="dataset_id",
+            dataset_status=dataset.status,
+        )

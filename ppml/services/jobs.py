@@ -1,11 +1,13 @@
 """Jobs: admit (reserve budget), enqueue, quote, cancel.
 
 Admission keeps σ calibration outside the lock: the dataset is read (once; it is cached) and
-the job priced without a transaction, then a writer transaction locks the budget row,
-re-checks the filter on the newest totals, and inserts the job and its RESERVE entry together.
+the job priced without a transaction, then a writer transaction locks the tenant's row and
+the budget row (in that order, everywhere), counts the tenant's active jobs and re-checks the
+filter on the newest totals, and inserts the job and its RESERVE entry together.
 Concurrent admissions to one dataset are grouped (:mod:`ppml.services.grouping`): one
-transaction, one lock and one commit decide a batch of them, in arrival order, each on the
-totals that include the ones before it, exactly as if they had come one after the other.
+transaction, one pair of locks and one commit decide a batch of them, in arrival order, each
+on the totals and counts that include the ones before it, exactly as if they had come one
+after the other. The tenant's lock makes its active-job limit exact across API processes.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from sqlalchemy.exc import IntegrityError
 
 from ppml.cache import LRUCache
 from ppml.config import Settings
-from ppml.db.models import Dataset, Job, JobStatus, new_id, utcnow
+from ppml.db.models import Dataset, DatasetStatus, Job, JobStatus, new_id, utcnow
 from ppml.db.repositories import Repositories
 from ppml.db.session import Database
 from ppml.errors import (
@@ -65,13 +67,13 @@ class Quote:
 
 
 class _ActiveJobs:
-    """Each tenant's count of queued and running jobs, for the soft per-tenant limit.
+    """Each tenant's count of queued and running jobs, for an early refusal outside any lock.
 
-    Counting them is a scan of the tenant's active jobs (thousands when many are queued) on
-    every admission. Instead a count read from the database is reused for ``ttl`` seconds,
-    plus the jobs this process admitted since. Jobs that finished meanwhile still count (so
-    it errs towards refusing), while jobs admitted by other API processes do not (the limit
-    is soft); a count at or over the limit is always read again before a refusal.
+    A tenant at its limit that keeps submitting is refused here, before it prices a job or
+    queues for its tenant's lock; the exact check is the count under that lock (``_admit``,
+    ``_decide_together``). A count read from the database is reused for ``ttl`` seconds, plus
+    the jobs this process admitted since; a count at or over the limit is always read again
+    before a refusal, so a refusal here is one the exact check would also make.
     """
 
     def __init__(self, ttl: float = 1.0) -> None:
@@ -158,7 +160,8 @@ class JobService:
             dataset = repos.dataset(tenant_id, dataset_id)
             if dataset is None:
                 raise NotFound("dataset not found", field="dataset_id")
-            self._datasets.put((tenant_id, dataset_id), dataset)
+            if dataset.status == DatasetStatus.READY:  # a validating one will change
+                self._datasets.put((tenant_id, dataset_id), dataset)
         return dataset
 
     def _priced(self, tenant_id: str, spec: JobSpec) -> tuple[Dataset, Pricing]:
@@ -169,18 +172,29 @@ class JobService:
         return dataset, price(spec, dataset, self.settings)
 
     def _room(self, tenant_id: str) -> int:
-        """How many more jobs the tenant may have queued or running (soft; see _ActiveJobs).
-
-        Call it outside any transaction: a count it must refresh is read in its own session.
-        """
+        """How many more jobs the tenant may have queued or running, for an early refusal
+        (see _ActiveJobs). Call it outside any transaction: a count it must refresh is read in
+        its own session."""
         limit = self.settings.limits.max_active_jobs_per_tenant
 
         def count() -> int:
-            # Counting stops at the limit: only "at the limit or not" matters.
             with self.db.read_one() as session:
                 return Repositories(session).count_active_jobs(tenant_id, up_to=limit)
 
         return limit - self._active.count(tenant_id, count, limit=limit)
+
+    def _room_locked(self, repos: Repositories, tenant_ids: Sequence[str]) -> dict[str, int]:
+        """Lock the tenants' rows, in id order, and count their active jobs: the exact room.
+
+        Take it before any budget row (lock order: tenant, then budget). Admissions of one
+        tenant then take turns, in every API process, so none can count before another's
+        commit and overshoot the limit.
+        """
+        limit = self.settings.limits.max_active_jobs_per_tenant
+        for tenant_id in sorted(set(tenant_ids)):
+            repos.lock_tenant(tenant_id)
+        # Counting stops at the limit: only "how far below it" matters.
+        return {t: limit - repos.count_active_jobs(t, up_to=limit) for t in set(tenant_ids)}
 
     def _refuse_if_full(self, room: int) -> None:
         if room <= 0:
@@ -228,6 +242,8 @@ class JobService:
         self, tenant_id: str, spec: JobSpec, *, idempotency_key: str | None = None
     ) -> tuple[Job, bool]:
         """Admit and enqueue a job. Returns ``(job, created)``; replays return ``created=False``."""
+        if idempotency_key is None:  # a replay is answered even at the limit
+            self._refuse_if_full(self._room(tenant_id))
         dataset, pricing = self._priced(tenant_id, spec)
         digest = request_hash(spec)
         admission = _Admission(tenant_id=tenant_id, dataset=dataset, spec=spec, pricing=pricing)
@@ -259,23 +275,20 @@ class JobService:
     ) -> tuple[Job, bool]:
         """Admit one job in its own transaction (replays, non-private jobs, fallbacks)."""
         tenant_id, dataset, pricing = admission.tenant_id, admission.dataset, admission.pricing
-        # The per-tenant limit is soft: checked outside the budget lock, so a burst may
-        # overshoot it slightly.
-        room = self._room(tenant_id)
-        if idempotency_key is None:
-            self._refuse_if_full(room)
         # One transaction and one pooled connection for the whole admission.
         with self.db.session(write=True) as session:
             repos = Repositories(session)
             ledger = Ledger(repos)
-            # Lock first: a duplicate with the same key is then serialised behind us.
+            # Lock first (tenant, then budget): a duplicate with the same key is then
+            # serialised behind us, and so is every other admission of the tenant.
+            room = self._room_locked(repos, [tenant_id])[tenant_id]
             budget = ledger.lock(dataset.id) if pricing.event is not None else None
             if idempotency_key is not None:
                 existing = repos.job_by_idempotency_key(tenant_id, idempotency_key)
                 if existing is not None:
                     _check_same_request(existing, digest)
                     return existing, False
-                self._refuse_if_full(room)  # only for a new job, not for a replay
+            self._refuse_if_full(room)  # only for a new job, not for a replay
             job = _new_job(admission, digest, idempotency_key)
             # Staged, not flushed: the commit writes the job, its entry and the totals in one
             # flush, while the lock is held for as short a time as possible.
@@ -309,16 +322,16 @@ class JobService:
     def _decide_together(
         self, dataset_id: str, items: Sequence[tuple[_Admission, str]]
     ) -> list[Job | PPMLError]:
-        """One transaction under one budget lock: each item is decided on the totals that
-        include the items before it (a serial replay in arrival order), then all are written
-        in one flush. Raises, writing nothing, if the transaction fails."""
+        """One transaction under the tenant's lock and one budget lock: each item is decided
+        on the totals and job counts that include the items before it (a serial replay in
+        arrival order), then all are written in one flush. Raises, writing nothing, if the
+        transaction fails."""
         decided: list[Job | PPMLError] = []
-        room = {a.tenant_id: 0 for a, _ in items}
-        for tenant_id in room:  # outside the lock, as in _admit
-            room[tenant_id] = self._room(tenant_id)
         with self.db.session(write=True) as session:
             repos = Repositories(session)
             ledger = Ledger(repos)
+            # A dataset has one tenant, so this is one more lock per batch, not per item.
+            room = self._room_locked(repos, [a.tenant_id for a, _ in items])
             budget = ledger.lock(dataset_id)
             for admission, digest in items:
                 job = _new_job(admission, digest, None)

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 from ppml.architectures import count_parameters, model_problem
 from ppml.config import Settings
-from ppml.db.models import Dataset
-from ppml.errors import InvalidInput, PrivacyRequired
+from ppml.db.models import Dataset, DatasetStatus
+from ppml.errors import DatasetNotReady, InvalidInput, PrivacyRequired
 from ppml.jobs.records import PrivacyRecord
 from ppml.jobs.schedule import Schedule, evaluation_plan, schedule
 from ppml.privacy import accounting as acc
@@ -183,6 +183,12 @@ def _population(spec: JobSpec, dataset: Dataset) -> int:
 
 def price(spec: JobSpec, dataset: Dataset, settings: Settings) -> Pricing:
     """Validate a job against its dataset and compute its privacy cost (no writes)."""
+    if dataset.status != DatasetStatus.READY:  # its counts are not known yet (or never will be)
+        raise DatasetNotReady(
+            f"dataset {dataset.id} is {dataset.status}; it takes jobs once it is ready",
+            field="dataset_id",
+            dataset_status=dataset.status,
+        )
     if spec.training.batch_size > dataset.num_train:
         raise InvalidInput(
             f"batch_size exceeds the dataset's {dataset.num_train} training records",

@@ -167,18 +167,27 @@ def list_api_keys(
     return repos.list_api_keys(tenant_id, page_size=page_size, page_token=page_token)
 
 
-def revoke_api_key(repos: Repositories, *, tenant_id: str, key_id: str) -> ApiKey:
+def revoke_api_key(
+    repos: Repositories, *, tenant_id: str, key_id: str, by: Principal | None = None
+) -> ApiKey:
     """Revoke one of the tenant's keys; revoking a revoked key changes nothing.
 
     Every API process refuses the key within a second of the commit (their key caches keep
     an entry at most that long; ``api.auth``).
 
+    Args:
+        by: The key asking, which must be an owner's of the tenant; None: the admin.
+
     Raises:
-        NotFound: the tenant has no such key.
+        NotFound: the tenant has no such key (checked first, so another tenant's key ids
+            look missing to every role).
+        Forbidden: ``by`` is an analyst's key.
     """
     row = repos.api_key(tenant_id, key_id)
     if row is None:
         raise NotFound("API key not found")
+    if by is not None:
+        require_owner(by, "only an owner key may revoke the tenant's keys")
     if row.revoked_at is None:
         row.revoked_at = utcnow()
     return row

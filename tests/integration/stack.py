@@ -82,22 +82,28 @@ def wait_for_status(
 
 
 @contextmanager
-def embedded_serve(root: Path, admin_token: str) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+def embedded_serve(
+    root: Path, admin_token: str, *args: str, **env: str
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """``ppml serve`` on the embedded default (API + worker, SQLite, filesystem broker) with
-    its data under ``root/data``; yields its base URL and process once it is ready."""
+    its data under ``root/data``; yields its base URL and process once it is ready.
+
+    ``args`` are more ``ppml serve`` options, ``env`` more ``PPML_*`` settings (e.g.
+    ``PPML_DATABASE_URL``)."""
     port = free_port()
-    env = service_env(root / "data", PPML_ADMIN_TOKEN=admin_token)
+    env = service_env(root / "data", PPML_ADMIN_TOKEN=admin_token, **env)
     log = root / "serve.log"
-    with process([str(BIN / "ppml"), "serve", "--port", str(port)], env, log) as proc:
+    command = [str(BIN / "ppml"), "serve", "--port", str(port), *args]
+    with process(command, env, log) as proc:
         base = f"http://127.0.0.1:{port}"
         wait_ready(base, proc, log)
         yield base, proc
 
 
-def tenant_client(base: str, admin_token: str) -> httpx.Client:
+def tenant_client(base: str, admin_token: str, name: str = "clinic") -> httpx.Client:
     """A new tenant's client on the service at ``base``: its owner key in every request."""
     admin = {"Authorization": f"Bearer {admin_token}"}
-    tenant = httpx.post(f"{base}/v1/tenants", json={"name": "clinic"}, headers=admin)
+    tenant = httpx.post(f"{base}/v1/tenants", json={"name": name}, headers=admin)
     assert tenant.status_code == 201, tenant.text
     key = httpx.post(f"{base}/v1/tenants/{tenant.json()['id']}/api-keys", headers=admin)
     assert key.status_code == 201

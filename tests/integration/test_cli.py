@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -143,6 +144,24 @@ def test_datasets_upload_list_and_public_data(env: dict[str, str], tmp_path: Pat
     assert "--classes" in undeclared.stderr
 
 
+def test_upload_waits_for_validation_and_fails_with_the_reason(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    # arrange: a CSV whose third column holds a word deep in the file
+    lines = ["a,b,label"] + [f"{i},{i % 5},{i % 2}" for i in range(100)]
+    lines[60] = "7,word,0"
+    bad = tmp_path / "bad.csv"
+    bad.write_text("\n".join(lines) + "\n")
+    upload = ["datasets", "upload", str(bad), "--target", "label", "--public"]
+    # act
+    refused = _run([*upload, "--name", "bad"], env, code=1)
+    accepted = json.loads(_run([*upload, "--name", "later", "--no-wait", "--json"], env).stdout)
+    # assert: the worker's reason, without the value
+    assert "is invalid" in refused.stderr and "not numeric" in refused.stderr
+    assert "word" not in refused.stderr
+    assert accepted["status"] == "validating" and accepted["num_train"] is None
+
+
 def test_api_errors_print_the_problem_detail_and_exit_1(env: dict[str, str]) -> None:
     missing = _run(["jobs", "get", "job_nope"], env, code=1)
     budget = _run(["datasets", "add", "d", "--builtin", "digits"], env, code=1)
@@ -188,6 +207,31 @@ def test_keys_create_takes_a_role_and_an_analyst_key_registers_public_data_only(
     assert "admin" in bad_role.output
     assert "HTTP 403" in refused.stderr and "owner key" in refused.stderr
     assert public.stdout.strip().startswith("ds")
+
+
+def test_keys_list_and_revoke_as_the_admin_and_as_an_owner(service: str) -> None:
+    # arrange: an owner key and an expiring analyst key of a new tenant
+    admin = {"PPML_URL": service, "PPML_ADMIN_TOKEN": ADMIN, "PPML_API_KEY": ""}
+    tenant_id = _run(["tenants", "create", "cli-keys"], admin).stdout.strip()
+    owner = json.loads(_run(["keys", "create", tenant_id, "--json"], admin).stdout)
+    expiring = ["keys", "create", tenant_id, "--role", "analyst", "--json"]
+    analyst = json.loads(_run([*expiring, "--expires-at", "2099-01-01T00:00:00Z"], admin).stdout)
+    as_owner = {"PPML_URL": service, "PPML_API_KEY": owner["key"], "PPML_ADMIN_TOKEN": ""}
+    # act
+    by_admin = json.loads(_run(["keys", "list", "--tenant", tenant_id, "--json"], admin).stdout)
+    table = _run(["keys", "list"], as_owner).stdout
+    revoked = _run(["keys", "revoke", analyst["id"]], as_owner)
+    by_owner = json.loads(_run(["keys", "list", "--json"], as_owner).stdout)
+    _run(["keys", "revoke", owner["id"], "--tenant", tenant_id], admin)
+    # assert
+    assert [k["id"] for k in by_admin] == [analyst["id"], owner["id"]]
+    assert by_admin[0]["expires_at"] == "2099-01-01T00:00:00Z"
+    assert owner["prefix"] in table and owner["key"] not in table + json.dumps(by_admin)
+    assert f"key {analyst['id']} revoked" in revoked.stderr
+    assert [k["revoked_at"] is not None for k in by_owner] == [True, False]
+    time.sleep(1.0)  # every API process refuses a revoked key within a second
+    refused = _run(["datasets", "list"], as_owner, code=1)
+    assert "HTTP 401" in refused.stderr
 
 
 def test_cancel_a_queued_job(env: dict[str, str], digits: str, tmp_path: Path) -> None:

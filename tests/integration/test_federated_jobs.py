@@ -15,6 +15,7 @@ from ppml.jobs.records import PrivacyRecord
 from ppml.jobs.runner import JobRunner
 from ppml.privacy import accounting as acc
 from tests.conftest import register_digits
+from tests.integration import ingest_helpers
 
 FED = {
     "num_clients": 10,
@@ -52,13 +53,10 @@ def _client_dataset(client: TestClient, tenant: dict[str, str]) -> tuple[str, in
         "privacy_unit": "client",
         "schema": '{"classes": ["0", "1"]}',
     }
-    upload = client.post(
-        "/v1/datasets/upload",
-        headers=tenant,
-        data=form,
-        files={"file": ("d.npz", buffer.getvalue())},
+    upload = ingest_helpers.upload(
+        client, tenant, data=form, files={"file": ("d.npz", buffer.getvalue())}
     )
-    assert upload.status_code == 201, upload.text
+    assert upload.status_code == 202 and upload.json()["status"] == "ready", upload.text
     assert upload.json()["num_clients"] + upload.json()["num_test_clients"] == 60
     return str(upload.json()["id"]), int(upload.json()["num_clients"])
 

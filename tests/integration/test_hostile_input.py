@@ -11,6 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from tests.conftest import admin_headers, dp_job_spec, register_digits
+from tests.integration import ingest_helpers
 
 
 def _assert_422(response: httpx.Response, field: str) -> None:
@@ -59,15 +60,18 @@ def test_nul_in_an_upload_name_or_label_is_a_422_and_stores_nothing(
         data={"name": "p\x00", "target": "label"},
         files={"file": ("d.csv", io.BytesIO(rows.encode()))},
     )
-    labelled = client.post(
-        "/v1/datasets/upload",
-        headers=tenant,
+    labelled = ingest_helpers.upload(
+        client,
+        tenant,
         data={"name": "p", "target": "label"},
         files={"file": ("d.csv", io.BytesIO(bad_label.encode()))},
     )
     _assert_422(named, "name")
-    _assert_422(labelled, "target")
-    assert client.get("/v1/datasets", headers=tenant).json()["items"] == []
+    # a label is data: the worker finds it, and the dataset is invalid for that reason
+    assert labelled.json()["status"] == "invalid", labelled.text
+    assert labelled.json()["problem"]["field"] == "target"
+    listed = client.get("/v1/datasets", headers=tenant).json()["items"]
+    assert [d["status"] for d in listed] == ["invalid"]
 
 
 def test_numbers_are_numbers_on_the_wire(client: TestClient, tenant: dict[str, str]) -> None:

@@ -17,8 +17,8 @@ from tests.conftest import dp_job_spec, new_tenant, register_digits
 BODIES: dict[tuple[str, str], dict[str, Any]] = {
     ("POST", "/v1/jobs/{job_id}/predict"): {"inputs": [[0.0] * 64]},
 }
-# Admin routes are scoped by the admin token, not by tenant.
-ADMIN_ONLY = {"/v1/tenants/{tenant_id}/api-keys"}
+# Admin routes (under /v1/tenants) are scoped by the admin token, not by tenant.
+ADMIN_PREFIX = "/v1/tenants/"
 
 
 def _id_routes(client: TestClient) -> list[tuple[str, str]]:
@@ -26,7 +26,7 @@ def _id_routes(client: TestClient) -> list[tuple[str, str]]:
     return [
         (method.upper(), path)
         for path, operations in paths.items()
-        if "{" in path and path not in ADMIN_ONLY
+        if "{" in path and not path.startswith(ADMIN_PREFIX)
         for method in operations
     ]
 
@@ -39,7 +39,8 @@ def test_every_id_route_hides_other_tenants_objects(client: TestClient, stranger
     owner, stranger = new_tenant(client), new_tenant(client, role=stranger_role)
     dataset_id = register_digits(client, owner)
     job_id = client.post("/v1/jobs", json=dp_job_spec(dataset_id), headers=owner).json()["id"]
-    ids = {"dataset_id": dataset_id, "job_id": job_id}
+    key_id = client.get("/v1/api-keys", headers=owner).json()["items"][0]["id"]
+    ids = {"dataset_id": dataset_id, "job_id": job_id, "key_id": key_id}
     routes = _id_routes(client)
     assert len(routes) >= 8
     for method, template in routes:
@@ -51,6 +52,8 @@ def test_every_id_route_hides_other_tenants_objects(client: TestClient, stranger
         assert answer.status_code == 404, f"{method} {template} answered {answer.status_code}"
         assert answer.headers["content-type"] == "application/problem+json"
     # the owner still sees its objects, unchanged by the stranger's attempts
+    keys = client.get("/v1/api-keys", headers=owner).json()["items"]
+    assert [k["revoked_at"] for k in keys] == [None]  # its key was not revoked
     job = client.get(f"/v1/jobs/{job_id}", headers=owner).json()
     assert job["status"] == "queued" and not job["cancel_requested"]
     assert [d["id"] for d in client.get("/v1/datasets", headers=stranger).json()["items"]] == []

@@ -25,6 +25,7 @@ from tests.conftest import (
     new_tenant_id,
     register_digits,
 )
+from tests.integration import ingest_helpers
 
 Headers = dict[str, str]
 BUDGET = {"epsilon": 8.0, "delta": 1e-5}
@@ -117,14 +118,14 @@ def test_an_analyst_may_register_and_upload_public_data(
     owner, analyst = owner_and_analyst
     # act
     builtin_id = register_digits(client, analyst, epsilon=None)
-    upload = client.post(
-        "/v1/datasets/upload",
-        headers=analyst,
+    upload = ingest_helpers.upload(
+        client,
+        analyst,
         data={"name": "public", "target": "label"},
         files={"file": ("p.csv", _csv())},
     )
     # assert
-    assert upload.status_code == 201, upload.text
+    assert upload.status_code == 202 and upload.json()["status"] == "ready", upload.text
     assert upload.json()["privacy_budget"] is None
     # the tenant's data, whichever key registered it
     assert set(_datasets(client, owner)) == {builtin_id, upload.json()["id"]}

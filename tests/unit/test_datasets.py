@@ -1040,3 +1040,55 @@ def test_schema_parses_a_declared_label_set() -> None:
 
     # assert
     assert schema.classes == ["benign", "malignant"]
+
+
+# --------------------------------------------------------------------- decoded-size bound
+
+
+def test_csv_bound_counts_lines_not_bytes(tmp_path: Path) -> None:
+    # arrange: 100 columns, 1,000 rows of which each is a short line (decodes as full rows)
+    from ppml.datasets.inspect import inspect_upload
+
+    path = tmp_path / "short.csv"
+    path.write_text(",".join(f"c{j}" for j in range(99)) + ",label\n" + "1\n" * 1000)
+    # act
+    shape = inspect_upload(
+        path, file_format="csv", target="label", client_column=None, limits=UploadLimits()
+    )
+    # assert: 99 features at 8 + 4 bytes and a text label, per line
+    assert (shape.rows, shape.columns) == (1000, 100)
+    assert shape.decoded_bytes == 1000 * (99 * 12 + 64)
+
+
+def test_a_bomb_is_refused_from_its_headers_before_decoding(tmp_path: Path) -> None:
+    # arrange: 200,000 × 20 zeros in about 20 KB of Parquet: 32 MB decoded
+    zeros = pa.array(np.zeros(200_000))
+    table = pa.Table.from_arrays(
+        [zeros] * 20 + [pa.array(np.arange(200_000) % 2)],
+        names=[f"c{j}" for j in range(20)] + ["label"],
+    )
+    path = tmp_path / "bomb.parquet"
+    pq.write_table(table, path, compression="zstd")
+    limits = UploadLimits(max_decoded_bytes=16 * 1024**2)
+    # act
+    started = time.monotonic()
+    with pytest.raises(PayloadTooLarge) as refused:
+        parse_upload(path, file_format="parquet", target="label", limits=limits)
+    # assert
+    assert refused.value.extra["decoded_bytes"] == 200_000 * (20 * 12 + 8)
+    assert refused.value.extra["limit"] == 16 * 1024**2
+    assert time.monotonic() - started < 0.5 and path.stat().st_size < 200_000
+
+
+def test_a_text_parquet_feature_is_refused_from_the_schema(tmp_path: Path) -> None:
+    from ppml.datasets.inspect import inspect_upload
+
+    frame = pd.DataFrame({"a": [1.0, 2.0], "name": [SECRET_WORD, "x"], "label": [0, 1]})
+    path = tmp_path / "text.parquet"
+    frame.to_parquet(path)
+    with pytest.raises(MalformedFile) as refused:
+        inspect_upload(
+            path, file_format="parquet", target="label", client_column=None, limits=UploadLimits()
+        )
+    assert "column 2 ('name') is not numeric" in refused.value.detail
+    assert SECRET_WORD not in refused.value.detail

@@ -6,11 +6,13 @@ from __future__ import annotations
 import ast
 import itertools
 from pathlib import Path
+from typing import cast
 
 import pytest
 from sqlalchemy.exc import OperationalError
 
 from ppml.db.models import Job, JobStatus
+from ppml.db.repositories import Repositories
 from ppml.jobs import lifecycle
 from ppml.jobs.heartbeat import Heartbeat
 from ppml.jobs.records import Progress
@@ -33,19 +35,36 @@ def test_the_transition_table_is_exactly_the_documented_one() -> None:
     assert set(lifecycle.TRANSITIONS) == set(JobStatus)
 
 
+class _Events:
+    """The repository's event log, as ``move`` sees it."""
+
+    def __init__(self) -> None:
+        self.appended: list[tuple[str, str, dict[str, object]]] = []
+
+    def append_job_event(self, job_id: str, kind: str, data: dict[str, object]) -> int:
+        self.appended.append((job_id, str(kind), data))
+        return len(self.appended)
+
+
 @pytest.mark.parametrize(("current", "target"), itertools.product(JobStatus, JobStatus))
-def test_move_allows_exactly_the_table(current: JobStatus, target: JobStatus) -> None:
+def test_move_allows_exactly_the_table_and_records_each_move(
+    current: JobStatus, target: JobStatus
+) -> None:
     # arrange
     job = Job(id="job_1", status=current, lease_owner="w", lease_expires_at=None)
+    events = _Events()
+    repos = cast(Repositories, events)
     # act / assert
     if (current.value, target.value) in EXPECTED:
-        lifecycle.move(job, target)
+        lifecycle.move(repos, job, target)
         assert job.status == target
         assert (job.finished_at is not None) == target.terminal
+        assert events.appended == [("job_1", "status", {"status": target.value})]
     else:
         with pytest.raises(lifecycle.IllegalTransition):
-            lifecycle.move(job, target)
+            lifecycle.move(repos, job, target)
         assert job.status == current
+        assert events.appended == []
 
 
 def _status_writes(tree: ast.AST) -> list[int]:
@@ -54,6 +73,8 @@ def _status_writes(tree: ast.AST) -> list[int]:
     lines = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Assign | ast.AugAssign | ast.AnnAssign):
+            if node.value is not None and "DatasetStatus" in ast.unparse(node.value):
+                continue  # a dataset's ingestion status, not a job's
             targets = node.targets if isinstance(node, ast.Assign) else [node.target]
             for target in targets:
                 for leaf in ast.walk(target):
