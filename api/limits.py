@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from urllib.parse import parse_qsl
 
@@ -59,36 +59,19 @@ class BodySizeLimit:
         limit = self.limit(scope)
         declared = _content_length(scope)
         if declared is not None and declared > limit:
-            await _refuse(limit, scope, receive, send)
+            await _too_large(limit)(scope, receive, send)
             return
         seen = 0
-        started = refused = False
 
-        async def counting_receive() -> Message:
-            nonlocal seen, refused
-            if refused:
-                return {"type": "http.disconnect"}
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > limit and not started:
-                    refused = True
-                    await _refuse(limit, scope, receive, send)
-                    return {"type": "http.disconnect"}
-            return message
+        async def too_large(message: Message) -> Response | None:
+            nonlocal seen
+            seen += len(message.get("body", b""))
+            return _too_large(limit) if seen > limit else None
 
-        async def guarded_send(message: Message) -> None:
-            nonlocal started
-            if refused:
-                return
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
-        await self.app(scope, counting_receive, guarded_send)
+        await _refusing(self.app, scope, receive, send, too_large)
 
 
-async def _refuse(limit: int, scope: Scope, receive: Receive, send: Send) -> None:
+def _too_large(limit: int) -> Response:
     response = problem(
         413,
         "payload-too-large",
@@ -97,7 +80,7 @@ async def _refuse(limit: int, scope: Scope, receive: Receive, send: Send) -> Non
         extra={"limit": limit},
     )
     response.headers["Connection"] = "close"
-    await response(scope, receive, send)
+    return response
 
 
 def _content_length(scope: Scope) -> int | None:
@@ -134,31 +117,56 @@ class NulGuard:
         if not _is_json(scope):
             await self.app(scope, receive, send)
             return
-        tail, refused, started = b"", False, False
+        tail = b""
 
-        async def scanning_receive() -> Message:
-            nonlocal tail, refused
-            if refused:
+        async def holds_nul(message: Message) -> Response | None:
+            nonlocal tail
+            chunk = tail + message.get("body", b"")
+            tail = chunk[-(len(self._ESCAPE) - 1) :]
+            if self._ESCAPE in chunk.lower() or b"\x00" in chunk:
+                return _nul_problem("body")
+            return None
+
+        await _refusing(self.app, scope, receive, send, holds_nul)
+
+
+async def _refusing(
+    app: ASGIApp,
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    inspect: Callable[[Message], Awaitable[Response | None]],
+) -> None:
+    """Run ``app``, showing ``inspect`` every body chunk as it streams in.
+
+    When ``inspect`` answers a response (before the app started its own), the guard sends it
+    and tells the app the client went away, so no parser wraps the refusal into another
+    error; whatever the app sends afterwards is dropped.
+    """
+    started = refused = False
+
+    async def inspecting_receive() -> Message:
+        nonlocal refused
+        if refused:
+            return {"type": "http.disconnect"}
+        message = await receive()
+        if message["type"] == "http.request" and not started:
+            refusal = await inspect(message)
+            if refusal is not None:
+                refused = True
+                await refusal(scope, receive, send)
                 return {"type": "http.disconnect"}
-            message = await receive()
-            if message["type"] == "http.request":
-                chunk = tail + message.get("body", b"")
-                if (self._ESCAPE in chunk.lower() or b"\x00" in chunk) and not started:
-                    refused = True
-                    await _nul_problem("body")(scope, receive, send)
-                    return {"type": "http.disconnect"}
-                tail = chunk[-(len(self._ESCAPE) - 1) :]
-            return message
+        return message
 
-        async def guarded_send(message: Message) -> None:
-            nonlocal started
-            if refused:
-                return
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
+    async def guarded_send(message: Message) -> None:
+        nonlocal started
+        if refused:
+            return
+        if message["type"] == "http.response.start":
+            started = True
+        await send(message)
 
-        await self.app(scope, scanning_receive, guarded_send)
+    await app(scope, inspecting_receive, guarded_send)
 
 
 def _nul_in_url(scope: Scope) -> str | None:

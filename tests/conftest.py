@@ -32,9 +32,10 @@ def _pg_url(name: str) -> str:
 
 # Databases: the migrations run once per session, into a template; each test gets a copy.
 # PostgreSQL clones the template (CREATE DATABASE … TEMPLATE, a file copy), SQLite copies the
-# file. Tests do not roll back a transaction instead: the app, the services and the workers
-# open their own sessions, connections and threads (and spawn processes), so one connection
-# per test cannot hold what they write; a copy isolates every kind of test alike.
+# file. No test runs inside a transaction rolled back at its end: the app, the services and
+# the workers open their own sessions (the API's job reads their own psycopg connections), on
+# threads and in processes, so no one connection could hold what a test writes. A copy
+# isolates every kind of test alike, for about the cost of an empty database.
 
 
 @pytest.fixture(scope="session")
