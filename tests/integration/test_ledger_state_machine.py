@@ -113,7 +113,8 @@ class ModelJob:
     heartbeats: int = 0  # progress is unknown to the reaper until the first one
     attempts: int = 0  # claims; the reaper re-queues a lost job until the limit
     cancel_requested: bool = False
-    committed_steps: int | None = None  # None until settled; 0 = fully released
+    committed_steps: int | None = None  # None until settled
+    untouched: bool = False  # settled without its data ever touched: fully released
 
     @property
     def planned(self) -> int:
@@ -122,8 +123,10 @@ class ModelJob:
     @property
     def committed(self) -> acc.Curve:
         """The charge the ledger must hold for this job (settle caps it at the reservation)."""
-        if self.committed_steps is None or self.committed_steps == 0:
+        if self.committed_steps is None or self.untouched:
             return acc.zero()
+        # A job that touched its data is charged its steps and its metric releases, even
+        # at 0 steps (it may have scored its model before its first step).
         run = acc.rdp_curve(self.event.with_steps(min(self.committed_steps, self.planned)))
         return tuple(min(a, b) for a, b in zip(run, self.reserved, strict=True))
 
@@ -286,6 +289,7 @@ def machine_class(h: Harness) -> type[RuleBasedStateMachine]:
                 # worker: charged like a lost worker
                 job.status = JobStatus.CANCELLED
                 job.committed_steps = self.stop_charge(job) if job.attempts else 0
+                job.untouched = not job.attempts
                 if job.attempts:
                     seen["cancel: requeued"] += 1
             assert row.status == job.status
@@ -441,7 +445,7 @@ def machine_class(h: Harness) -> type[RuleBasedStateMachine]:
                     assert kinds.count(LedgerKind.COMMIT) <= 1
                     assert kinds.count(LedgerKind.RELEASE) <= 1
                     assert (LedgerKind.RELEASE in kinds) == (job.committed_steps is not None)
-                    assert (LedgerKind.COMMIT in kinds) == bool(job.committed_steps)
+                    assert (LedgerKind.COMMIT in kinds) == any(job.committed)
 
         @invariant()
         def statuses_match(self) -> None:
