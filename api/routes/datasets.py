@@ -83,8 +83,10 @@ class DatasetUpload(BaseModel):
         return self
 
 
-def _problem(row: models.Dataset) -> DatasetProblem | None:
-    if row.problem is None:
+def _problem(row: models.Dataset, *, owner: bool) -> DatasetProblem | None:
+    # Why a budgeted upload is invalid (an undeclared label, too few rows for its δ) is
+    # learnt from its protected rows: only the data's owner sees it (docs/privacy.md).
+    if row.problem is None or (row.epsilon_total is not None and not owner):
         return None
     reason = dict(row.problem)
     code = reason.pop("code", "invalid-input")
@@ -92,7 +94,8 @@ def _problem(row: models.Dataset) -> DatasetProblem | None:
     return DatasetProblem.model_construct(type=f"/problems/{code}", **reason)
 
 
-def to_schema(row: models.Dataset) -> Dataset:
+def to_schema(row: models.Dataset, *, owner: bool = True) -> Dataset:
+    """The dataset as a key of its tenant sees it (``owner``: an owner key)."""
     budget = None
     if row.epsilon_total is not None and row.delta_total is not None:
         budget = PrivacyBudget(epsilon=row.epsilon_total, delta=row.delta_total)
@@ -102,7 +105,7 @@ def to_schema(row: models.Dataset) -> Dataset:
         id=row.id,
         name=row.name,
         status=row.status,
-        problem=_problem(row),
+        problem=_problem(row, owner=owner),
         source=row.source,
         task=row.task,
         num_features=row.num_features if ready else None,
@@ -237,22 +240,25 @@ def upload_dataset(
 
 @router.get("", operation_id="list_datasets", responses=errors(), response_model=DatasetPage)
 def list_datasets(
-    tenant_id: CurrentTenant,
+    principal: CurrentPrincipal,
     repos: ReposDep,
     page_size: PageSize = DEFAULT_PAGE_SIZE,
     page_token: PageToken = None,
 ) -> DatasetPage:
     """List the tenant's datasets, newest first."""
-    rows, token = repos.list_datasets(tenant_id, page_size=page_size, page_token=page_token)
-    return DatasetPage(items=[to_schema(r) for r in rows], next_page_token=token)
+    rows, token = repos.list_datasets(
+        principal.tenant_id, page_size=page_size, page_token=page_token
+    )
+    owner = principal.is_owner
+    return DatasetPage(items=[to_schema(r, owner=owner) for r in rows], next_page_token=token)
 
 
 @router.get(
     "/{dataset_id}", operation_id="get_dataset", responses=errors(404), response_model=Dataset
 )
-def get_dataset(dataset: OwnedDataset) -> Dataset:
+def get_dataset(dataset: OwnedDataset, principal: CurrentPrincipal) -> Dataset:
     """One dataset's metadata."""
-    return to_schema(dataset)
+    return to_schema(dataset, owner=principal.is_owner)
 
 
 @router.get(

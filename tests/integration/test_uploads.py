@@ -26,7 +26,7 @@ from ppml.db.repositories import Repositories
 from ppml.db.session import Database
 from ppml.jobs.reaper import Reaper
 from ppml.queue import make_celery
-from tests.conftest import ADMIN_TOKEN, new_tenant
+from tests.conftest import ADMIN_TOKEN, new_key, new_tenant, new_tenant_id
 from tests.integration.ingest_helpers import ingest_in, upload
 from tests.integration.stack import BIN, free_port, process, service_env, wait_ready
 from tests.security.bombs import csv_bomb, npz_bomb, parquet_bomb
@@ -280,6 +280,27 @@ def test_undeclared_label_is_refused_and_nothing_is_stored(
     assert _refused(response)["field"] == "schema.classes"
     assert secret not in response.text
     _nothing_stored(small_client, tenant, tmp_path / "data")
+
+
+def test_why_a_budgeted_upload_is_invalid_is_shown_to_owners_only(
+    small_client: TestClient,
+) -> None:
+    # arrange: the reason is learnt from protected rows (here: an undeclared label)
+    tenant_id = new_tenant_id(small_client)
+    owner, analyst = new_key(small_client, tenant_id), new_key(small_client, tenant_id, "analyst")
+    bad = _csv() + b"50,0.5,undeclared\n"
+    dataset_id = _upload(
+        small_client, owner, "p.csv", bad, epsilon=2.0, delta=1e-4, schema=SCHEMA
+    ).json()["id"]
+    # act
+    seen_by_owner = small_client.get(f"/v1/datasets/{dataset_id}", headers=owner).json()
+    seen_by_analyst = small_client.get(f"/v1/datasets/{dataset_id}", headers=analyst).json()
+    listed = small_client.get("/v1/datasets", headers=analyst).json()["items"]
+    # assert
+    assert seen_by_owner["status"] == seen_by_analyst["status"] == "invalid"
+    assert seen_by_owner["problem"]["field"] == "schema.classes"
+    assert seen_by_analyst["problem"] is None
+    assert [item["problem"] for item in listed] == [None]
 
 
 @pytest.mark.parametrize(
