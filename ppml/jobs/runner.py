@@ -42,6 +42,7 @@ from ppml.privacy.evaluation import (
     EvaluationPlan,
     ReleasedMetrics,
     release_outcome,
+    scoring_interval,
 )
 from ppml.privacy.ledger import Ledger
 from ppml.specs import JobSpec
@@ -326,6 +327,7 @@ class JobRunner:
             mu=fed.mu,
             server_learning_rate=fed.server_learning_rate,
             dropout=fed.dropout,
+            eval_every=scoring_interval(fed.rounds, fed.evaluate_every),
         )
         keyed: dict[str, Any] = {}
         if fed.partition.scheme != "column":  # placed by keyed hashes of each record alone

@@ -41,11 +41,11 @@ __all__ = [
     "Metrics",
     "MetricsRelease",
     "ReleasedMetrics",
-    "default_evaluate_every",
     "exact_metrics",
     "metric_releases",
     "release_metrics",
     "release_outcome",
+    "scoring_interval",
 ]
 
 #: Fraction of a job's target ε spent on its analyst-visible metrics by default.
@@ -227,16 +227,17 @@ def release_metrics(
 
 
 def metric_releases(rounds: int | None, evaluate_every: int | None) -> int:
-    """Sets of metrics a job releases: 1 centralised, ``ceil(rounds / every)`` federated."""
+    """Sets of metrics a job releases: 1 centralised; federated, one every
+    :func:`scoring_interval` rounds and one after the last, ``ceil(rounds / every)``."""
     if rounds is None:
         return 1
-    every = evaluate_every or default_evaluate_every(rounds)
-    return math.ceil(rounds / every)
+    return math.ceil(rounds / scoring_interval(rounds, evaluate_every))
 
 
-def default_evaluate_every(rounds: int) -> int:
-    """Score a federated model every this many rounds: at most 20 sets of metrics."""
-    return max(1, math.ceil(rounds / 20))
+def scoring_interval(rounds: int, evaluate_every: int | None) -> int:
+    """Every how many rounds a federated job scores its model: as asked, or by default at
+    most 20 times. Pricing and the worker both use it, so what is scored is what is charged."""
+    return evaluate_every or max(1, math.ceil(rounds / 20))
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -195,3 +195,19 @@ def test_non_private_federated_job_on_public_data(
     assert JobRunner(database, settings).run(job["id"]) == "succeeded"
     done = client.get(f"/v1/jobs/{job['id']}", headers=tenant).json()
     assert done["metrics"]["test_accuracy"] > 0.3 and done["privacy"] is None
+
+
+def test_a_federated_job_scores_exactly_the_rounds_it_was_charged_for(
+    client: TestClient, tenant: dict[str, str], database: Database, settings: Settings
+) -> None:
+    # arrange: 5 rounds scored every 2nd round and after the last: 3 releases priced
+    dataset_id = register_digits(client, tenant)
+    spec = _spec(dataset_id, "sample", rounds=5, evaluate_every=2)
+    submitted = client.post("/v1/jobs", json=spec, headers=tenant)
+    assert submitted.status_code == 202, submitted.text
+    assert submitted.json()["privacy"]["evaluation"]["releases"] == 3
+    # act
+    assert JobRunner(database, settings).run(submitted.json()["id"]) == "succeeded"
+    job = client.get(f"/v1/jobs/{submitted.json()['id']}", headers=tenant).json()
+    # assert: the worker released no more scores than admission charged
+    assert [entry["round"] for entry in job["metrics_history"]] == [2, 4, 5]
