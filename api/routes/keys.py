@@ -9,6 +9,7 @@ from fastapi import APIRouter, Path, Response
 from api.deps import CurrentPrincipal, ReposDep, RequireOwner
 from api.routes.common import DEFAULT_PAGE_SIZE, PageSize, PageToken, errors
 from api.schemas import ApiKey, ApiKeyPage
+from ppml.db.repositories import Repositories
 from ppml.services import tenants
 
 router = APIRouter(prefix="/v1/api-keys", tags=["keys"])
@@ -25,8 +26,15 @@ def list_own_api_keys(
 
     Keys are never shown again after their creation: only their first characters.
     """
+    return key_page(repos, owner.tenant_id, page_size=page_size, page_token=page_token)
+
+
+def key_page(
+    repos: Repositories, tenant_id: str, *, page_size: int, page_token: str | None
+) -> ApiKeyPage:
+    """One page of a tenant's keys, as the owner's and the admin's listings show it."""
     rows, token = tenants.list_api_keys(
-        repos, tenant_id=owner.tenant_id, page_size=page_size, page_token=page_token
+        repos, tenant_id=tenant_id, page_size=page_size, page_token=page_token
     )
     items = [ApiKey.model_validate(r, from_attributes=True) for r in rows]
     return ApiKeyPage(items=items, next_page_token=token)

@@ -8,8 +8,8 @@ from fastapi import APIRouter, Body, Path, Response
 
 from api.deps import AdminAuth, ReposDep
 from api.routes.common import DEFAULT_PAGE_SIZE, PageSize, PageToken, errors
+from api.routes.keys import key_page
 from api.schemas import (
-    ApiKey,
     ApiKeyCreate,
     ApiKeyCreated,
     ApiKeyPage,
@@ -96,11 +96,7 @@ def list_api_keys(
 
     Keys are never shown again after their creation: only their first characters.
     """
-    rows, token = tenants.list_api_keys(
-        repos, tenant_id=tenant_id, page_size=page_size, page_token=page_token
-    )
-    items = [ApiKey.model_validate(r, from_attributes=True) for r in rows]
-    return ApiKeyPage(items=items, next_page_token=token)
+    return key_page(repos, tenant_id, page_size=page_size, page_token=page_token)
 
 
 @router.delete(
