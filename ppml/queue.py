@@ -38,6 +38,9 @@ def make_celery(settings: Settings) -> Celery:
             data_folder_out=str(folder),
             control_folder=str(folder / "control"),  # default is ./control in the cwd
             store_processed=False,
+            # The folder is listed this often: a job starts, and a stopping worker notices
+            # its signal, within about this long (kombu's default is 1 s).
+            polling_interval=0.1,
         )
     queue = settings.worker.queue
     app.conf.update(

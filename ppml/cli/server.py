@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 
 import typer
 
@@ -60,9 +59,13 @@ def db_check(
     typer.echo("ledger consistent" if not bad else f"repaired: {', '.join(bad)}")
 
 
-def _die_with_parent() -> None:
-    """In the worker child (Linux): the kernel sends it SIGTERM when ``ppml serve`` dies,
-    even by SIGKILL, so no embedded worker outlives its server."""
+def _embedded_worker_child() -> None:
+    """In the worker child, before it runs. Its own process group: a signal sent to the
+    server's group (Ctrl+C, ``kill -- -PGID``) reaches the server alone, whose shutdown stops
+    the worker, instead of killing the worker mid-shutdown and having it restarted. On Linux the
+    kernel also sends it SIGTERM when ``ppml serve`` dies, even by SIGKILL, so no embedded worker
+    outlives its server."""
+    os.setpgrp()
     if sys.platform.startswith("linux"):
         import ctypes
 
@@ -89,13 +92,14 @@ class _WorkerSupervisor:
     def _loop(self) -> None:
         while not self.stopping.is_set():
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "worker"], preexec_fn=_die_with_parent
+                [sys.executable, "-m", "worker"], preexec_fn=_embedded_worker_child
             )
             code = self.process.wait()
             if self.stopping.is_set():
                 return
             log.warning("embedded worker exited with %s; restarting", code)
-            time.sleep(1)
+            if self.stopping.wait(1):
+                return
 
     def stop(self) -> None:
         self.stopping.set()

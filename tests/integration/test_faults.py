@@ -167,6 +167,17 @@ def _wait_ready(stack: Stack, index: int, timeout: float = 120) -> None:
         time.sleep(0.2)
 
 
+def _logs_once_they_show(stack: Stack, needle: str, timeout: float = 60) -> str:
+    """Every worker's log, once one of them shows ``needle`` (waits for it)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        logs = "".join(p.read_text() for p in sorted(stack.tmp.glob("worker*.log")))
+        if needle in logs:
+            return logs
+        assert time.monotonic() < deadline, f"no worker logged {needle!r}"
+        time.sleep(0.1)
+
+
 def _checkpoints(stack: Stack, job_id: str) -> list[Path]:
     return list((stack.tmp / "data" / "checkpoints").glob(f"{job_id}.*"))
 
@@ -178,7 +189,8 @@ def test_a_worker_killed_mid_job_is_resumed_elsewhere_and_charged_once(stack: St
     for index in (0, 1):
         stack.worker()
         _wait_ready(stack, index)
-    job_id = client.post("/v1/jobs", json=dp_job_spec(dataset_id, epsilon=10.0, epochs=400)).json()[
+    # ~1,300 steps: seconds of training, long enough to be killed mid-job
+    job_id = client.post("/v1/jobs", json=dp_job_spec(dataset_id, epsilon=10.0, epochs=150)).json()[
         "id"
     ]
     first = _claimed_by(stack, job_id, attempt=1)
@@ -219,6 +231,7 @@ def test_a_poison_job_fails_after_its_attempts_and_the_queue_drains(stack: Stack
     client = tenant_client(stack.base, ADMIN)
     dataset_id = _dataset(client)
     stack.worker()
+    stack.worker()  # a spare, so each attempt waits for the lease and not for a worker's start
     poison = client.post("/v1/jobs", json=dp_job_spec(dataset_id, epsilon=5.0, epochs=400)).json()[
         "id"
     ]
@@ -253,12 +266,11 @@ def test_a_message_delivered_twice_trains_once_and_charges_once(stack: Stack) ->
     # act
     stack.send_again(job_id)
     job = wait_for_status(client, job_id, {"succeeded", "failed"}, timeout=120)
-    time.sleep(2)  # let the duplicate delivery finish on the other worker
+    logs = _logs_once_they_show(stack, f"job {job_id} is not queued")  # the duplicate's end
     # assert
     assert job["status"] == "succeeded"
     entries = _ledger(client, dataset_id, job_id)
     assert sorted(e["kind"] for e in entries) == ["commit", "release", "reserve"]
-    logs = "".join((stack.tmp / f"worker{i}.log").read_text() for i in range(2))
     assert logs.count(f"job {job_id} succeeded") == 1
     assert logs.count(f"job {job_id} is not queued") == 1
 
