@@ -33,6 +33,17 @@ class Limits(BaseModel):
     max_sample_epochs: int = 200_000_000  # epochs × training records
     max_parameters: int = 50_000_000
     max_active_jobs_per_tenant: int = 256  # queued + running
+    # Estimated compute, in sample-gradients × model parameters (ppml.services.pricing): one
+    # sample-gradient is a forward and backward pass of one example, about 6 FLOPs per
+    # parameter. Per job (422 at quote and submit), and summed over a tenant's queued and
+    # running jobs (429 at submit). The largest job of the tests and benchmarks is ~2e10
+    # (an MLP 40-256-256-10, 60 epochs over 4,000 records); the limits allow 2,500 of them.
+    max_job_compute: int = Field(default=5 * 10**13, ge=1, le=2**62)
+    max_tenant_compute: int = Field(default=2 * 10**14, ge=1, le=2**62)
+    # POST /v1/jobs/quote per tenant and API process: a token bucket refilled at this rate
+    # that holds at most quote_burst tokens; an empty bucket answers 429 with Retry-After.
+    quotes_per_second: float = Field(default=5.0, gt=0)
+    quote_burst: int = Field(default=30, ge=1)
     max_predict_rows: int = 4096
     model_cache_size: int = 32  # loaded ONNX sessions kept by each API process
 
@@ -68,6 +79,12 @@ class WorkerSettings(BaseModel):
     # An upload's validation holds the dataset this long: a duplicate delivery meanwhile
     # leaves it alone, and only after it may a re-sent task try again (a worker lost).
     ingest_lease_s: float = Field(default=900.0, gt=0)
+    # Fair sharing of workers between tenants (ppml.jobs.lifecycle): a job that has held its
+    # worker this long yields it at its next report when another tenant's job has waited
+    # ``preempt_after_wait_s`` (long enough for an idle worker to have claimed it). It goes
+    # back to ``queued`` and resumes from its checkpoint, charged once. None: never preempt.
+    time_slice_s: float | None = Field(default=600.0, gt=0)
+    preempt_after_wait_s: float = Field(default=5.0, ge=0)
     # CPU threads per training process (None: torch's default, one per core). On machines
     # shared with the API or other workers, fewer threads avoid busy-waiting on each other.
     torch_threads: int | None = None

@@ -12,7 +12,7 @@ from ppml.config import get_settings
 from ppml.db.session import UNAVAILABLE, Database
 from ppml.jobs.reaper import Reaper
 from ppml.jobs.runner import ClaimUnavailable, JobRunner
-from ppml.queue import INGEST_DATASET, RUN_JOB, make_celery
+from ppml.queue import INGEST_DATASET, RUN_JOB, enqueue_job, make_celery
 from ppml.services.ingestion import ingest_upload
 from ppml.storage import ArtifactStore
 
@@ -27,7 +27,8 @@ celery_app = make_celery(get_settings())
 def _runner() -> JobRunner:
     # One engine per worker process, made after fork.
     settings = get_settings()
-    return JobRunner(Database(settings.resolved_database_url, pool_size=2), settings)
+    db = Database(settings.resolved_database_url, pool_size=2)
+    return JobRunner(db, settings, enqueue=lambda job_id: enqueue_job(celery_app, job_id))
 
 
 @lru_cache(maxsize=1)

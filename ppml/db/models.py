@@ -172,6 +172,9 @@ class Tenant(Base):
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     name: Mapped[str] = mapped_column(String(100), unique=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # When a worker last claimed one of its jobs: the tenant served longest ago goes first
+    # (ppml.jobs.lifecycle.claim_next).
+    last_claim_at: Mapped[datetime | None]
 
 
 class ApiKey(Base):
@@ -262,6 +265,7 @@ class Job(Base):
     __table_args__ = (
         UniqueConstraint("tenant_id", "idempotency_key", name="uq_jobs_tenant_idempotency"),
         Index("ix_jobs_tenant_status", "tenant_id", "status"),
+        Index("ix_jobs_status_queued_at", "status", "queued_at"),
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
@@ -282,7 +286,15 @@ class Job(Base):
     error: Mapped[JobError | None] = mapped_column(Typed(JobError))
     idempotency_key: Mapped[str | None] = mapped_column(String(200))
     request_hash: Mapped[str] = mapped_column(String(64))
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)  # claims, preempted ones included
+    # Claims that ended in a preemption (the job yielded its worker to another tenant's): they
+    # do not count toward the worker's max_attempts.
+    preemptions: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # When it last entered ``queued`` (admitted, re-queued, preempted): its place in line.
+    queued_at: Mapped[datetime | None] = mapped_column(default=utcnow)
+    # Estimated work, in sample-gradients × parameters (ppml.services.pricing); None for jobs
+    # admitted before estimates existed.
+    compute: Mapped[int | None] = mapped_column(BigInteger)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     data_touched: Mapped[bool] = mapped_column(Boolean, default=False)
     steps_done: Mapped[int] = mapped_column(Integer, default=0)

@@ -10,8 +10,8 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, insert, select, text, update
-from sqlalchemy.orm import Session
+from sqlalchemy import case, func, insert, select, text, update
+from sqlalchemy.orm import Session, aliased
 
 from ppml.db.models import (
     ApiKey,
@@ -161,6 +161,11 @@ class Repositories:
             stmt = stmt.execution_options(populate_existing=True)
         return self.session.scalar(stmt)
 
+    def budget_version(self, dataset_id: str) -> int | None:
+        """The budget row's version alone (it changes with every ledger write), or None."""
+        stmt = select(DatasetBudget.version).where(DatasetBudget.dataset_id == dataset_id)
+        return self.session.scalar(stmt)
+
     def all_budgets(self) -> Sequence[DatasetBudget]:
         return self.session.scalars(select(DatasetBudget)).all()
 
@@ -205,6 +210,15 @@ class Repositories:
         stmt = select(func.count()).select_from(rows.subquery())
         return int(self.session.scalar(stmt) or 0)
 
+    def active_compute(self, tenant_id: str) -> int:
+        """Summed compute estimate of a tenant's queued and running jobs (a job admitted
+        before estimates existed counts 0)."""
+        active = (JobStatus.QUEUED, JobStatus.RUNNING)
+        stmt = select(func.coalesce(func.sum(func.coalesce(Job.compute, 0)), 0)).where(
+            Job.tenant_id == tenant_id, Job.status.in_(active)
+        )
+        return int(self.session.scalar(stmt) or 0)
+
     def claim_job(
         self, job_id: str, *, owner: str, lease_until: datetime, status: JobStatus
     ) -> bool:
@@ -228,6 +242,61 @@ class Repositories:
             .execution_options(synchronize_session=False)
         )
         return bool(getattr(result, "rowcount", 0) == 1)
+
+    def next_queued_job(self, hint: str | None = None) -> str | None:
+        """The queued job a free worker should run next, fairly between tenants: of the
+        tenant with the fewest running jobs, then the one whose last claim is oldest (never
+        claimed first), its job queued longest ago. Among equals, ``hint`` (the job a message
+        named) and its tenant go first. On PostgreSQL the row is locked, and rows other
+        claims hold are skipped."""
+        hinted = select(Job.tenant_id).where(Job.id == hint).scalar_subquery()
+        other = aliased(Job)
+        running = (
+            select(func.count())
+            .select_from(other)
+            .where(other.tenant_id == Job.tenant_id, other.status == JobStatus.RUNNING)
+            .scalar_subquery()
+        )
+        stmt = (
+            select(Job.id)
+            .join(Tenant, Tenant.id == Job.tenant_id)
+            .where(Job.status == JobStatus.QUEUED, Job.cancel_requested.is_(False))
+            .order_by(
+                running,
+                Tenant.last_claim_at.asc().nulls_first(),
+                case((Job.tenant_id == hinted, 0), else_=1),
+                Job.tenant_id,
+                case((Job.id == hint, 0), else_=1),
+                Job.queued_at,
+                Job.id,
+            )
+            .limit(1)
+            .with_for_update(of=Job, skip_locked=True)
+        )
+        return self.session.scalar(stmt)
+
+    def mark_tenant_claimed(self, tenant_id: str, *, now: datetime) -> None:
+        """Record that a worker claimed one of the tenant's jobs (see next_queued_job)."""
+        self.session.execute(
+            update(Tenant)
+            .where(Tenant.id == tenant_id)
+            .values(last_claim_at=now)
+            .execution_options(synchronize_session=False)
+        )
+
+    def others_waiting(self, tenant_id: str, *, queued_before: datetime) -> bool:
+        """Whether another tenant has a job queued since before ``queued_before``."""
+        stmt = (
+            select(Job.id)
+            .where(
+                Job.status == JobStatus.QUEUED,
+                Job.cancel_requested.is_(False),
+                Job.tenant_id != tenant_id,
+                Job.queued_at < queued_before,
+            )
+            .limit(1)
+        )
+        return self.session.scalar(stmt) is not None
 
     def heartbeat(
         self,

@@ -46,7 +46,7 @@ def progress_at(
 
 @dataclass
 class Heartbeat:
-    """Training callbacks (``on_progress``, ``should_stop``) of one job attempt."""
+    """Training callbacks (``on_progress``, ``should_stop``) of one job attempt (claim)."""
 
     beat_fn: Beat
     job_id: str
@@ -58,6 +58,13 @@ class Heartbeat:
     cancel: bool = False
     lost: bool = False
     timed_out: bool = False
+    # Fair sharing: after ``time_slice`` seconds of this claim, a report at which
+    # ``contended()`` (another tenant's job waits for a worker) stops training (``preempted``).
+    time_slice: float | None = None
+    contended: Callable[[], bool] = lambda: False
+    preempted: bool = False
+    started: float = field(default_factory=time.monotonic)
+    last_contention_check: float = 0.0
     last_beat: float = field(default_factory=time.monotonic)  # last try
     last_renewal: float = field(default_factory=time.monotonic)  # last one that reached the db
 
@@ -76,6 +83,21 @@ class Heartbeat:
             epsilon_spent=self.epsilon_of(progress.steps_done),
         )
         self.beat()
+        self._yield_if_contended()
+
+    def _yield_if_contended(self) -> None:
+        """At a report (the checkpoint was just written): preempted when this claim has had
+        its time slice and another tenant waits. Asked at most once a second."""
+        if self.time_slice is None or self.cancel or self.lost or self.preempted:
+            return
+        now = time.monotonic()
+        if now - self.started < self.time_slice or now - self.last_contention_check < 1.0:
+            return
+        self.last_contention_check = now
+        try:
+            self.preempted = self.contended()
+        except UNAVAILABLE:
+            log.warning("job %s: the database is unavailable; training on", self.job_id)
 
     def beat(self) -> None:
         """Report the last progress and renew the lease; learn of cancellation."""
@@ -97,4 +119,4 @@ class Heartbeat:
             self.timed_out = True
         if now - self.last_beat > self.renew_every:
             self.beat()
-        return self.cancel or self.lost or self.timed_out
+        return self.cancel or self.lost or self.timed_out or self.preempted

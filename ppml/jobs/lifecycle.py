@@ -4,8 +4,14 @@
 
     queued ──claim──▶ running ──finish──▶ succeeded | failed | cancelled
       │                 │
-      │                 └──requeue (worker lost, attempts left)──▶ queued
+      │                 ├──requeue (worker lost, attempts left)──▶ queued
+      │                 └──preempt (yields to another tenant)────▶ queued
       └──cancel while queued──▶ cancelled
+
+Workers are shared fairly between tenants: a free worker claims the job :func:`claim_next`
+picks, whichever job its message named, and a job that has held its worker for a time slice
+while another tenant's job waits yields at its next report (:func:`preempt`), from its
+checkpoint, without a new charge.
 
 A job's end is written in one place, :func:`finish`: it settles the ledger (commit what may
 have run, release the rest), sets the terminal status, records the privacy outcome, and keeps
@@ -34,9 +40,11 @@ __all__ = [
     "Ending",
     "IllegalTransition",
     "claim",
+    "claim_next",
     "finish",
     "move",
     "new_job",
+    "preempt",
     "requeue",
 ]
 
@@ -86,11 +94,40 @@ def claim(repos: Repositories, job_id: str, *, owner: str, lease_until: datetime
     return True
 
 
+def claim_next(repos: Repositories, hint: str, *, owner: str, lease_until: datetime) -> str | None:
+    """queued → running for the job a free worker should run next, fairly between tenants
+    (``Repositories.next_queued_job``); its tenant is marked served. None when no job waits.
+
+    A message names a job (``hint``), which runs when fairness allows; otherwise the message
+    is a turn for the job that should go first. Each queued job was sent one message, so the
+    job a turn skipped is run by a later turn, and a duplicate turn finds nothing."""
+    job_id = repos.next_queued_job(hint)
+    if job_id is None or not claim(repos, job_id, owner=owner, lease_until=lease_until):
+        return None
+    job = repos.job_by_id(job_id)
+    assert job is not None
+    repos.mark_tenant_claimed(job.tenant_id, now=utcnow())
+    return job_id
+
+
 def requeue(repos: Repositories, job: Job) -> None:
     """running → queued after its worker was lost; the reservation stays."""
     move(repos, job, QUEUED)
     job.lease_owner = job.lease_expires_at = None
     job.enqueued_at = None
+    job.queued_at = job.updated_at
+
+
+def preempt(repos: Repositories, job: Job) -> None:
+    """running → queued: the job yielded its worker to another tenant's at a report, where
+    its checkpoint was written. The reservation stays, nothing is charged, and the claim does
+    not count toward max_attempts. It waits at the back of its tenant's line; the caller
+    sends its message after the commit (unsent, the reaper sends it)."""
+    move(repos, job, QUEUED)
+    job.lease_owner = job.lease_expires_at = None
+    job.enqueued_at = None
+    job.queued_at = job.updated_at
+    job.preemptions += 1
 
 
 @dataclass(frozen=True, kw_only=True)

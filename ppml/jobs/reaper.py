@@ -93,7 +93,9 @@ class Reaper:
             expires = job.lease_expires_at if job else None
             if job is None or job.status != JobStatus.RUNNING or expires is None or expires >= now:
                 return None
-            if job.attempts < self.settings.worker.max_attempts and not job.cancel_requested:
+            # Claims that ended in a preemption were no failure of the job's.
+            lost_attempts = job.attempts - job.preemptions
+            if lost_attempts < self.settings.worker.max_attempts and not job.cancel_requested:
                 # The reservation stays: the job will still run at most its planned steps.
                 lifecycle.requeue(repos, job)
                 log.warning("job %s: worker lost on attempt %d; re-queued", job_id, job.attempts)
@@ -106,7 +108,7 @@ class Reaper:
             else:
                 error = JobError(
                     code="worker_lost",
-                    message=f"the worker stopped reporting ({job.attempts} attempts)",
+                    message=f"the worker stopped reporting ({lost_attempts} attempts)",
                 )
                 ending = lifecycle.Ending(
                     status=JobStatus.FAILED, steps=steps, note="worker lost", error=error

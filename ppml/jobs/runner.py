@@ -2,7 +2,8 @@
 
 Idempotent by construction: a job is claimed with a conditional update, so a duplicate
 delivery of the same message finds it taken (or finished) and does nothing; the ledger's
-idempotency keys make a retried settlement harmless.
+idempotency keys make a retried settlement harmless. A message is a turn: the worker claims
+the job fair sharing picks (``lifecycle.claim_next``), which need not be the one it names.
 """
 
 from __future__ import annotations
@@ -24,25 +25,20 @@ from ppml.db.models import Dataset, Job, JobStatus, utcnow
 from ppml.db.repositories import Repositories
 from ppml.db.session import UNAVAILABLE, Database
 from ppml.jobs import lifecycle
+from ppml.jobs.attempt import publish_model, train_federated_job
 from ppml.jobs.checkpoints import JobCheckpoints
 from ppml.jobs.heartbeat import Heartbeat, progress_at
-from ppml.jobs.receipts import build_receipt, file_metadata
 from ppml.jobs.records import (
-    ArtifactRef,
     Artifacts,
     JobError,
-    PrivacyRecord,
     Progress,
-    Receipt,
 )
 from ppml.jobs.schedule import Schedule, evaluation_plan, schedule, unreported_steps
 from ppml.privacy.evaluation import (
     DEFAULT_LOSS_CLIP,
     WITHHELD,
     EvaluationPlan,
-    ReleasedMetrics,
     release_outcome,
-    scoring_interval,
 )
 from ppml.privacy.ledger import Ledger
 from ppml.specs import JobSpec
@@ -70,10 +66,19 @@ class ClaimUnavailable(RuntimeError):
 class JobRunner:
     """Runs jobs for one worker process."""
 
-    def __init__(self, db: Database, settings: Settings, *, owner: str | None = None) -> None:
+    def __init__(
+        self,
+        db: Database,
+        settings: Settings,
+        *,
+        owner: str | None = None,
+        enqueue: Callable[[str], bool] | None = None,
+    ) -> None:
+        """``enqueue`` sends a preempted job's message (False: not sent; the reaper will)."""
         self.db, self.settings = db, settings
         self.owner = owner or worker_identity()
         self.store = ArtifactStore(settings.data_dir)
+        self.enqueue = enqueue
 
     def _lease_until(self) -> datetime:
         return utcnow() + timedelta(seconds=self.settings.worker.lease_seconds)
@@ -89,8 +94,9 @@ class JobRunner:
                 steps=steps,
             )
 
-    def claim(self, job_id: str) -> tuple[Job, Dataset] | None:
-        """queued → running for this worker, or None if the job is not (or no longer) queued.
+    def claim(self, sent_for: str) -> tuple[Job, Dataset] | None:
+        """queued → running for this worker: the job fair sharing picks now, or None when no
+        job is queued. ``sent_for`` is the job the message named (for the log).
 
         Raises:
             ClaimUnavailable: the database could not be reached; nothing was claimed.
@@ -98,26 +104,28 @@ class JobRunner:
         try:
             with self.db.session(write=True) as session:
                 repos = Repositories(session)
-                job = repos.job_by_id(job_id)
-                if job is None or job.status != JobStatus.QUEUED:
-                    return None
                 lease = self._lease_until()
-                if not lifecycle.claim(repos, job_id, owner=self.owner, lease_until=lease):
-                    return None
-                job = repos.job_by_id(job_id)
+                job_id = lifecycle.claim_next(repos, sent_for, owner=self.owner, lease_until=lease)
+                job = repos.job_by_id(job_id) if job_id else None
                 dataset = repos.dataset_by_id(job.dataset_id) if job else None
         except UNAVAILABLE as exc:
-            raise ClaimUnavailable(f"job {job_id}: database unavailable at claim") from exc
-        assert job is not None and dataset is not None
+            raise ClaimUnavailable(f"job {sent_for}: database unavailable at claim") from exc
+        if job is None or dataset is None:
+            return None
+        if job.id != sent_for:
+            log.info("job %s: its turn goes to job %s (fair sharing)", sent_for, job.id)
         return job, dataset
 
-    def run(self, job_id: str) -> str:
-        """Run ``job_id`` if it is still queued; returns the final status or ``"skipped"``."""
-        claimed = self.claim(job_id)
+    def run(self, sent_for: str) -> str:
+        """Take a turn: run the queued job fair sharing picks (``sent_for`` is the job the
+        message named). Returns the job's final status, ``"preempted"``, ``"lost"`` or
+        ``"skipped"`` (no job queued)."""
+        claimed = self.claim(sent_for)
         if claimed is None:
-            log.info("job %s is not queued; nothing to do", job_id)
+            log.info("job %s is not queued; nothing to do", sent_for)
             return "skipped"
         job, dataset = claimed
+        job_id = job.id
         spec = job.spec
         limit = spec.training.max_runtime_s or self.settings.worker.job_time_limit_s
         limit = min(limit, self.settings.worker.job_time_limit_s)  # per attempt
@@ -153,6 +161,8 @@ class JobRunner:
         if beat.lost:
             log.warning("job %s: lease lost; another worker owns it now", job_id)
             return "lost"
+        if result.stopped and beat.preempted and not (beat.cancel or beat.timed_out):
+            return self._yield(job, result.steps_done)
         try:
             ending = self._ending(job, dataset, plan, beat, result, limit)
         except Exception as exc:  # publishing the model failed (storage): end it, don't hide it
@@ -173,6 +183,12 @@ class JobRunner:
             # Training alone: the evaluation releases happen at the end.
             return privacy.model_copy(update={"evaluation": None}).spent(steps) if privacy else None
 
+        def contended() -> bool:
+            wait = timedelta(seconds=self.settings.worker.preempt_after_wait_s)
+            with self.db.session() as session:
+                repos = Repositories(session)
+                return repos.others_waiting(job.tenant_id, queued_before=utcnow() - wait)
+
         return Heartbeat(
             self.heartbeat,
             job.id,
@@ -181,7 +197,28 @@ class JobRunner:
             last=progress_at(start, plan, local_epochs=fed.local_epochs if fed else None),
             epsilon_of=epsilon_of,
             steps_reported=start,
+            time_slice=self.settings.worker.time_slice_s,
+            contended=contended,
         )
+
+    def _yield(self, job: Job, steps: int) -> str:
+        """Give the worker to another tenant's job: back to queued, resumed from the
+        checkpoint written at this step; not charged now, and not a lost attempt."""
+        try:
+            with self.db.session(write=True) as session:
+                repos = Repositories(session)
+                row = repos.job_by_id(job.id, lock=True)
+                if row is None or row.status != JobStatus.RUNNING or row.lease_owner != self.owner:
+                    return "skipped"
+                lifecycle.preempt(repos, row)
+        except UNAVAILABLE:
+            log.warning("job %s: database unavailable at preemption; left to the reaper", job.id)
+            return "lost"
+        log.info("job %s preempted at step %d: another tenant's job waits", job.id, steps)
+        if self.enqueue is not None and self.enqueue(job.id):
+            with self.db.session(write=True) as session:
+                Repositories(session).mark_enqueued(job.id)
+        return "preempted"
 
     def _ending(
         self,
@@ -217,7 +254,7 @@ class JobRunner:
         if status != JobStatus.SUCCEEDED:
             return ending  # models are published for succeeded jobs only
         privacy = job.privacy.finished(result.steps_done, None) if job.privacy else None
-        artifacts, receipt = self._save_model(job, dataset, result, privacy, released)
+        artifacts, receipt = publish_model(self.store, job, dataset, result, privacy, released)
         return replace(ending, artifacts=artifacts, receipt=receipt)
 
     @staticmethod
@@ -282,7 +319,7 @@ class JobRunner:
             "resume": resume,
         }
         if spec.federated is not None:
-            return self._train_federated(spec, private, arrays, common, dataset.split_secret)
+            return train_federated_job(spec, private, arrays, common, dataset.split_secret)
         from ppml.training.dp_sgd import DPPlan, train
 
         dp = None
@@ -294,103 +331,6 @@ class JobRunner:
                 delta=private.delta,
             )
         return train(**common, dp=dp, report_every=self.settings.worker.report_every_steps)
-
-    @staticmethod
-    def _train_federated(
-        spec: JobSpec,
-        private: PrivacyRecord | None,
-        arrays: data.DatasetArrays,
-        common: dict[str, Any],
-        secret: str | None,
-    ) -> FederatedResult:
-        from ppml.training.federated import FederatedDP, FederatedPlan, train_federated
-
-        fed = spec.federated
-        assert fed is not None
-        dp = None
-        if private is not None and spec.privacy is not None:
-            dp = FederatedDP(
-                level=spec.privacy.level,
-                noise_multiplier=private.noise_multiplier,
-                clip_norm=spec.privacy.max_grad_norm,
-                sample_rate=private.sample_rate,
-                delta=private.delta,
-            )
-        plan = FederatedPlan(
-            num_clients=fed.num_clients,
-            clients_per_round=fed.clients_per_round,
-            rounds=fed.rounds,
-            local_epochs=fed.local_epochs,
-            partition=fed.partition.scheme,
-            alpha=fed.partition.alpha,
-            strategy=fed.strategy,
-            mu=fed.mu,
-            server_learning_rate=fed.server_learning_rate,
-            dropout=fed.dropout,
-            eval_every=scoring_interval(fed.rounds, fed.evaluate_every),
-        )
-        keyed: dict[str, Any] = {}
-        if fed.partition.scheme != "column":  # placed by keyed hashes of each record alone
-            if secret is None:
-                raise ValueError("the dataset has no split secret to key its partition with")
-            keys, partition_seed = data.partition_keys(
-                secret,
-                scheme=fed.partition.scheme,
-                seed=spec.training.seed,
-                x=arrays.x_train,
-                labels=np.asarray(arrays.classes)[arrays.y_train],
-            )
-            keyed = {"record_keys": keys, "partition_seed": partition_seed}
-        return train_federated(
-            **common, clients_train=arrays.clients_train, fed=plan, dp=dp, **keyed
-        )
-
-    def _save_model(
-        self,
-        job: Job,
-        dataset: Dataset,
-        result: Outcome,
-        privacy: PrivacyRecord | None,
-        released: ReleasedMetrics,
-    ) -> tuple[Artifacts, Receipt]:
-        """Publish this attempt's model files, with their receipt, under keys of their own.
-
-        They become the job's artefacts only in :meth:`_finish`, under the ownership check:
-        a worker that lost its lease meanwhile never replaces another attempt's model.
-        """
-        from ppml.architectures import ModelShape
-        from ppml.training.export import export_onnx, save_model
-
-        shape = ModelShape(
-            model=job.spec.model,
-            num_features=dataset.num_features,
-            num_classes=dataset.num_classes,
-        )
-        receipt = build_receipt(
-            job,
-            dataset,
-            privacy=privacy,
-            metrics=released.metrics,
-            architecture=shape.as_dict(),
-        )
-        metadata = file_metadata(receipt)
-        stem = f"models/{job.id}.attempt-{job.attempts}"
-        weights = self.store.write(
-            f"{stem}.safetensors",
-            lambda path: save_model(path, result.state_dict, metadata=metadata),
-        )
-        files = {"safetensors": ArtifactRef(key=weights.key, sha256=weights.sha256)}
-        try:
-            graph = self.store.write(
-                f"{stem}.onnx", lambda path: export_onnx(path, result.state_dict, metadata=metadata)
-            )
-        except Exception:
-            # The budget is spent and the weights are safe: a failed export must not lose the
-            # job. The API answers 409 for the missing format.
-            log.exception("job %s: ONNX export failed; serving safetensors only", job.id)
-        else:
-            files["onnx"] = ArtifactRef(key=graph.key, sha256=graph.sha256)
-        return Artifacts(files), receipt
 
     def _finish(self, job: Job, ending: lifecycle.Ending) -> str:
         """End the job through the lifecycle, if it is still this worker's.

@@ -4,133 +4,32 @@ databases (SQLite and PostgreSQL), with tiny logistic regressions on the digits.
 from __future__ import annotations
 
 import hashlib
-import secrets
 from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import update
 
-from ppml.config import Settings, WorkerSettings
-from ppml.db.models import Dataset, Job, JobStatus, LedgerKind, utcnow
+from ppml.config import Settings
+from ppml.db.models import Dataset, Job, JobStatus, LedgerKind
 from ppml.db.repositories import Repositories
 from ppml.db.session import UNAVAILABLE, Database
 from ppml.jobs import lifecycle
-from ppml.jobs.checkpoints import JobCheckpoints
 from ppml.jobs.heartbeat import Heartbeat
 from ppml.jobs.reaper import Reaper
 from ppml.jobs.records import ArtifactRef, Artifacts, Progress
 from ppml.jobs.runner import ClaimUnavailable, JobRunner
-from ppml.jobs.schedule import Schedule, schedule, unreported_steps
+from ppml.jobs.schedule import Schedule, unreported_steps
 from ppml.privacy import accounting as acc
 from ppml.privacy.ledger import budget_status
 from ppml.queue import make_celery
-from ppml.services.datasets import BudgetRequest, register_builtin
-from ppml.services.jobs import JobService
-from ppml.services.tenants import create_tenant
 from ppml.specs import JobSpec
 from ppml.storage import ArtifactStore
-from tests.unit.worlds import Reads
-
-REPORT_EVERY = 5
-
-
-@dataclass
-class World(Reads):
-    """One tenant, its datasets and the services a worker's runner works beside."""
-
-    settings: Settings
-    service: JobService
-    store: ArtifactStore
-    tenant_id: str
-
-    def digits(self, *, epsilon: float | None) -> str:
-        budget = None if epsilon is None else BudgetRequest(epsilon=epsilon, delta=1e-5)
-        with self.db.session(write=True) as session:
-            dataset = register_builtin(
-                Repositories(session),
-                self.store,
-                self.settings,
-                tenant_id=self.tenant_id,
-                name="digits",
-                builtin="digits",
-                budget=budget,
-            )
-        return dataset.id
-
-    def submit(self, *, private: bool, epochs: int = 1) -> str:
-        """A tiny logistic regression: on public digits, or DP on budgeted digits."""
-        dataset_id = self.digits(epsilon=8.0 if private else None)
-        privacy = {"target_epsilon": 2.0, "delta": 1e-5} if private else None
-        spec = JobSpec.model_validate(
-            {
-                "name": "tiny",
-                "dataset_id": dataset_id,
-                "model": {"arch": "logreg"},
-                "training": {"epochs": epochs, "batch_size": 64, "learning_rate": 0.1},
-                "privacy": privacy,
-            }
-        )
-        job, created = self.service.submit(self.tenant_id, spec)
-        assert created and job.status == JobStatus.QUEUED
-        return job.id
-
-    def plan(self, job_id: str) -> Schedule:
-        job = self.job(job_id)
-        with self.db.session() as session:
-            dataset = Repositories(session).dataset_by_id(job.dataset_id)
-        assert dataset is not None
-        return schedule(job.spec, dataset)
-
-    def model_files(self, job_id: str) -> list[str]:
-        folder = self.store.root / "models"
-        return sorted(p.name for p in folder.glob(f"{job_id}.*")) if folder.is_dir() else []
-
-    def model_file_stamps(self, job_id: str) -> dict[str, tuple[int, int, int]]:
-        """Each model file's inode, size and modification time: rewritten files differ."""
-        stamps = {}
-        for name in self.model_files(job_id):
-            stat = (self.store.root / "models" / name).stat()
-            stamps[name] = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
-        return stamps
-
-    def checkpoints(self, job_id: str) -> list[int]:
-        return JobCheckpoints(self.store, job_id).attempts()
-
-    def expire_lease(self, job_id: str) -> None:
-        """The worker vanished: its lease is moved into the past (not waited for)."""
-        with self.db.session(write=True) as session:
-            session.execute(
-                update(Job)
-                .where(Job.id == job_id)
-                .values(lease_expires_at=utcnow() - timedelta(seconds=1))
-                .execution_options(synchronize_session=False)
-            )
-
-
-def worker_settings(settings: Settings, **worker: Any) -> Settings:
-    """The test's settings with a small reporting interval and a queue of its own."""
-    fields = {
-        "report_every_steps": REPORT_EVERY,
-        "queue": f"training-{secrets.token_hex(4)}",
-        **worker,
-    }
-    return settings.model_copy(update={"worker": WorkerSettings(**fields)})
-
-
-def make_world(database: Database, settings: Settings) -> World:
-    with database.session(write=True) as session:
-        tenant = create_tenant(Repositories(session), name=f"t-{secrets.token_hex(4)}")
-    # memory:// broker: a send succeeds and goes nowhere a worker listens
-    service = JobService(database, settings, make_celery(settings))
-    return World(database, settings, service, ArtifactStore(settings.data_dir), tenant.id)
+from tests.unit.worlds import REPORT_EVERY, RunnerWorld, make_world, worker_settings
 
 
 @pytest.fixture
-def world(database: Database, settings: Settings) -> World:
+def world(database: Database, settings: Settings) -> RunnerWorld:
     return make_world(database, worker_settings(settings))
 
 
@@ -153,7 +52,7 @@ def publish_bytes(store: ArtifactStore, key: str, content: bytes) -> ArtifactRef
 
 
 def test_a_queued_job_runs_to_success_and_publishes_its_first_attempts_model_files(
-    world: World,
+    world: RunnerWorld,
 ) -> None:
     # arrange
     job_id = world.submit(private=False)
@@ -185,7 +84,7 @@ def test_a_queued_job_runs_to_success_and_publishes_its_first_attempts_model_fil
 
 
 def test_a_second_delivery_of_a_finished_job_is_skipped_and_changes_nothing(
-    world: World,
+    world: RunnerWorld,
 ) -> None:
     # arrange: the job ran once, on a budget
     job_id = world.submit(private=True)
@@ -206,7 +105,9 @@ def test_a_second_delivery_of_a_finished_job_is_skipped_and_changes_nothing(
     assert world.model_file_stamps(job_id) == files
 
 
-def test_a_job_cancelled_while_queued_is_skipped_without_touching_its_data(world: World) -> None:
+def test_a_job_cancelled_while_queued_is_skipped_without_touching_its_data(
+    world: RunnerWorld,
+) -> None:
     # arrange
     job_id = world.submit(private=True)
     world.service.cancel(world.tenant_id, job_id)
@@ -220,7 +121,7 @@ def test_a_job_cancelled_while_queued_is_skipped_without_touching_its_data(world
     assert world.model_files(job_id) == []
 
 
-def test_a_re_queued_job_publishes_its_model_under_its_second_attempt(world: World) -> None:
+def test_a_re_queued_job_publishes_its_model_under_its_second_attempt(world: RunnerWorld) -> None:
     # arrange: attempt 1's worker claims the job and vanishes; the reaper re-queues it
     job_id = world.submit(private=False)
     assert JobRunner(world.db, world.settings, owner="lost").claim(job_id) is not None
@@ -248,7 +149,7 @@ class CancelAtFirstReport(JobRunner):
     """A runner whose job's cancel is requested (through the service) at its first report
     of progress past step 0, as an analyst's DELETE would arrive mid-run."""
 
-    def __init__(self, world: World) -> None:
+    def __init__(self, world: RunnerWorld) -> None:
         super().__init__(world.db, world.settings, owner="worker-a")
         self.world = world
         self.cancelled_at: int | None = None
@@ -261,7 +162,7 @@ class CancelAtFirstReport(JobRunner):
 
 
 def test_a_cancel_requested_mid_run_ends_the_job_cancelled_charging_only_the_steps_run(
-    world: World,
+    world: RunnerWorld,
 ) -> None:
     # arrange
     job_id = world.submit(private=True)
@@ -315,7 +216,7 @@ class FailsAtSecondCheckpoint(JobRunner):
 
 
 def test_a_training_exception_fails_the_job_charging_the_reported_steps_and_one_interval(
-    world: World,
+    world: RunnerWorld,
 ) -> None:
     # arrange
     job_id = world.submit(private=True)
@@ -345,7 +246,7 @@ def test_a_training_exception_fails_the_job_charging_the_reported_steps_and_one_
 
 
 def test_a_job_whose_data_cannot_be_read_fails_and_is_charged_one_reporting_interval(
-    world: World,
+    world: RunnerWorld,
 ) -> None:
     # arrange: the dataset's file is gone; the claim marks the data touched all the same
     job_id = world.submit(private=True)
@@ -383,7 +284,7 @@ def test_a_job_past_its_time_limit_fails_charged_the_steps_it_ran_without_a_mode
 
 
 def test_a_model_that_cannot_be_published_fails_the_job_at_once_charging_the_steps_run(
-    world: World,
+    world: RunnerWorld,
 ) -> None:
     # arrange: the store cannot take the model files (a file where their folder goes)
     job_id = world.submit(private=True)
@@ -491,7 +392,7 @@ def test_a_finish_that_cannot_reach_the_database_within_a_lease_is_left_to_the_r
 
 
 def test_the_runner_beats_before_training_so_progress_is_known_from_the_start(
-    world: World,
+    world: RunnerWorld,
 ) -> None:
     # arrange: a runner whose training records what the job row said when it began
     seen: dict[str, Any] = {}
