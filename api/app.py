@@ -16,6 +16,7 @@ from api.errors import install_error_handlers
 from api.events import StreamSlots
 from api.heap import FrozenHeap
 from api.limits import MULTIPART_SLACK, BodySizeLimit, NoSniff, NulGuard, RouteLimit
+from api.rates import TokenBuckets
 from api.routes import datasets, health, jobs, keys, models, tenants
 from ppml.config import Limits, Settings, get_settings
 from ppml.db.reads import AsyncReads
@@ -77,6 +78,7 @@ def create_app(settings: Settings | None = None, db: Database | None = None) -> 
     app.state.store = ArtifactStore(settings.data_dir)
     app.state.reads = reads = AsyncReads(db)
     app.state.streams = StreamSlots(settings.events.max_per_tenant)
+    app.state.quotes = TokenBuckets(rate=limits.quotes_per_second, burst=limits.quote_burst)
     app.state.jobs = JobService(db, settings, make_celery(settings))
     install_error_handlers(app)
     for module in (tenants, keys, datasets, jobs, models, health):

@@ -297,6 +297,12 @@ class Job(BaseModel):
         description="Times a worker claimed the job. A job whose worker was lost goes back to "
         "the queue and resumes from its last checkpoint, up to the server's limit of attempts.",
     )
+    compute: int | None = Field(
+        default=None,
+        description="Estimated work, in sample-gradients × model parameters (expected "
+        "per-example gradients of the whole job times its parameters), counted against the "
+        "server's per-job and per-tenant limits; null for jobs admitted before estimates.",
+    )
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
@@ -317,6 +323,10 @@ class Quote(BaseModel):
     epsilon_remaining: float | None
     max_target_epsilon: float | None = Field(
         description="When it does not fit: the largest target_epsilon of this shape that would."
+    )
+    compute: int = Field(
+        description="Estimated work, in sample-gradients × model parameters: what the job "
+        "counts against the server's per-job and per-tenant compute limits."
     )
 
 

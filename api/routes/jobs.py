@@ -8,9 +8,10 @@ route and another for validating a plain ``def`` route's answer.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, BackgroundTasks, Header, Path, Query, Request, Response
+from fastapi import APIRouter, BackgroundTasks, Depends, Header, Path, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
@@ -22,6 +23,7 @@ from api.deps import (
     RequireOwner,
 )
 from api.events import EventStream, StreamSlots, follow
+from api.rates import TokenBuckets
 from api.routes.common import DEFAULT_PAGE_SIZE, PageSize, PageToken, errors
 from api.schemas import ExactMetrics, Job, JobPage, JobSpec, Quote
 from ppml.config import Settings
@@ -38,11 +40,31 @@ def to_schema(row: models.Job) -> Job:
     return Job.model_validate(row, from_attributes=True)
 
 
+async def _quote_turn(request: Request, tenant_id: CurrentTenant) -> None:
+    """A token of the tenant's quote bucket (this process), else 429 with Retry-After.
+
+    A dependency, so it is taken before the body is validated or priced: a flood of quotes,
+    valid or not, costs a dictionary lookup each.
+    """
+    buckets: TokenBuckets = request.app.state.quotes
+    wait = buckets.take(tenant_id)
+    if wait > 0:
+        raise TooManyRequests(
+            f"at most {buckets.rate:g} quotes per second per tenant (bursts of {buckets.burst})",
+            limit=buckets.rate,
+            burst=buckets.burst,
+            retry_after=max(1, math.ceil(wait)),
+        )
+
+
+QuoteTurn = Annotated[None, Depends(_quote_turn)]
+
+
 @router.post(
     "",
     status_code=202,
     operation_id="create_job",
-    responses=errors(404, 409),
+    responses=errors(404, 409, 429),
     response_model=Job,
 )
 async def create_job(
@@ -55,7 +77,11 @@ async def create_job(
         Header(alias="Idempotency-Key", max_length=200, description="Replays return the job."),
     ] = None,
 ) -> Job:
-    """Submit a training job. Its privacy cost is reserved now, or the job is refused (409)."""
+    """Submit a training job. Its privacy cost is reserved now, or the job is refused (409).
+
+    A job whose estimated compute passes the per-job limit is a 422; a tenant whose queued and
+    running jobs leave no room for it (by count or by compute) is answered 429 with
+    Retry-After, with the figures."""
     job, _created = await run_in_threadpool(
         functools.partial(jobs.submit, tenant_id, spec, idempotency_key=idempotency_key)
     )
@@ -63,9 +89,16 @@ async def create_job(
     return to_schema(job)
 
 
-@router.post("/quote", operation_id="quote_job", responses=errors(404, 409), response_model=Quote)
-async def quote_job(spec: JobSpec, tenant_id: CurrentTenant, jobs: JobServiceDep) -> Quote:
-    """Price a job (ε, σ) and say whether it fits the budget. Reserves nothing."""
+@router.post(
+    "/quote", operation_id="quote_job", responses=errors(404, 409, 429), response_model=Quote
+)
+async def quote_job(
+    _turn: QuoteTurn, spec: JobSpec, tenant_id: CurrentTenant, jobs: JobServiceDep
+) -> Quote:
+    """Price a job (ε, σ, compute) and say whether it fits the budget. Reserves nothing.
+
+    Quotes are rate-limited per tenant (429 with Retry-After) and cached until the dataset's
+    budget changes."""
     quote = await run_in_threadpool(jobs.quote, tenant_id, spec)
     return Quote.model_validate(quote, from_attributes=True)
 

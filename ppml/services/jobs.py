@@ -7,7 +7,13 @@ filter on the newest totals, and inserts the job and its RESERVE entry together.
 Concurrent admissions to one dataset are grouped (:mod:`ppml.services.grouping`): one
 transaction, one pair of locks and one commit decide a batch of them, in arrival order, each
 on the totals and counts that include the ones before it, exactly as if they had come one
-after the other. The tenant's lock makes its active-job limit exact across API processes.
+after the other. The tenant's lock makes its active-job limit exact across API processes,
+and its compute limit too: under the lock, the compute estimates of its queued and running
+jobs are summed, and each admission of a batch adds its own before the next is decided.
+
+Quotes are cached per tenant, job shape (the spec without its name) and the version of the
+dataset's budget row, which every ledger write bumps: a repeated quote costs one read of
+that version, and is priced again only after the budget changed.
 """
 
 from __future__ import annotations
@@ -52,6 +58,8 @@ log = logging.getLogger(__name__)
 
 # At most this many admissions share one transaction (the rest wait for the next one).
 ADMISSION_BATCH = 64
+# What a 429 for a tenant at its active-job or compute limit asks clients to wait.
+RETRY_WHEN_FULL_S = 30
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -64,6 +72,20 @@ class Quote:
     fits_budget: bool
     epsilon_remaining: float | None
     max_target_epsilon: float | None
+    compute: int
+
+
+@dataclass
+class _Room:
+    """What a tenant may still add, counted under its row lock (``_room_locked``)."""
+
+    jobs: int  # more queued or running jobs it may have
+    compute: int  # summed compute estimate of its queued and running jobs
+
+    def admit(self, compute: int) -> None:
+        """Count a job admitted earlier in the same transaction."""
+        self.jobs -= 1
+        self.compute += compute
 
 
 class _ActiveJobs:
@@ -128,9 +150,15 @@ def _new_job(admission: _Admission, digest: str, idempotency_key: str | None) ->
         error=None,
         idempotency_key=idempotency_key,
         request_hash=digest,
+        compute=admission.pricing.compute,
         # Marked sent now, saving a write after the send; a failed send clears it.
         enqueued_at=utcnow(),
     )
+
+
+def _shape(spec: JobSpec) -> str:
+    """What a quote depends on in a spec: all of it but its name."""
+    return request_hash(spec.model_copy(update={"name": ""}))
 
 
 def _check_same_request(job: Job, digest: str) -> None:
@@ -149,6 +177,8 @@ class JobService:
         # Datasets never change after registration, so admission need not re-read them.
         self._datasets: LRUCache[tuple[str, str], Dataset] = LRUCache(10_000)
         self._active = _ActiveJobs()
+        # (tenant, job shape) → (budget version it was priced on, or None: no budget; quote)
+        self._quotes: LRUCache[tuple[str, str], tuple[int | None, Quote]] = LRUCache(10_000)
         # Concurrent admissions to one dataset share one budget lock and one commit.
         self._admissions: GroupCommit[tuple[_Admission, str], Job] = GroupCommit(
             self._admit_batch, max_batch=ADMISSION_BATCH
@@ -164,11 +194,15 @@ class JobService:
                 self._datasets.put((tenant_id, dataset_id), dataset)
         return dataset
 
-    def _priced(self, tenant_id: str, spec: JobSpec) -> tuple[Dataset, Pricing]:
-        dataset = self._datasets.get((tenant_id, spec.dataset_id))
+    def _cached_dataset(self, tenant_id: str, dataset_id: str) -> Dataset:
+        dataset = self._datasets.get((tenant_id, dataset_id))
         if dataset is None:  # a session (and a pooled connection) only on a cache miss
             with self.db.read_one() as session:
-                dataset = self._dataset(Repositories(session), tenant_id, spec.dataset_id)
+                dataset = self._dataset(Repositories(session), tenant_id, dataset_id)
+        return dataset
+
+    def _priced(self, tenant_id: str, spec: JobSpec) -> tuple[Dataset, Pricing]:
+        dataset = self._cached_dataset(tenant_id, spec.dataset_id)
         return dataset, price(spec, dataset, self.settings)
 
     def _room(self, tenant_id: str) -> int:
@@ -183,18 +217,25 @@ class JobService:
 
         return limit - self._active.count(tenant_id, count, limit=limit)
 
-    def _room_locked(self, repos: Repositories, tenant_ids: Sequence[str]) -> dict[str, int]:
-        """Lock the tenants' rows, in id order, and count their active jobs: the exact room.
+    def _room_locked(self, repos: Repositories, tenant_ids: Sequence[str]) -> dict[str, _Room]:
+        """Lock the tenants' rows, in id order, then count their active jobs and sum their
+        compute: the exact room.
 
         Take it before any budget row (lock order: tenant, then budget). Admissions of one
         tenant then take turns, in every API process, so none can count before another's
-        commit and overshoot the limit.
+        commit and overshoot a limit.
         """
         limit = self.settings.limits.max_active_jobs_per_tenant
         for tenant_id in sorted(set(tenant_ids)):
             repos.lock_tenant(tenant_id)
         # Counting stops at the limit: only "how far below it" matters.
-        return {t: limit - repos.count_active_jobs(t, up_to=limit) for t in set(tenant_ids)}
+        return {
+            t: _Room(
+                jobs=limit - repos.count_active_jobs(t, up_to=limit),
+                compute=repos.active_compute(t),
+            )
+            for t in set(tenant_ids)
+        }
 
     def _refuse_if_full(self, room: int) -> None:
         if room <= 0:
@@ -202,7 +243,22 @@ class JobService:
             raise TooManyRequests(
                 f"at most {limit} queued or running jobs per tenant; retry when some finish",
                 limit=limit,
-                retry_after=30,
+                retry_after=RETRY_WHEN_FULL_S,
+            )
+
+    def _refuse_if_no_room(self, room: _Room, compute: int) -> None:
+        """429 when the tenant has no room for one more job, or for this job's compute."""
+        self._refuse_if_full(room.jobs)
+        limit = self.settings.limits.max_tenant_compute
+        if room.compute + compute > limit:
+            raise TooManyRequests(
+                f"this job's estimated compute ({compute:.3g}) and that of the tenant's queued "
+                f"and running jobs ({room.compute:.3g}) would pass the tenant's limit of "
+                f"{limit:.3g} sample-gradients × parameters; retry when some finish",
+                limit=limit,
+                compute_in_use=room.compute,
+                compute_requested=compute,
+                retry_after=RETRY_WHEN_FULL_S,
             )
 
     def _largest_fitting(self, dataset: Dataset, pricing: Pricing) -> float | None:
@@ -215,19 +271,42 @@ class JobService:
         return Ledger.largest_fitting(budget, pricing.event)
 
     def quote(self, tenant_id: str, spec: JobSpec) -> Quote:
-        dataset, pricing = self._priced(tenant_id, spec)
-        fits, remaining, largest = True, None, None
+        """Price a job and say whether it fits its dataset's budget now; reserves nothing.
+
+        A repeated quote of the same shape reads only the budget row's version, and is
+        answered from the cache while that version is unchanged (on public data, or for a
+        non-private job, there is no budget: the cached quote stands).
+        """
+        dataset = self._cached_dataset(tenant_id, spec.dataset_id)
+        key = (tenant_id, _shape(spec))
+        cached = self._quotes.get(key)
+        if cached is not None:
+            version, quote = cached
+            if version is None:
+                return quote
+            with self.db.read_one() as session:
+                if Repositories(session).budget_version(dataset.id) == version:
+                    return quote
+        version, quote = self._fresh_quote(dataset, price(spec, dataset, self.settings))
+        self._quotes.put(key, (version, quote))
+        return quote
+
+    def _fresh_quote(self, dataset: Dataset, pricing: Pricing) -> tuple[int | None, Quote]:
+        """The quote of a priced job on the budget as it is now, and that budget's version
+        (None when nothing is charged to a budget)."""
+        fits, remaining, largest, version = True, None, None, None
         if pricing.event is not None and dataset.epsilon_total is not None:
-            with self.db.session() as session:
+            with self.db.read_one() as session:
                 ledger = Ledger(Repositories(session))
                 budget = ledger.repos.budget(dataset.id)
                 assert budget is not None
+                version = budget.version
                 fits = ledger.admits(budget, acc.rdp_curve(pricing.event))
                 remaining = budget_status(budget).epsilon_remaining
-                if not fits:
-                    largest = ledger.largest_fitting(budget, pricing.event)
+            if not fits:  # the bounded search, outside any session
+                largest = Ledger.largest_fitting(budget, pricing.event)
         event = pricing.event
-        return Quote(
+        return version, Quote(
             epsilon=pricing.epsilon,
             delta=pricing.delta,
             noise_multiplier=event.noise_multiplier if event else None,
@@ -236,6 +315,7 @@ class JobService:
             fits_budget=fits,
             epsilon_remaining=remaining,
             max_target_epsilon=largest,
+            compute=pricing.compute,
         )
 
     def submit(
@@ -288,7 +368,7 @@ class JobService:
                 if existing is not None:
                     _check_same_request(existing, digest)
                     return existing, False
-            self._refuse_if_full(room)  # only for a new job, not for a replay
+            self._refuse_if_no_room(room, pricing.compute)  # only for a new job, not a replay
             job = _new_job(admission, digest, idempotency_key)
             # Staged, not flushed: the commit writes the job, its entry and the totals in one
             # flush, while the lock is held for as short a time as possible.
@@ -336,14 +416,14 @@ class JobService:
             for admission, digest in items:
                 job = _new_job(admission, digest, None)
                 try:
-                    self._refuse_if_full(room[admission.tenant_id])
+                    self._refuse_if_no_room(room[admission.tenant_id], admission.pricing.compute)
                     if budget is not None and admission.pricing.event is not None:
                         ledger.reserve(budget, job, admission.pricing.event)
                 except (BudgetExceeded, TooManyRequests) as refusal:
                     decided.append(refusal)
                     continue
                 repos.stage(job)
-                room[admission.tenant_id] -= 1
+                room[admission.tenant_id].admit(admission.pricing.compute)
                 decided.append(job)
         for outcome in decided:
             if isinstance(outcome, Job):

@@ -11,10 +11,15 @@ share of ``target_epsilon`` (3% by default) and training the rest.
 The job's privacy unit must be its budget's unit: a client-level job (DP-FedAvg) only on a
 client-unit budget and only over the data's natural clients (the ``column`` partition);
 a record-level job only on a record-unit budget.
+
+Every job also gets a compute estimate (:func:`estimate_compute`, in sample-gradients ×
+parameters), refused here above ``limits.max_job_compute`` and summed over a tenant's active
+jobs at admission (``ppml.services.jobs``).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from ppml.architectures import count_parameters, model_problem
@@ -27,7 +32,7 @@ from ppml.privacy import accounting as acc
 from ppml.privacy.evaluation import EvaluationPlan
 from ppml.specs import FederatedSpec, JobSpec
 
-__all__ = ["Pricing", "price"]
+__all__ = ["Pricing", "estimate_compute", "price", "sample_gradients"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -39,6 +44,7 @@ class Pricing:
     epsilon: float  # the job's own ε at its δ (0 when non-private), metrics included
     delta: float | None
     evaluation: EvaluationPlan
+    compute: int  # estimated work: sample-gradients × model parameters (estimate_compute)
 
     def privacy_plan(self, spec: JobSpec) -> PrivacyRecord | None:
         """The job's privacy record at admission."""
@@ -64,7 +70,8 @@ class Pricing:
         )
 
 
-def _check_limits(spec: JobSpec, dataset: Dataset, settings: Settings) -> None:
+def _check_limits(spec: JobSpec, dataset: Dataset, settings: Settings) -> int:
+    """Refuse what passes the server's limits; returns the model's parameter count."""
     limits = settings.limits
     if spec.training.epochs > limits.max_epochs:
         raise InvalidInput(
@@ -91,6 +98,53 @@ def _check_limits(spec: JobSpec, dataset: Dataset, settings: Settings) -> None:
             f"the model has {params} parameters; the limit is {limits.max_parameters}",
             field="model",
             limit=limits.max_parameters,
+        )
+    return params
+
+
+def sample_gradients(spec: JobSpec, dataset: Dataset, plan: Schedule) -> int:
+    """Expected per-example gradients (forward and backward passes) of the whole job.
+
+    Centralised: every step draws an expected batch of ``batch_size`` (``q · n``), so
+    ``total_steps × batch_size``. Federated: ``rounds × clients_per_round`` clients each do
+    their local work on a shard of ``n / num_clients`` records (on average): sample-level DP
+    runs ``local_epochs × ceil(1/q)`` Poisson steps of expected batch ``q · shard``; DP-FedAvg
+    and non-private clients make ``local_epochs`` shuffled passes over the shard. Held-out
+    scoring (forward passes only) is left out.
+    """
+    fed = spec.federated
+    if fed is None:
+        return plan.total_steps * spec.training.batch_size
+    shard = dataset.num_train / fed.num_clients
+    if plan.unit == "record":  # sample-level DP on each client (ppml.jobs.schedule)
+        local = plan.steps_per_epoch * plan.sample_rate * shard
+    else:
+        local = fed.local_epochs * shard
+    return math.ceil(fed.rounds * fed.clients_per_round * local)
+
+
+def estimate_compute(spec: JobSpec, dataset: Dataset, plan: Schedule, *, parameters: int) -> int:
+    """A job's estimated work: :func:`sample_gradients` × the model's parameters.
+
+    About a sixth of the job's training FLOPs (a forward and backward pass cost about six
+    per parameter and example); DP's per-example clipping adds a constant factor.
+    """
+    return sample_gradients(spec, dataset, plan) * parameters
+
+
+def _check_compute(spec: JobSpec, compute: int, settings: Settings) -> None:
+    """A job larger than one job may be, or than its whole tenant may run at once, is a 422
+    (a 429 would ask the client to retry what can never be admitted)."""
+    limits = settings.limits
+    limit = min(limits.max_job_compute, limits.max_tenant_compute)
+    if compute > limit:
+        raise InvalidInput(
+            f"the job's estimated compute is {compute:.3g} sample-gradients × parameters; "
+            f"this server allows {limit:.3g} per job (fewer epochs or rounds, or a smaller "
+            "model)",
+            field="federated.rounds" if spec.federated else "training.epochs",
+            compute=compute,
+            limit=limit,
         )
 
 
@@ -194,14 +248,23 @@ def price(spec: JobSpec, dataset: Dataset, settings: Settings) -> Pricing:
             f"batch_size exceeds the dataset's {dataset.num_train} training records",
             field="training.batch_size",
         )
-    _check_limits(spec, dataset, settings)
+    parameters = _check_limits(spec, dataset, settings)
     if spec.federated is not None:
         _check_federated(spec.federated, dataset)
     _check_privacy(spec, dataset)
     plan = schedule(spec, dataset)
+    compute = estimate_compute(spec, dataset, plan, parameters=parameters)
+    _check_compute(spec, compute, settings)
     evaluation = evaluation_plan(spec, dataset)
     if spec.privacy is None:
-        return Pricing(schedule=plan, event=None, epsilon=0.0, delta=None, evaluation=evaluation)
+        return Pricing(
+            schedule=plan,
+            event=None,
+            epsilon=0.0,
+            delta=None,
+            evaluation=evaluation,
+            compute=compute,
+        )
     population = _population(spec, dataset)
     delta = spec.privacy.delta or dataset.delta_total or min(1e-5, 0.1 / population)
     try:
@@ -217,6 +280,7 @@ def price(spec: JobSpec, dataset: Dataset, settings: Settings) -> Pricing:
         epsilon=acc.epsilon(acc.rdp_curve(event), delta),
         delta=delta,
         evaluation=evaluation,
+        compute=compute,
     )
 
 

@@ -1,0 +1,95 @@
+"""The per-tenant compute limit at admission: the compute of the tenant's queued and running
+jobs is summed under its row lock, and a batch decided together counts the jobs it admitted
+before each decision (on SQLite and PostgreSQL)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from ppml.config import Settings
+from ppml.db.models import Job, JobStatus
+from ppml.db.repositories import Repositories
+from ppml.db.session import Database
+from ppml.errors import TooManyRequests
+from ppml.services.jobs import JobService, _Admission
+from ppml.services.pricing import price
+from ppml.specs import request_hash
+from tests.unit.test_job_service import World, make_world, spec
+
+
+@pytest.fixture
+def world(database: Database, settings: Settings) -> Iterator[World]:
+    world = make_world(database, settings)
+    yield world
+    world.sent()  # leave nothing in the process-wide memory broker
+
+
+def limited(world: World, max_tenant_compute: int) -> JobService:
+    """A job service like the world's, with its own tenant compute limit."""
+    limits = world.settings.limits.model_copy(update={"max_tenant_compute": max_tenant_compute})
+    settings = world.settings.model_copy(update={"limits": limits})
+    return JobService(world.db, settings, world.service.celery)
+
+
+def test_a_batch_counts_the_compute_admitted_before_each_decision(world: World) -> None:
+    # arrange: one job already queued; room for two more of its size
+    dataset = world.digits(epsilon=100.0)
+    job_spec = spec(dataset.id, epsilon=0.5)
+    size = price(job_spec, dataset, world.settings).compute
+    service = limited(world, 3 * size)
+    service.submit(world.tenant_id, job_spec)
+    pricing = price(job_spec, dataset, service.settings)
+    admission = _Admission(
+        tenant_id=world.tenant_id, dataset=dataset, spec=job_spec, pricing=pricing
+    )
+    # act: five admissions decided together in one transaction
+    decided = service._decide_together(dataset.id, [(admission, request_hash(job_spec))] * 5)
+    # assert: two admitted, three refused with the figures of the moment
+    assert [isinstance(d, Job) for d in decided] == [True, True, False, False, False]
+    for refusal in decided[2:]:
+        assert isinstance(refusal, TooManyRequests)
+        assert refusal.extra["compute_in_use"] == 3 * size
+        assert refusal.extra["compute_requested"] == size
+        assert refusal.extra["limit"] == 3 * size
+        assert refusal.extra["retry_after"] == 30
+    with world.db.session() as session:
+        assert Repositories(session).active_compute(world.tenant_id) == 3 * size
+
+
+def test_jobs_without_an_estimate_and_finished_jobs_count_nothing(world: World) -> None:
+    # arrange: a job admitted before estimates existed, and one cancelled
+    dataset = world.digits(epsilon=100.0)
+    old, _ = world.service.submit(world.tenant_id, spec(dataset.id, epsilon=0.5))
+    cancelled, _ = world.service.submit(world.tenant_id, spec(dataset.id, epsilon=0.5))
+    world.service.cancel(world.tenant_id, cancelled.id)
+    with world.db.session(write=True) as session:
+        row = Repositories(session).job_by_id(old.id)
+        assert row is not None
+        row.compute = None
+    # act
+    with world.db.session() as session:
+        in_use = Repositories(session).active_compute(world.tenant_id)
+        status = Repositories(session).job_by_id(cancelled.id)
+    # assert
+    assert in_use == 0
+    assert status is not None and status.status == JobStatus.CANCELLED
+    assert status.compute is not None and status.compute > 0
+
+
+def test_the_limit_is_per_tenant(world: World) -> None:
+    # arrange: a tenant at its limit
+    dataset = world.digits(epsilon=100.0)
+    job_spec = spec(dataset.id, epsilon=0.5)
+    service = limited(world, price(job_spec, dataset, world.settings).compute)
+    service.submit(world.tenant_id, job_spec)
+    other = make_world(world.db, world.settings)
+    other_dataset = other.digits(epsilon=100.0)
+    # act
+    with pytest.raises(TooManyRequests):
+        service.submit(world.tenant_id, job_spec)
+    neighbour, created = service.submit(other.tenant_id, spec(other_dataset.id, epsilon=0.5))
+    # assert
+    assert created and neighbour.status == JobStatus.QUEUED
+    other.sent()
