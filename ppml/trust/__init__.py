@@ -1,0 +1,1 @@
+"""What lets a user check ppml's word instead of taking it: signing keys and signed records."""
