@@ -133,6 +133,11 @@ class Settings(BaseSettings):
         return (self.data_dir / "broker").resolve()
 
     @property
+    def signing_keys_dir(self) -> Path:
+        """Folder of the Ed25519 signing keys (ppml.trust.keys); generated on first use."""
+        return (self.data_dir / "keys").resolve()
+
+    @property
     def datasets_dir(self) -> Path:
         return (self.data_dir / "datasets").resolve()
 
