@@ -79,13 +79,17 @@ def test_jobs_without_an_estimate_and_finished_jobs_count_nothing(world: World) 
 
 
 def test_the_limit_is_per_tenant(world: World) -> None:
-    # arrange: a tenant at its limit
+    # arrange: a tenant at its limit. Each registration of digits draws its own keyed split,
+    # so the two tenants' jobs differ slightly in size: the limit fits the larger one alone.
     dataset = world.digits(epsilon=100.0)
     job_spec = spec(dataset.id, epsilon=0.5)
-    service = limited(world, price(job_spec, dataset, world.settings).compute)
-    service.submit(world.tenant_id, job_spec)
     other = make_world(world.db, world.settings)
     other_dataset = other.digits(epsilon=100.0)
+    size = price(job_spec, dataset, world.settings).compute
+    other_size = price(spec(other_dataset.id, epsilon=0.5), other_dataset, world.settings).compute
+    assert 2 * size > max(size, other_size)
+    service = limited(world, max(size, other_size))
+    service.submit(world.tenant_id, job_spec)
     # act
     with pytest.raises(TooManyRequests):
         service.submit(world.tenant_id, job_spec)
