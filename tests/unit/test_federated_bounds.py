@@ -23,7 +23,7 @@ from ppml.specs import JobSpec
 torch = pytest.importorskip("torch")
 
 from ppml.training.federated import FederatedDP, FederatedPlan, FederatedResult  # noqa: E402
-from tests.unit.test_federated import client_dp, fit, make_fed, make_plan, sample_dp  # noqa: E402
+from tests.unit.federated_world import client_dp, fit, make_fed, make_plan, sample_dp  # noqa: E402
 
 SMALL, LARGE = 20, 200
 # torch.save writes a zip whose records are 64-byte aligned: a pickled int one byte longer
