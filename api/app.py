@@ -17,7 +17,7 @@ from api.events import StreamSlots
 from api.heap import FrozenHeap
 from api.limits import MULTIPART_SLACK, BodySizeLimit, NoSniff, NulGuard, RouteLimit
 from api.rates import TokenBuckets
-from api.routes import datasets, health, jobs, keys, models, tenants
+from api.routes import audit, datasets, health, jobs, keys, models, receipts, tenants
 from ppml.config import Limits, Settings, get_settings
 from ppml.db.reads import AsyncReads
 from ppml.db.session import Database
@@ -69,20 +69,30 @@ def create_app(settings: Settings | None = None, db: Database | None = None) -> 
             {"name": "datasets", "description": "Datasets, budgets and ledgers."},
             {"name": "jobs", "description": "Training jobs."},
             {"name": "models", "description": "Trained models and their privacy receipts."},
+            {
+                "name": "receipts",
+                "description": "Signed receipts of released models and the public keys "
+                "that verify them offline.",
+            },
+            {
+                "name": "audit",
+                "description": "Owners: who did what to their tenant's objects, and when.",
+            },
             {"name": "health", "description": "Liveness, readiness, metrics."},
         ],
     )
     app.state.settings = settings
     limits = settings.limits
     app.state.db = db
-    app.state.store = ArtifactStore(settings.data_dir)
+    app.state.store = ArtifactStore.for_settings(settings)
     app.state.reads = reads = AsyncReads(db)
     app.state.streams = StreamSlots(settings.events.max_per_tenant)
     app.state.quotes = TokenBuckets(rate=limits.quotes_per_second, burst=limits.quote_burst)
     app.state.jobs = JobService(db, settings, make_celery(settings))
     install_error_handlers(app)
-    for module in (tenants, keys, datasets, jobs, models, health):
+    for module in (tenants, keys, datasets, jobs, models, receipts, audit, health):
         app.include_router(module.router)
+    app.include_router(receipts.well_known)
     # The last added runs first: authentication, then body limits, before any route reads.
     app.add_middleware(NulGuard)
     app.add_middleware(BodySizeLimit, max_bytes=limits.max_json_bytes, routes=_body_limits(limits))

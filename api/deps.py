@@ -22,6 +22,7 @@ from ppml.db.reads import AsyncReads
 from ppml.db.repositories import Repositories
 from ppml.db.session import Database
 from ppml.errors import InvalidInput, NotFound, Unauthorized
+from ppml.services.datasets import require_live
 from ppml.services.jobs import JobService
 from ppml.services.tenants import Principal, require_owner
 from ppml.storage import ArtifactStore
@@ -154,6 +155,7 @@ def _owned_dataset(
     dataset = repos.dataset(tenant_id, dataset_id)
     if dataset is None:
         raise NotFound("dataset not found")
+    require_live(dataset)  # a deleted dataset is 404 (dataset-deleted) on every route
     return dataset
 
 

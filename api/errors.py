@@ -34,6 +34,7 @@ _STATUS: list[tuple[type[errors.PPMLError], int]] = [
     (errors.Unauthorized, 401),
     (errors.Forbidden, 403),
     (errors.TooManyRequests, 429),
+    (errors.Gone, 410),
 ]
 
 _HTTP_CODES = {

@@ -10,14 +10,18 @@ from pydantic import AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Fiel
 from ppml.datasets.schema import DatasetSchema
 from ppml.jobs.records import JobError, PrivacyRecord, Progress
 from ppml.privacy.evaluation import ExactScores, Metrics, MetricsRelease
+from ppml.services.audit import AuditAction, ObjectType
 from ppml.services.tenants import Role
 from ppml.specs import JobSpec
+from ppml.trust.records import SignatureRecord
 
 __all__ = [
     "ApiKey",
     "ApiKeyCreate",
     "ApiKeyCreated",
     "ApiKeyPage",
+    "AuditEvent",
+    "AuditPage",
     "Budget",
     "Dataset",
     "DatasetCreate",
@@ -42,6 +46,9 @@ __all__ = [
     "Progress",
     "Quote",
     "ReceiptPrivacy",
+    "SignedReceiptFile",
+    "SigningKey",
+    "SigningKeys",
     "Tenant",
     "TenantCreate",
     "TenantPage",
@@ -257,6 +264,14 @@ class LedgerEntry(BaseModel):
     rdp: dict[str, Any] = Field(description="The entry's RDP curve in integer units.")
     note: str | None
     created_at: datetime
+    seq: int = Field(description="The entry's place in the dataset's hash chain: 1, 2, ...")
+    prev_hash: str = Field(
+        description="entry_hash of the entry before it in the chain (64 zeros for the first)."
+    )
+    entry_hash: str = Field(
+        description="SHA-256 (hex) of the entry's content and prev_hash (docs/privacy.md, "
+        "'The ledger is a hash chain')."
+    )
 
 
 class LedgerPage(BaseModel):
@@ -306,6 +321,11 @@ class Job(BaseModel):
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    models_deleted_at: datetime | None = Field(
+        default=None,
+        description="When the model files were deleted with the job's dataset; downloads and "
+        "predictions then answer 410.",
+    )
 
 
 class JobPage(BaseModel):
@@ -395,3 +415,55 @@ class PredictResponse(BaseModel):
         "privacy.ledger_entry_id); null for a non-private model."
     )
     model_sha256: str = Field(description="sha256 of the ONNX artefact that answered.")
+
+
+class SigningKey(BaseModel):
+    """A public key of the service's receipt signatures, with its validity."""
+
+    key_id: str
+    algorithm: str = Field(examples=["Ed25519"])
+    public_key: str = Field(description="The raw 32-byte Ed25519 public key, base64.")
+    created_at: str = Field(description="ISO-8601: signatures stating an earlier time fail.")
+    retired_at: str | None = Field(
+        description="ISO-8601: signatures stating a later time fail; null while active."
+    )
+
+
+class SigningKeys(BaseModel):
+    """Every key that ever signed a receipt (the active one last)."""
+
+    keys: list[SigningKey]
+
+
+class SignedReceiptFile(BaseModel):
+    """A released model's signed receipt, served as canonical JSON (sorted keys, no spaces):
+    save the bytes as they come; `ppml receipts verify` refuses any other spelling."""
+
+    receipt: dict[str, Any] = Field(
+        description="The signed document: `format`, `issued_at`, `job_id`, `artifacts` "
+        "(sha256 per format), `dataset` (`id`, `fingerprint`), `privacy` (ε, δ and each "
+        "mechanism with its ε), `ledger` (the job's `entries` and the `chain_head` at "
+        "release) and `receipt` (the privacy receipt the model files carry)."
+    )
+    signature: SignatureRecord = Field(
+        description="Ed25519 over the canonical JSON of `receipt`, by the key `key_id`."
+    )
+
+
+class AuditEvent(BaseModel):
+    """Who did what to which object, and when (append-only)."""
+
+    id: str = Field(description="Sorts by creation time; pass it as page_token to read on.")
+    tenant_id: str | None
+    actor_key_id: str | None = Field(description="The API key that acted; null: the admin.")
+    actor_role: Literal["owner", "analyst", "admin"]
+    action: AuditAction
+    object_type: ObjectType
+    object_id: str | None
+    detail: dict[str, Any] = Field(description="Ids, formats and counts; never data values.")
+    created_at: datetime
+
+
+class AuditPage(BaseModel):
+    items: list[AuditEvent]
+    next_page_token: str | None

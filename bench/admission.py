@@ -129,22 +129,24 @@ def run_backend(
         database as url,
         stack(Path(tmp), database_url=url, api_workers=api_workers) as service,
     ):
-        headers = service.tenant()
+        # Two tenants: a tenant registers the same rows (digits) with a budget only once.
+        headers, spender = service.tenant(), service.tenant()
         with service.client(headers) as http:
             roomy = new_dataset(http, 100.0)
-            spent = new_dataset(http, 1.0)
             # σ is calibrated once per job shape; price it before the clock starts
             assert http.post("/v1/jobs", json={**JOB, "dataset_id": roomy}).status_code == 202
+        with service.client(spender) as http:
+            spent = new_dataset(http, 1.0)
             spend_all(http, spent)
 
-        phases: dict[str, Callable[[httpx.Client], httpx.Response]] = {
-            "healthz": lambda h: h.get("/healthz"),
-            "admit": lambda h: h.post("/v1/jobs", json={**JOB, "dataset_id": roomy}),
-            "refuse": lambda h: h.post("/v1/jobs", json={**JOB, "dataset_id": spent}),
+        phases: dict[str, tuple[dict[str, str], Callable[[httpx.Client], httpx.Response]]] = {
+            "healthz": (headers, lambda h: h.get("/healthz")),
+            "admit": (headers, lambda h: h.post("/v1/jobs", json={**JOB, "dataset_id": roomy})),
+            "refuse": (spender, lambda h: h.post("/v1/jobs", json={**JOB, "dataset_id": spent})),
         }
         results = {
-            phase: hammer(service, headers, call, seconds=seconds, clients=clients)
-            for phase, call in phases.items()
+            phase: hammer(service, who, call, seconds=seconds, clients=clients)
+            for phase, (who, call) in phases.items()
         }
         with service.client(headers) as http:
             budget = http.get(f"/v1/datasets/{roomy}").json().get("privacy_budget")

@@ -240,9 +240,11 @@ def run(  # type: ignore[no-untyped-def]
     per_client: bool = False,
 ) -> dict:
     """One phase. ``rate`` > 0 paces at ``rate`` requests/s per client (Poisson); 0 is a
-    closed loop. Each phase submits to a dataset of its own (a fresh budget)."""
+    closed loop. Each phase has a stack of its own, and submits to the seed job's dataset (its
+    budget of ε = 100 is fresh but for the seed's 0.05: a tenant registers the same rows with
+    a budget once, docs/privacy.md "Deletion and fingerprints")."""
     with service.client(headers) as client:
-        dataset_id = _dataset(client)
+        dataset_id = str(client.get(f"/v1/jobs/{seed}").json()["dataset_id"])
     ctx = multiprocessing.get_context("spawn")
     results: multiprocessing.Queue[dict] = ctx.Queue()
     processes = max(1, min(processes, clients))

@@ -240,6 +240,11 @@ class PPMLClient:
     def list_datasets(self, *, limit: int = 50) -> list[dict[str, Any]]:
         return self._pages("/v1/datasets", {}, limit)
 
+    def delete_dataset(self, dataset_id: str, *, delete_models: bool = False) -> None:
+        """Delete a dataset's files (owner keys); its budget, ledger and audit trail stay."""
+        params = {"delete_models": "true"} if delete_models else {}
+        self.request("DELETE", f"/v1/datasets/{dataset_id}", params=params)
+
     def dataset_budget(self, dataset_id: str) -> dict[str, Any]:
         result: dict[str, Any] = self.request("GET", f"/v1/datasets/{dataset_id}/budget")
         return result
@@ -277,6 +282,20 @@ class PPMLClient:
             "POST", f"/v1/jobs/{job_id}/predict", json={"inputs": inputs}
         )
         return result
+
+    def receipt(self, job_id: str) -> bytes:
+        """The signed receipt of a job's model, byte for byte as served (a verifier refuses
+        any other spelling)."""
+        response = self.http.get(f"/v1/jobs/{job_id}/receipt", headers=self._headers(admin=False))
+        _raise_for_problem(response)
+        return response.content
+
+    def signing_keys(self) -> bytes:
+        """The service's public signing keys (``/.well-known/ppml-signing-keys.json``; no
+        key needed)."""
+        response = self.http.get("/.well-known/ppml-signing-keys.json")
+        _raise_for_problem(response)
+        return response.content
 
     def download_model(self, job_id: str, destination: Path, *, format: str) -> tuple[int, str]:
         """Streams the model to ``destination`` (atomically); returns ``(bytes, sha256)``.

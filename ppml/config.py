@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import secrets
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["EventStreams", "Limits", "Settings", "WorkerSettings", "get_settings"]
@@ -100,15 +101,39 @@ class Settings(BaseSettings):
     database_url: str | None = None
     broker_url: str | None = None
     admin_token: str | None = Field(default=None, repr=False)
+    # The data key that seals datasets, uploads, checkpoints and per-dataset secrets at rest
+    # (ppml.trust.sealing): the base64 of 32 random bytes. Local use generates one into the
+    # data dir; production requires it. Retired keys (comma-separated) still open what they
+    # sealed. Losing a key loses what it sealed.
+    encryption_key: SecretStr | None = Field(default=None, repr=False)
+    encryption_old_keys: SecretStr | None = Field(default=None, repr=False)
+    # The signed heads of the ledger's hash chains (ppml.privacy.heads), kept outside the
+    # database so that a restored backup is detected. Default: <data dir>/ledger-heads.json.
+    # Every API process and worker must see the same file.
+    ledger_heads_file: Path | None = None
     limits: Limits = Limits()
     worker: WorkerSettings = WorkerSettings()
     events: EventStreams = EventStreams()
+
+    @field_validator("encryption_key", "encryption_old_keys")
+    @classmethod
+    def _keys_are_32_bytes(cls, value: SecretStr | None) -> SecretStr | None:
+        from ppml.trust.sealing import decode_key
+
+        for key in _split_keys(value):
+            decode_key(key)  # a clear error at startup, not at the first sealed file
+        return value
 
     @model_validator(mode="after")
     def _refuse_unsafe_production(self) -> Settings:
         if self.environment == "production":
             if not self.admin_token or len(self.admin_token) < 16:
                 raise ValueError("production needs PPML_ADMIN_TOKEN of at least 16 characters")
+            if self.encryption_key is None:
+                raise ValueError(
+                    "production needs PPML_ENCRYPTION_KEY (base64 of 32 random bytes), the "
+                    "same for the API and every worker"
+                )
             if self.database_url is None or self.database_url.startswith("sqlite"):
                 raise ValueError("production needs PPML_DATABASE_URL on PostgreSQL")
             if self.broker_url is None:
@@ -138,6 +163,11 @@ class Settings(BaseSettings):
         return (self.data_dir / "keys").resolve()
 
     @property
+    def ledger_heads_path(self) -> Path:
+        """The signed file of the ledger's chain heads (``ppml.privacy.heads``)."""
+        return (self.ledger_heads_file or self.data_dir / "ledger-heads.json").resolve()
+
+    @property
     def datasets_dir(self) -> Path:
         return (self.data_dir / "datasets").resolve()
 
@@ -156,6 +186,43 @@ class Settings(BaseSettings):
             path.chmod(0o600)
         self.admin_token = path.read_text().strip()
         return self.admin_token
+
+    def ensure_encryption_key(self) -> str:
+        """The active data key (base64); in local use, one is generated once into the data
+        dir (``encryption_key``, mode 0600) and shared by every process using that dir."""
+        if self.encryption_key is not None:
+            return self.encryption_key.get_secret_value()
+        path = self.data_dir / "encryption_key"
+        if not path.exists():
+            from ppml.trust.sealing import new_data_key
+
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            # Written aside, then linked into place: of two processes starting at once, one
+            # key wins, and neither overwrites the other's (which may already seal a file).
+            staged = self.data_dir / f".encryption_key.{secrets.token_hex(8)}"
+            fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as handle:
+                handle.write(new_data_key())
+                handle.flush()
+                os.fsync(handle.fileno())
+            try:
+                os.link(staged, path)
+            except FileExistsError:
+                pass
+            finally:
+                staged.unlink()
+        self.encryption_key = SecretStr(path.read_text().strip())
+        return self.encryption_key.get_secret_value()
+
+    def old_encryption_keys(self) -> list[str]:
+        """Retired data keys (base64) that still open what they sealed."""
+        return _split_keys(self.encryption_old_keys)
+
+
+def _split_keys(value: SecretStr | None) -> list[str]:
+    if value is None:
+        return []
+    return [key.strip() for key in value.get_secret_value().split(",") if key.strip()]
 
 
 @lru_cache(maxsize=1)

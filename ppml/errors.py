@@ -83,6 +83,52 @@ class DatasetNotReady(Conflict):
     title = "Dataset not ready"
 
 
+class LedgerRollback(Conflict):
+    """The dataset's ledger in the database is behind the chain head signed outside it (entries
+    deleted, an older copy restored): no job is admitted on it until an operator acknowledges
+    (``ppml db acknowledge-rollback``)."""
+
+    code = "ledger-rollback"
+    title = "Ledger rolled back"
+
+
+class LedgerHeadsInvalid(Conflict):
+    """The signed file of chain heads does not verify (edited, or signed by an unknown key):
+    no job is admitted on any dataset until an operator rebuilds it."""
+
+    code = "ledger-heads-invalid"
+    title = "Ledger head file invalid"
+
+
+class DatasetDeleted(NotFound):
+    """The tenant deleted this dataset: it is no longer listed or usable (its ledger, budget
+    and audit trail are kept)."""
+
+    code = "dataset-deleted"
+    title = "Dataset deleted"
+
+
+class DatasetInUse(Conflict):
+    """A dataset that queued or running jobs, or another dataset, still need."""
+
+    code = "dataset-in-use"
+    title = "Dataset in use"
+
+
+class DatasetAlreadyRegistered(Conflict):
+    """Rows already registered with a budget (the same content fingerprint), deleted or not."""
+
+    code = "dataset-already-registered"
+    title = "Dataset already registered"
+
+
+class Gone(PPMLError):
+    """Something that existed and was deleted on purpose (410)."""
+
+    code = "gone"
+    title = "Gone"
+
+
 class JobNotCancellable(Conflict):
     code = "job-not-cancellable"
     title = "Job is already finished"

@@ -3,6 +3,15 @@
 The store is the one place that makes a file durable and visible: a writer fills a staged
 path with a plain file, and the store fsyncs it, digests it, renames it onto its key and
 fsyncs the folder. Readers see the previous file or the whole new one, never a part.
+
+Files of the kinds that hold protected data (:data:`SEALED_KINDS`: datasets, raw uploads,
+training checkpoints) are sealed at rest when the store has the data keys
+(:meth:`ArtifactStore.for_settings`; ``ppml.trust.sealing``): writers still write plain
+files, the store seals them (bound to their key) before publishing, and readers open them
+through :meth:`ArtifactStore.open_plain`, which yields a decrypted copy in a private
+folder, deleted after use. Models stay plain: users download them, and receipts bind their
+digests. A file of a sealed kind that does not start as a sealed file was written before
+sealing (or by a store without keys) and is read as it is.
 """
 
 from __future__ import annotations
@@ -10,13 +19,25 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
+import tempfile
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-__all__ = ["Artifact", "ArtifactStore"]
+from ppml.trust.sealing import MAGIC, DataKeys, UnknownKey
+
+if TYPE_CHECKING:
+    from ppml.config import Settings
+
+__all__ = ["SEALED_KINDS", "Artifact", "ArtifactStore"]
+
+#: Kinds whose files hold protected data, sealed at rest by a store that has the data keys.
+SEALED_KINDS = frozenset({"datasets", "uploads", "checkpoints"})
 
 _KEY = re.compile(r"^[a-z]+/[A-Za-z0-9_.-]+$")
 _CHUNK = 1 << 20
@@ -24,7 +45,8 @@ _CHUNK = 1 << 20
 
 @dataclass(frozen=True)
 class Artifact:
-    """A published file: its key, the sha256 hex digest of its bytes, and their number."""
+    """A published file: its key, the sha256 hex digest of its stored bytes, and their
+    number (of a sealed file: the ciphertext's)."""
 
     key: str
     sha256: str
@@ -53,13 +75,83 @@ def _sync_folder(folder: Path) -> None:
 class ArtifactStore:
     """Files under one root, addressed by ``kind/name`` keys."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, keys: DataKeys | None = None) -> None:
+        """``keys``: the data keys that seal :data:`SEALED_KINDS`; None stores every file
+        plain (caches and tests; the service always builds its store with
+        :meth:`for_settings`)."""
         self.root = root.resolve()
+        self.keys = keys
+
+    @classmethod
+    def for_settings(cls, settings: Settings) -> ArtifactStore:
+        """The service's store: under the data dir, sealing with the settings' data keys."""
+        return cls(settings.data_dir, keys=DataKeys.from_settings(settings))
 
     def path(self, key: str) -> Path:
+        """Where ``key``'s stored bytes lie. A sealed kind's file holds ciphertext: read it
+        through :meth:`open_plain`."""
         if not _KEY.match(key):
             raise ValueError("invalid artifact key")
         return self.root / key
+
+    def seals(self, key: str) -> bool:
+        """Whether ``key`` is published sealed by this store."""
+        return self.keys is not None and key.split("/", 1)[0] in SEALED_KINDS
+
+    @contextmanager
+    def open_plain(self, key: str) -> Iterator[Path]:
+        """A path to ``key``'s plain content, valid inside the block.
+
+        A sealed file is decrypted (and authenticated, as ``key``'s) into a private folder
+        (mode 0700) that is deleted when the block ends; any other file is its stored path.
+
+        Raises:
+            FileNotFoundError: No file is stored under ``key``.
+            ppml.trust.sealing.UnknownKey: Sealed under a key this store was not given.
+            ppml.trust.sealing.TamperedData: Altered, truncated, or another key's file.
+        """
+        path = self.path(key)
+        if key.split("/", 1)[0] not in SEALED_KINDS:
+            yield path
+            return
+        with path.open("rb") as handle:
+            if handle.read(len(MAGIC)) != MAGIC:
+                yield path  # written before sealing, or by a store without keys
+                return
+            if self.keys is None:
+                raise UnknownKey(f"{key} is sealed, and this store has no data key")
+            handle.seek(0)
+            folder = Path(tempfile.mkdtemp(prefix="plain-", dir=self._tmp_dir()))
+            try:
+                plain = folder / Path(key).name
+                with plain.open("xb") as out:
+                    self.keys.open_stream(handle, out, context=key)
+                yield plain
+            finally:
+                shutil.rmtree(folder, ignore_errors=True)
+
+    def _tmp_dir(self) -> Path:
+        tmp_dir = self.root / "tmp"
+        tmp_dir.mkdir(parents=True, exist_ok=True)
+        return tmp_dir
+
+    def sweep(self, *, older_than_s: float) -> int:
+        """Remove staged files and decrypted copies left in ``tmp/`` by a process that
+        died; returns how many. Anything older than ``older_than_s`` is abandoned."""
+        tmp_dir, removed = self.root / "tmp", 0
+        cutoff = time.time() - older_than_s
+        for entry in tmp_dir.iterdir() if tmp_dir.is_dir() else []:
+            try:
+                if entry.lstat().st_mtime >= cutoff:
+                    continue
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+                removed += 1
+            except FileNotFoundError:
+                continue
+        return removed
 
     @contextmanager
     def staging(self, suffix: str = "") -> Iterator[Path]:
@@ -67,9 +159,7 @@ class ArtifactStore:
 
         The file is removed on exit unless it was published.
         """
-        tmp_dir = self.root / "tmp"
-        tmp_dir.mkdir(parents=True, exist_ok=True)
-        path = tmp_dir / f"{uuid.uuid4().hex}{suffix}"
+        path = self._tmp_dir() / f"{uuid.uuid4().hex}{suffix}"
         try:
             yield path
         finally:
@@ -78,9 +168,23 @@ class ArtifactStore:
     def publish(self, staged: Path, key: str) -> Artifact:
         """Moves a staged file to ``key`` durably: fsync, digest, rename, fsync of the folder.
 
+        A sealed kind's file is sealed first (bound to ``key``); the plain staged file is
+        then removed, and the digest and size are the sealed file's.
+
         Raises:
             ValueError: If ``key`` is not a valid key.
         """
+        self.path(key)
+        if not self.seals(key):
+            return self._move(staged, key)
+        assert self.keys is not None
+        with self.staging(".sealed") as sealed:
+            with staged.open("rb") as source, sealed.open("xb") as sink:
+                self.keys.seal_stream(source, sink, context=key)
+            staged.unlink()
+            return self._move(sealed, key)
+
+    def _move(self, staged: Path, key: str) -> Artifact:
         target = self.path(key)
         sha256, size = _sync_and_digest(staged)
         new_folder = not target.parent.is_dir()

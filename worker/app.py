@@ -81,4 +81,4 @@ def run_job(job_id: str) -> str:
 def ingest_dataset(dataset_id: str) -> str:
     """Validate a stored upload. Safe to deliver twice: only a validating dataset is ingested."""
     settings = get_settings()
-    return ingest_upload(_runner().db, ArtifactStore(settings.data_dir), settings, dataset_id)
+    return ingest_upload(_runner().db, ArtifactStore.for_settings(settings), settings, dataset_id)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, BackgroundTasks, Form, Response, UploadFile
+from fastapi import APIRouter, BackgroundTasks, Form, Path, Query, Response, UploadFile
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from api.deps import (
@@ -35,6 +35,7 @@ from ppml.errors import InvalidInput, NotFound, PayloadTooLarge
 from ppml.privacy.ledger import budget_status
 from ppml.queue import enqueue_ingestion
 from ppml.services import datasets as service
+from ppml.services.deletion import delete_dataset as delete_dataset_files
 from ppml.services.tenants import require_owner
 
 # Budgeted data is the owner's to register: an analyst sees only what mechanisms release.
@@ -132,7 +133,7 @@ def _location(response: Response, dataset_id: str) -> None:
     "",
     status_code=201,
     operation_id="create_dataset",
-    responses=errors(403),
+    responses=errors(403, 409),
     response_model=Dataset,
 )
 def create_dataset(
@@ -147,6 +148,9 @@ def create_dataset(
     """Register a built-in dataset (generated or loaded offline) with its privacy budget.
 
     A budget needs an owner key (403 for an analyst key); public data (no budget) does not.
+    Every registration of a built-in holds the same rows, so a tenant registers each one with
+    a budget once: a second time is 409 ``dataset-already-registered``, naming the first
+    (deleted or not), whose budget binds those rows.
     """
     budget = body.privacy_budget
     if budget is not None:
@@ -163,6 +167,7 @@ def create_dataset(
         else None,
         unit=body.privacy_unit,
         validation_dataset_id=body.validation_dataset_id,
+        by=principal,
     )
     _location(response, row.id)
     return to_schema(row)
@@ -194,7 +199,9 @@ def upload_dataset(
     quota (409). The file is then stored and the answer is 202 with the dataset
     ``validating``: a worker decodes and checks it, and the dataset becomes ``ready`` or
     ``invalid`` (its ``problem`` says why, and nothing of the file is kept). Poll the
-    ``Location``.
+    ``Location``. Rows the tenant registered with a budget before (the same content
+    fingerprint, the dataset deleted or not) make a budgeted upload ``invalid`` with
+    ``dataset-already-registered``.
     """
     if form.epsilon is not None or form.delta is not None:
         require_owner(principal, BUDGET_NEEDS_OWNER)
@@ -231,6 +238,7 @@ def upload_dataset(
             unit=form.privacy_unit,
             schema=schema,
             validation_dataset_id=form.validation_dataset_id,
+            by=principal,
         )
     # Background tasks run after the response, so after the unit of work has committed.
     background.add_task(enqueue_ingestion, jobs.celery, row.id)
@@ -251,6 +259,47 @@ def list_datasets(
     )
     owner = principal.is_owner
     return DatasetPage(items=[to_schema(r, owner=owner) for r in rows], next_page_token=token)
+
+
+@router.delete(
+    "/{dataset_id}",
+    status_code=204,
+    operation_id="delete_dataset",
+    responses=errors(403, 404, 409),
+)
+def delete_dataset(
+    dataset_id: Annotated[str, Path(max_length=64)],
+    principal: CurrentPrincipal,
+    repos: ReposDep,
+    store: StoreDep,
+    jobs: JobServiceDep,
+    delete_models: Annotated[
+        bool,
+        Query(
+            description="Also delete the model files of the dataset's jobs: their downloads "
+            "and predictions then answer 410 (receipts and digests stay on the jobs)."
+        ),
+    ] = False,
+) -> Response:
+    """Delete a dataset (owner keys): its data files and its jobs' checkpoints are erased.
+
+    Its budget, ledger, jobs and audit trail are kept, and so is its content fingerprint:
+    the same rows cannot be registered with a new budget, so deleting refunds no ε. The
+    dataset is then no longer listed, and its routes answer 404 (``dataset-deleted``). 409
+    while queued or running jobs use it (cancel them or wait), or while another dataset
+    names it as its validation set. Deleting it again answers 204, and deletes the models
+    when ``delete_models`` is asked then.
+    """
+    delete_dataset_files(
+        repos,
+        store,
+        tenant_id=principal.tenant_id,
+        dataset_id=dataset_id,
+        delete_models=delete_models,
+        by=principal,
+    )
+    jobs.forget_dataset(principal.tenant_id, dataset_id)
+    return Response(status_code=204)
 
 
 @router.get(

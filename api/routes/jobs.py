@@ -16,6 +16,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
 from api.deps import (
+    CurrentPrincipal,
     CurrentTenant,
     JobServiceDep,
     OwnedJob,
@@ -70,6 +71,7 @@ QuoteTurn = Annotated[None, Depends(_quote_turn)]
 async def create_job(
     spec: JobSpec,
     tenant_id: CurrentTenant,
+    principal: CurrentPrincipal,
     jobs: JobServiceDep,
     response: Response,
     idempotency_key: Annotated[
@@ -83,7 +85,9 @@ async def create_job(
     running jobs leave no room for it (by count or by compute) is answered 429 with
     Retry-After, with the figures."""
     job, _created = await run_in_threadpool(
-        functools.partial(jobs.submit, tenant_id, spec, idempotency_key=idempotency_key)
+        functools.partial(
+            jobs.submit, tenant_id, spec, idempotency_key=idempotency_key, by=principal
+        )
     )
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return to_schema(job)
@@ -152,6 +156,7 @@ async def get_exact_metrics(job: OwnedJob, _owner: RequireOwner) -> ExactMetrics
 def cancel_job(
     job_id: Annotated[str, Path(max_length=64)],
     tenant_id: CurrentTenant,
+    principal: CurrentPrincipal,
     jobs: JobServiceDep,
     repos: ReposDep,
     background: BackgroundTasks,
@@ -161,7 +166,7 @@ def cancel_job(
     # The service looks the job up within the tenant (404 otherwise): no second read here.
     # It runs in the request's unit of work, committed before the response is sent; the
     # checkpoints of a job it cancelled are deleted after that.
-    job = jobs.cancel_in(repos, tenant_id, job_id)
+    job = jobs.cancel_in(repos, tenant_id, job_id, by=principal)
     if job.status == "cancelled":
         background.add_task(jobs.forget, job.id)
     return to_schema(job)

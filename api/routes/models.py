@@ -17,7 +17,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, Response
 
-from api.deps import OwnedJob, SettingsDep, StoreDep
+from api.deps import CurrentPrincipal, DatabaseDep, OwnedJob, SettingsDep, StoreDep
 from api.routes.common import errors
 from api.schemas import (
     ModelArchitecture,
@@ -28,10 +28,11 @@ from api.schemas import (
 )
 from ppml.cache import LRUCache
 from ppml.db.models import Job, JobStatus
-from ppml.errors import Conflict, InvalidInput
+from ppml.errors import Conflict, Gone, InvalidInput
 from ppml.inference import ModelCache
 from ppml.jobs.receipts import file_metadata
 from ppml.jobs.records import Receipt
+from ppml.services import audit
 from ppml.storage import ArtifactStore
 
 router = APIRouter(prefix="/v1/jobs", tags=["models"])
@@ -45,6 +46,21 @@ Unit = Literal["record", "client"]
 class ModelNotReady(Conflict):
     code = "model-not-ready"
     title = "Model not available"
+
+
+class ModelDeleted(Gone):
+    code = "model-deleted"
+    title = "Model deleted"
+
+
+def _require_files(job: Job) -> None:
+    """410 once the owner deleted the job's model files with its dataset."""
+    if job.models_deleted_at is not None:
+        raise ModelDeleted(
+            "this job's model files were deleted with its dataset (delete_models); its "
+            "receipt and digests stay on the model card",
+            models_deleted_at=job.models_deleted_at.isoformat(),
+        )
 
 
 def _artifact(job: Job, store: ArtifactStore, fmt: str = "safetensors") -> tuple[Path, str]:
@@ -88,7 +104,7 @@ _BINARY = {"schema": {"type": "string", "format": "binary"}}
     "/{job_id}/model",
     operation_id="download_model",
     responses={
-        **errors(404, 409),
+        **errors(404, 409, 410),
         200: {
             "content": {"application/octet-stream": _BINARY},
             "description": "The model as safetensors (default) or ONNX (`format=onnx`); both "
@@ -101,6 +117,8 @@ async def download_model(
     job: OwnedJob,
     store: StoreDep,
     request: Request,
+    principal: CurrentPrincipal,
+    db: DatabaseDep,
     format: Annotated[
         Format,
         Query(
@@ -110,8 +128,15 @@ async def download_model(
         ),
     ] = "safetensors",
 ) -> Response:
-    """Download the trained model with its privacy receipt (safetensors or ONNX)."""
+    """Download the trained model with its privacy receipt (safetensors or ONNX).
+
+    Each download is recorded in the audit trail before it is served; 410 once the owner
+    deleted the model with its dataset."""
     path, digest = _artifact(job, store, format)
+    _require_files(job)
+    await run_in_threadpool(
+        audit.record_now, db, principal, "model.download", "job", job.id, {"format": format}
+    )
     filename = f"{job.id}.{format}"
     if "range" not in request.headers:
         data = _small_files.get(path, digest)
@@ -202,7 +227,7 @@ def _json(receipt: dict[str, str], key: str, default: Any) -> Any:
 @router.get(
     "/{job_id}/model/card",
     operation_id="get_model_card",
-    responses=errors(404, 409),
+    responses=errors(404, 409, 410),
     response_model=ModelCard,
 )
 def get_model_card(job: OwnedJob, store: StoreDep) -> ModelCard:
@@ -211,6 +236,7 @@ def get_model_card(job: OwnedJob, store: StoreDep) -> ModelCard:
     files = job.artifacts.root if job.artifacts is not None else {}
     digests = {fmt: {"sha256": ref.sha256} for fmt, ref in files.items()}
     if job.receipt is None:  # a model published before receipts were stored on the job
+        _require_files(job)
         return _card_from_file(job, read_safetensors_metadata(path), digests)
     receipt, privacy = job.receipt, job.privacy
     return ModelCard(
@@ -289,7 +315,7 @@ def _matrix(inputs: list[list[float]], width: int) -> np.ndarray:
 @router.post(
     "/{job_id}/predict",
     operation_id="predict",
-    responses=errors(404, 409, 413),
+    responses=errors(404, 409, 410, 413),
     response_model=PredictResponse,
 )
 def predict(
@@ -298,11 +324,14 @@ def predict(
     store: StoreDep,
     settings: SettingsDep,
     cache: ModelCacheDep,
+    principal: CurrentPrincipal,
+    db: DatabaseDep,
 ) -> PredictResponse:
     """Predict class labels and probabilities for rows of features (ONNX Runtime).
 
     Rows must have the model's `num_features` finite values; at most a configured number of
-    rows per request (4096 by default). A job that has not succeeded answers 409.
+    rows per request (4096 by default). A job that has not succeeded answers 409, one whose
+    model was deleted with its dataset 410. Each prediction is recorded in the audit trail.
     """
     max_rows = settings.limits.max_predict_rows
     if len(body.inputs) > max_rows:
@@ -312,8 +341,11 @@ def predict(
             limit=max_rows,
         )
     path, digest = _artifact(job, store, "onnx")
+    _require_files(job)
     model = cache.get(job.id, digest, path)
     result = model.predict(_matrix(body.inputs, model.num_features))
+    # Recorded before the answer leaves; rows, never their values.
+    audit.record_now(db, principal, "model.predict", "job", job.id, {"rows": len(body.inputs)})
     indices = result.indices.tolist()
     return PredictResponse(
         predictions=[model.classes[i] for i in indices],

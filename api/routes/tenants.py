@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Path, Response
+from fastapi import APIRouter, Body, Path, Request, Response
 
-from api.deps import AdminAuth, ReposDep
+from api.deps import AdminAuth, DatabaseDep, ReposDep
+from api.routes.audit import AUDIT_RESPONSES, ActionFilter, Format, ObjectFilter, audit_answer
 from api.routes.common import DEFAULT_PAGE_SIZE, PageSize, PageToken, errors
 from api.routes.keys import key_page
 from api.schemas import (
     ApiKeyCreate,
     ApiKeyCreated,
     ApiKeyPage,
+    AuditPage,
     Tenant,
     TenantCreate,
     TenantPage,
 )
+from ppml.errors import NotFound
 from ppml.services import tenants
 
 router = APIRouter(prefix="/v1/tenants", tags=["tenants"])
@@ -117,3 +120,38 @@ def revoke_api_key(
     """
     tenants.revoke_api_key(repos, tenant_id=tenant_id, key_id=key_id)
     return Response(status_code=204)
+
+
+@router.get(
+    "/{tenant_id}/audit",
+    operation_id="list_tenant_audit_events",
+    responses={**errors(404), **AUDIT_RESPONSES},
+    response_model=AuditPage,
+)
+def list_tenant_audit_events(
+    tenant_id: Annotated[str, Path(max_length=64)],
+    _admin: AdminAuth,
+    request: Request,
+    repos: ReposDep,
+    db: DatabaseDep,
+    action: ActionFilter = None,
+    object_id: ObjectFilter = None,
+    format: Format = None,
+    page_size: PageSize = DEFAULT_PAGE_SIZE,
+    page_token: PageToken = None,
+) -> Any:
+    """A tenant's audit trail, oldest first (admin token); ``format=jsonl`` (or
+    ``Accept: application/x-ndjson``) streams it as JSON lines for export."""
+    if repos.tenant(tenant_id) is None:
+        raise NotFound("tenant not found")
+    return audit_answer(
+        request,
+        repos,
+        db,
+        tenant_id,
+        action=action,
+        object_id=object_id,
+        fmt=format,
+        page_size=page_size,
+        page_token=page_token,
+    )

@@ -4,13 +4,15 @@ The core does not import the ``api`` or ``worker`` adapters: ``serve`` hands uvi
 factory by name and starts the worker as its own process (``python -m worker``), the same way
 the API enqueues tasks by name.
 
-The client commands (``datasets``, ``jobs``, ``models``, ``tenants``, ``keys``) talk to the
-HTTP API only (``--url``/``PPML_URL``, ``--api-key``/``PPML_API_KEY``, ``PPML_ADMIN_TOKEN``),
-never to the database (through ``ppml.client``). Server modules are imported inside the server
-commands, so the client starts fast.
+The client commands (``datasets``, ``jobs``, ``models``, ``receipts``, ``tenants``, ``keys``)
+talk to the HTTP API only (``--url``/``PPML_URL``, ``--api-key``/``PPML_API_KEY``,
+``PPML_ADMIN_TOKEN``), never to the database (through ``ppml.client``); ``receipts verify``
+reads local files only, and ``receipts rotate-key`` is for operators, on the data dir.
+Server modules are imported inside the server commands, so the client starts fast.
 
 Where things live: ``server`` (serve, worker, db), ``datasets``, ``jobs``, ``models``,
-``admin`` (tenants, keys), and ``common`` (shared options, the API client, printing).
+``receipts`` (fetch, verify offline, rotate the signing key), ``admin`` (tenants, keys), and
+``common`` (shared options, the API client, printing).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from ppml.cli.admin import keys_app, tenants_app
 from ppml.cli.datasets import datasets_app
 from ppml.cli.jobs import jobs_app
 from ppml.cli.models import models_app
+from ppml.cli.receipts import receipts_app
 from ppml.cli.server import db_app, serve, worker_command
 
 __all__ = ["app"]
@@ -33,6 +36,7 @@ for _name, _sub in (
     ("datasets", datasets_app),
     ("jobs", jobs_app),
     ("models", models_app),
+    ("receipts", receipts_app),
     ("tenants", tenants_app),
     ("keys", keys_app),
 ):

@@ -15,6 +15,7 @@ from ppml.cli.common import (
     Url,
     api_client,
     created,
+    err,
     fail,
     fmt,
     print_json,
@@ -192,6 +193,22 @@ def datasets_list(
         )
     columns = ["id", "name", "status", "features", "classes", "train/test", "ε", "δ", "created"]
     table("datasets", columns, rows)
+
+
+@datasets_app.command("delete")
+def datasets_delete(
+    dataset_id: Annotated[str, typer.Argument(help="The dataset's id.")],
+    delete_models: Annotated[
+        bool, typer.Option("--delete-models", help="Delete its jobs' model files too.")
+    ] = False,
+    url: Url = DEFAULT_URL,
+    api_key: ApiKey = None,
+) -> None:
+    """Delete a dataset's files (owner keys); its budget, ledger and audit trail stay, and
+    the same rows cannot be registered again with a new budget."""
+    with api_client(url, api_key=api_key) as client:
+        client.delete_dataset(dataset_id, delete_models=delete_models)
+    err().print(f"dataset {dataset_id} deleted" + (" with its models" if delete_models else ""))
 
 
 @datasets_app.command("budget")

@@ -14,10 +14,14 @@ import signal
 import subprocess
 import sys
 import threading
+from typing import TYPE_CHECKING
 
 import typer
 
-from ppml.config import get_settings
+from ppml.config import Settings, get_settings
+
+if TYPE_CHECKING:
+    from ppml.privacy.rollback import ChainReport
 
 db_app = typer.Typer(help="Database administration.", no_args_is_help=True)
 
@@ -42,21 +46,119 @@ def db_upgrade(revision: str = typer.Argument("head")) -> None:
     """Apply migrations up to REVISION."""
     from ppml.db.migrate import upgrade
 
-    url = get_settings().resolved_database_url
-    upgrade(url, revision)
+    settings = get_settings()
+    upgrade(settings.resolved_database_url, revision)
     typer.echo(f"database at revision {revision}")
+    if revision == "head":
+        typer.echo(f"split secrets sealed now: {_seal_secrets(settings)}")
+
+
+def _seal_secrets(settings: Settings) -> int:
+    """Seal the split secrets still stored in plain text (or under a retired data key)."""
+    from ppml.db.session import Database
+    from ppml.services.datasets import seal_split_secrets
+    from ppml.trust.sealing import DataKeys
+
+    database = Database(settings.resolved_database_url)
+    try:
+        return seal_split_secrets(database, DataKeys.from_settings(settings))
+    finally:
+        database.dispose()
+
+
+def _check_chains(settings: Settings) -> ChainReport:
+    from ppml.db.session import Database
+    from ppml.privacy.heads import HeadFile
+    from ppml.privacy.rollback import check_chains
+
+    database = Database(settings.resolved_database_url)
+    try:
+        return check_chains(database, HeadFile.of(settings))
+    finally:
+        database.dispose()
 
 
 @db_app.command("check")
 def db_check(
-    repair: bool = typer.Option(False, help="Rebuild cached totals from entries."),
+    repair: bool = typer.Option(
+        False, help="Rebuild cached totals from entries (never a broken hash chain)."
+    ),
 ) -> None:
-    """Check that every budget's cached totals equal the fold of its ledger entries."""
-    bad = _verify_ledger(get_settings().resolved_database_url, repair=repair)
+    """Check every dataset's ledger: its hash chain (each entry's hash, sequence and link),
+    that the chain is not behind its signed head (a rollback), and that the budget's cached
+    totals equal the fold of its entries."""
+    settings = get_settings()
+    bad = _verify_ledger(settings.resolved_database_url, repair=repair)
+    chains = _check_chains(settings)
+    for line in chains.problems() + chains.warnings():
+        typer.echo(line, err=True)
     if bad and not repair:
         typer.echo(f"ledger cache differs from entries for: {', '.join(bad)}", err=True)
+    if not chains.ok:
+        if repair:
+            typer.echo(
+                "--repair rebuilt only the cached totals: a broken or rolled-back chain is "
+                "evidence, and is not repaired",
+                err=True,
+            )
+        raise typer.Exit(1)
+    if bad and not repair:
         raise typer.Exit(1)
     typer.echo("ledger consistent" if not bad else f"repaired: {', '.join(bad)}")
+
+
+@db_app.command("acknowledge-rollback")
+def db_acknowledge_rollback(
+    dataset_id: str | None = typer.Argument(
+        None, help="The dataset whose ledger is behind its signed chain head."
+    ),
+    note: str = typer.Option(..., help="Why (recorded with the acknowledgement)."),
+    every: bool = typer.Option(
+        False,
+        "--all",
+        help="Every dataset that is behind; with a head file that does not verify, rebuild "
+        "it from the database (every dataset is recorded).",
+    ),
+    by: str | None = typer.Option(None, help="Who acknowledges (default: user@host)."),
+) -> None:
+    """Accept a dataset's ledger as the database holds it after a rollback (a restored
+    backup, deleted entries): records the event, then moves the signed chain head back to the
+    database's, so the dataset admits jobs again."""
+    import getpass
+    import socket
+
+    from ppml.db.session import Database
+    from ppml.errors import PPMLError
+    from ppml.privacy.heads import HeadFile
+    from ppml.privacy.rollback import acknowledge_rollback
+
+    if (dataset_id is None) == (not every):
+        typer.echo("give a DATASET_ID or --all (not both)", err=True)
+        raise typer.Exit(2)
+    settings = get_settings()
+    database = Database(settings.resolved_database_url)
+    who = by or f"{getpass.getuser()}@{socket.gethostname()}"
+    try:
+        rows = acknowledge_rollback(
+            database,
+            HeadFile.of(settings),
+            None if every else [str(dataset_id)],
+            by=who,
+            note=note,
+        )
+    except PPMLError as error:
+        typer.echo(error.detail, err=True)
+        raise typer.Exit(1) from None
+    finally:
+        database.dispose()
+    if not rows:
+        typer.echo("no ledger is behind its signed chain head: nothing recorded")
+    for row in rows:
+        was = "unknown" if row.from_seq is None else f"entry {row.from_seq}"
+        typer.echo(
+            f"acknowledged {row.id}: dataset {row.dataset_id}, signed head {was} -> "
+            f"database head entry {row.to_seq}"
+        )
 
 
 def _embedded_worker_child() -> None:
@@ -136,6 +238,17 @@ def serve(
     repaired = _verify_ledger(url, repair=True)
     if repaired:
         log.error("ledger cache rebuilt from entries for datasets %s", repaired)
+    chains = _check_chains(settings)
+    for line in chains.problems():
+        log.error("%s", line)
+    for line in chains.warnings():
+        log.warning("%s", line)
+    key_source = "PPML_ENCRYPTION_KEY" if settings.encryption_key else None
+    # Also makes the local data key before any other process could race for it.
+    sealed = _seal_secrets(settings)
+    if sealed:
+        log.info("sealed %d datasets' split secrets under the active data key", sealed)
+    key_source = key_source or str((settings.data_dir / "encryption_key").resolve())
     token_source = "PPML_ADMIN_TOKEN" if settings.admin_token else None
     settings.ensure_admin_token()
     if token_source is None:
@@ -147,6 +260,15 @@ def serve(
         f"{workers} API process{'es' if workers > 1 else ''}"
     )
     typer.echo(f"admin token: {token_source}")
+    typer.echo(
+        f"data key: {key_source} (back it up apart from the data: without it, nothing "
+        "sealed can be read)"
+    )
+    # The receipts' signing key: generated on first start, shared with the workers.
+    from ppml.trust.keys import SigningKeys
+
+    signing = SigningKeys(settings.signing_keys_dir).active()
+    typer.echo(f"signing key: {signing['key_id']} in {settings.signing_keys_dir}")
     typer.echo(f"database: {url}\nbroker: {settings.resolved_broker_url}")
     supervisor = _WorkerSupervisor()
     signal.signal(signal.SIGTERM, _exit_on_term)

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from ppml.datasets.arrays import DatasetArrays, UploadLimits, load_arrays, save_arrays
 from ppml.datasets.builtins import BUILTIN_CLASSES, BUILTINS, load_builtin
-from ppml.datasets.keys import new_secret, partition_keys, record_keys
+from ppml.datasets.keys import new_secret, open_secret, partition_keys, record_keys, seal_secret
 from ppml.datasets.schema import DatasetSchema, parse_schema
 from ppml.datasets.uploads import FORMATS, detect_format, parse_upload
 
@@ -43,9 +43,11 @@ __all__ = [
     "load_arrays",
     "load_builtin",
     "new_secret",
+    "open_secret",
     "parse_schema",
     "parse_upload",
     "partition_keys",
     "record_keys",
     "save_arrays",
+    "seal_secret",
 ]

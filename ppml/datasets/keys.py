@@ -7,7 +7,13 @@ a keyed BLAKE2b of its own content under the dataset's secret and a domain strin
 separates uses ("split", "iid:<seed>", ...); :func:`uniform` turns keys into numbers in
 ``[0, 1)``. The secret is drawn once per dataset (:func:`new_secret`) and never released.
 
-Pure numpy and hashlib: the API process imports this module.
+The database never holds it in plain text: the row stores it sealed under the service's
+data key, bound to the dataset's id (:func:`seal_secret`), and :func:`open_secret` is the one
+place that reads it. Rows written before sealing hold the plain hex; they are read as they
+are, and sealed in place at the next ``ppml serve`` or ``ppml db upgrade``
+(``ppml.services.datasets.seal_split_secrets``).
+
+Pure numpy, hashlib and ``cryptography``: the API process imports this module.
 """
 
 from __future__ import annotations
@@ -19,11 +25,15 @@ from collections.abc import Sequence
 import numpy as np
 import numpy.typing as npt
 
+from ppml.trust.sealing import DataKeys, UnknownKey, is_sealed_value
+
 __all__ = [
     "derived_seed",
     "new_secret",
+    "open_secret",
     "partition_keys",
     "record_keys",
+    "seal_secret",
     "uniform",
     "unit_keys",
 ]
@@ -40,6 +50,30 @@ _MANTISSA_BITS = 53
 def new_secret() -> str:
     """A fresh per-dataset secret: 32 random bytes from the OS, as hex."""
     return secrets.token_hex(_SECRET_BYTES)
+
+
+def _secret_context(dataset_id: str) -> str:
+    return f"datasets/{dataset_id}:split_secret"
+
+
+def seal_secret(keys: DataKeys, dataset_id: str, secret: str) -> str:
+    """What the dataset's row stores: its secret sealed under the active data key
+    (``v1:<key id>:<base64>``), bound to its id (no other row's secret opens as it)."""
+    return keys.seal_value(secret, context=_secret_context(dataset_id))
+
+
+def open_secret(keys: DataKeys | None, dataset_id: str, stored: str | None) -> str | None:
+    """The secret a dataset's row stores (a legacy plain value is returned as it is).
+
+    Raises:
+        ppml.trust.sealing.UnknownKey: Sealed under a key that is not configured.
+        ppml.trust.sealing.TamperedData: Altered, or copied from another dataset's row.
+    """
+    if stored is None or not is_sealed_value(stored):
+        return stored
+    if keys is None:
+        raise UnknownKey(f"the split secret of dataset {dataset_id} is sealed; no data key")
+    return keys.open_value(stored, context=_secret_context(dataset_id))
 
 
 def _hasher(secret: str, domain: str, person: bytes) -> hashlib.blake2b:

@@ -35,6 +35,7 @@ from ppml.specs import JobSpec
 
 __all__ = [
     "ApiKey",
+    "AuditEvent",
     "Base",
     "Dataset",
     "DatasetBudget",
@@ -43,6 +44,7 @@ __all__ = [
     "JobEvent",
     "JobEventKind",
     "JobStatus",
+    "LedgerAcknowledgement",
     "LedgerEntry",
     "LedgerKind",
     "Tenant",
@@ -196,7 +198,10 @@ class ApiKey(Base):
 
 class Dataset(Base):
     __tablename__ = "datasets"
-    __table_args__ = (Index("ix_datasets_tenant_status", "tenant_id", "status"),)
+    __table_args__ = (
+        Index("ix_datasets_tenant_status", "tenant_id", "status"),
+        Index("ix_datasets_tenant_fingerprint", "tenant_id", "fingerprint"),
+    )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
@@ -212,8 +217,10 @@ class Dataset(Base):
     classes: Mapped[dict[str, Any]]
     # The declared schema ({"classes": [...]}): what is released about the data's shape.
     data_schema: Mapped[dict[str, Any] | None]
-    # Secret key of the record-independent split and partitions (hex); never released.
-    split_secret: Mapped[str | None] = mapped_column(String(64))
+    # Secret key of the record-independent split and partitions; never released. Stored
+    # sealed under the data key ("v1:<key id>:<base64>", ppml.datasets.keys.seal_secret);
+    # rows written before sealing hold the plain hex until the next start seals them.
+    split_secret: Mapped[str | None] = mapped_column(Text)
     # A public dataset whose rows score jobs exactly and for free (owner-declared).
     validation_dataset_id: Mapped[str | None] = mapped_column(ForeignKey("datasets.id"))
     privacy_unit: Mapped[str] = mapped_column(String(16), default="record")
@@ -237,6 +244,12 @@ class Dataset(Base):
     # Bytes this dataset keeps in the store (the upload while validating, then its arrays),
     # summed per tenant against limits.max_tenant_storage_bytes.
     stored_bytes: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    # Keyed hash of the normalised rows, row order ignored (ppml.services.fingerprints), set
+    # once the rows are known (ready): a budgeted registration of the same rows is refused.
+    fingerprint: Mapped[str | None] = mapped_column(String(64))
+    # Deleted by its owner (ppml.services.deletion): files gone, no longer listed or usable;
+    # its budget row, ledger entries, jobs and audit events are kept.
+    deleted_at: Mapped[datetime | None]
 
     def __init__(self, **kwargs: Any) -> None:
         # Column defaults apply at INSERT; a row built in Python is ready unless told.
@@ -311,6 +324,9 @@ class Job(Base):
     # The seq of the job's newest event (0: none yet): incremented in the statement that
     # records the event, so it is allocated under the row's lock (see JobEvent).
     last_event_seq: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # When the model files were deleted with the job's dataset (DELETE ... ?delete_models):
+    # downloads and predictions then answer 410; ``artifacts`` keeps their digests.
+    models_deleted_at: Mapped[datetime | None]
 
     @validates(
         "spec",
@@ -330,9 +346,15 @@ class Job(Base):
 
 
 class LedgerEntry(Base):
-    """Append-only: one RESERVE, at most one COMMIT and one RELEASE per job."""
+    """Append-only: one RESERVE, at most one COMMIT and one RELEASE per job.
+
+    Each dataset's entries form a hash chain (``ppml.privacy.chain``): ``seq`` numbers them
+    1, 2, ... per dataset, ``prev_hash`` is the ``entry_hash`` of entry ``seq - 1`` (zeros for
+    the first) and ``entry_hash`` covers the entry's content and that link.
+    """
 
     __tablename__ = "ledger_entries"
+    __table_args__ = (UniqueConstraint("dataset_id", "seq", name="uq_ledger_entries_dataset_seq"),)
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     dataset_id: Mapped[str] = mapped_column(ForeignKey("datasets.id"), index=True)
@@ -344,6 +366,31 @@ class LedgerEntry(Base):
     epsilon: Mapped[float] = mapped_column(Float)
     note: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    seq: Mapped[int] = mapped_column(Integer)
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    entry_hash: Mapped[str] = mapped_column(String(64))
+
+
+class LedgerAcknowledgement(Base):
+    """An operator's acknowledgement that a dataset's ledger is behind its signed chain head
+    (``ppml db acknowledge-rollback``): the head file then moves back to the database's head.
+
+    No foreign key: the record of the event outlives whatever it names.
+    """
+
+    __tablename__ = "ledger_acknowledgements"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    dataset_id: Mapped[str] = mapped_column(String(40), index=True)
+    acknowledged_at: Mapped[datetime] = mapped_column(default=utcnow)
+    acknowledged_by: Mapped[str] = mapped_column(String(200))
+    # The head the signed file held (None: the file could not be trusted, or had none) ...
+    from_seq: Mapped[int | None] = mapped_column(Integer)
+    from_head: Mapped[str | None] = mapped_column(String(64))
+    # ... and the database's head it was reset to (seq 0: no entries).
+    to_seq: Mapped[int] = mapped_column(Integer)
+    to_head: Mapped[str] = mapped_column(String(64))
+    note: Mapped[str] = mapped_column(Text)
 
 
 class JobEvent(Base):
@@ -360,4 +407,28 @@ class JobEvent(Base):
     seq: Mapped[int] = mapped_column(Integer, primary_key=True)
     kind: Mapped[str] = mapped_column(String(16))
     data: Mapped[dict[str, Any]]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class AuditEvent(Base):
+    """Append-only: who (key id and role; the admin token has no key) did what to which
+    object, and when. Written in the transaction of the action it records
+    (``ppml.services.audit``); nothing updates or deletes a row."""
+
+    __tablename__ = "audit_events"
+    # Ids sort by creation time, so (tenant, id) serves a tenant's trail in time order.
+    __table_args__ = (
+        Index("ix_audit_events_tenant_id_id", "tenant_id", "id"),
+        Index("ix_audit_events_tenant_created", "tenant_id", "created_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    # None: an admin action on no tenant.
+    tenant_id: Mapped[str | None] = mapped_column(ForeignKey("tenants.id"))
+    actor_key_id: Mapped[str | None] = mapped_column(String(40))  # None: the admin token
+    actor_role: Mapped[str] = mapped_column(String(16))  # owner, analyst or admin
+    action: Mapped[str] = mapped_column(String(32))
+    object_type: Mapped[str] = mapped_column(String(32))
+    object_id: Mapped[str | None] = mapped_column(String(64), index=True)
+    detail: Mapped[dict[str, Any]]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session, aliased
 
 from ppml.db.models import (
     ApiKey,
+    AuditEvent,
     Dataset,
     DatasetBudget,
     DatasetStatus,
@@ -22,6 +23,7 @@ from ppml.db.models import (
     JobEvent,
     JobEventKind,
     JobStatus,
+    LedgerAcknowledgement,
     LedgerEntry,
     Tenant,
     utcnow,
@@ -147,9 +149,64 @@ class Repositories:
             .execution_options(synchronize_session=False)
         )
 
+    def split_secrets_to_seal(
+        self, active_key_id: str, *, after: str, limit: int
+    ) -> list[tuple[str, str]]:
+        """``(id, stored split secret)`` of datasets after ``after`` whose secret is plain
+        (written before sealing) or sealed under another key than the active one."""
+        stmt = select(Dataset.id, Dataset.split_secret).where(
+            Dataset.id > after,
+            Dataset.split_secret.is_not(None),
+            Dataset.split_secret.not_like(f"v1:{active_key_id}:%"),
+        )
+        rows = self.session.execute(stmt.order_by(Dataset.id).limit(limit)).all()
+        return [(row.id, row.split_secret) for row in rows]
+
+    def replace_split_secret(self, dataset_id: str, *, stored: str, sealed: str) -> bool:
+        """Store ``sealed`` if the row still holds ``stored`` (a concurrent run may have)."""
+        result = self.session.execute(
+            update(Dataset)
+            .where(Dataset.id == dataset_id, Dataset.split_secret == stored)
+            .values(split_secret=sealed)
+            .execution_options(synchronize_session=False)
+        )
+        return bool(getattr(result, "rowcount", 0) == 1)
+
     def list_datasets(self, tenant_id: str, *, page_size: int, page_token: str | None) -> Page:
-        stmt = select(Dataset).where(Dataset.tenant_id == tenant_id)
+        """The tenant's datasets, deleted ones left out."""
+        stmt = select(Dataset).where(Dataset.tenant_id == tenant_id, Dataset.deleted_at.is_(None))
         return self._page(stmt, Dataset.id, page_size, page_token)
+
+    def budgeted_dataset_with_fingerprint(
+        self, tenant_id: str, fingerprint: str, *, excluding: str | None = None
+    ) -> Dataset | None:
+        """The tenant's oldest dataset with a budget whose rows have this fingerprint, deleted
+        ones included (only ready rows get a fingerprint)."""
+        stmt = select(Dataset).where(
+            Dataset.tenant_id == tenant_id,
+            Dataset.fingerprint == fingerprint,
+            Dataset.epsilon_total.is_not(None),
+        )
+        if excluding is not None:
+            stmt = stmt.where(Dataset.id != excluding)
+        return self.session.scalars(stmt.order_by(Dataset.id).limit(1)).first()
+
+    def dataset_deleted(self, dataset_id: str) -> bool:
+        """Whether the dataset was deleted (admission asks under the tenant's lock)."""
+        stmt = select(Dataset.deleted_at).where(Dataset.id == dataset_id)
+        return self.session.scalar(stmt) is not None
+
+    def dataset_jobs(self, dataset_id: str) -> Sequence[Job]:
+        """Every job of the dataset, whatever its status."""
+        stmt = select(Job).where(Job.dataset_id == dataset_id)
+        return self.session.scalars(stmt.order_by(Job.id)).all()
+
+    def datasets_validated_by(self, dataset_id: str, *, limit: int = 10) -> list[str]:
+        """Datasets not deleted that name this one as their validation set."""
+        stmt = select(Dataset.id).where(
+            Dataset.validation_dataset_id == dataset_id, Dataset.deleted_at.is_(None)
+        )
+        return list(self.session.scalars(stmt.order_by(Dataset.id).limit(limit)).all())
 
     def budget(self, dataset_id: str, *, lock: bool = False) -> DatasetBudget | None:
         """The budget row; ``lock`` takes ``FOR UPDATE`` (a no-op on SQLite, whose writer
@@ -428,9 +485,70 @@ class Repositories:
         stmt = select(LedgerEntry).where(LedgerEntry.job_id == job_id)
         return self.session.scalars(stmt.order_by(LedgerEntry.id)).all()
 
+    def newest_ledger_entry(self, dataset_id: str) -> LedgerEntry | None:
+        """The dataset's newest ledger entry, the head of its chain (signed receipts bind
+        it). Read under the budget row's lock, so no entry is appended meanwhile."""
+        stmt = select(LedgerEntry).where(LedgerEntry.dataset_id == dataset_id)
+        return self.session.scalars(stmt.order_by(LedgerEntry.seq.desc()).limit(1)).first()
+
     def list_ledger(self, dataset_id: str, *, page_size: int, page_token: str | None) -> Page:
         stmt = select(LedgerEntry).where(LedgerEntry.dataset_id == dataset_id)
         return self._page(stmt, LedgerEntry.id, page_size, page_token, descending=False)
+
+    # --- the ledger's hash chains (ppml.privacy.chain) ---------------------------------
+    def ledger_head(self, dataset_id: str) -> tuple[int, str] | None:
+        """``(seq, entry_hash)`` of the dataset's last chained entry (None: no entries): one
+        probe of the ``(dataset_id, seq)`` index."""
+        stmt = (
+            select(LedgerEntry.seq, LedgerEntry.entry_hash)
+            .where(LedgerEntry.dataset_id == dataset_id)
+            .order_by(LedgerEntry.seq.desc())
+            .limit(1)
+        )
+        row = self.session.execute(stmt).first()
+        return None if row is None else (int(row[0]), str(row[1]))
+
+    def ledger_hash_at(self, dataset_id: str, seq: int) -> str | None:
+        """The ``entry_hash`` of the dataset's entry ``seq``, or None."""
+        stmt = select(LedgerEntry.entry_hash).where(
+            LedgerEntry.dataset_id == dataset_id, LedgerEntry.seq == seq
+        )
+        return self.session.scalar(stmt)
+
+    def ledger_chain(self, dataset_id: str) -> Sequence[LedgerEntry]:
+        """The dataset's entries in chain order."""
+        stmt = select(LedgerEntry).where(LedgerEntry.dataset_id == dataset_id)
+        return self.session.scalars(stmt.order_by(LedgerEntry.seq)).all()
+
+    def ledger_dataset_ids(self) -> list[str]:
+        """Every dataset with ledger entries, or a budget (an empty chain)."""
+        with_entries = select(LedgerEntry.dataset_id).distinct()
+        with_budget = select(DatasetBudget.dataset_id)
+        ids = set(self.session.scalars(with_entries)) | set(self.session.scalars(with_budget))
+        return sorted(ids)
+
+    def ledger_acknowledgements(self, dataset_id: str) -> Sequence[LedgerAcknowledgement]:
+        stmt = select(LedgerAcknowledgement).where(LedgerAcknowledgement.dataset_id == dataset_id)
+        return self.session.scalars(stmt.order_by(LedgerAcknowledgement.id)).all()
+
+    # --- audit trail (append-only: no statement here updates or deletes a row) ----------
+    def list_audit(
+        self,
+        tenant_id: str,
+        *,
+        action: str | None,
+        object_id: str | None,
+        page_size: int,
+        page_token: str | None,
+    ) -> Page:
+        """The tenant's audit events, oldest first (a client follows the trail by passing
+        the last id it read)."""
+        stmt = select(AuditEvent).where(AuditEvent.tenant_id == tenant_id)
+        if action is not None:
+            stmt = stmt.where(AuditEvent.action == action)
+        if object_id is not None:
+            stmt = stmt.where(AuditEvent.object_id == object_id)
+        return self._page(stmt, AuditEvent.id, page_size, page_token, descending=False)
 
     # --- helpers ----------------------------------------------------------------------
     def _page(

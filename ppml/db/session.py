@@ -62,16 +62,19 @@ class Database:
         self.engine = create_engine(url, **kwargs)
         if self.is_sqlite:
             _configure_sqlite(self.engine)
-        self._reader = sessionmaker(self.engine, expire_on_commit=False)
+        # Every session starts with these entries in its ``info``: what the core's units of
+        # work need besides the database (the ledger's head file, ``ppml.privacy.heads``).
+        self.info: dict[str, Any] = {}
+        self._reader = sessionmaker(self.engine, expire_on_commit=False, info=self.info)
         writer_bind = self.engine.execution_options(sqlite_immediate=True)
-        self._writer = sessionmaker(writer_bind, expire_on_commit=False)
+        self._writer = sessionmaker(writer_bind, expire_on_commit=False, info=self.info)
         # PostgreSQL runs a lone statement in its own snapshot anyway (READ COMMITTED), so a
         # one-query read needs no BEGIN and COMMIT, two round trips saved on every poll.
         # SQLite keeps its read transaction (one WAL snapshot; its BEGIN costs no round trip).
         self._single = self._reader
         if not self.is_sqlite:
             single_bind = self.engine.execution_options(isolation_level="AUTOCOMMIT")
-            self._single = sessionmaker(single_bind, expire_on_commit=False)
+            self._single = sessionmaker(single_bind, expire_on_commit=False, info=self.info)
 
     @contextmanager
     def session(self, *, write: bool = False) -> Iterator[Session]:

@@ -3,8 +3,10 @@
 Each attempt (claim) of a job writes its own file, ``checkpoints/<job>.<attempt>.pt``,
 so a worker that lost its lease but has not noticed yet can never overwrite the
 checkpoint of the worker that owns the job now. A new attempt resumes from the newest
-attempt's file; every file of a job goes when the job ends. Torch is imported only when
-a file is read or written (the API and the reaper import this module too).
+attempt's file; every file of a job goes when the job ends. The store seals them at rest
+(``checkpoints/`` is a sealed kind), so a checkpoint is read through a decrypted copy.
+Torch is imported only when a file is read or written (the API and the reaper import this
+module too).
 """
 
 from __future__ import annotations
@@ -55,7 +57,8 @@ class JobCheckpoints:
             if attempt >= before:
                 continue
             try:
-                return load_checkpoint(self.store.path(self.key(attempt)))
+                with self.store.open_plain(self.key(attempt)) as path:
+                    return load_checkpoint(path)
             except Exception:
                 # Unreadable: the next older one is still a valid point to resume from.
                 log.exception("job %s: checkpoint of attempt %d unreadable", self.job_id, attempt)

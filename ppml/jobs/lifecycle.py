@@ -30,10 +30,12 @@ from datetime import datetime
 
 from ppml.db.models import Job, JobEventKind, JobStatus, LedgerEntry, utcnow
 from ppml.db.repositories import Repositories
+from ppml.jobs.receipts import sign_release
 from ppml.jobs.records import Artifacts, JobError, Progress, Receipt
 from ppml.privacy.evaluation import ReleasedMetrics
 from ppml.privacy.ledger import Ledger
 from ppml.specs import JobSpec
+from ppml.trust.keys import SigningKeys
 
 __all__ = [
     "TRANSITIONS",
@@ -155,11 +157,15 @@ class Ending:
     receipt: Receipt | None = None
 
 
-def finish(repos: Repositories, job: Job, ending: Ending) -> LedgerEntry | None:
+def finish(
+    repos: Repositories, job: Job, ending: Ending, *, keys: SigningKeys | None = None
+) -> LedgerEntry | None:
     """End ``job`` (locked, not terminal): settle its charge and record its outcome.
 
-    The caller holds the budget row's lock (taken before the job row's) and commits.
-    Returns the ledger's COMMIT entry, if anything was committed.
+    The caller holds the budget row's lock (taken before the job row's) and commits. A job
+    that succeeds with model files gets its receipt signed with ``keys`` here, in the same
+    transaction: the receipt binds the COMMIT entry and the ledger's chain head, which exist
+    only now. Returns the ledger's COMMIT entry, if anything was committed.
     """
     ledger = Ledger(repos)
     budget = repos.budget(job.dataset_id)  # locked by the caller in this transaction
@@ -181,6 +187,8 @@ def finish(repos: Repositories, job: Job, ending: Ending) -> LedgerEntry | None:
         job.progress = job.progress.model_copy(update={"epsilon_spent": job.privacy.epsilon_spent})
     if ending.artifacts is not None:
         job.artifacts, job.receipt = ending.artifacts, ending.receipt
+        if keys is not None and ending.status == SUCCEEDED and job.receipt is not None:
+            sign_release(repos, job, keys)
     if job.progress != progress:  # the final report, and ε of the whole run
         data = job.progress.model_dump(mode="json")
         repos.append_job_event(job.id, JobEventKind.PROGRESS, data)

@@ -25,6 +25,7 @@ from ppml.jobs import lifecycle
 from ppml.jobs.checkpoints import JobCheckpoints
 from ppml.jobs.records import JobError
 from ppml.jobs.schedule import steps_to_charge
+from ppml.privacy import heads
 from ppml.privacy.ledger import Ledger
 from ppml.queue import enqueue_ingestion, enqueue_job
 from ppml.storage import ArtifactStore
@@ -35,6 +36,9 @@ log = logging.getLogger(__name__)
 
 #: A job created this recently may simply not have been enqueued by its API request yet.
 ENQUEUE_GRACE = timedelta(seconds=10)
+#: Staged files and decrypted copies older than this were left by a process that died: they
+#: may hold plain data, so they go (live ones last seconds, an upload's staging minutes).
+STALE_TMP = timedelta(hours=24)
 
 
 @dataclass(frozen=True)
@@ -49,7 +53,8 @@ class ReapReport:
 class Reaper:
     def __init__(self, db: Database, settings: Settings, celery: Celery) -> None:
         self.db, self.settings, self.celery = db, settings, celery
-        self.store = ArtifactStore(settings.data_dir)
+        heads.attach(db, settings)  # ledger appends move the signed chain heads
+        self.store = ArtifactStore.for_settings(settings)
         self._stop = threading.Event()
 
     def run_once(self) -> ReapReport:
@@ -62,6 +67,10 @@ class Reaper:
                 lost.append(job_id)
         for job_id in requeued:
             self._send(job_id)
+        try:
+            self.store.sweep(older_than_s=STALE_TMP.total_seconds())
+        except OSError:
+            log.exception("sweeping the store's tmp folder failed")
         return ReapReport(
             lost=lost,
             requeued=requeued,

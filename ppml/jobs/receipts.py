@@ -4,19 +4,36 @@ The worker builds a :class:`~ppml.jobs.records.Receipt` from the job's final pri
 before it writes the model; the lifecycle stores it on the job row with the files; the model
 files' metadata (:func:`file_metadata`) and the model card are renderings of that record,
 never parsed back out of a file.
+
+When the job ends, in the transaction that settles its charge, :func:`sign_release` signs
+what the receipt binds (:func:`receipt_bindings`): the COMMIT entry and the ledger's chain
+head exist only then, after the files were written. The signed receipt is served at
+``/v1/jobs/{id}/receipt`` and checked offline (``ppml receipts verify``, see
+``ppml.trust.receipts``).
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-from ppml.db.models import Dataset, Job
+from ppml.db.models import Dataset, Job, LedgerEntry
+from ppml.db.repositories import Repositories
 from ppml.jobs.records import PrivacyRecord, Receipt
+from ppml.privacy import accounting as acc
 from ppml.privacy.evaluation import Metrics
+from ppml.trust.keys import SigningKeys
+from ppml.trust.receipts import sign_receipt
 
-__all__ = ["build_receipt", "file_metadata", "library_versions"]
+__all__ = [
+    "build_receipt",
+    "file_metadata",
+    "library_versions",
+    "receipt_bindings",
+    "sign_release",
+]
 
 _LIBRARIES = ("ppml", "torch", "opacus", "dp-accounting")
 
@@ -98,3 +115,104 @@ def file_metadata(receipt: Receipt) -> dict[str, str]:
             evaluation=json.dumps(evaluation, sort_keys=True),
         )
     return metadata
+
+
+def _mechanisms(privacy: PrivacyRecord) -> list[dict[str, Any]]:
+    """Each mechanism the job ran on its data, with its own ε at the job's δ (their RDP
+    composition is the ε charged, ``epsilon`` of the receipt's privacy section)."""
+    event = privacy.event(privacy.steps)
+    training = replace(event, eval_noise_multiplier=None, eval_releases=0)
+    mechanisms: list[dict[str, Any]] = [
+        {
+            "name": "training",
+            "mechanism": "subsampled-gaussian",
+            "level": privacy.level,
+            "unit": privacy.unit,
+            "sample_rate": privacy.sample_rate,
+            "sampling": privacy.sampling,
+            "noise_multiplier": privacy.noise_multiplier,
+            "max_grad_norm": privacy.max_grad_norm,
+            "steps": privacy.steps,
+            "epsilon": acc.epsilon(acc.rdp_curve(training), privacy.delta),
+        }
+    ]
+    if event.eval_releases and event.eval_noise_multiplier is not None:
+        curve = acc.evaluation_curve(event.eval_noise_multiplier, event.eval_releases)
+        mechanisms.append(
+            {
+                "name": "evaluation",
+                "mechanism": "gaussian",
+                "unit": privacy.unit,
+                "noise_multiplier": event.eval_noise_multiplier,
+                "releases": event.eval_releases,
+                "epsilon": acc.epsilon(curve, privacy.delta),
+            }
+        )
+    return mechanisms
+
+
+def _privacy(privacy: PrivacyRecord | None) -> dict[str, Any] | None:
+    if privacy is None:
+        return None
+    return {
+        "epsilon": privacy.epsilon_spent,
+        "delta": privacy.delta,
+        "accountant": privacy.accountant,
+        "grid_version": privacy.grid_version,
+        "unit": privacy.unit,
+        "ledger_entry_id": privacy.ledger_entry_id,
+        "mechanisms": _mechanisms(privacy),
+    }
+
+
+def _entry(entry: LedgerEntry) -> dict[str, Any]:
+    return {
+        "id": entry.id,
+        "kind": entry.kind,
+        "epsilon": entry.epsilon,
+        "event": entry.event,
+        # The tamper-evident ledger's hash of this entry, once the ledger has one.
+        "entry_hash": getattr(entry, "entry_hash", None),
+    }
+
+
+def receipt_bindings(repos: Repositories, job: Job) -> dict[str, Any]:
+    """What the signed receipt of ``job``'s released model binds.
+
+    Read in the transaction that ends the job, after the ledger settled it and under the
+    budget row's lock, so the ledger entries and the chain head are those of the release.
+    """
+    assert job.artifacts is not None and job.receipt is not None
+    dataset = repos.dataset_by_id(job.dataset_id)
+    head = repos.newest_ledger_entry(job.dataset_id)
+    return {
+        "job_id": job.id,
+        "artifacts": {fmt: {"sha256": ref.sha256} for fmt, ref in job.artifacts.root.items()},
+        "dataset": {
+            "id": job.dataset_id,
+            # The dataset's content fingerprint, once datasets have one.
+            "fingerprint": getattr(dataset, "fingerprint", None),
+        },
+        "privacy": _privacy(job.privacy),
+        "ledger": {
+            "entries": [_entry(entry) for entry in repos.job_ledger_entries(job.id)],
+            "chain_head": None
+            if head is None
+            else {
+                "entry_id": head.id,
+                "seq": getattr(head, "seq", None),
+                "entry_hash": getattr(head, "entry_hash", None),
+            },
+        },
+        "receipt": job.receipt.model_dump(mode="json", exclude={"signed"}),
+    }
+
+
+def sign_release(repos: Repositories, job: Job, keys: SigningKeys) -> None:
+    """Sign the receipt of ``job``'s released model and keep it on the job's receipt.
+
+    ``job`` holds its final artefacts, receipt and privacy record (``lifecycle.finish``).
+    """
+    assert job.receipt is not None
+    signed = sign_receipt(keys, receipt_bindings(repos, job))
+    job.receipt = job.receipt.model_copy(update={"signed": signed})

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, RootModel
 
 from ppml.privacy import accounting as acc
 from ppml.privacy.evaluation import EvaluationPlan, Metrics
+from ppml.trust.records import SignedReceipt
 
 __all__ = ["ArtifactRef", "Artifacts", "JobError", "PrivacyRecord", "Progress", "Receipt"]
 
@@ -133,3 +134,9 @@ class Receipt(_Record):
     classes: list[str]
     metrics: Metrics | None = Field(description="The released held-out metrics.")
     rounds_planned: int | None = None
+    signed: SignedReceipt | None = Field(
+        default=None,
+        description="The receipt as the service signed it when the job ended (this record "
+        "without this field, the files' digests, the mechanisms and their ε, the ledger "
+        "entries and chain head); None for models released before receipts were signed.",
+    )

@@ -21,9 +21,11 @@ import numpy as np
 
 from ppml import datasets as data
 from ppml.config import Settings
+from ppml.datasets.keys import open_secret
 from ppml.db.models import Dataset, Job, JobStatus, utcnow
 from ppml.db.repositories import Repositories
 from ppml.db.session import UNAVAILABLE, Database
+from ppml.errors import MalformedFile
 from ppml.jobs import lifecycle
 from ppml.jobs.attempt import publish_model, train_federated_job
 from ppml.jobs.checkpoints import JobCheckpoints
@@ -34,6 +36,7 @@ from ppml.jobs.records import (
     Progress,
 )
 from ppml.jobs.schedule import Schedule, evaluation_plan, schedule, unreported_steps
+from ppml.privacy import heads
 from ppml.privacy.evaluation import (
     DEFAULT_LOSS_CLIP,
     WITHHELD,
@@ -43,6 +46,8 @@ from ppml.privacy.evaluation import (
 from ppml.privacy.ledger import Ledger
 from ppml.specs import JobSpec
 from ppml.storage import ArtifactStore
+from ppml.trust.keys import SigningKeys
+from ppml.trust.sealing import DataKeys, TamperedData
 
 if TYPE_CHECKING:
     from ppml.training.dp_sgd import TrainResult
@@ -77,7 +82,12 @@ class JobRunner:
         """``enqueue`` sends a preempted job's message (False: not sent; the reaper will)."""
         self.db, self.settings = db, settings
         self.owner = owner or worker_identity()
-        self.store = ArtifactStore(settings.data_dir)
+        heads.attach(db, settings)  # ledger appends move the signed chain heads
+        # Seals datasets and checkpoints at rest, and opens the datasets' split secrets.
+        self.data_keys = DataKeys.from_settings(settings)
+        self.store = ArtifactStore(settings.data_dir, keys=self.data_keys)
+        # Signs the receipts of released models (shared with the API: the data dir's keys).
+        self.keys = SigningKeys(settings.signing_keys_dir)
         self.enqueue = enqueue
 
     def _lease_until(self) -> datetime:
@@ -254,6 +264,8 @@ class JobRunner:
         if status != JobStatus.SUCCEEDED:
             return ending  # models are published for succeeded jobs only
         privacy = job.privacy.finished(result.steps_done, None) if job.privacy else None
+        # A keyring that cannot sign fails here, as a failed publish, not at the finish.
+        self.keys.active()
         artifacts, receipt = publish_model(self.store, job, dataset, result, privacy, released)
         return replace(ending, artifacts=artifacts, receipt=receipt)
 
@@ -273,10 +285,23 @@ class JobRunner:
         with self.db.session() as session:
             public = Repositories(session).dataset_by_id(dataset.validation_dataset_id)
         assert public is not None and public.epsilon_total is None
-        scoring = data.load_arrays(self.store.path(public.storage_key))
+        scoring = self._arrays(public)
         x = np.ascontiguousarray(np.concatenate([scoring.x_train, scoring.x_test]))
         y = np.concatenate([scoring.y_train, scoring.y_test])
         return {"x_test": x, "y_test": y, "test_units": None}
+
+    def _arrays(self, dataset: Dataset) -> data.DatasetArrays:
+        """The dataset's stored arrays (sealed at rest: decrypted for the read).
+
+        Raises:
+            MalformedFile: The file is missing, damaged or fails authentication.
+            ppml.trust.sealing.UnknownKey: This worker lacks the key it was sealed with.
+        """
+        try:
+            with self.store.open_plain(dataset.storage_key) as path:
+                return data.load_arrays(path)
+        except (FileNotFoundError, TamperedData):
+            raise MalformedFile("the stored dataset is missing or damaged", field="file") from None
 
     def _train(
         self,
@@ -290,7 +315,7 @@ class JobRunner:
     ) -> TrainResult | FederatedResult:
         from ppml.training.dp_sgd import TrainingPlan  # torch: worker only
 
-        arrays = data.load_arrays(self.store.path(dataset.storage_key))
+        arrays = self._arrays(dataset)
         scoring = self._scoring_arrays(dataset, arrays)
         loss_clip = spec.privacy.evaluation.loss_clip if spec.privacy else DEFAULT_LOSS_CLIP
         plan = TrainingPlan(
@@ -319,7 +344,8 @@ class JobRunner:
             "resume": resume,
         }
         if spec.federated is not None:
-            return train_federated_job(spec, private, arrays, common, dataset.split_secret)
+            secret = open_secret(self.data_keys, dataset.id, dataset.split_secret)
+            return train_federated_job(spec, private, arrays, common, secret)
         from ppml.training.dp_sgd import DPPlan, train
 
         dp = None
@@ -358,7 +384,7 @@ class JobRunner:
             if row is None or JobStatus(row.status).terminal or row.lease_owner != self.owner:
                 self._discard(ending.artifacts)
                 return "skipped"
-            lifecycle.finish(repos, row, ending)
+            lifecycle.finish(repos, row, ending, keys=self.keys)
         JobCheckpoints(self.store, job.id).clear()  # a finished job never resumes
         log.info("job %s %s after %s steps", job.id, ending.status.value, ending.steps)
         return ending.status.value

@@ -8,6 +8,11 @@ Each dataset's budget row caches the fold of its entries:
 
 Every mutation runs under the budget row's lock (``FOR UPDATE`` on PostgreSQL; the writer
 session's ``BEGIN IMMEDIATE`` on SQLite) and updates entries and cache in one transaction.
+
+Each dataset's entries form a hash chain (:mod:`ppml.privacy.chain`): an append reads the
+chain's head under that lock and links the new entry to it. The newest heads are also kept,
+signed, outside the database (:mod:`ppml.privacy.heads`); admission refuses a dataset whose
+chain does not extend them (:meth:`Ledger.require_current`).
 """
 
 from __future__ import annotations
@@ -18,8 +23,15 @@ from dataclasses import dataclass
 
 from ppml.db.models import DatasetBudget, Job, LedgerEntry, LedgerKind, new_id, utcnow
 from ppml.db.repositories import Repositories
-from ppml.errors import BudgetExceeded, Conflict, PrivacyUnitMismatch
+from ppml.errors import (
+    BudgetExceeded,
+    Conflict,
+    LedgerHeadsInvalid,
+    LedgerRollback,
+    PrivacyUnitMismatch,
+)
 from ppml.privacy import accounting as acc
+from ppml.privacy import chain, heads
 
 __all__ = ["BudgetStatus", "Ledger", "budget_status"]
 
@@ -203,6 +215,54 @@ class Ledger:
                 reserved = acc.subtract(reserved, curve)
         return committed, reserved
 
+    def require_current(self, dataset_id: str) -> None:
+        """Refuse (409) admissions on a dataset whose chain in the database does not extend
+        the head signed outside it; call it under the budget lock, before reserving.
+
+        Raises LedgerRollback, or LedgerHeadsInvalid when the head file does not verify.
+        Cheap: a ``stat`` of the head file and one index probe.
+        """
+        head_file = heads.head_file_of(self.repos.session)
+        if head_file is None:
+            return
+        known = head_file.read().get(dataset_id)
+        if known is None:
+            return
+        reason = self._behind(dataset_id, self._head(dataset_id), known)
+        if reason is not None:
+            log.error("dataset %s: ledger rollback detected: %s", dataset_id, reason)
+            raise LedgerRollback(
+                f"this dataset's privacy ledger is behind its signed chain head: {reason}. "
+                "No job is admitted on it until an operator acknowledges the rollback.",
+                dataset_id=dataset_id,
+                ledger_seq=self._head(dataset_id).seq,
+                signed_seq=known.seq,
+            )
+
+    def verify_chains(self) -> list[chain.ChainBreak]:
+        """The first break of every dataset's chain whose hashes or links do not hold."""
+        breaks = []
+        for dataset_id in self.repos.ledger_dataset_ids():
+            found = chain.verify_chain(dataset_id, self.repos.ledger_chain(dataset_id))
+            if found is not None:
+                log.error("ledger chain broken: %s", found)
+                breaks.append(found)
+        return breaks
+
+    def behind(self, known: dict[str, chain.Link]) -> dict[str, str]:
+        """Datasets whose chain does not extend their head in ``known`` (the head file's),
+        with the reason."""
+        found: dict[str, str] = {}
+        for dataset_id, link in sorted(known.items()):
+            reason = self._behind(dataset_id, self._head(dataset_id), link)
+            if reason is not None:
+                found[dataset_id] = reason
+        return found
+
+    def head(self, dataset_id: str) -> chain.Link:
+        """The newest link of the dataset's chain, as this transaction leaves it."""
+        return self._head(dataset_id)
+
     def verify(self, *, repair: bool = False) -> list[str]:
         """Dataset ids whose cached totals differ from the fold of their entries.
 
@@ -231,6 +291,7 @@ class Ledger:
     ) -> LedgerEntry:
         if budget.grid_version != acc.GRID_VERSION:
             raise Conflict("the dataset's budget was priced on another grid of orders")
+        previous = self._head(budget.dataset_id)
         entry = LedgerEntry(
             id=new_id("led"),
             dataset_id=budget.dataset_id,
@@ -239,12 +300,57 @@ class Ledger:
             idempotency_key=f"{job_id}:{kind}",
             rdp=_units(curve),
             event=event.to_dict(),
-            epsilon=acc.epsilon(curve, budget.delta_total),
+            epsilon=float(acc.epsilon(curve, budget.delta_total)),
             note=note,
+            created_at=utcnow(),
+            seq=previous.seq + 1,
+            prev_hash=previous.entry_hash,
         )
+        entry.entry_hash = chain.hash_of(entry)
+        written = heads.written(self.repos.session)
+        written.heads[budget.dataset_id] = chain.Link(entry.seq, entry.entry_hash)
+        written.appended.add(budget.dataset_id)
         # Staged: the transaction's commit (or its next query) flushes it with the rest.
         self.repos.stage(entry)
         return entry
+
+    def _head(self, dataset_id: str) -> chain.Link:
+        """The chain's newest link: read once per transaction (under the budget lock), then
+        kept with the transaction's other chain heads, staged appends included."""
+        written = heads.written(self.repos.session)
+        link = written.heads.get(dataset_id)
+        if link is None:
+            with self.repos.session.no_autoflush:  # staged rows stay staged: one flush
+                found = self.repos.ledger_head(dataset_id)
+            link = chain.EMPTY if found is None else chain.Link(*found)
+            written.heads[dataset_id] = link
+            if self._extends_head_file(dataset_id, link):
+                written.pushable.add(dataset_id)
+        return link
+
+    def _extends_head_file(self, dataset_id: str, link: chain.Link) -> bool:
+        """Whether appends to this chain may move the head file (it extends the file's head).
+
+        A chain behind the file still takes a worker's settlement (the charge is real), but
+        its new head must not overwrite the evidence of the rollback.
+        """
+        head_file = heads.head_file_of(self.repos.session)
+        if head_file is None:
+            return False
+        try:
+            known = head_file.read().get(dataset_id)
+        except LedgerHeadsInvalid:  # left as it is, as evidence
+            return False
+        if known is None:
+            return True
+        reason = self._behind(dataset_id, link, known)
+        if reason is not None:
+            log.error("dataset %s: the head file keeps its newer head: %s", dataset_id, reason)
+        return reason is None
+
+    def _behind(self, dataset_id: str, link: chain.Link, known: chain.Link) -> str | None:
+        with self.repos.session.no_autoflush:
+            return chain.behind(link, known, lambda seq: self.repos.ledger_hash_at(dataset_id, seq))
 
     @staticmethod
     def _touch(budget: DatasetBudget) -> None:

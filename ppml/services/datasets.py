@@ -6,9 +6,10 @@ bound, the tenant's storage quota); the file is then stored as it came and the d
 ``validating`` until the ingestion task (:mod:`ppml.services.ingestion`) decodes it outside
 the API, and makes it ``ready`` or ``invalid``.
 
-Each dataset gets a secret (``split_secret``, never released) that keys its train/test
-split and its simulated federated partitions, and a declared schema whose classes are the
-released label set (PRIVACY.md, "Every release is a mechanism").
+Each dataset gets a secret (``split_secret``, never released, stored sealed under the data
+key: ``ppml.datasets.keys.seal_secret``) that keys its train/test split and its simulated
+federated partitions, and a declared schema whose classes are the released label set
+(PRIVACY.md, "Every release is a mechanism").
 """
 
 from __future__ import annotations
@@ -21,9 +22,14 @@ from ppml.config import Settings
 from ppml.datasets.inspect import inspect_upload
 from ppml.db.models import Dataset, DatasetStatus, new_id, utcnow
 from ppml.db.repositories import Repositories
-from ppml.errors import DatasetNotReady, InvalidInput, StorageQuotaExceeded
+from ppml.db.session import Database
+from ppml.errors import DatasetDeleted, DatasetNotReady, InvalidInput, StorageQuotaExceeded
 from ppml.privacy.ledger import Ledger
+from ppml.services import audit
+from ppml.services.fingerprints import check_not_registered, fingerprint_of
+from ppml.services.tenants import Principal
 from ppml.storage import ArtifactStore
+from ppml.trust.sealing import DataKeys
 
 __all__ = [
     "BudgetRequest",
@@ -33,7 +39,9 @@ __all__ = [
     "declared_classes",
     "raw_upload_key",
     "register_builtin",
+    "require_live",
     "require_ready",
+    "seal_split_secrets",
     "upload_limits",
 ]
 
@@ -88,7 +96,7 @@ def check_validation(
         return
     other = repos.dataset(tenant_id, validation_dataset_id)
     problem = None
-    if other is None:
+    if other is None or other.deleted_at is not None:
         problem = "names no dataset of this tenant"
     elif other.epsilon_total is not None or other.delta_total is not None:
         problem = "must name public data (a dataset without a privacy budget)"
@@ -128,10 +136,16 @@ def _store(
     budget: BudgetRequest | None,
     unit: str,
     secret: str,
+    keys: DataKeys,
     validation_dataset_id: str | None,
+    fingerprint: str,
 ) -> Dataset:
     check_budget(budget, unit=unit, arrays=arrays)
     check_validation(repos, validation_dataset_id, tenant_id=tenant_id, arrays=arrays)
+    # Under the tenant row's lock (taken by the quota check): one registration at a time.
+    check_not_registered(
+        repos, tenant_id=tenant_id, fingerprint=fingerprint, budgeted=budget is not None
+    )
     schema = data.DatasetSchema(classes=list(arrays.classes))
     dataset_id = new_id("ds")
     key = f"datasets/{dataset_id}.npz"
@@ -150,7 +164,7 @@ def _store(
         num_test_clients=arrays.num_test_clients,
         classes={"labels": list(schema.classes)},  # kept for older readers
         data_schema=schema.model_dump(),
-        split_secret=secret,
+        split_secret=data.seal_secret(keys, dataset_id, secret),
         validation_dataset_id=validation_dataset_id,
         privacy_unit=unit,
         epsilon_total=budget.epsilon if budget else None,
@@ -158,6 +172,7 @@ def _store(
         storage_key=key,
         status=DatasetStatus.READY,
         stored_bytes=artifact.size,
+        fingerprint=fingerprint,
     )
     try:
         repos.add(dataset)
@@ -185,12 +200,23 @@ def register_builtin(
     budget: BudgetRequest | None,
     unit: str = "record",
     validation_dataset_id: str | None = None,
+    by: Principal | None = None,
 ) -> Dataset:
-    """Registers a built-in; its classes are the fixed set it declares (``BUILTIN_CLASSES``)."""
+    """Registers a built-in; its classes are the fixed set it declares (``BUILTIN_CLASSES``).
+
+    Its rows are those of every registration of the same built-in, so a second budgeted
+    registration of it by the tenant is refused (:mod:`ppml.services.fingerprints`).
+
+    Args:
+        by: Who registers it, for the audit trail (None: the admin).
+
+    Raises:
+        DatasetAlreadyRegistered: the tenant registered these rows with a budget before.
+    """
     _check_quota(repos, settings, tenant_id, 0)
     secret = data.new_secret()
     arrays = data.load_builtin(builtin, seed=0, cache=store, secret=secret, unit=unit)
-    return _store(
+    dataset = _store(
         repos,
         store,
         arrays,
@@ -200,8 +226,13 @@ def register_builtin(
         budget=budget,
         unit=unit,
         secret=secret,
+        keys=DataKeys.from_settings(settings),
         validation_dataset_id=validation_dataset_id,
+        fingerprint=fingerprint_of(settings, tenant_id, arrays),
     )
+    detail = {"builtin": builtin, "budgeted": budget is not None, "privacy_unit": unit}
+    audit.record(repos, by, "dataset.register", "dataset", dataset.id, detail, tenant_id=tenant_id)
+    return dataset
 
 
 def upload_limits(settings: Settings) -> data.UploadLimits:
@@ -235,6 +266,7 @@ def accept_upload(
     unit: str = "record",
     schema: data.DatasetSchema | None = None,
     validation_dataset_id: str | None = None,
+    by: Principal | None = None,
 ) -> Dataset:
     """Accepts an upload as far as its headers go; the dataset is then ``validating``.
 
@@ -284,7 +316,9 @@ def accept_upload(
         num_test=0,
         classes={"labels": list(schema.classes) if schema else []},
         data_schema=schema.model_dump() if schema else None,
-        split_secret=data.new_secret(),
+        split_secret=data.seal_secret(
+            DataKeys.from_settings(settings), dataset_id, data.new_secret()
+        ),
         validation_dataset_id=validation_dataset_id,
         privacy_unit=unit,
         epsilon_total=budget.epsilon if budget else None,
@@ -304,7 +338,19 @@ def accept_upload(
     except BaseException:
         store.delete(key)
         raise
+    detail = {"format": file_format, "bytes": size, "budgeted": budget is not None}
+    audit.record(repos, by, "dataset.upload", "dataset", dataset.id, detail, tenant_id=tenant_id)
     return dataset
+
+
+def require_live(dataset: Dataset) -> None:
+    """A deleted dataset answers 404 wherever it is named (its owner is told it was deleted)."""
+    if dataset.deleted_at is not None:
+        raise DatasetDeleted(
+            f"dataset {dataset.id} was deleted; its ledger, budget and audit trail are kept",
+            field="dataset_id",
+            deleted_at=dataset.deleted_at.isoformat(),
+        )
 
 
 def require_ready(dataset: Dataset) -> None:
@@ -315,3 +361,28 @@ def require_ready(dataset: Dataset) -> None:
             field="dataset_id",
             dataset_status=dataset.status,
         )
+
+
+def seal_split_secrets(db: Database, keys: DataKeys, *, batch: int = 500) -> int:
+    """Seal under the active data key every split secret still stored in plain text (rows
+    written before sealing) or under a retired key; returns how many rows changed.
+
+    Run at ``ppml serve`` and ``ppml db upgrade``; safe to run concurrently (each row is
+    replaced only if it still holds what was read).
+
+    Raises:
+        ppml.trust.sealing.UnknownKey: A secret is sealed under a key that is not configured.
+    """
+    changed, after = 0, ""
+    while True:
+        with db.session(write=True) as session:
+            repos = Repositories(session)
+            rows = repos.split_secrets_to_seal(keys.active_id, after=after, limit=batch)
+            for dataset_id, stored in rows:
+                secret = data.open_secret(keys, dataset_id, stored)
+                assert secret is not None
+                sealed = data.seal_secret(keys, dataset_id, secret)
+                changed += repos.replace_split_secret(dataset_id, stored=stored, sealed=sealed)
+        if len(rows) < batch:
+            return changed
+        after = rows[-1][0]

@@ -23,6 +23,7 @@ from typing import Any
 
 from ppml import datasets as data
 from ppml.config import Settings
+from ppml.datasets.keys import open_secret
 from ppml.db.models import Dataset, DatasetStatus, utcnow
 from ppml.db.repositories import Repositories
 from ppml.db.session import UNAVAILABLE, Database
@@ -35,7 +36,9 @@ from ppml.services.datasets import (
     raw_upload_key,
     upload_limits,
 )
+from ppml.services.fingerprints import check_not_registered, fingerprint_of
 from ppml.storage import ArtifactStore
+from ppml.trust.sealing import DataKeys, UnknownKey
 
 __all__ = ["ingest_upload", "problem_of"]
 
@@ -71,7 +74,7 @@ class _Claim:
     npz_key: str
     target: str | None
     client_column: str | None
-    secret: str
+    secret: str  # as the row stores it (sealed): opened where it is used
     unit: str
     schema: data.DatasetSchema | None
     budget: BudgetRequest | None
@@ -93,25 +96,36 @@ def ingest_upload(db: Database, store: ArtifactStore, settings: Settings, datase
         detail = f"validating the upload stopped its worker {claim.attempts - 1} times"
         return _invalid(db, store, claim, {**_INTERNAL, "detail": detail})
     try:
-        path = store.path(claim.raw_key)
-        if not path.is_file():
+        if not store.exists(claim.raw_key):
             return _invalid(db, store, claim, {**_INTERNAL, "detail": "the upload was lost"})
-        arrays = data.parse_upload(
-            path,
-            file_format=claim.file_format,
-            target=claim.target,
-            client_column=claim.client_column,
-            limits=upload_limits(settings),
-            secret=claim.secret,
-            unit=claim.unit,
-            schema=claim.schema,
-        )
+        with store.open_plain(claim.raw_key) as path:  # sealed at rest: a decrypted copy
+            arrays = data.parse_upload(
+                path,
+                file_format=claim.file_format,
+                target=claim.target,
+                client_column=claim.client_column,
+                limits=upload_limits(settings),
+                secret=open_secret(
+                    DataKeys.from_settings(settings), claim.dataset_id, claim.secret
+                ),
+                unit=claim.unit,
+                schema=claim.schema,
+            )
         check_budget(claim.budget, unit=claim.unit, arrays=arrays)
+        fingerprint = fingerprint_of(settings, claim.tenant_id, arrays)
         artifact = store.write(claim.npz_key, lambda out: data.save_arrays(arrays, out))
-        status = _ready(db, claim, arrays, artifact.size)
+        status = _ready(db, claim, arrays, artifact.size, fingerprint)
+        if status != DatasetStatus.READY:  # deleted (or gone) meanwhile: keep no arrays
+            store.delete(claim.npz_key)
     except PPMLError as exc:
         return _invalid(db, store, claim, problem_of(exc))
     except UNAVAILABLE:
+        raise
+    except UnknownKey:
+        # This worker lacks the data key the upload was sealed with: a configuration error,
+        # not the upload's. It stays validating (and stored) until a worker with the key
+        # takes it up again (the reaper re-sends it).
+        log.error("dataset %s: sealed under a data key this worker does not have", dataset_id)
         raise
     except Exception:  # a bug, not the user's: logged here, never shown
         log.exception("dataset %s: ingestion failed", dataset_id)
@@ -165,18 +179,35 @@ def _claim_of(row: Dataset) -> _Claim:
     )
 
 
-def _ready(db: Database, claim: _Claim, arrays: data.DatasetArrays, stored_bytes: int) -> str:
+def _ready(
+    db: Database,
+    claim: _Claim,
+    arrays: data.DatasetArrays,
+    stored_bytes: int,
+    fingerprint: str,
+) -> str:
     """Fill in the counts, open the budget and make the dataset ready, in one transaction.
 
     Raises:
         InvalidInput: the validation set no longer matches (checked under the row's lock).
+        DatasetAlreadyRegistered: the tenant registered these rows with a budget before
+            (checked under the tenant row's lock, so two uploads of one file cannot both pass).
     """
     with db.session(write=True) as session:
         repos = Repositories(session)
+        repos.lock_tenant(claim.tenant_id)  # lock order: tenant, then dataset
         row = repos.lock_dataset(claim.dataset_id)
         if row is None or row.status != DatasetStatus.VALIDATING:
             return "missing" if row is None else str(row.status)
         check_validation(repos, row.validation_dataset_id, tenant_id=claim.tenant_id, arrays=arrays)
+        check_not_registered(
+            repos,
+            tenant_id=claim.tenant_id,
+            fingerprint=fingerprint,
+            budgeted=claim.budget is not None,
+            excluding=row.id,
+        )
+        row.fingerprint = fingerprint
         classes = list(arrays.classes)
         row.num_features, row.num_classes = arrays.num_features, arrays.num_classes
         row.num_train, row.num_test = arrays.n_train, arrays.n_test

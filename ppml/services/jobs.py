@@ -34,8 +34,11 @@ from ppml.db.repositories import Repositories
 from ppml.db.session import Database
 from ppml.errors import (
     BudgetExceeded,
+    DatasetDeleted,
     IdempotencyMismatch,
     JobNotCancellable,
+    LedgerHeadsInvalid,
+    LedgerRollback,
     NotFound,
     PPMLError,
     TooManyRequests,
@@ -45,10 +48,14 @@ from ppml.jobs.checkpoints import JobCheckpoints
 from ppml.jobs.records import Progress
 from ppml.jobs.schedule import steps_to_charge
 from ppml.privacy import accounting as acc
+from ppml.privacy import heads
 from ppml.privacy.ledger import Ledger, budget_status
 from ppml.queue import enqueue_job
+from ppml.services import audit
+from ppml.services.datasets import require_live
 from ppml.services.grouping import GroupCommit, Pending
 from ppml.services.pricing import Pricing, price
+from ppml.services.tenants import Principal
 from ppml.specs import JobSpec, request_hash
 from ppml.storage import ArtifactStore
 
@@ -129,6 +136,7 @@ class _Admission:
     dataset: Dataset
     spec: JobSpec
     pricing: Pricing
+    by: Principal | None = None  # who submits it, for the audit trail (None: the admin)
 
 
 _Queued = Pending[tuple[_Admission, str], Job]
@@ -173,7 +181,8 @@ class JobService:
 
     def __init__(self, db: Database, settings: Settings, celery: Celery) -> None:
         self.db, self.settings, self.celery = db, settings, celery
-        self.store = ArtifactStore(settings.data_dir)
+        self.store = ArtifactStore.for_settings(settings)
+        heads.attach(db, settings)  # ledger appends move the signed chain heads
         # Datasets never change after registration, so admission need not re-read them.
         self._datasets: LRUCache[tuple[str, str], Dataset] = LRUCache(10_000)
         self._active = _ActiveJobs()
@@ -190,6 +199,7 @@ class JobService:
             dataset = repos.dataset(tenant_id, dataset_id)
             if dataset is None:
                 raise NotFound("dataset not found", field="dataset_id")
+            require_live(dataset)
             if dataset.status == DatasetStatus.READY:  # a validating one will change
                 self._datasets.put((tenant_id, dataset_id), dataset)
         return dataset
@@ -319,14 +329,24 @@ class JobService:
         )
 
     def submit(
-        self, tenant_id: str, spec: JobSpec, *, idempotency_key: str | None = None
+        self,
+        tenant_id: str,
+        spec: JobSpec,
+        *,
+        idempotency_key: str | None = None,
+        by: Principal | None = None,
     ) -> tuple[Job, bool]:
-        """Admit and enqueue a job. Returns ``(job, created)``; replays return ``created=False``."""
+        """Admit and enqueue a job. Returns ``(job, created)``; replays return ``created=False``.
+
+        A created job's audit event (``job.submit``, by ``by``; None: the admin) commits with
+        it; a replay records nothing."""
         if idempotency_key is None:  # a replay is answered even at the limit
             self._refuse_if_full(self._room(tenant_id))
         dataset, pricing = self._priced(tenant_id, spec)
         digest = request_hash(spec)
-        admission = _Admission(tenant_id=tenant_id, dataset=dataset, spec=spec, pricing=pricing)
+        admission = _Admission(
+            tenant_id=tenant_id, dataset=dataset, spec=spec, pricing=pricing, by=by
+        )
         try:
             if idempotency_key is None and pricing.event is not None:
                 job, created = self._admissions.submit(dataset.id, (admission, digest)), True
@@ -368,11 +388,15 @@ class JobService:
                 if existing is not None:
                     _check_same_request(existing, digest)
                     return existing, False
+            if budget is not None:
+                ledger.require_current(dataset.id)  # 409 on a rolled-back ledger
+            self._refuse_if_deleted(repos, dataset.id)
             self._refuse_if_no_room(room, pricing.compute)  # only for a new job, not a replay
             job = _new_job(admission, digest, idempotency_key)
             # Staged, not flushed: the commit writes the job, its entry and the totals in one
             # flush, while the lock is held for as short a time as possible.
             repos.stage(job)
+            _record_submit(repos, admission, job)
             if budget is not None and pricing.event is not None:
                 ledger.reserve(budget, job, pricing.event)
         self._active.admitted(tenant_id)
@@ -413,6 +437,15 @@ class JobService:
             # A dataset has one tenant, so this is one more lock per batch, not per item.
             room = self._room_locked(repos, [a.tenant_id for a, _ in items])
             budget = ledger.lock(dataset_id)
+            if budget is not None:
+                try:
+                    ledger.require_current(dataset_id)
+                except (LedgerRollback, LedgerHeadsInvalid) as refusal:  # nothing written
+                    return [type(refusal)(refusal.detail, **refusal.extra) for _ in items]
+            try:
+                self._refuse_if_deleted(repos, dataset_id)
+            except DatasetDeleted as refusal:  # nothing written
+                return [DatasetDeleted(refusal.detail, **refusal.extra) for _ in items]
             for admission, digest in items:
                 job = _new_job(admission, digest, None)
                 try:
@@ -423,6 +456,7 @@ class JobService:
                     decided.append(refusal)
                     continue
                 repos.stage(job)
+                _record_submit(repos, admission, job)
                 room[admission.tenant_id].admit(admission.pricing.compute)
                 decided.append(job)
         for outcome in decided:
@@ -444,11 +478,14 @@ class JobService:
             self.forget(job.id)
         return job
 
-    def cancel_in(self, repos: Repositories, tenant_id: str, job_id: str) -> Job:
+    def cancel_in(
+        self, repos: Repositories, tenant_id: str, job_id: str, *, by: Principal | None = None
+    ) -> Job:
         """Queued → cancelled with a full release; running → asks the worker to stop.
 
-        Runs in the caller's unit of work (a writer transaction), which commits it; a job
-        cancelled here then has checkpoints to :meth:`forget`, after the commit.
+        Runs in the caller's unit of work (a writer transaction), which commits it with its
+        audit event (``job.cancel``, by ``by``; None: the admin); a job cancelled here then
+        has checkpoints to :meth:`forget`, after the commit.
         """
         found = repos.job(tenant_id, job_id)
         if found is None:
@@ -467,8 +504,37 @@ class JobService:
                 status=JobStatus.CANCELLED, steps=steps, note="cancelled while queued"
             )
             lifecycle.finish(repos, job, ending)
+        detail = {"dataset_id": job.dataset_id, "status": job.status}
+        audit.record(repos, by, "job.cancel", "job", job.id, detail, tenant_id=tenant_id)
         return job
 
     def forget(self, job_id: str) -> None:
         """Delete a finished job's checkpoints (after the transaction that finished it)."""
         JobCheckpoints(self.store, job_id).clear()
+
+    def forget_dataset(self, tenant_id: str, dataset_id: str) -> None:
+        """Drop a deleted dataset from this process's cache (admission re-checks it under the
+        tenant's lock in every process anyway: :meth:`_refuse_if_deleted`)."""
+        self._datasets.pop((tenant_id, dataset_id))
+
+    @staticmethod
+    def _refuse_if_deleted(repos: Repositories, dataset_id: str) -> None:
+        """Under the tenant's lock, which a deletion holds too: the cached dataset may have
+        been deleted since it was read."""
+        if repos.dataset_deleted(dataset_id):
+            raise DatasetDeleted(
+                f"dataset {dataset_id} was deleted; its ledger, budget and audit trail are kept",
+                field="dataset_id",
+            )
+
+
+def _record_submit(repos: Repositories, admission: _Admission, job: Job) -> None:
+    """The created job's audit event, staged with it (replays are not recorded)."""
+    privacy = admission.spec.privacy
+    detail = {
+        "dataset_id": job.dataset_id,
+        "target_epsilon": privacy.target_epsilon if privacy is not None else None,
+    }
+    audit.record(
+        repos, admission.by, "job.submit", "job", job.id, detail, tenant_id=admission.tenant_id
+    )

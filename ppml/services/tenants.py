@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Literal, get_args
 
 from ppml.db.models import ApiKey, Tenant, new_id, utcnow
 from ppml.db.repositories import Page, Repositories
 from ppml.errors import Conflict, Forbidden, InvalidInput, NotFound
+from ppml.services import audit
 
 __all__ = [
     "LAST_USED_EVERY",
@@ -43,10 +44,12 @@ ROLES: tuple[str, ...] = get_args(Role)
 
 @dataclass(frozen=True, slots=True)
 class Principal:
-    """Who a key acts for: its tenant and its role there."""
+    """Who a key acts for: its tenant and its role there (and which key, for the audit
+    trail: two keys of one tenant and role are the same principal)."""
 
     tenant_id: str
     role: str
+    key_id: str | None = field(default=None, compare=False)
 
     @property
     def is_owner(self) -> bool:
@@ -72,6 +75,10 @@ def create_tenant(repos: Repositories, *, name: str) -> Tenant:
         raise Conflict(f"a tenant named {name!r} already exists")
     tenant = Tenant(id=new_id("ten"), name=name)
     repos.add(tenant)
+    # Only the admin creates tenants (the admin token, or an operator in-process).
+    audit.record(
+        repos, None, "tenant.create", "tenant", tenant.id, {"name": name}, tenant_id=tenant.id
+    )
     return tenant
 
 
@@ -111,6 +118,8 @@ def create_api_key(
         expires_at=expires_at,
     )
     repos.add(row)
+    detail = {"role": role, "expires_at": expires_at.isoformat() if expires_at else None}
+    audit.record(repos, None, "key.create", "api_key", row.id, detail, tenant_id=tenant_id)
     return row, key
 
 
@@ -136,7 +145,7 @@ def check_key(repos: Repositories, key: str, *, now: datetime) -> ValidKey | Non
         return None
     valid = ValidKey(
         id=row.id,
-        principal=Principal(tenant_id=row.tenant_id, role=row.role),
+        principal=Principal(tenant_id=row.tenant_id, role=row.role, key_id=row.id),
         expires_at=row.expires_at,
         use_unrecorded=row.last_used_at is None or row.last_used_at < now - LAST_USED_EVERY,
     )
@@ -190,6 +199,9 @@ def revoke_api_key(
         require_owner(by, "only an owner key may revoke the tenant's keys")
     if row.revoked_at is None:
         row.revoked_at = utcnow()
+        audit.record(
+            repos, by, "key.revoke", "api_key", row.id, {"role": row.role}, tenant_id=tenant_id
+        )
     return row
 
 

@@ -21,7 +21,7 @@ from ppml.storage import ArtifactStore
 
 def ingest(database: Database, settings: Settings, dataset_id: str) -> str:
     """Run the ingestion of one dataset; returns its status afterwards."""
-    return ingest_upload(database, ArtifactStore(settings.data_dir), settings, dataset_id)
+    return ingest_upload(database, ArtifactStore.for_settings(settings), settings, dataset_id)
 
 
 def ingest_in(client: TestClient, dataset_id: str) -> str:

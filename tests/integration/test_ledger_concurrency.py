@@ -15,6 +15,7 @@ The number of repetitions of the race is ``PPML_LEDGER_REPEATS`` (default 3).
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import threading
@@ -49,6 +50,7 @@ SUBMISSIONS = 200
 THREADS = 32
 BUDGET_EPSILON = 8.0
 EPOCHS = 3  # 60 steps at q = 0.05
+NAIVE_SEQ = itertools.count(1)  # the negative control's entry numbers
 
 
 def random_specs(dataset_id: str, seed: int) -> list[JobSpec]:
@@ -245,6 +247,11 @@ def naive_admit(
                 rdp={"grid": acc.GRID_VERSION, "units": list(curve)},
                 event=pricing.event.to_dict(),
                 epsilon=pricing.epsilon,
+                # Nor does it chain its entries (the chain's head is read under the lock):
+                # unlinked places, only unique, so the race stays the budget's.
+                seq=next(NAIVE_SEQ),
+                prev_hash="0" * 64,
+                entry_hash="0" * 64,
             )
         )
         stale = repos.budget(dataset.id)  # a plain read: nothing stops the others

@@ -48,6 +48,7 @@ from ppml.jobs.reaper import Reaper
 from ppml.jobs.records import Progress
 from ppml.jobs.runner import JobRunner
 from ppml.privacy import accounting as acc
+from ppml.privacy.heads import HeadFile
 from ppml.privacy.ledger import Ledger, budget_status
 from ppml.queue import make_celery
 from ppml.services.jobs import JobService
@@ -462,6 +463,16 @@ def machine_class(h: Harness) -> type[RuleBasedStateMachine]:
             assert spent >= self.last_spent
             self.last_spent = spent
 
+        @invariant()
+        def chain_holds_and_its_head_is_signed(self) -> None:
+            """Every path appends to the hash chain, and its commit moves the signed head."""
+            with db.session() as session:
+                ledger = Ledger(Repositories(session))
+                assert ledger.verify_chains() == []
+                head = ledger.head(self.dataset.id)
+            signed = HeadFile.of(h.settings).read().get(self.dataset.id)
+            assert signed == (head if head.seq else None)
+
         def check(self) -> None:
             """Every invariant (the scripted test calls this after each action)."""
             self.cache_equals_fold_and_model()
@@ -469,6 +480,7 @@ def machine_class(h: Harness) -> type[RuleBasedStateMachine]:
             self.each_job_settles_at_most_once()
             self.statuses_match()
             self.spent_never_decreases()
+            self.chain_holds_and_its_head_is_signed()
 
     return LedgerMachine
 

@@ -23,6 +23,7 @@ import pytest
 
 from ppml.datasets import load_builtin
 from tests.integration.stack import (
+    BIN,
     embedded_serve,
     wait_for_status,
 )
@@ -257,6 +258,7 @@ def test_models_of_a_job_that_did_not_succeed_answer_409(trained: Trained) -> No
         trained.client.post(f"/v1/jobs/{job_id}/predict", json={"inputs": [[0.0] * 64]}),
         trained.client.get(f"/v1/jobs/{job_id}/model", params={"format": "onnx"}),
         trained.client.get(f"/v1/jobs/{job_id}/model/card"),
+        trained.client.get(f"/v1/jobs/{job_id}/receipt"),
     ]
 
     for response in answers:
@@ -270,9 +272,10 @@ def test_another_tenants_model_is_not_found(trained: Trained, service: Service) 
 
     predict = stranger.post(f"/v1/jobs/{job_id}/predict", json={"inputs": [[0.0] * 64]})
     card = stranger.get(f"/v1/jobs/{job_id}/model/card")
+    receipt = stranger.get(f"/v1/jobs/{job_id}/receipt")
     anonymous = httpx.post(f"{service.base}/v1/jobs/{job_id}/predict", json={"inputs": [[0.0]]})
 
-    assert predict.status_code == 404 and card.status_code == 404
+    assert predict.status_code == 404 and card.status_code == 404 and receipt.status_code == 404
     assert anonymous.status_code == 401
 
 
@@ -396,3 +399,69 @@ def test_model_files_are_published_under_the_attempt_that_made_them(
     job_id = trained.dp_job["id"]
     assert f"{job_id}.attempt-1.safetensors" in files
     assert f"{job_id}.attempt-1.onnx" in files
+
+
+def _ppml(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(cwd)}  # no PPML_* settings, no proxies
+    return subprocess.run(
+        [str(BIN / "ppml"), *args], capture_output=True, text=True, timeout=60, cwd=cwd, env=env
+    )
+
+
+def _flip_one_byte(path: Path, position: int) -> Path:
+    data = bytearray(path.read_bytes())
+    data[position] ^= 0x01
+    changed = path.with_name(f"changed-{path.name}")
+    changed.write_bytes(bytes(data))
+    return changed
+
+
+def test_a_downloaded_model_verifies_offline_and_fails_after_a_one_byte_change(
+    service: Service, trained: Trained, tmp_path: Path
+) -> None:
+    # arrange: both models' files over HTTP, their receipts and the keys through the CLI
+    models = []
+    for job in (trained.dp_job, trained.public_job):
+        for fmt in ("safetensors", "onnx"):
+            path = tmp_path / f"{job['id']}.{fmt}"
+            path.write_bytes(_download(trained.client, job["id"], fmt).content)
+            models.append((job, path))
+        fetched = _ppml(
+            "receipts", "get", job["id"], "--url", service.base, "--api-key", trained.key,
+            cwd=tmp_path,
+        )  # fmt: skip
+        assert fetched.returncode == 0, fetched.stderr
+    keys = tmp_path / "ppml-signing-keys.json"
+    assert (
+        keys.read_bytes() == httpx.get(f"{service.base}/.well-known/ppml-signing-keys.json").content
+    )
+    dp_id = trained.dp_job["id"]
+    receipt = tmp_path / f"{dp_id}.receipt.json"
+    assert receipt.read_bytes() == trained.client.get(f"/v1/jobs/{dp_id}/receipt").content
+
+    def verify(model: Path, receipt: Path) -> subprocess.CompletedProcess[str]:
+        return _ppml(
+            "receipts", "verify", str(model), "--receipt", str(receipt), "--keys", str(keys),
+            cwd=tmp_path,
+        )  # fmt: skip
+
+    # act
+    verified = [verify(path, tmp_path / f"{job['id']}.receipt.json") for job, path in models]
+    model_changed = verify(_flip_one_byte(models[0][1], 200), receipt)
+    receipt_changed = verify(models[0][1], _flip_one_byte(receipt, len(receipt.read_bytes()) // 2))
+    # assert: all four files verify, with every check named; a one-byte change fails
+    for result in verified:
+        assert result.returncode == 0, result.stdout + result.stderr
+        for check in ("receipt file", "signature", "key validity", "digest"):
+            assert f"ok     {check}" in result.stderr
+    assert f"job {dp_id}" in verified[0].stdout
+    assert trained.dp_job["privacy"]["ledger_entry_id"] in verified[0].stdout
+    assert model_changed.returncode == 1 and "FAILED digest" in model_changed.stderr
+    assert receipt_changed.returncode == 1 and "does not verify" in receipt_changed.stderr
+    document = json.loads(receipt.read_bytes())["receipt"]
+    card = trained.client.get(f"/v1/jobs/{dp_id}/model/card").json()
+    assert document["artifacts"] == card["artifacts"]
+    assert document["privacy"]["epsilon"] == trained.dp_job["privacy"]["epsilon_spent"]
+    ledger = trained.client.get(f"/v1/datasets/{trained.dp_job['dataset_id']}/ledger").json()
+    mine = [e["id"] for e in ledger["items"] if e["job_id"] == dp_id]
+    assert [e["id"] for e in document["ledger"]["entries"]] == mine

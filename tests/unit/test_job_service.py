@@ -54,7 +54,7 @@ class World(Reads):
         with self.db.session(write=True) as session:
             return register_builtin(
                 Repositories(session),
-                ArtifactStore(self.settings.data_dir),
+                ArtifactStore.for_settings(self.settings),
                 self.settings,
                 tenant_id=tenant_id or self.tenant_id,
                 name="digits",

@@ -112,7 +112,7 @@ def make_world(database: Database, settings: Settings, **worker: Any) -> World:
         **worker,
     }
     settings = settings.model_copy(update={"worker": WorkerSettings(**fields)})
-    store = ArtifactStore(settings.data_dir)
+    store = ArtifactStore.for_settings(settings)
     with database.session(write=True) as session:
         repos = Repositories(session)
         tenant = create_tenant(repos, name=f"t-{secrets.token_hex(4)}")

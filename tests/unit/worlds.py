@@ -132,4 +132,4 @@ def make_world(database: Database, settings: Settings) -> RunnerWorld:
         tenant = create_tenant(Repositories(session), name=f"t-{secrets.token_hex(4)}")
     # memory:// broker: a send succeeds and goes nowhere a worker listens
     service = JobService(database, settings, make_celery(settings))
-    return RunnerWorld(database, settings, service, ArtifactStore(settings.data_dir), tenant.id)
+    return RunnerWorld(database, settings, service, ArtifactStore.for_settings(settings), tenant.id)

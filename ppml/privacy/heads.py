@@ -1,0 +1,231 @@
+"""The newest head of every dataset's ledger chain, kept outside the database and signed.
+
+A hash chain shows an edited entry, but not a chain cut short: deleting the newest entries, or
+restoring an older copy of the database, leaves a chain that verifies. So the service also
+keeps each chain's newest head (``seq`` and ``entry_hash``) in a small JSON file outside the
+database (``Settings.ledger_heads_path``, by default ``<data dir>/ledger-heads.json``), signed
+with the service's key (:mod:`ppml.trust.keys`). Admission refuses a dataset whose chain in the
+database does not extend the head in the file (:class:`~ppml.errors.LedgerRollback`) until an
+operator acknowledges it (:mod:`ppml.privacy.rollback`), and a file whose signature does not
+verify refuses every admission (:class:`~ppml.errors.LedgerHeadsInvalid`).
+
+The file moves after the transaction that appended entries commits, and only forward: under a
+file lock, each writer merges its heads into the file's, keeping the higher ``seq`` per dataset,
+so API processes and workers that share the file may write it in any order. A head moves the
+file only if the chain it ends extends the file's head (checked when the transaction first
+appends to the dataset, under the budget lock): entries appended to a rolled-back chain never
+overwrite the evidence. The database is never behind the file in normal operation; a crash
+between the commit and the write leaves it ahead, which is harmless.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.orm import Session, SessionTransaction
+
+from ppml.config import Settings
+from ppml.db.models import utcnow
+from ppml.db.session import Database
+from ppml.errors import LedgerHeadsInvalid
+from ppml.privacy.chain import Link
+from ppml.trust.keys import SigningKeys, canonical, verify
+
+__all__ = ["HeadFile", "attach", "head_file_of", "written"]
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+_HEAD_FILE = "ppml.ledger.head_file"  # Database.info / Session.info: the process's HeadFile
+_WRITTEN = "ppml.ledger.written"  # Session.info: the chain heads of the open transaction
+
+
+def _parse(text: str) -> tuple[dict[str, Any], dict[str, Link]]:
+    """The document and its heads; raises ValueError (or KeyError, TypeError) if malformed."""
+    document = json.loads(text)
+    if document.get("version") != FORMAT_VERSION:
+        raise ValueError(f"unknown format version {document.get('version')!r}")
+    heads = {
+        str(dataset_id): Link(int(link["seq"]), str(link["entry_hash"]))
+        for dataset_id, link in document["heads"].items()
+    }
+    return document, heads
+
+
+class HeadFile:
+    """The signed head file; one instance per process (it caches what it last verified)."""
+
+    def __init__(self, path: Path, keys: SigningKeys) -> None:
+        self.path, self.keys = path, keys
+        # (inode, mtime, ctime, size) of the file as last read → its heads, or why it is
+        # invalid
+        self._cache: tuple[tuple[int, ...], dict[str, Link] | str] | None = None
+
+    @classmethod
+    def of(cls, settings: Settings) -> HeadFile:
+        return cls(settings.ledger_heads_path, SigningKeys(settings.signing_keys_dir))
+
+    def exists(self) -> bool:
+        return self.path.exists()
+
+    def read(self, *, fresh: bool = False) -> dict[str, Link]:
+        """The verified heads ({} when there is no file yet); raises LedgerHeadsInvalid.
+
+        Cheap when the file did not change: one ``stat`` (``fresh`` reads and verifies it
+        regardless, as writers do under the lock).
+        """
+        try:
+            stat = os.stat(self.path)
+        except FileNotFoundError:
+            return {}
+        key = (stat.st_ino, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_size)
+        cached = self._cache
+        if fresh or cached is None or cached[0] != key:
+            known = cached
+            cached = (key, self._verified(self.path.read_text()))
+            self._cache = cached
+            if isinstance(cached[1], str) and (known is None or known[0] != key):
+                log.error("ledger head file %s is invalid: %s", self.path, cached[1])
+        if isinstance(cached[1], str):
+            raise LedgerHeadsInvalid(
+                f"the signed ledger head file does not verify ({cached[1]}); no job is "
+                "admitted until an operator runs `ppml db acknowledge-rollback --all`",
+            )
+        return dict(cached[1])
+
+    def _verified(self, text: str) -> dict[str, Link] | str:
+        """The heads, or why the text is not a head file this service signed."""
+        try:
+            document, heads = _parse(text)
+            signed = {k: document[k] for k in ("version", "signed_at", "heads")}
+            signed_at = datetime.fromisoformat(document["signed_at"])
+            problem = verify(
+                self.keys.public_keys(),
+                canonical(signed),
+                document["signature"],
+                signed_at=signed_at,
+            )
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            return f"malformed: {exc}"
+        return heads if problem is None else problem
+
+    def advance(self, links: Mapping[str, Link]) -> None:
+        """Move heads forward (a head with a lower or equal ``seq`` than the file's is
+        ignored). An invalid file is left as it is, as evidence."""
+        with self._locked():
+            try:
+                heads = self.read(fresh=True)
+            except LedgerHeadsInvalid:
+                return
+            moved = {d: link for d, link in links.items() if link.seq > heads.get(d, _NONE).seq}
+            if moved:
+                self._write({**heads, **moved})
+
+    def reset(self, links: Mapping[str, Link], *, rebuild: bool = False) -> None:
+        """Set heads, backwards too (an operator's acknowledgement). ``rebuild`` replaces the
+        whole file, an invalid one included (kept aside as ``<name>.invalid-<time>``)."""
+        with self._locked():
+            if rebuild:
+                if self.path.exists():
+                    try:
+                        self.read(fresh=True)
+                    except LedgerHeadsInvalid:
+                        stamp = utcnow().strftime("%Y%m%dT%H%M%S%fZ")
+                        os.replace(
+                            self.path, self.path.with_name(f"{self.path.name}.invalid-{stamp}")
+                        )
+                self._write(dict(links))
+            else:
+                self._write({**self.read(fresh=True), **links})
+
+    def _write(self, heads: Mapping[str, Link]) -> None:
+        self.keys.public_keys()  # the first key exists before the time it signs at
+        document: dict[str, Any] = {
+            "version": FORMAT_VERSION,
+            "signed_at": utcnow().isoformat(),
+            "heads": {d: heads[d].as_dict() for d in sorted(heads)},
+        }
+        document["signature"] = self.keys.sign(canonical(document)).as_dict()
+        staged = self.path.with_name(f".{self.path.name}.tmp")
+        with staged.open("w") as handle:
+            json.dump(document, handle, indent=1, sort_keys=True)
+            handle.flush()
+            os.fsync(handle.fileno())  # never a renamed empty file after a crash
+        os.replace(staged, self.path)
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.with_name(f".{self.path.name}.lock").open("a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+_NONE = Link(-1, "")
+
+
+def attach(db: Database, settings: Settings) -> HeadFile:
+    """Have every unit of work on ``db`` check appends against, and move after its commit, the
+    head file of ``settings`` (the services that append to the ledger call it)."""
+    current = db.info.get(_HEAD_FILE)
+    if isinstance(current, HeadFile) and current.path == settings.ledger_heads_path:
+        return current
+    head_file = HeadFile.of(settings)
+    db.info[_HEAD_FILE] = head_file
+    return head_file
+
+
+def head_file_of(session: Session) -> HeadFile | None:
+    head_file = session.info.get(_HEAD_FILE)
+    return head_file if isinstance(head_file, HeadFile) else None
+
+
+@dataclass
+class Written:
+    """What the open transaction knows of the chains it appends to."""
+
+    heads: dict[str, Link] = field(default_factory=dict)  # newest link per dataset
+    appended: set[str] = field(default_factory=set)  # datasets it appended to
+    pushable: set[str] = field(default_factory=set)  # whose chain extends the file's head
+
+
+def written(session: Session) -> Written:
+    """The open transaction's chain heads (forgotten when it ends)."""
+    found = session.info.get(_WRITTEN)
+    if not isinstance(found, Written):
+        found = session.info[_WRITTEN] = Written()
+    return found
+
+
+@event.listens_for(Session, "after_commit")
+def _move_heads(session: Session) -> None:
+    done = session.info.pop(_WRITTEN, None)
+    head_file = head_file_of(session)
+    if not isinstance(done, Written) or head_file is None:
+        return
+    links = {d: done.heads[d] for d in done.appended & done.pushable}
+    if not links:
+        return
+    try:
+        head_file.advance(links)
+    except Exception:  # the commit stands; the database is merely ahead of the file
+        log.exception("could not move the ledger head file %s", head_file.path)
+
+
+@event.listens_for(Session, "after_transaction_end")
+def _forget_heads(session: Session, transaction: SessionTransaction) -> None:
+    if transaction.parent is None:  # rolled back, or committed (then already popped)
+        session.info.pop(_WRITTEN, None)
