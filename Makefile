@@ -41,7 +41,9 @@ typecheck: install
 
 test: install services lint typecheck
 	# pytest exits 5 when it collected no tests: that is a failure too.
-	$(BIN)/pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
+	# Two workers (the CI machines have two cores); a module stays on one worker, so its
+	# module-scoped fixtures (a trained model, a server) are built once.
+	$(BIN)/pytest -q -n 2 --dist loadfile; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 # Each benchmark prints a table and writes JSON under bench/results/ (several minutes in all).
 bench: install services

@@ -209,7 +209,8 @@ def test_a_worker_killed_mid_job_is_resumed_elsewhere_and_charged_once(stack: St
     resumed_at = _resumed_at(stack, second, job_id, attempt=2)
     print(f"killed at step >= {reported}; resumed at step {resumed_at} after {resumed_after:.2f} s")
     assert second != first
-    assert resumed_after < LEASE_S + 2 * REAPER_S + 3
+    # (slack for polling and for a loaded machine: make test runs two pytest workers)
+    assert resumed_after < LEASE_S + 2 * REAPER_S + 5
     assert resumed_at >= reported
     assert job["status"] == "succeeded", job
     assert job["attempts"] == 2
