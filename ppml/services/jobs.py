@@ -19,9 +19,7 @@ that version, and is priced again only after the budget changed.
 from __future__ import annotations
 
 import logging
-import threading
-import time
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
 from celery import Celery
@@ -47,14 +45,15 @@ from ppml.jobs import lifecycle
 from ppml.jobs.checkpoints import JobCheckpoints
 from ppml.jobs.records import Progress
 from ppml.jobs.schedule import steps_to_charge
-from ppml.privacy import accounting as acc
 from ppml.privacy import heads
-from ppml.privacy.ledger import Ledger, budget_status
+from ppml.privacy.ledger import Ledger
 from ppml.queue import enqueue_job
 from ppml.services import audit
 from ppml.services.datasets import require_live
 from ppml.services.grouping import GroupCommit, Pending
 from ppml.services.pricing import Pricing, price
+from ppml.services.quotes import Quote, Quotes
+from ppml.services.rooms import TenantRooms
 from ppml.services.tenants import Principal
 from ppml.specs import JobSpec, request_hash
 from ppml.storage import ArtifactStore
@@ -65,67 +64,6 @@ log = logging.getLogger(__name__)
 
 # At most this many admissions share one transaction (the rest wait for the next one).
 ADMISSION_BATCH = 64
-# What a 429 for a tenant at its active-job or compute limit asks clients to wait.
-RETRY_WHEN_FULL_S = 30
-
-
-@dataclass(frozen=True, kw_only=True)
-class Quote:
-    epsilon: float
-    delta: float | None
-    noise_multiplier: float | None
-    sample_rate: float | None
-    steps: int
-    fits_budget: bool
-    epsilon_remaining: float | None
-    max_target_epsilon: float | None
-    compute: int
-
-
-@dataclass
-class _Room:
-    """What a tenant may still add, counted under its row lock (``_room_locked``)."""
-
-    jobs: int  # more queued or running jobs it may have
-    compute: int  # summed compute estimate of its queued and running jobs
-
-    def admit(self, compute: int) -> None:
-        """Count a job admitted earlier in the same transaction."""
-        self.jobs -= 1
-        self.compute += compute
-
-
-class _ActiveJobs:
-    """Each tenant's count of queued and running jobs, for an early refusal outside any lock.
-
-    A tenant at its limit that keeps submitting is refused here, before it prices a job or
-    queues for its tenant's lock; the exact check is the count under that lock (``_admit``,
-    ``_decide_together``). A count read from the database is reused for ``ttl`` seconds, plus
-    the jobs this process admitted since; a count at or over the limit is always read again
-    before a refusal, so a refusal here is one the exact check would also make.
-    """
-
-    def __init__(self, ttl: float = 1.0) -> None:
-        self.ttl = ttl
-        # tenant → (count, fresh until); the least recently used tenants are forgotten first
-        self._counts: LRUCache[str, tuple[int, float]] = LRUCache(10_000)
-        self._lock = threading.Lock()  # makes admitted()'s read-modify-write atomic
-
-    def count(self, tenant_id: str, read: Callable[[], int], *, limit: int) -> int:
-        cached = self._counts.get(tenant_id)
-        now = time.monotonic()
-        if cached is not None and cached[1] > now and cached[0] < limit:
-            return cached[0]
-        fresh = read()
-        with self._lock:
-            self._counts.put(tenant_id, (fresh, now + self.ttl))
-        return fresh
-
-    def admitted(self, tenant_id: str) -> None:
-        with self._lock:
-            cached = self._counts.get(tenant_id)
-            if cached is not None:
-                self._counts.put(tenant_id, (cached[0] + 1, cached[1]))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -164,11 +102,6 @@ def _new_job(admission: _Admission, digest: str, idempotency_key: str | None) ->
     )
 
 
-def _shape(spec: JobSpec) -> str:
-    """What a quote depends on in a spec: all of it but its name."""
-    return request_hash(spec.model_copy(update={"name": ""}))
-
-
 def _check_same_request(job: Job, digest: str) -> None:
     if job.request_hash != digest:
         raise IdempotencyMismatch(
@@ -185,9 +118,8 @@ class JobService:
         heads.attach(db, settings)  # ledger appends move the signed chain heads
         # Datasets never change after registration, so admission need not re-read them.
         self._datasets: LRUCache[tuple[str, str], Dataset] = LRUCache(10_000)
-        self._active = _ActiveJobs()
-        # (tenant, job shape) → (budget version it was priced on, or None: no budget; quote)
-        self._quotes: LRUCache[tuple[str, str], tuple[int | None, Quote]] = LRUCache(10_000)
+        self.rooms = TenantRooms(db, settings)
+        self.quotes = Quotes(db, settings)
         # Concurrent admissions to one dataset share one budget lock and one commit.
         self._admissions: GroupCommit[tuple[_Admission, str], Job] = GroupCommit(
             self._admit_batch, max_batch=ADMISSION_BATCH
@@ -215,61 +147,9 @@ class JobService:
         dataset = self._cached_dataset(tenant_id, spec.dataset_id)
         return dataset, price(spec, dataset, self.settings)
 
-    def _room(self, tenant_id: str) -> int:
-        """How many more jobs the tenant may have queued or running, for an early refusal
-        (see _ActiveJobs). Call it outside any transaction: a count it must refresh is read in
-        its own session."""
-        limit = self.settings.limits.max_active_jobs_per_tenant
-
-        def count() -> int:
-            with self.db.read_one() as session:
-                return Repositories(session).count_active_jobs(tenant_id, up_to=limit)
-
-        return limit - self._active.count(tenant_id, count, limit=limit)
-
-    def _room_locked(self, repos: Repositories, tenant_ids: Sequence[str]) -> dict[str, _Room]:
-        """Lock the tenants' rows, in id order, then count their active jobs and sum their
-        compute: the exact room.
-
-        Take it before any budget row (lock order: tenant, then budget). Admissions of one
-        tenant then take turns, in every API process, so none can count before another's
-        commit and overshoot a limit.
-        """
-        limit = self.settings.limits.max_active_jobs_per_tenant
-        for tenant_id in sorted(set(tenant_ids)):
-            repos.lock_tenant(tenant_id)
-        # Counting stops at the limit: only "how far below it" matters.
-        return {
-            t: _Room(
-                jobs=limit - repos.count_active_jobs(t, up_to=limit),
-                compute=repos.active_compute(t),
-            )
-            for t in set(tenant_ids)
-        }
-
-    def _refuse_if_full(self, room: int) -> None:
-        if room <= 0:
-            limit = self.settings.limits.max_active_jobs_per_tenant
-            raise TooManyRequests(
-                f"at most {limit} queued or running jobs per tenant; retry when some finish",
-                limit=limit,
-                retry_after=RETRY_WHEN_FULL_S,
-            )
-
-    def _refuse_if_no_room(self, room: _Room, compute: int) -> None:
-        """429 when the tenant has no room for one more job, or for this job's compute."""
-        self._refuse_if_full(room.jobs)
-        limit = self.settings.limits.max_tenant_compute
-        if room.compute + compute > limit:
-            raise TooManyRequests(
-                f"this job's estimated compute ({compute:.3g}) and that of the tenant's queued "
-                f"and running jobs ({room.compute:.3g}) would pass the tenant's limit of "
-                f"{limit:.3g} sample-gradients × parameters; retry when some finish",
-                limit=limit,
-                compute_in_use=room.compute,
-                compute_requested=compute,
-                retry_after=RETRY_WHEN_FULL_S,
-            )
+    def quote(self, tenant_id: str, spec: JobSpec) -> Quote:
+        """Price a job and say whether it fits its dataset's budget now (ppml.services.quotes)."""
+        return self.quotes.quote(tenant_id, self._cached_dataset(tenant_id, spec.dataset_id), spec)
 
     def _largest_fitting(self, dataset: Dataset, pricing: Pricing) -> float | None:
         """After a refusal, outside any lock: the largest target ε of this shape that fits."""
@@ -279,54 +159,6 @@ class JobService:
             budget = Repositories(session).budget(dataset.id)
         assert budget is not None
         return Ledger.largest_fitting(budget, pricing.event)
-
-    def quote(self, tenant_id: str, spec: JobSpec) -> Quote:
-        """Price a job and say whether it fits its dataset's budget now; reserves nothing.
-
-        A repeated quote of the same shape reads only the budget row's version, and is
-        answered from the cache while that version is unchanged (on public data, or for a
-        non-private job, there is no budget: the cached quote stands).
-        """
-        dataset = self._cached_dataset(tenant_id, spec.dataset_id)
-        key = (tenant_id, _shape(spec))
-        cached = self._quotes.get(key)
-        if cached is not None:
-            version, quote = cached
-            if version is None:
-                return quote
-            with self.db.read_one() as session:
-                if Repositories(session).budget_version(dataset.id) == version:
-                    return quote
-        version, quote = self._fresh_quote(dataset, price(spec, dataset, self.settings))
-        self._quotes.put(key, (version, quote))
-        return quote
-
-    def _fresh_quote(self, dataset: Dataset, pricing: Pricing) -> tuple[int | None, Quote]:
-        """The quote of a priced job on the budget as it is now, and that budget's version
-        (None when nothing is charged to a budget)."""
-        fits, remaining, largest, version = True, None, None, None
-        if pricing.event is not None and dataset.epsilon_total is not None:
-            with self.db.read_one() as session:
-                ledger = Ledger(Repositories(session))
-                budget = ledger.repos.budget(dataset.id)
-                assert budget is not None
-                version = budget.version
-                fits = ledger.admits(budget, acc.rdp_curve(pricing.event))
-                remaining = budget_status(budget).epsilon_remaining
-            if not fits:  # the bounded search, outside any session
-                largest = Ledger.largest_fitting(budget, pricing.event)
-        event = pricing.event
-        return version, Quote(
-            epsilon=pricing.epsilon,
-            delta=pricing.delta,
-            noise_multiplier=event.noise_multiplier if event else None,
-            sample_rate=event.sample_rate if event else None,
-            steps=pricing.schedule.total_steps,
-            fits_budget=fits,
-            epsilon_remaining=remaining,
-            max_target_epsilon=largest,
-            compute=pricing.compute,
-        )
 
     def submit(
         self,
@@ -341,7 +173,7 @@ class JobService:
         A created job's audit event (``job.submit``, by ``by``; None: the admin) commits with
         it; a replay records nothing."""
         if idempotency_key is None:  # a replay is answered even at the limit
-            self._refuse_if_full(self._room(tenant_id))
+            self.rooms.refuse_if_full(self.rooms.early(tenant_id))
         dataset, pricing = self._priced(tenant_id, spec)
         digest = request_hash(spec)
         admission = _Admission(
@@ -381,7 +213,7 @@ class JobService:
             ledger = Ledger(repos)
             # Lock first (tenant, then budget): a duplicate with the same key is then
             # serialised behind us, and so is every other admission of the tenant.
-            room = self._room_locked(repos, [tenant_id])[tenant_id]
+            room = self.rooms.locked(repos, [tenant_id])[tenant_id]
             budget = ledger.lock(dataset.id) if pricing.event is not None else None
             if idempotency_key is not None:
                 existing = repos.job_by_idempotency_key(tenant_id, idempotency_key)
@@ -391,7 +223,7 @@ class JobService:
             if budget is not None:
                 ledger.require_current(dataset.id)  # 409 on a rolled-back ledger
             self._refuse_if_deleted(repos, dataset.id)
-            self._refuse_if_no_room(room, pricing.compute)  # only for a new job, not a replay
+            self.rooms.refuse_if_no_room(room, pricing.compute)  # only for a new job, not a replay
             job = _new_job(admission, digest, idempotency_key)
             # Staged, not flushed: the commit writes the job, its entry and the totals in one
             # flush, while the lock is held for as short a time as possible.
@@ -399,7 +231,7 @@ class JobService:
             _record_submit(repos, admission, job)
             if budget is not None and pricing.event is not None:
                 ledger.reserve(budget, job, pricing.event)
-        self._active.admitted(tenant_id)
+        self.rooms.admitted(tenant_id)
         return job, True
 
     def _admit_batch(self, dataset_id: Hashable, batch: Sequence[_Queued]) -> None:
@@ -435,7 +267,7 @@ class JobService:
             repos = Repositories(session)
             ledger = Ledger(repos)
             # A dataset has one tenant, so this is one more lock per batch, not per item.
-            room = self._room_locked(repos, [a.tenant_id for a, _ in items])
+            room = self.rooms.locked(repos, [a.tenant_id for a, _ in items])
             budget = ledger.lock(dataset_id)
             if budget is not None:
                 try:
@@ -449,7 +281,9 @@ class JobService:
             for admission, digest in items:
                 job = _new_job(admission, digest, None)
                 try:
-                    self._refuse_if_no_room(room[admission.tenant_id], admission.pricing.compute)
+                    self.rooms.refuse_if_no_room(
+                        room[admission.tenant_id], admission.pricing.compute
+                    )
                     if budget is not None and admission.pricing.event is not None:
                         ledger.reserve(budget, job, admission.pricing.event)
                 except (BudgetExceeded, TooManyRequests) as refusal:
@@ -461,7 +295,7 @@ class JobService:
                 decided.append(job)
         for outcome in decided:
             if isinstance(outcome, Job):
-                self._active.admitted(outcome.tenant_id)
+                self.rooms.admitted(outcome.tenant_id)
         return decided
 
     def enqueue(self, job_id: str) -> None:

@@ -12,8 +12,11 @@ from ppml.config import Settings
 from ppml.db.session import Database
 from ppml.errors import NotFound
 from ppml.services import jobs as job_service
+from ppml.services import quotes as quote_service
 from ppml.services.jobs import JobService
-from tests.unit.test_job_service import World, make_world, spec
+from tests.unit.worlds import ServiceWorld as World
+from tests.unit.worlds import job_spec as spec
+from tests.unit.worlds import make_service_world as make_world
 
 
 @pytest.fixture
@@ -25,7 +28,7 @@ def world(database: Database, settings: Settings) -> Iterator[World]:
 
 @pytest.fixture
 def pricings(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """The names of the specs the job service prices, in order."""
+    """The names of the specs the job service prices (quotes and submits), in order."""
     priced: list[str] = []
     real = job_service.price
 
@@ -34,6 +37,7 @@ def pricings(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         return real(job, dataset, settings)
 
     monkeypatch.setattr(job_service, "price", counting)
+    monkeypatch.setattr(quote_service, "price", counting)
     return priced
 
 

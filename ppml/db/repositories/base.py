@@ -1,0 +1,50 @@
+"""What every repository shares: the session, staging, keyset pagination."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from ppml.db.models import JobStatus
+
+__all__ = ["TERMINAL", "Page", "Queries"]
+
+Page = tuple[list[Any], str | None]
+
+TERMINAL = [JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED]
+
+
+class Queries:
+    """Typed queries over one session; the caller owns the transaction."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def add(self, *objects: Any) -> None:
+        self.session.add_all(objects)
+        self.session.flush()
+
+    def stage(self, *objects: Any) -> None:
+        """Add without flushing: the next query or the commit writes them, in one flush."""
+        self.session.add_all(objects)
+
+    # --- helpers ----------------------------------------------------------------------
+    def _page(
+        self,
+        stmt: Any,
+        key: Any,
+        page_size: int,
+        page_token: str | None,
+        *,
+        descending: bool = True,
+    ) -> Page:
+        """Keyset pagination on a creation-ordered id; the token is the last id served."""
+        if page_token is not None:
+            stmt = stmt.where(key < page_token if descending else key > page_token)
+        stmt = stmt.order_by(key.desc() if descending else key.asc()).limit(page_size + 1)
+        rows = list(self.session.scalars(stmt).all())
+        if len(rows) > page_size:
+            rows = rows[:page_size]
+            return rows, str(getattr(rows[-1], "id"))  # noqa: B009
+        return rows, None

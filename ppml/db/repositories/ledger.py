@@ -1,0 +1,78 @@
+"""The privacy ledger's entries and their hash chains."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from sqlalchemy import select
+
+from ppml.db.models import (
+    DatasetBudget,
+    LedgerAcknowledgement,
+    LedgerEntry,
+)
+from ppml.db.repositories.base import Page, Queries
+
+
+class LedgerQueries(Queries):
+    """Ledger entries, chains, acknowledgements."""
+
+    # --- ledger -----------------------------------------------------------------------
+    def ledger_entry(self, idempotency_key: str) -> LedgerEntry | None:
+        return self.session.scalar(
+            select(LedgerEntry).where(LedgerEntry.idempotency_key == idempotency_key)
+        )
+
+    def ledger_entries(self, dataset_id: str) -> Sequence[LedgerEntry]:
+        stmt = select(LedgerEntry).where(LedgerEntry.dataset_id == dataset_id)
+        return self.session.scalars(stmt.order_by(LedgerEntry.id)).all()
+
+    def job_ledger_entries(self, job_id: str) -> Sequence[LedgerEntry]:
+        stmt = select(LedgerEntry).where(LedgerEntry.job_id == job_id)
+        return self.session.scalars(stmt.order_by(LedgerEntry.id)).all()
+
+    def newest_ledger_entry(self, dataset_id: str) -> LedgerEntry | None:
+        """The dataset's newest ledger entry, the head of its chain (signed receipts bind
+        it). Read under the budget row's lock, so no entry is appended meanwhile."""
+        stmt = select(LedgerEntry).where(LedgerEntry.dataset_id == dataset_id)
+        return self.session.scalars(stmt.order_by(LedgerEntry.seq.desc()).limit(1)).first()
+
+    def list_ledger(self, dataset_id: str, *, page_size: int, page_token: str | None) -> Page:
+        stmt = select(LedgerEntry).where(LedgerEntry.dataset_id == dataset_id)
+        return self._page(stmt, LedgerEntry.id, page_size, page_token, descending=False)
+
+    # --- the ledger's hash chains (ppml.privacy.chain) ---------------------------------
+    def ledger_head(self, dataset_id: str) -> tuple[int, str] | None:
+        """``(seq, entry_hash)`` of the dataset's last chained entry (None: no entries): one
+        probe of the ``(dataset_id, seq)`` index."""
+        stmt = (
+            select(LedgerEntry.seq, LedgerEntry.entry_hash)
+            .where(LedgerEntry.dataset_id == dataset_id)
+            .order_by(LedgerEntry.seq.desc())
+            .limit(1)
+        )
+        row = self.session.execute(stmt).first()
+        return None if row is None else (int(row[0]), str(row[1]))
+
+    def ledger_hash_at(self, dataset_id: str, seq: int) -> str | None:
+        """The ``entry_hash`` of the dataset's entry ``seq``, or None."""
+        stmt = select(LedgerEntry.entry_hash).where(
+            LedgerEntry.dataset_id == dataset_id, LedgerEntry.seq == seq
+        )
+        return self.session.scalar(stmt)
+
+    def ledger_chain(self, dataset_id: str) -> Sequence[LedgerEntry]:
+        """The dataset's entries in chain order."""
+        stmt = select(LedgerEntry).where(LedgerEntry.dataset_id == dataset_id)
+        return self.session.scalars(stmt.order_by(LedgerEntry.seq)).all()
+
+    def ledger_dataset_ids(self) -> list[str]:
+        """Every dataset with ledger entries, or a budget (an empty chain)."""
+        with_entries = select(LedgerEntry.dataset_id).distinct()
+        with_budget = select(DatasetBudget.dataset_id)
+        ids = set(self.session.scalars(with_entries)) | set(self.session.scalars(with_budget))
+        return sorted(ids)
+
+    def ledger_acknowledgements(self, dataset_id: str) -> Sequence[LedgerAcknowledgement]:
+        stmt = select(LedgerAcknowledgement).where(LedgerAcknowledgement.dataset_id == dataset_id)
+        return self.session.scalars(stmt.order_by(LedgerAcknowledgement.id)).all()
