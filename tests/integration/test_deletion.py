@@ -18,8 +18,8 @@ from ppml.jobs.checkpoints import JobCheckpoints
 from ppml.jobs.runner import JobRunner
 from ppml.storage import ArtifactStore
 from tests.conftest import new_key, new_tenant_id, register_digits
+from tests.integration.audit_helpers import tiny_spec, trail
 from tests.integration.ingest_helpers import ingest_in, upload
-from tests.integration.test_audit import tiny_spec, trail
 
 SCHEMA = '{"classes": ["sick", "well"]}'
 

@@ -16,7 +16,9 @@ from ppml.errors import TooManyRequests
 from ppml.services.jobs import JobService, _Admission
 from ppml.services.pricing import price
 from ppml.specs import request_hash
-from tests.unit.test_job_service import World, make_world, spec
+from tests.unit.worlds import ServiceWorld as World
+from tests.unit.worlds import job_spec as spec
+from tests.unit.worlds import make_service_world as make_world
 
 
 @pytest.fixture

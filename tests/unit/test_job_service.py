@@ -8,14 +8,12 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Hashable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select
 
-from ppml.config import Limits, Settings, WorkerSettings
-from ppml.db.models import Dataset, Job, JobStatus, LedgerEntry, LedgerKind
+from ppml.config import Settings
+from ppml.db.models import Job, JobStatus, LedgerKind
 from ppml.db.repositories import Repositories
 from ppml.db.session import Database
 from ppml.errors import (
@@ -28,90 +26,15 @@ from ppml.errors import (
 from ppml.jobs.runner import JobRunner
 from ppml.privacy import accounting as acc
 from ppml.privacy.ledger import budget_status
-from ppml.queue import RUN_JOB, make_celery
-from ppml.services.datasets import BudgetRequest, register_builtin
 from ppml.services.grouping import Pending
 from ppml.services.jobs import JobService
 from ppml.services.pricing import price
 from ppml.services.tenants import create_tenant
-from ppml.specs import JobSpec
-from ppml.storage import ArtifactStore
-from tests.unit.worlds import Reads
+from tests.unit.worlds import ServiceWorld as World
+from tests.unit.worlds import job_spec as spec
+from tests.unit.worlds import make_service_world as make_world
 
 ZERO = list(acc.zero())
-
-
-@dataclass
-class World(Reads):
-    """A tenant, its datasets, and the service under test on a queue of its own."""
-
-    settings: Settings
-    service: JobService
-    tenant_id: str
-
-    def digits(self, *, epsilon: float | None = 8.0, tenant_id: str | None = None) -> Dataset:
-        budget = None if epsilon is None else BudgetRequest(epsilon=epsilon, delta=1e-5)
-        with self.db.session(write=True) as session:
-            return register_builtin(
-                Repositories(session),
-                ArtifactStore.for_settings(self.settings),
-                self.settings,
-                tenant_id=tenant_id or self.tenant_id,
-                name="digits",
-                builtin="digits",
-                budget=budget,
-            )
-
-    def budget(self, dataset_id: str) -> Any:
-        with self.db.session() as session:
-            budget = Repositories(session).budget(dataset_id)
-        assert budget is not None
-        return budget
-
-    def ledger(self, dataset_id: str) -> list[LedgerEntry]:
-        with self.db.session() as session:
-            return list(Repositories(session).ledger_entries(dataset_id))
-
-    def job_count(self) -> int:
-        with self.db.session() as session:
-            return int(session.scalar(select(func.count()).select_from(Job)) or 0)
-
-    def sent(self) -> list[str]:
-        """Job ids of the run_job messages waiting in this test's queue (drains it)."""
-        ids = []
-        with self.service.celery.connection_for_read() as conn:
-            queue = conn.SimpleQueue(self.settings.worker.queue, no_ack=True)
-            while True:
-                try:
-                    message = queue.get(block=False)
-                except queue.Empty:
-                    break
-                assert message.headers["task"] == RUN_JOB
-                ids.append(message.payload[0][0])
-            queue.close()
-        return ids
-
-
-def spec(dataset_id: str, *, epsilon: float | None = 1.0, epochs: int = 2) -> JobSpec:
-    privacy = None if epsilon is None else {"target_epsilon": epsilon, "delta": 1e-5}
-    return JobSpec.model_validate(
-        {
-            "name": "tiny",
-            "dataset_id": dataset_id,
-            "model": {"arch": "logreg"},
-            "training": {"epochs": epochs, "batch_size": 64, "learning_rate": 0.1},
-            "privacy": privacy,
-        }
-    )
-
-
-def make_world(database: Database, settings: Settings, **limits: Any) -> World:
-    worker = WorkerSettings(queue=f"training-{secrets.token_hex(4)}")  # memory:// is global
-    settings = settings.model_copy(update={"worker": worker, "limits": Limits(**limits)})
-    with database.session(write=True) as session:
-        tenant = create_tenant(Repositories(session), name=f"t-{secrets.token_hex(4)}")
-    service = JobService(database, settings, make_celery(settings))
-    return World(database, settings, service, tenant.id)
 
 
 @pytest.fixture
