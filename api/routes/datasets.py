@@ -18,7 +18,6 @@ from api.deps import (
 )
 from api.routes.common import DEFAULT_PAGE_SIZE, PageSize, PageToken, errors
 from api.schemas import (
-    VALIDATION_DATASET_DESCRIPTION,
     Budget,
     Dataset,
     DatasetCreate,
@@ -29,6 +28,7 @@ from api.schemas import (
     LedgerPage,
     PrivacyBudget,
 )
+from api.schemas.datasets import VALIDATION_DATASET_DESCRIPTION
 from ppml.datasets.schema import parse_schema
 from ppml.db import models
 from ppml.errors import InvalidInput, NotFound, PayloadTooLarge
