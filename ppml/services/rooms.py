@@ -103,14 +103,12 @@ class TenantRooms:
         limit = self.settings.limits.max_active_jobs_per_tenant
         for tenant_id in sorted(set(tenant_ids)):
             repos.lock_tenant(tenant_id)
-        # Counting stops at the limit: only "how far below it" matters.
-        return {
-            t: Room(
-                jobs=limit - repos.count_active_jobs(t, up_to=limit),
-                compute=repos.active_compute(t),
-            )
-            for t in set(tenant_ids)
-        }
+        rooms = {}
+        for tenant_id in set(tenant_ids):
+            # One scan gives both: the compute sum needs every active job anyway.
+            count, compute = repos.active_load(tenant_id)
+            rooms[tenant_id] = Room(jobs=limit - count, compute=compute)
+        return rooms
 
     def refuse_if_full(self, room: int) -> None:
         if room <= 0:

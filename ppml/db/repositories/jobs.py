@@ -68,11 +68,17 @@ class JobQueries(Queries):
     def active_compute(self, tenant_id: str) -> int:
         """Summed compute estimate of a tenant's queued and running jobs (a job admitted
         before estimates existed counts 0)."""
+        return self.active_load(tenant_id)[1]
+
+    def active_load(self, tenant_id: str) -> tuple[int, int]:
+        """A tenant's queued and running jobs and their summed compute, in one scan (what
+        admission reads under the tenant's lock)."""
         active = (JobStatus.QUEUED, JobStatus.RUNNING)
-        stmt = select(func.coalesce(func.sum(func.coalesce(Job.compute, 0)), 0)).where(
-            Job.tenant_id == tenant_id, Job.status.in_(active)
-        )
-        return int(self.session.scalar(stmt) or 0)
+        stmt = select(
+            func.count(), func.coalesce(func.sum(func.coalesce(Job.compute, 0)), 0)
+        ).where(Job.tenant_id == tenant_id, Job.status.in_(active))
+        count, compute = self.session.execute(stmt).one()
+        return int(count), int(compute)
 
     def claim_job(
         self, job_id: str, *, owner: str, lease_until: datetime, status: JobStatus
