@@ -57,7 +57,7 @@ def test_a_batch_counts_the_compute_admitted_before_each_decision(world: World) 
         assert refusal.extra["limit"] == 3 * size
         assert refusal.extra["retry_after"] == 30
     with world.db.session() as session:
-        assert Repositories(session).active_compute(world.tenant_id) == 3 * size
+        assert Repositories(session).active_load(world.tenant_id)[1] == 3 * size
 
 
 def test_jobs_without_an_estimate_and_finished_jobs_count_nothing(world: World) -> None:
@@ -72,7 +72,7 @@ def test_jobs_without_an_estimate_and_finished_jobs_count_nothing(world: World) 
         row.compute = None
     # act
     with world.db.session() as session:
-        in_use = Repositories(session).active_compute(world.tenant_id)
+        in_use = Repositories(session).active_load(world.tenant_id)[1]
         status = Repositories(session).job_by_id(cancelled.id)
     # assert
     assert in_use == 0

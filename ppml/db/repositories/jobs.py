@@ -65,14 +65,10 @@ class JobQueries(Queries):
         stmt = select(func.count()).select_from(rows.subquery())
         return int(self.session.scalar(stmt) or 0)
 
-    def active_compute(self, tenant_id: str) -> int:
-        """Summed compute estimate of a tenant's queued and running jobs (a job admitted
-        before estimates existed counts 0)."""
-        return self.active_load(tenant_id)[1]
-
     def active_load(self, tenant_id: str) -> tuple[int, int]:
         """A tenant's queued and running jobs and their summed compute, in one scan (what
-        admission reads under the tenant's lock)."""
+        admission reads under the tenant's lock; a job admitted before estimates existed
+        counts 0)."""
         active = (JobStatus.QUEUED, JobStatus.RUNNING)
         stmt = select(
             func.count(), func.coalesce(func.sum(func.coalesce(Job.compute, 0)), 0)
