@@ -12,7 +12,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,30 @@ PG_ADMIN = os.environ.get(
 )
 ADMIN_TOKEN = "bench-admin-token-0123456789"
 RESULTS = Path(__file__).parent / "results"
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a live process and of its live descendants (Linux)."""
+    parents: dict[int, int] = {}
+    times: dict[int, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(entry)] = int(fields[1])
+        times[int(entry)] = (int(fields[11]) + int(fields[12])) / tick
+    tree, frontier = {pid}, [pid]
+    while frontier:
+        parent = frontier.pop()
+        children = [child for child, p in parents.items() if p == parent and child not in tree]
+        tree.update(children)
+        frontier += children
+    return sum(times.get(member, 0.0) for member in tree)
 
 
 def free_port() -> int:
@@ -52,6 +76,13 @@ def postgres_database() -> Iterator[str]:
 class Service:
     base: str
     workdir: Path
+    pids: dict[str, int] = field(default_factory=dict)  # "api", "worker0", ...
+
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU time (user + system) each process has used so far, its descendants included:
+        divided by the requests served between two readings, a cost per request that another
+        load on the machine disturbs far less than it disturbs throughput."""
+        return {role: tree_cpu_seconds(pid) for role, pid in self.pids.items()}
 
     def client(self, headers: dict[str, str] | None = None) -> httpx.Client:
         return httpx.Client(base_url=self.base, headers=headers or {}, timeout=60)
@@ -98,10 +129,13 @@ def stack(
             workdir / "api.log",
             stack_,
         )
-        service = Service(f"http://127.0.0.1:{port}", workdir)
+        service = Service(f"http://127.0.0.1:{port}", workdir, {"api": api.pid})
         _wait_ready(service.base, api, workdir / "api.log")
         for i in range(workers):
-            _spawn([str(BIN / "ppml"), "worker"], environment, workdir / f"worker{i}.log", stack_)
+            worker = _spawn(
+                [str(BIN / "ppml"), "worker"], environment, workdir / f"worker{i}.log", stack_
+            )
+            service.pids[f"worker{i}"] = worker.pid
         yield service
 
 

@@ -124,8 +124,10 @@ def main() -> None:
             [kind, s["count"], s["p50_ms"], s["p99_ms"], result["errors_5xx"].get(kind, 0)]
             for kind, s in result["latency"].items()
         ]
+        cores = ", ".join(f"{role} {share:.2f}" for role, share in result["cpu_cores"].items())
         print_table(
-            f"{title}: {result['requests_per_s']:.0f} requests/s",
+            f"{title}: {result['requests_per_s']:.0f} requests/s; API CPU "
+            f"{result['api_cpu_ms_per_request']:.2f} ms/request; cores used: {cores}",
             ["request", "count", "p50 ms", "p99 ms", "5xx"],
             rows,
         )
@@ -262,9 +264,19 @@ def run(  # type: ignore[no-untyped-def]
     ]
     probe_args = (service.base, headers, f"/v1/jobs/{seed}", start_at, seconds, results)
     procs.append(ctx.Process(target=_probe, args=probe_args))
+    cpu: list[dict[str, float]] = []
+
+    def read_cpu() -> None:  # at the start and at the end of the measured window
+        for moment in (start_at, start_at + seconds):
+            time.sleep(max(0.0, moment - time.time()))
+            cpu.append(service.cpu_seconds())
+
+    meter = threading.Thread(target=read_cpu, daemon=True)
+    meter.start()
     for proc in procs:
         proc.start()
     parts = [results.get(timeout=seconds + 120) for _ in procs]
+    meter.join(timeout=seconds + 10)
     for proc in procs:
         proc.join()
     failures = [failure for part in parts for failure in part.get("failures", [])]
@@ -284,7 +296,12 @@ def run(  # type: ignore[no-untyped-def]
                     errors[kind] += count
         submitted += part["submitted"]
     requests = sum(len(v) for k, v in latencies.items() if k not in ("poll (probe)", "send lag"))
+    used = {role: cpu[1][role] - cpu[0][role] for role in cpu[0]} if len(cpu) == 2 else {}
     return {
+        # CPU the API spent per request served in the window (the machine's other load
+        # disturbs it far less than throughput), and each process's share of a core
+        "api_cpu_ms_per_request": round(1000 * used.get("api", 0.0) / max(requests, 1), 3),
+        "cpu_cores": {role: round(spent / seconds, 3) for role, spent in used.items()},
         "latency": {kind: summarise(values) for kind, values in latencies.items()},
         "errors_5xx": dict(errors),
         "statuses": {kind: dict(codes) for kind, codes in statuses.items()},

@@ -1,11 +1,13 @@
-"""Point reads for the API's hottest paths (``GET /v1/jobs/{id}``, the job's event stream)
-without a worker thread.
+"""Point reads for the API's hottest paths (``GET /v1/jobs/{id}``, the job's event stream),
+and the audit row a download or a prediction writes, without a worker thread.
 
 A poll through the synchronous engine waits twice for a thread and the GIL (into the
 thread pool and back) and builds an ORM session around one ``SELECT``. On PostgreSQL this
 module runs the same ``SELECT`` on the event loop over an asynchronous psycopg pool, and
 turns the row into a detached ``Job`` (or ``JobEvent``) with the column types' own result
-processing, so callers get what the ORM would give them. SQLite has no asynchronous driver
+processing, so callers get what the ORM would give them. An audit event is appended the same
+way: one ``INSERT`` of the model's table, in its own statement, with the columns' own bind
+processing (the row the ORM would have written). SQLite has no asynchronous driver
 here: there the read runs in a worker thread through the ORM, as before.
 
 The pool opens in the app's lifespan; until it is open (or after it closed), reads take the
@@ -20,10 +22,13 @@ from typing import Any, NamedTuple
 
 import psycopg
 from anyio import to_thread
-from sqlalchemy import bindparam, select
+from psycopg.types.json import Json as PgJson
+from psycopg.types.json import Jsonb
+from sqlalchemy import JSON, bindparam, select
+from sqlalchemy.dialects.postgresql import JSONB, insert
 from sqlalchemy.engine import Dialect, make_url
 
-from ppml.db.models import Job, JobEvent
+from ppml.db.models import AuditEvent, Job, JobEvent
 from ppml.db.repositories import Repositories
 from ppml.db.session import Database
 
@@ -59,6 +64,30 @@ class _Select:
         }
 
 
+class _Insert:
+    """One ``INSERT`` (PostgreSQL's: only the pool runs it) of every column of a table,
+    rendered once, with the columns' bind processing (JSON, UTC datetimes) applied to a
+    row's values."""
+
+    def __init__(self, table: Any, dialect: Dialect) -> None:
+        columns = list(table.columns)
+        # A retry after a dropped connection may find its row written: the id says so.
+        stmt = (
+            insert(table)
+            .values({c.key: bindparam(c.key) for c in columns})
+            .on_conflict_do_nothing(index_elements=[table.c.id])
+        )
+        self.sql = str(stmt.compile(dialect=dialect))
+        self.processors = {c.key: _bind_processor(c.type, dialect) for c in columns}
+
+    def params(self, row: Any) -> dict[str, Any]:
+        values = {key: getattr(row, key) for key in self.processors}
+        return {
+            key: value if proc is None or value is None else proc(value)
+            for key, value, proc in ((k, values[k], p) for k, p in self.processors.items())
+        }
+
+
 class AsyncReads:
     """``await reads.job(tenant_id, job_id)``: the tenant's job, or None; the event stream's
     :meth:`event_head` and :meth:`job_events`."""
@@ -81,6 +110,7 @@ class AsyncReads:
             list(events.columns),
             dialect,
         )
+        self._audit = _Insert(AuditEvent.__table__, dialect)
 
     @property
     def asynchronous(self) -> bool:
@@ -143,21 +173,40 @@ class AsyncReads:
         rows = await self._fetch(pool, self._events, params)
         return [JobEvent(**self._events.values(row)) for row in rows]
 
-    async def _fetch(self, pool: Any, query: _Select, params: dict[str, Any]) -> list[Any]:
+    async def append_audit(self, row: AuditEvent) -> None:
+        """Insert the audit event, committed before this returns (its own statement).
+
+        Raises the database's errors (a transient one after one retry): the caller serves
+        nothing it could not record."""
+        pool = self._pool
+        if pool is None:
+            return await to_thread.run_sync(self._audit_in_thread, row)
+        await self._fetch(pool, self._audit.sql, self._audit.params(row), rows=False)
+
+    async def _fetch(
+        self, pool: Any, query: _Select | str, params: dict[str, Any], *, rows: bool = True
+    ) -> list[Any]:
         try:
-            return await self._fetch_once(pool, query, params)
+            return await self._fetch_once(pool, query, params, rows)
         except psycopg.OperationalError:
             # The server dropped connections (a restart, an idle timeout): the broken one
             # leaves the pool on return; check() drops the other dead idle ones, and the
             # retry waits for a fresh connection.
             await pool.check()
-            return await self._fetch_once(pool, query, params)
+            return await self._fetch_once(pool, query, params, rows)
 
-    async def _fetch_once(self, pool: Any, query: _Select, params: dict[str, Any]) -> list[Any]:
+    async def _fetch_once(
+        self, pool: Any, query: _Select | str, params: dict[str, Any], rows: bool
+    ) -> list[Any]:
+        sql = query if isinstance(query, str) else query.sql
         async with pool.connection() as conn:
-            cursor = await conn.execute(query.sql, params, prepare=True)
-            rows: list[Any] = await cursor.fetchall()
-            return rows
+            cursor = await conn.execute(sql, params, prepare=True)
+            found: list[Any] = await cursor.fetchall() if rows else []
+            return found
+
+    def _audit_in_thread(self, row: AuditEvent) -> None:
+        with self.db.session(write=True) as session:
+            Repositories(session).stage(row)
 
     def _job_in_thread(self, tenant_id: str, job_id: str) -> Job | None:
         with self.db.read_one() as session:
@@ -171,6 +220,16 @@ class AsyncReads:
     def _events_in_thread(self, job_id: str, after: int, limit: int) -> list[JobEvent]:
         with self.db.read_one() as session:
             return list(Repositories(session).job_events(job_id, after=after, limit=limit))
+
+
+def _bind_processor(type_: Any, dialect: Any) -> Callable[[Any], Any] | None:
+    """The column type's bind processing; JSON as psycopg's own wrapper (SQLAlchemy's
+    psycopg dialect adapts JSON on its connections, which the pool's are not)."""
+    impl = type_.dialect_impl(dialect)
+    if isinstance(impl, JSON):
+        return Jsonb if isinstance(impl, JSONB) else PgJson
+    processor: Callable[[Any], Any] | None = type_.bind_processor(dialect)
+    return processor
 
 
 def _processor(type_: Any, dialect: Any) -> Callable[[Any], Any] | None:

@@ -16,14 +16,24 @@ file only if the chain it ends extends the file's head (checked when the transac
 appends to the dataset, under the budget lock): entries appended to a rolled-back chain never
 overwrite the evidence. The database is never behind the file in normal operation; a crash
 between the commit and the write leaves it ahead, which is harmless.
+
+A commit does not wait for the file: it hands its heads to the process's writer thread
+(:meth:`HeadFile.advance_soon`), which writes whatever heads have gathered since its last
+write in one signed write. Under load, one write (a signature and an ``fsync``) then serves
+many admissions; the file trails the database by the time of one write, a few milliseconds,
+which only means that a rollback to a copy of the database taken within those milliseconds
+goes unseen. :func:`flush_all` waits for the writers (a process's exit does too).
 """
 
 from __future__ import annotations
 
+import atexit
 import fcntl
 import json
 import logging
 import os
+import threading
+import weakref
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -41,7 +51,7 @@ from ppml.errors import LedgerHeadsInvalid
 from ppml.privacy.chain import Link
 from ppml.trust.keys import SigningKeys, canonical, verify
 
-__all__ = ["HeadFile", "attach", "head_file_of", "written"]
+__all__ = ["HeadFile", "attach", "flush_all", "head_file_of", "written"]
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +80,12 @@ class HeadFile:
         # (inode, mtime, ctime, size) of the file as last read → its heads, or why it is
         # invalid
         self._cache: tuple[tuple[int, ...], dict[str, Link] | str] | None = None
+        # Heads committed but not yet written, and the writer thread that writes them
+        self._pending: dict[str, Link] = {}
+        self._writing = False
+        self._writer: threading.Thread | None = None
+        self._changed = threading.Condition()
+        _LIVE.add(self)
 
     @classmethod
     def of(cls, settings: Settings) -> HeadFile:
@@ -131,6 +147,43 @@ class HeadFile:
             if moved:
                 self._write({**heads, **moved})
 
+    def advance_soon(self, links: Mapping[str, Link]) -> None:
+        """:meth:`advance`, by the writer thread: returns at once. Heads queued while a write
+        is under way go into the next one together."""
+        with self._changed:
+            for dataset_id, link in links.items():
+                if link.seq > self._pending.get(dataset_id, _NONE).seq:
+                    self._pending[dataset_id] = link
+            if self._writer is None or not self._writer.is_alive():  # first use, or forked
+                self._writer = threading.Thread(
+                    target=self._write_pending, name="ppml-ledger-heads", daemon=True
+                )
+                self._writer.start()
+            self._changed.notify_all()
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until every head queued by :meth:`advance_soon` is written (or failed to be,
+        which is logged); False on timeout."""
+        with self._changed:
+            return self._changed.wait_for(
+                lambda: not self._pending and not self._writing, timeout=timeout
+            )
+
+    def _write_pending(self) -> None:
+        while True:
+            with self._changed:
+                self._changed.wait_for(lambda: bool(self._pending))
+                batch, self._pending = self._pending, {}
+                self._writing = True
+            try:
+                self.advance(batch)
+            except Exception:  # the commits stand; the database is merely ahead of the file
+                log.exception("could not move the ledger head file %s", self.path)
+            finally:
+                with self._changed:
+                    self._writing = False
+                    self._changed.notify_all()
+
     def reset(self, links: Mapping[str, Link], *, rebuild: bool = False) -> None:
         """Set heads, backwards too (an operator's acknowledgement). ``rebuild`` replaces the
         whole file, an invalid one included (kept aside as ``<name>.invalid-<time>``)."""
@@ -175,6 +228,15 @@ class HeadFile:
 
 
 _NONE = Link(-1, "")
+_LIVE: weakref.WeakSet[HeadFile] = weakref.WeakSet()  # for flush_all
+
+
+def flush_all(timeout: float = 10.0) -> bool:
+    """Wait until every head file of this process has written the heads queued so far."""
+    return all([head_file.flush(timeout) for head_file in list(_LIVE)])
+
+
+atexit.register(flush_all, 5.0)  # a process that ends writes what it committed
 
 
 def attach(db: Database, settings: Settings) -> HeadFile:
@@ -217,12 +279,8 @@ def _move_heads(session: Session) -> None:
     if not isinstance(done, Written) or head_file is None:
         return
     links = {d: done.heads[d] for d in done.appended & done.pushable}
-    if not links:
-        return
-    try:
-        head_file.advance(links)
-    except Exception:  # the commit stands; the database is merely ahead of the file
-        log.exception("could not move the ledger head file %s", head_file.path)
+    if links:
+        head_file.advance_soon(links)
 
 
 @event.listens_for(Session, "after_transaction_end")

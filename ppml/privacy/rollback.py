@@ -18,7 +18,7 @@ from ppml.db.repositories import Repositories
 from ppml.db.session import Database
 from ppml.errors import LedgerHeadsInvalid, NotFound
 from ppml.privacy.chain import ChainBreak, Link
-from ppml.privacy.heads import HeadFile
+from ppml.privacy.heads import HeadFile, flush_all
 from ppml.privacy.ledger import Ledger
 
 __all__ = ["ChainReport", "acknowledge_rollback", "check_chains"]
@@ -66,7 +66,9 @@ class ChainReport:
 
 
 def check_chains(db: Database, head_file: HeadFile) -> ChainReport:
-    """Verify every dataset's chain, and each against the head file."""
+    """Verify every dataset's chain, and each against the head file (after this process's
+    own commits reached it)."""
+    flush_all()
     report = ChainReport()
     with db.session() as session:
         ledger = Ledger(Repositories(session))

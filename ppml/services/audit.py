@@ -4,7 +4,8 @@ Each event names the actor (the API key's id and role; the admin token is ``admi
 key), the action, the object and a small ``detail`` (ids, formats, counts: never a value of
 the data). :func:`record` stages the event in the transaction of the action it records, so
 both commit together or neither does; an action that reads (a download, a prediction) is
-recorded by :func:`record_now` in a short transaction of its own before its answer is sent.
+recorded before its answer is sent, in a statement of its own: :func:`record_async` on the
+API's event loop, :func:`record_now` from a thread.
 The trail is append-only: no route and no repository method updates or deletes an event.
 
 Services take the acting principal as ``by``; None means the admin: the admin token, or an
@@ -17,6 +18,7 @@ from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from ppml.db.models import AuditEvent, new_id, utcnow
+from ppml.db.reads import AsyncReads
 from ppml.db.repositories import Page, Repositories
 from ppml.db.session import Database
 
@@ -31,6 +33,7 @@ __all__ = [
     "events_after",
     "page",
     "record",
+    "record_async",
     "record_now",
 ]
 
@@ -113,6 +116,20 @@ def record_now(
         record(
             Repositories(session), by, action, object_type, object_id, detail, tenant_id=tenant_id
         )
+
+
+async def record_async(
+    reads: AsyncReads,
+    by: Principal | None,
+    action: AuditAction,
+    object_type: ObjectType,
+    object_id: str | None,
+    detail: Mapping[str, Any] | None = None,
+) -> None:
+    """:func:`record_now` for the API's event loop: on PostgreSQL one ``INSERT`` over the
+    asynchronous pool, no worker thread and no ORM session (``ppml.db.reads``); elsewhere
+    :func:`record_now`'s transaction in a thread. Raises as it does."""
+    await reads.append_audit(event_of(by, action, object_type, object_id, detail))
 
 
 def page(

@@ -29,7 +29,7 @@ from api.app import create_app
 from ppml.config import Settings
 from ppml.db.models import LedgerAcknowledgement, LedgerEntry
 from ppml.db.session import Database
-from ppml.privacy.heads import HeadFile
+from ppml.privacy.heads import HeadFile, flush_all
 from ppml.privacy.rollback import check_chains
 from tests.conftest import dp_job_spec, new_tenant, register_digits
 
@@ -86,6 +86,7 @@ def test_entries_chain_per_dataset_and_the_head_file_follows(
     # assert: seq 1, 2, 3, each linked to the one before; the signed file holds the head
     entries = _entries(database, dataset_id)
     assert [seq for seq, _ in entries] == [1, 2, 3]
+    assert flush_all()  # commits hand their heads to a writer thread
     heads = HeadFile.of(settings).read()
     assert heads[dataset_id].seq == 3 and heads[dataset_id].entry_hash == entries[-1][1]
     ledger = client.get(f"/v1/datasets/{dataset_id}/ledger", headers=tenant).json()["items"]

@@ -48,7 +48,7 @@ from ppml.jobs.reaper import Reaper
 from ppml.jobs.records import Progress
 from ppml.jobs.runner import JobRunner
 from ppml.privacy import accounting as acc
-from ppml.privacy.heads import HeadFile
+from ppml.privacy.heads import HeadFile, flush_all
 from ppml.privacy.ledger import Ledger, budget_status
 from ppml.queue import make_celery
 from ppml.services.jobs import JobService
@@ -470,6 +470,7 @@ def machine_class(h: Harness) -> type[RuleBasedStateMachine]:
                 ledger = Ledger(Repositories(session))
                 assert ledger.verify_chains() == []
                 head = ledger.head(self.dataset.id)
+            assert flush_all()  # commits hand their heads to a writer thread
             signed = HeadFile.of(h.settings).read().get(self.dataset.id)
             assert signed == (head if head.seq else None)
 

@@ -4,6 +4,7 @@ that does not verify is refused and left as it is."""
 from __future__ import annotations
 
 import json
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -32,6 +33,31 @@ def test_heads_move_forward_only_and_writers_merge(tmp_path: Path) -> None:
     heads.advance({"ds0": Link(1, "stale")})
     # assert: the highest seq of each dataset, as another process reads it
     assert _heads(tmp_path).read() == {f"ds{k}": Link(36 + k, f"h{36 + k}") for k in range(4)}
+
+
+def test_queued_heads_are_written_together_by_the_writer_thread(tmp_path: Path) -> None:
+    # arrange: count the signed writes, and hold the first one until every head is queued
+    heads = _heads(tmp_path)
+    writes: list[dict[str, Link]] = []
+    write, release = heads._write, threading.Event()
+
+    def counted(links: dict[str, Link]) -> None:
+        writes.append(dict(links))
+        assert release.wait(timeout=10)
+        write(links)
+
+    heads._write = counted  # type: ignore[method-assign]
+    heads.advance_soon({"ds0": Link(0, "h0")})
+    # act: while that write runs, commits from many threads hand their heads over, one stale
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda n: heads.advance_soon({f"ds{n % 4}": Link(n, f"h{n}")}), range(200)))
+    heads.advance_soon({"ds0": Link(1, "stale")})
+    release.set()
+    # assert: two signed writes in all (the second took every queued head), and the file
+    # holds the highest seq of each dataset
+    assert heads.flush(timeout=10)
+    assert len(writes) == 2
+    assert _heads(tmp_path).read() == {f"ds{k}": Link(196 + k, f"h{196 + k}") for k in range(4)}
 
 
 def test_a_reset_moves_a_head_back(tmp_path: Path) -> None:
