@@ -27,10 +27,11 @@ ADMIN_TOKEN = "bench-admin-token-0123456789"
 RESULTS = Path(__file__).parent / "results"
 
 
-def tree_cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a live process and of its live descendants (Linux)."""
+def _processes() -> tuple[dict[int, int], dict[int, float], dict[int, str]]:
+    """Every live process's parent, CPU seconds (user + system) and title (Linux)."""
     parents: dict[int, int] = {}
     times: dict[int, float] = {}
+    titles: dict[int, str] = {}
     tick = os.sysconf("SC_CLK_TCK")
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -38,17 +39,33 @@ def tree_cpu_seconds(pid: int) -> float:
         try:
             with open(f"/proc/{entry}/stat") as handle:
                 fields = handle.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                title = handle.read().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        parents[int(entry)] = int(fields[1])
-        times[int(entry)] = (int(fields[11]) + int(fields[12])) / tick
-    tree, frontier = {pid}, [pid]
-    while frontier:
-        parent = frontier.pop()
-        children = [child for child, p in parents.items() if p == parent and child not in tree]
-        tree.update(children)
-        frontier += children
-    return sum(times.get(member, 0.0) for member in tree)
+        pid = int(entry)
+        parents[pid], titles[pid] = int(fields[1]), title
+        times[pid] = (int(fields[11]) + int(fields[12])) / tick
+    return parents, times, titles
+
+
+def cpu_seconds(pids: dict[str, int], database: str | None) -> dict[str, float]:
+    """CPU seconds of each named process with its live descendants, and (``postgres``) of
+    the PostgreSQL backends connected to ``database``."""
+    parents, times, titles = _processes()
+    used = {}
+    for role, root in pids.items():
+        tree, frontier = {root}, [root]
+        while frontier:
+            parent = frontier.pop()
+            children = [child for child, p in parents.items() if p == parent and child not in tree]
+            tree.update(children)
+            frontier += children
+        used[role] = sum(times.get(member, 0.0) for member in tree)
+    if database:
+        backend = f" {database} "
+        used["postgres"] = sum(times[pid] for pid, title in titles.items() if backend in title)
+    return used
 
 
 def free_port() -> int:
@@ -77,12 +94,14 @@ class Service:
     base: str
     workdir: Path
     pids: dict[str, int] = field(default_factory=dict)  # "api", "worker0", ...
+    database: str | None = None  # the PostgreSQL database's name
 
     def cpu_seconds(self) -> dict[str, float]:
-        """CPU time (user + system) each process has used so far, its descendants included:
-        divided by the requests served between two readings, a cost per request that another
-        load on the machine disturbs far less than it disturbs throughput."""
-        return {role: tree_cpu_seconds(pid) for role, pid in self.pids.items()}
+        """CPU time (user + system) each process has used so far, its descendants included,
+        and PostgreSQL's for this stack's database: divided by the requests served between
+        two readings, a cost per request that another load on the machine disturbs far less
+        than it disturbs throughput."""
+        return cpu_seconds(self.pids, self.database)
 
     def client(self, headers: dict[str, str] | None = None) -> httpx.Client:
         return httpx.Client(base_url=self.base, headers=headers or {}, timeout=60)
@@ -129,7 +148,8 @@ def stack(
             workdir / "api.log",
             stack_,
         )
-        service = Service(f"http://127.0.0.1:{port}", workdir, {"api": api.pid})
+        name = database_url.rsplit("/", 1)[1] if database_url else None
+        service = Service(f"http://127.0.0.1:{port}", workdir, {"api": api.pid}, name)
         _wait_ready(service.base, api, workdir / "api.log")
         for i in range(workers):
             worker = _spawn(

@@ -125,9 +125,10 @@ def main() -> None:
             for kind, s in result["latency"].items()
         ]
         cores = ", ".join(f"{role} {share:.2f}" for role, share in result["cpu_cores"].items())
+        costs = ", ".join(f"{r} {ms:.2f}" for r, ms in result["cpu_ms_per_request"].items())
         print_table(
-            f"{title}: {result['requests_per_s']:.0f} requests/s; API CPU "
-            f"{result['api_cpu_ms_per_request']:.2f} ms/request; cores used: {cores}",
+            f"{title}: {result['requests_per_s']:.0f} requests/s; CPU ms per request: "
+            f"{costs}; cores used: {cores}",
             ["request", "count", "p50 ms", "p99 ms", "5xx"],
             rows,
         )
@@ -301,6 +302,9 @@ def run(  # type: ignore[no-untyped-def]
         # CPU the API spent per request served in the window (the machine's other load
         # disturbs it far less than throughput), and each process's share of a core
         "api_cpu_ms_per_request": round(1000 * used.get("api", 0.0) / max(requests, 1), 3),
+        "cpu_ms_per_request": {
+            role: round(1000 * spent / max(requests, 1), 3) for role, spent in used.items()
+        },
         "cpu_cores": {role: round(spent / seconds, 3) for role, spent in used.items()},
         "latency": {kind: summarise(values) for kind, values in latencies.items()},
         "errors_5xx": dict(errors),
