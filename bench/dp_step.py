@@ -9,9 +9,12 @@ the same repeat, so load from other processes hits both sides of each ratio alik
 ``--e2e`` also times a whole DP ``train()`` on MNIST-1D (MLP 256-256, 60 epochs, batch
 256) against its non-private twin, again interleaved.
 
+``--gpus N`` (N ≥ 2) also times the data-parallel DP step on N processes against the
+single-process fast step, interleaved the same way (``bench/dp_parallel.py``).
+
 Usage::
 
-    .venv/bin/python bench/dp_step.py [--device cuda] [--repeats 7] [--e2e]
+    .venv/bin/python bench/dp_step.py [--device cuda] [--repeats 7] [--e2e] [--gpus 2]
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ppml.specs import ModelSpec
-from ppml.storage import ArtifactStore
+from ppml.storage import LocalStore
 from ppml.training import DPPlan, TrainingPlan, build_model, train
 from ppml.training.fast_dp import FastDPEngine
 
@@ -226,7 +229,7 @@ def e2e(device: str, repeats: int, epochs: int) -> dict[str, Any]:
     """Times DP ``train()`` (engine auto) against its non-private twin on MNIST-1D."""
     from ppml.datasets import load_builtin
 
-    data = load_builtin("mnist1d", cache=ArtifactStore(Path("/tmp/ppml-cache")))
+    data = load_builtin("mnist1d", cache=LocalStore(Path("/tmp/ppml-cache")))
     n = len(data.x_train)
     steps_per_epoch = math.ceil(n / 256)
     plan = TrainingPlan(
@@ -303,12 +306,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--e2e", action="store_true", help="also time train() on MNIST-1D")
     parser.add_argument("--e2e-repeats", type=int, default=3)
     parser.add_argument("--e2e-epochs", type=int, default=60)
+    parser.add_argument(
+        "--gpus", type=int, default=1, help="also time the data-parallel step on N processes"
+    )
     args = parser.parse_args(argv)
     if args.repeats < 5:
         parser.error("--repeats must be at least 5")
+    if args.gpus < 1:
+        parser.error("--gpus must be at least 1")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but CUDA is not available")
+    if device.type == "cuda" and torch.cuda.device_count() < args.gpus:
+        parser.error(f"--gpus {args.gpus} but {torch.cuda.device_count()} GPUs are visible")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
@@ -329,6 +339,11 @@ def main(argv: list[str] | None = None) -> int:
         "max_grad_norm": CLIP,
         "results": rows,
     }
+    if args.gpus > 1:
+        from dp_parallel import data_parallel, print_parallel  # bench/ is on sys.path
+
+        report["data_parallel"] = data_parallel(args, device)
+        print_parallel(report["data_parallel"])
     if args.e2e:
         report["e2e"] = e2e(args.device, args.e2e_repeats, args.e2e_epochs)
         seconds = report["e2e"]["seconds"]

@@ -9,7 +9,10 @@ from alembic.config import Config
 
 __all__ = ["alembic_config", "upgrade"]
 
-ROOT = Path(__file__).resolve().parents[2]
+# alembic.ini and migrations/ sit at the root of the source tree. An installed (non-editable)
+# package has no source tree around it: the image runs from its WORKDIR, which holds both.
+_SOURCE = Path(__file__).resolve().parents[2]
+ROOT = _SOURCE if (_SOURCE / "alembic.ini").is_file() else Path.cwd()
 
 
 def alembic_config(url: str) -> Config:

@@ -3,8 +3,10 @@
 Keys live in one folder (``Settings.signing_keys_dir``, by default ``<data dir>/keys``): one
 private key per file (``<key id>.pem``, mode 0600) and ``keys.json``, the public record of
 every key with its validity (``created_at``, ``retired_at``). The embedded default generates
-the first key on first use; production mounts the folder (a secret volume shared by the API
-processes and the workers). :meth:`SigningKeys.rotate` makes a new active key and retires the
+the first key on first use. With an object store (``PPML_STORAGE_URL``), API processes and
+workers on other machines share :class:`StoredSigningKeys` instead: the whole keyring is one
+document, ``keys/signing.json``, sealed with the data key (docs/storage.md says why).
+:meth:`SigningKeys.rotate` makes a new active key and retires the
 old one, whose signatures still verify: a signature is valid when its key existed and was not
 yet retired at the time the signed payload states.
 
@@ -23,7 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -34,7 +36,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 
 from ppml.db.models import new_id, utcnow
 
-__all__ = ["ALGORITHM", "Signature", "SigningKeys", "canonical", "verify"]
+if TYPE_CHECKING:
+    from ppml.config import Settings
+    from ppml.storage import ArtifactStore
+
+__all__ = ["ALGORITHM", "Signature", "SigningKeys", "StoredSigningKeys", "canonical", "verify"]
 
 ALGORITHM = "Ed25519"
 _INDEX = "keys.json"
@@ -99,6 +105,21 @@ class SigningKeys:
     def __init__(self, folder: Path) -> None:
         self.folder = folder
 
+    @classmethod
+    def for_settings(cls, settings: Settings, store: ArtifactStore | None = None) -> SigningKeys:
+        """The service's keyring: in the object store when one is configured (shared by
+        processes on other machines; ``store``: the process's store for the settings, if it
+        has one already), else in ``settings.signing_keys_dir``."""
+        if settings.storage_url:
+            from ppml.storage import ArtifactStore
+
+            return StoredSigningKeys(store or ArtifactStore.for_settings(settings))
+        return cls(settings.signing_keys_dir)
+
+    def __str__(self) -> str:
+        """Where the keyring lives (for operators' messages)."""
+        return str(self.folder)
+
     @contextmanager
     def _locked(self) -> Iterator[None]:
         self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -122,27 +143,15 @@ class SigningKeys:
         os.replace(staged, self.folder / _INDEX)
 
     def _new_key(self) -> dict[str, Any]:
-        private = Ed25519PrivateKey.generate()
-        key_id = new_id("sk")
-        pem = private.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-        path = self.folder / f"{key_id}.pem"
+        record, pem = _generate()
+        path = self.folder / f"{record['key_id']}.pem"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as handle:
             handle.write(pem)
-        public = private.public_key().public_bytes(
-            serialization.Encoding.Raw, serialization.PublicFormat.Raw
-        )
-        return {
-            "key_id": key_id,
-            "algorithm": ALGORITHM,
-            "public_key": _b64(public),
-            "created_at": utcnow().isoformat(),
-            "retired_at": None,
-        }
+        return record
+
+    def _private_pem(self, key_id: str) -> bytes:
+        return (self.folder / f"{key_id}.pem").read_bytes()
 
     def public_keys(self) -> list[dict[str, Any]]:
         """Every key's public record (the active one last), creating the first if none."""
@@ -162,8 +171,7 @@ class SigningKeys:
     def sign(self, payload: bytes) -> Signature:
         """Sign with the active key."""
         key = self.active()
-        pem = (self.folder / f"{key['key_id']}.pem").read_bytes()
-        private = serialization.load_pem_private_key(pem, password=None)
+        private = serialization.load_pem_private_key(self._private_pem(key["key_id"]), None)
         assert isinstance(private, Ed25519PrivateKey)
         return Signature(key_id=key["key_id"], value=_b64(private.sign(payload)))
 
@@ -179,4 +187,96 @@ class SigningKeys:
                     key["retired_at"] = now
             new = self._new_key()
             self._write([*keys, new])
+        return new
+
+
+def _generate() -> tuple[dict[str, Any], bytes]:
+    """A new key's public record (valid from now) and its private key as PEM."""
+    private = Ed25519PrivateKey.generate()
+    pem = private.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    public = private.public_key().public_bytes(
+        serialization.Encoding.Raw, serialization.PublicFormat.Raw
+    )
+    record = {
+        "key_id": new_id("sk"),
+        "algorithm": ALGORITHM,
+        "public_key": _b64(public),
+        "created_at": utcnow().isoformat(),
+        "retired_at": None,
+    }
+    return record, pem
+
+
+class StoredSigningKeys(SigningKeys):
+    """The keyring as one sealed document in the artefact store, shared by every process
+    that uses the store: ``{"keys": [public records], "private": {key id: PEM}}``.
+
+    The first key is created with a conditional write (create-if-absent), so of processes
+    starting together one keyring wins and every process signs with it. Nothing is cached:
+    each signature reads the current document, so a rotation reaches every process at once.
+    """
+
+    KEY = "keys/signing.json"
+
+    def __init__(self, store: ArtifactStore) -> None:
+        """Raises ValueError if ``store`` would not seal the keyring (it has no data key)."""
+        if not store.seals(self.KEY):
+            raise ValueError("a stored keyring needs a store with the data key, to seal it")
+        self.store = store
+
+    def __str__(self) -> str:
+        return f"{self.KEY} of {self.store!r}"
+
+    def _document(self) -> dict[str, Any] | None:
+        try:
+            with self.store.open_plain(self.KEY) as path:
+                document: dict[str, Any] = json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+        return document
+
+    def _read(self) -> list[dict[str, Any]]:
+        document = self._document()
+        return [] if document is None else list(document["keys"])
+
+    def _private_pem(self, key_id: str) -> bytes:
+        document = self._document()
+        if document is None or key_id not in document["private"]:
+            raise KeyError(f"signing key {key_id} is not in the stored keyring")
+        return str(document["private"][key_id]).encode()
+
+    def _store(self, document: dict[str, Any], *, create: bool) -> bool:
+        with self.store.staging(".json") as staged:
+            staged.write_text(json.dumps(document, sort_keys=True))
+            if create:
+                return self.store.create(staged, self.KEY) is not None
+            self.store.publish(staged, self.KEY)
+            return True
+
+    def public_keys(self) -> list[dict[str, Any]]:
+        keys = self._read()
+        if keys:
+            return keys
+        record, pem = _generate()
+        self._store({"keys": [record], "private": {record["key_id"]: pem.decode()}}, create=True)
+        return self._read()  # ours, or the keyring of the process that created it first
+
+    def rotate(self) -> dict[str, Any]:
+        """As :meth:`SigningKeys.rotate`. The store has no lock: rotate from one place at a
+        time (an operator's command), or one of two concurrent new keys is lost."""
+        self.public_keys()
+        document = self._document()
+        assert document is not None
+        now = utcnow().isoformat()
+        for key in document["keys"]:
+            if key["retired_at"] is None:
+                key["retired_at"] = now
+        new, pem = _generate()
+        document["keys"].append(new)
+        document["private"][new["key_id"]] = pem.decode()
+        self._store(document, create=False)
         return new

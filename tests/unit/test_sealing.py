@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from ppml.config import Settings
 from ppml.datasets import DatasetArrays, load_arrays, open_secret, save_arrays, seal_secret
-from ppml.storage import ArtifactStore
+from ppml.storage import LocalStore
 from ppml.trust.sealing import (
     CHUNK_BYTES,
     MAGIC,
@@ -176,7 +176,7 @@ def test_a_legacy_plain_secret_is_read_as_it_is() -> None:
 
 def test_a_stored_dataset_is_not_readable_without_the_key(tmp_path: Path) -> None:
     # arrange
-    store = ArtifactStore(tmp_path, keys=KEYS)
+    store = LocalStore(tmp_path, keys=KEYS)
     arrays = _arrays()
     # act
     artifact = store.write("datasets/ds_a.npz", lambda path: save_arrays(arrays, path))
@@ -207,7 +207,7 @@ def test_a_stored_checkpoint_is_not_readable_without_the_key(tmp_path: Path) -> 
 
     from ppml.jobs.checkpoints import JobCheckpoints
 
-    store = ArtifactStore(tmp_path, keys=KEYS)
+    store = LocalStore(tmp_path, keys=KEYS)
     weights = torch.from_numpy(KNOWN_ROW.astype(np.float32))
     files = JobCheckpoints(store, "job_a")
     # act
@@ -221,13 +221,13 @@ def test_a_stored_checkpoint_is_not_readable_without_the_key(tmp_path: Path) -> 
     assert resumed is not None and resumed["steps"] == 7
     assert torch.equal(resumed["model"]["w"], weights)
     # with another key the checkpoint does not open (and is skipped as unreadable)
-    stranger = ArtifactStore(tmp_path, keys=DataKeys(os.urandom(32)))
+    stranger = LocalStore(tmp_path, keys=DataKeys(os.urandom(32)))
     assert JobCheckpoints(stranger, "job_a").latest(before=2) is None
 
 
 def test_a_sealed_file_moved_to_another_name_does_not_open(tmp_path: Path) -> None:
     # arrange
-    store = ArtifactStore(tmp_path, keys=KEYS)
+    store = LocalStore(tmp_path, keys=KEYS)
     store.write("datasets/ds_a.npz", lambda path: save_arrays(_arrays(), path))
     store.write("datasets/ds_b.npz", lambda path: path.write_bytes(b"other rows"))
     # act: ds_a's file put in place of ds_b's
@@ -238,7 +238,7 @@ def test_a_sealed_file_moved_to_another_name_does_not_open(tmp_path: Path) -> No
 
 
 def test_a_flipped_byte_in_a_stored_file_fails_to_open(tmp_path: Path) -> None:
-    store = ArtifactStore(tmp_path, keys=KEYS)
+    store = LocalStore(tmp_path, keys=KEYS)
     store.write("uploads/ds_a.csv", lambda path: path.write_bytes(b"age,label\n42,sick\n"))
     path = store.path("uploads/ds_a.csv")
     damaged = bytearray(path.read_bytes())
@@ -251,7 +251,7 @@ def test_a_flipped_byte_in_a_stored_file_fails_to_open(tmp_path: Path) -> None:
 
 def test_models_stay_plain_and_keyless_stores_cannot_read_sealed_files(tmp_path: Path) -> None:
     # arrange
-    store = ArtifactStore(tmp_path, keys=KEYS)
+    store = LocalStore(tmp_path, keys=KEYS)
     # act
     store.write("models/m.onnx", lambda path: path.write_bytes(b"weights"))
     store.write("uploads/ds_a.csv", lambda path: path.write_bytes(b"age,label\n42,sick\n"))
@@ -261,20 +261,20 @@ def test_models_stay_plain_and_keyless_stores_cannot_read_sealed_files(tmp_path:
         assert path == store.path("models/m.onnx")
     with (
         pytest.raises(UnknownKey, match="no data key"),
-        ArtifactStore(tmp_path).open_plain("uploads/ds_a.csv"),
+        LocalStore(tmp_path).open_plain("uploads/ds_a.csv"),
     ):
         pass
 
 
 def test_files_written_before_sealing_are_read_as_they_are(tmp_path: Path) -> None:
-    ArtifactStore(tmp_path).write("datasets/ds_a.npz", lambda path: save_arrays(_arrays(), path))
-    with ArtifactStore(tmp_path, keys=KEYS).open_plain("datasets/ds_a.npz") as path:
+    LocalStore(tmp_path).write("datasets/ds_a.npz", lambda path: save_arrays(_arrays(), path))
+    with LocalStore(tmp_path, keys=KEYS).open_plain("datasets/ds_a.npz") as path:
         assert load_arrays(path).n_train == 80
 
 
 def test_the_sweep_removes_abandoned_plain_copies_only(tmp_path: Path) -> None:
     # arrange
-    store = ArtifactStore(tmp_path, keys=KEYS)
+    store = LocalStore(tmp_path, keys=KEYS)
     with store.staging(".npz") as live:
         live.write_bytes(b"being written")
         abandoned = tmp_path / "tmp" / "plain-dead"
