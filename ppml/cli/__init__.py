@@ -10,9 +10,10 @@ talk to the HTTP API only (``--url``/``PPML_URL``, ``--api-key``/``PPML_API_KEY`
 reads local files only, and ``receipts rotate-key`` is for operators, on the data dir.
 Server modules are imported inside the server commands, so the client starts fast.
 
-Where things live: ``server`` (serve, worker, db), ``datasets``, ``jobs``, ``models``,
-``receipts`` (fetch, verify offline, rotate the signing key), ``admin`` (tenants, keys), and
-``common`` (shared options, the API client, printing).
+Where things live: ``server`` (serve, worker, db), ``datasets``, ``jobs`` (``follow``: the
+live bar over the event stream), ``models``, ``receipts`` (fetch, verify offline, rotate the
+signing key), ``admin`` (tenants, keys), and ``common`` (shared options, the API client,
+printing).
 """
 
 from __future__ import annotations

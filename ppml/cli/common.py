@@ -56,9 +56,21 @@ def api_client(
         with PPMLClient(url, api_key=api_key, admin_token=admin_token) as api:
             yield api
     except ApiError as exc:
-        fail(f"{exc.detail} (HTTP {exc.status})")
+        fail(problem_text(exc))
     except httpx.HTTPError as exc:
         fail(f"cannot reach {url}: {exc}")
+
+
+def problem_text(exc: ApiError) -> str:
+    """The problem's detail, then every one of its validation errors (a 422 names each
+    offending field, not only the first)."""
+    lines = [f"{exc.detail} (HTTP {exc.status})"]
+    problems = exc.problem.get("errors")
+    if isinstance(problems, list) and len(problems) > 1:
+        for item in problems:
+            if isinstance(item, dict):
+                lines.append(f"  {item.get('field', '?')}: {item.get('message', '')}")
+    return "\n".join(lines)
 
 
 def print_json(body: Any) -> None:

@@ -195,6 +195,45 @@ def datasets_list(
     table("datasets", columns, rows)
 
 
+@datasets_app.command("get")
+def datasets_get(
+    dataset_id: Annotated[str, typer.Argument(help="The dataset's id.")],
+    url: Url = DEFAULT_URL,
+    api_key: ApiKey = None,
+) -> None:
+    """Print a dataset (status, counts, classes, budget) as JSON."""
+    with api_client(url, api_key=api_key) as client:
+        print_json(client.get_dataset(dataset_id))
+
+
+@datasets_app.command("ledger")
+def datasets_ledger(
+    dataset_id: Annotated[str, typer.Argument(help="The dataset's id.")],
+    url: Url = DEFAULT_URL,
+    api_key: ApiKey = None,
+    limit: Limit = 200,
+    as_json: AsJson = False,
+) -> None:
+    """The dataset's ledger, oldest first: each job's reserve, commit and release entries."""
+    with api_client(url, api_key=api_key) as client:
+        items = client.ledger(dataset_id, limit=limit)
+    if as_json:
+        print_json(items)
+        return
+    rows = [
+        [
+            str(e["seq"]),
+            e["job_id"],
+            e["kind"],
+            fmt(e["epsilon"]),
+            e.get("note") or "",
+            e["created_at"][:19].replace("T", " "),
+        ]
+        for e in items
+    ]
+    table(f"ledger of {dataset_id}", ["seq", "job", "kind", "ε", "note", "at"], rows)
+
+
 @datasets_app.command("delete")
 def datasets_delete(
     dataset_id: Annotated[str, typer.Argument(help="The dataset's id.")],

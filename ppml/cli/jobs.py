@@ -3,20 +3,11 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 import yaml
-from rich.progress import (
-    BarColumn,
-    Progress,
-    SpinnerColumn,
-    TaskProgressColumn,
-    TextColumn,
-    TimeElapsedColumn,
-)
 
 from ppml.cli.common import (
     ApiKey,
@@ -31,11 +22,10 @@ from ppml.cli.common import (
     print_json,
     table,
 )
+from ppml.cli.follow import Follower
 from ppml.client import DEFAULT_URL, PPMLClient
 
 jobs_app = typer.Typer(help="Training jobs.", no_args_is_help=True)
-
-TERMINAL = ("succeeded", "failed", "cancelled")
 
 
 def _load_spec(path: Path) -> dict[str, Any]:
@@ -49,55 +39,27 @@ def _load_spec(path: Path) -> dict[str, Any]:
     return spec
 
 
-def _epsilon_so_far(job: dict[str, Any]) -> float | None:
-    """The job's ε so far, as the server reports it: final once the job ends, else what the
-    steps reported so far spent (``progress.epsilon_spent``)."""
-    privacy = job.get("privacy") or {}
-    if privacy.get("epsilon_spent") is not None:
-        return float(privacy["epsilon_spent"])
-    spent = (job.get("progress") or {}).get("epsilon_spent")
-    return None if spent is None else float(spent)
-
-
-def _progress_detail(job: dict[str, Any], epsilon: float | None) -> str:
-    spec, progress = job.get("spec") or {}, job.get("progress") or {}
-    federated = spec.get("federated")
-    if federated:
-        where = f"round {progress.get('round') or 0}/{federated.get('rounds', '?')}"
-    else:
-        where = f"epoch {progress.get('epoch', 0)}/{spec.get('training', {}).get('epochs', '?')}"
-    spent = "ε -" if epsilon is None else f"ε {epsilon:.3f}"
-    return f"{where}  {spent}"
-
-
-def _follow(client: PPMLClient, job: dict[str, Any], poll: float, timeout: float | None) -> Any:
-    """Polls the job with a live progress bar until it ends; returns its final state."""
-    deadline = time.monotonic() + timeout if timeout else None
-    columns = (
-        SpinnerColumn(),
-        TextColumn("[bold]{task.description}"),
-        BarColumn(bar_width=30),
-        TaskProgressColumn(),
-        TextColumn("{task.fields[detail]}"),
-        TimeElapsedColumn(),
-    )
+def _follow(
+    client: PPMLClient,
+    job: dict[str, Any],
+    *,
+    after: str | None,
+    timeout: float | None,
+    retry_s: float = 1.0,
+) -> dict[str, Any]:
+    """Follows the job's events with a live bar until it ends; Ctrl-C stops following (exit
+    130) and prints how to re-attach where it stopped."""
     console = err()
     console.print(f"following job {job['id']} (Ctrl-C stops waiting, not the job)")
-    with Progress(*columns, console=console) as bar:
-        task = bar.add_task(job["status"], total=1.0, detail="")
-        while True:
-            bar.update(
-                task,
-                description=job["status"],
-                completed=float((job.get("progress") or {}).get("fraction") or 0.0),
-                detail=_progress_detail(job, _epsilon_so_far(job)),
-            )
-            if job["status"] in TERMINAL:
-                return job
-            if deadline is not None and time.monotonic() > deadline:
-                fail(f"gave up waiting after {timeout:g} s; the job goes on")
-            time.sleep(poll)
-            job = client.get_job(job["id"])
+    follower = Follower(client, job, last_id=after)
+    try:
+        return follower.run(timeout=timeout, retry_s=retry_s)
+    except KeyboardInterrupt:
+        again = f"ppml jobs watch {job['id']}"
+        if follower.last_id is not None:
+            again += f" --after {follower.last_id}"
+        console.print(f"stopped waiting; job {job['id']} goes on (re-attach: {again})")
+        raise typer.Exit(130) from None
 
 
 def _job_summary(job: dict[str, Any]) -> str:
@@ -123,7 +85,9 @@ def jobs_submit(
         typer.Option(envvar="PPML_DATASET_ID", help="Dataset id; fills the spec's dataset_id."),
     ] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Follow the job until it ends.")] = False,
-    poll: Annotated[float, typer.Option(min=0.05, help="Seconds between polls.")] = 0.5,
+    poll: Annotated[
+        float, typer.Option(min=0.05, help="Seconds before re-connecting a dropped event stream.")
+    ] = 1.0,
     timeout: Annotated[float | None, typer.Option(help="Stop waiting after this long.")] = None,
     idempotency_key: Annotated[str | None, typer.Option(help="Replays return the job.")] = None,
     url: Url = DEFAULT_URL,
@@ -143,16 +107,74 @@ def jobs_submit(
             return
         if not as_json:
             typer.echo(job["id"])
-        try:
-            job = _follow(client, job, poll, timeout)
-        except KeyboardInterrupt:
-            err().print(f"stopped waiting; job {job['id']} goes on (ppml jobs get {job['id']})")
-            raise typer.Exit(130) from None
+        job = _follow(client, job, after=None, timeout=timeout, retry_s=poll)
+    _ended(job, as_json)
+
+
+def _ended(job: dict[str, Any], as_json: bool) -> None:
     if as_json:
         print_json(job)
     err().print(_job_summary(job))
     if job["status"] != "succeeded":
         raise typer.Exit(1)
+
+
+@jobs_app.command("watch")
+def jobs_watch(
+    job_id: Annotated[str, typer.Argument(help="The job's id.")],
+    after: Annotated[
+        str | None,
+        typer.Option(
+            help="Resume after this event id (what an interrupted watch printed): only later "
+            "events are shown.",
+            show_default=False,
+        ),
+    ] = None,
+    timeout: Annotated[float | None, typer.Option(help="Stop waiting after this long.")] = None,
+    url: Url = DEFAULT_URL,
+    api_key: ApiKey = None,
+    as_json: AsJson = False,
+) -> None:
+    """Follow a job (submitted earlier, or after Ctrl-C) until it ends; exit non-zero unless
+    it succeeds. Shows progress, loss, accuracy, ε spent and the time left."""
+    with api_client(url, api_key=api_key) as client:
+        job = _follow(client, client.get_job(job_id), after=after, timeout=timeout)
+    _ended(job, as_json)
+
+
+@jobs_app.command("quote")
+def jobs_quote(
+    spec_file: Annotated[
+        Path, typer.Argument(exists=True, dir_okay=False, help="Job spec, YAML or JSON.")
+    ],
+    dataset: Annotated[
+        str | None,
+        typer.Option(envvar="PPML_DATASET_ID", help="Dataset id; fills the spec's dataset_id."),
+    ] = None,
+    url: Url = DEFAULT_URL,
+    api_key: ApiKey = None,
+    as_json: AsJson = False,
+) -> None:
+    """What a job would cost (ε, noise, steps) and whether it fits the budget; reserves
+    nothing. Exit code 3 when it does not fit."""
+    spec = _load_spec(spec_file)
+    if dataset:
+        spec["dataset_id"] = dataset
+    if not spec.get("dataset_id"):
+        fail("the spec has no dataset_id: pass --dataset ID or set PPML_DATASET_ID")
+    with api_client(url, api_key=api_key) as client:
+        quote = client.quote_job(spec)
+    if as_json:
+        print_json(quote)
+    else:
+        keys = ["epsilon", "delta", "noise_multiplier", "sample_rate", "steps", "fits_budget"]
+        keys += ["epsilon_remaining", "max_target_epsilon", "compute"]
+        table("quote", ["", "value"], [[k, fmt(quote.get(k))] for k in keys])
+    if not quote.get("fits_budget"):
+        largest = quote.get("max_target_epsilon")
+        hint = "" if largest is None else f"; the largest target_epsilon that fits is {largest:g}"
+        err().print(f"this job does not fit the dataset's remaining budget{hint}")
+        raise typer.Exit(3)
 
 
 @jobs_app.command("list")

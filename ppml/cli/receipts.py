@@ -136,15 +136,16 @@ def receipts_verify(
 
 @receipts_app.command("rotate-key")
 def receipts_rotate_key() -> None:
-    """Operators: make a new active signing key in the data dir's keyring (PPML_DATA_DIR).
+    """Operators: make a new active signing key in the service's keyring (the data dir's, or
+    the object store's with PPML_STORAGE_URL).
 
     The old key is retired now and keeps verifying the receipts it signed before; every API
-    process and worker sharing the folder signs with the new key from its next receipt.
+    process and worker sharing the keyring signs with the new key from its next receipt.
     """
     from ppml.config import get_settings
     from ppml.trust.keys import SigningKeys
 
-    folder = get_settings().signing_keys_dir
-    new = SigningKeys(folder).rotate()
-    err().print(f"new active signing key {new['key_id']} in {folder}")
+    keys = SigningKeys.for_settings(get_settings())
+    new = keys.rotate()
+    err().print(f"new active signing key {new['key_id']} in {keys}")
     typer.echo(new["key_id"])

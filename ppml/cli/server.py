@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import threading
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import typer
@@ -213,6 +214,20 @@ class _WorkerSupervisor:
                 self.process.kill()
 
 
+def _metrics_dir(settings: Settings) -> Path:
+    """A fresh folder for the Prometheus samples of this server's processes (its API processes
+    and embedded worker inherit ``PROMETHEUS_MULTIPROC_DIR``), emptied of an earlier run's.
+    Set before ``prometheus_client`` is imported anywhere here: it picks its storage then."""
+    import shutil
+
+    variable = "PROMETHEUS_MULTIPROC_DIR"
+    folder = Path(os.environ.get(variable) or settings.data_dir / "prometheus").resolve()
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    os.environ[variable] = str(folder)
+    return folder
+
+
 def serve(
     host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
     port: int = typer.Option(8000, help="Port to listen on."),
@@ -226,13 +241,15 @@ def serve(
     ),
 ) -> None:
     """Run the API (and, by default, an embedded training worker)."""
+    settings = get_settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    metrics_dir = _metrics_dir(settings)  # before anything imports prometheus_client
     import uvicorn
 
     from ppml.db.migrate import upgrade
+    from ppml.telemetry import configure_logging, logging_config
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    settings = get_settings()
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    configure_logging(settings.log_format)
     url = settings.resolved_database_url
     upgrade(url)
     repaired = _verify_ledger(url, repair=True)
@@ -267,9 +284,11 @@ def serve(
     # The receipts' signing key: generated on first start, shared with the workers.
     from ppml.trust.keys import SigningKeys
 
-    signing = SigningKeys(settings.signing_keys_dir).active()
-    typer.echo(f"signing key: {signing['key_id']} in {settings.signing_keys_dir}")
+    keyring = SigningKeys.for_settings(settings)
+    signing = keyring.active()
+    typer.echo(f"signing key: {signing['key_id']} in {keyring}")
     typer.echo(f"database: {url}\nbroker: {settings.resolved_broker_url}")
+    typer.echo(f"metrics: /metrics with the admin token (every process's, via {metrics_dir})")
     supervisor = _WorkerSupervisor()
     signal.signal(signal.SIGTERM, _exit_on_term)
     if worker:
@@ -284,6 +303,7 @@ def serve(
             port=port,
             workers=workers,
             log_level="info",
+            log_config=logging_config(settings.log_format),
         )
     finally:
         supervisor.stop()

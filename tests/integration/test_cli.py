@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -22,7 +23,13 @@ from typer.testing import CliRunner, Result
 
 from ppml.cli import app
 from ppml.specs import JobSpec
-from tests.integration.stack import BIN, embedded_serve, free_port, service_env
+from tests.integration.stack import (
+    BIN,
+    embedded_serve,
+    free_port,
+    service_env,
+    wait_for_status,
+)
 
 ADMIN = "cli-admin-token-0123456789"
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -276,3 +283,104 @@ def test_cli_never_touches_the_database(env: dict[str, str], tmp_path: Path) -> 
     assert isinstance(json.loads(result.stdout), list)
     assert list(tmp_path.iterdir()) == []
     assert httpx.get(f"{env['PPML_URL']}/healthz").status_code == 200
+
+
+def test_quote_then_watch_reattach_ledger_and_predict(
+    env: dict[str, str], digits: str, tmp_path: Path
+) -> None:
+    # arrange: a job long enough to interrupt its follower
+    spec = yaml.safe_load((EXAMPLES / "dp_digits.yaml").read_text())
+    spec["training"]["epochs"] = 25
+    path = tmp_path / "watched.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    # act: quote (nothing reserved), then submit without waiting
+    quote = json.loads(
+        _run(["jobs", "quote", str(path), "--dataset", digits, "--json"], env).stdout
+    )
+    shown = _run(["jobs", "quote", str(path), "--dataset", digits], env).stdout
+    job_id = _run(["jobs", "submit", str(path), "--dataset", digits], env).stdout.strip()
+    auth = {"Authorization": f"Bearer {env['PPML_API_KEY']}"}
+    with httpx.Client(base_url=env["PPML_URL"], headers=auth) as http:
+        wait_for_status(http, job_id, {"running"})  # it has events to resume after
+    # a follower interrupted by Ctrl-C tells how to re-attach after the last event it saw
+    full_env = {**service_env(Path("/nonexistent")), **env}
+    watcher = subprocess.Popen(
+        [str(BIN / "ppml"), "jobs", "watch", job_id],
+        env=full_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(3)
+    watcher.send_signal(signal.SIGINT)
+    _out, interrupted = watcher.communicate(timeout=30)
+    after = interrupted.rsplit("--after ", 1)[1].split(")")[0].strip()
+    resumed = _run(["jobs", "watch", job_id, "--after", after], env)
+    ledger = json.loads(_run(["datasets", "ledger", digits, "--json"], env).stdout)
+    ledger_table = _run(["datasets", "ledger", digits], env).stdout
+    dataset = json.loads(_run(["datasets", "get", digits], env).stdout)
+    # assert
+    assert quote["fits_budget"] is True and quote["epsilon"] <= 2.0 and quote["steps"] > 0
+    assert "noise_multiplier" in shown and "fits_budget" in shown
+    assert watcher.returncode == 130, interrupted
+    assert f"re-attach: ppml jobs watch {job_id} --after {after}" in interrupted
+    assert int(after) >= 1
+    assert f"job {job_id} succeeded" in resumed.stderr and "epoch 25/25" in resumed.stderr
+    assert "loss " in resumed.stderr and "acc " in resumed.stderr  # the released metrics
+    kinds = [e["kind"] for e in ledger if e["job_id"] == job_id]
+    assert kinds[0] == "reserve" and "commit" in kinds
+    assert job_id in ledger_table and "reserve" in ledger_table
+    assert dataset["id"] == digits and dataset["num_features"] == 64
+
+    # the model predicts rows from JSON and from CSV; a wrong width is the API's 422
+    rows = np.random.default_rng(0).uniform(0, 16, size=(3, 64)).round(2).tolist()
+    (tmp_path / "rows.json").write_text(json.dumps({"inputs": rows}))
+    (tmp_path / "rows.csv").write_text("\n".join(",".join(map(str, r)) for r in rows))
+    from_json = json.loads(
+        _run(["models", "predict", job_id, str(tmp_path / "rows.json"), "--json"], env).stdout
+    )
+    from_csv = _run(["models", "predict", job_id, str(tmp_path / "rows.csv")], env).stdout
+    (tmp_path / "narrow.json").write_text(json.dumps([[1.0, 2.0]]))
+    narrow = _run(["models", "predict", job_id, str(tmp_path / "narrow.json")], env, code=1)
+    assert len(from_json["predictions"]) == 3 and len(from_json["probabilities"][0]) == 10
+    assert all(str(p) in from_csv for p in from_json["predictions"])
+    assert "HTTP 422" in narrow.stderr
+
+
+def test_quote_over_budget_exits_3_with_the_largest_epsilon_that_fits(
+    env: dict[str, str], digits: str, tmp_path: Path
+) -> None:
+    spec = yaml.safe_load((EXAMPLES / "dp_digits.yaml").read_text())
+    spec["privacy"]["target_epsilon"] = 50.0
+    path = tmp_path / "greedy.json"
+    path.write_text(json.dumps(spec))
+
+    result = _run(["jobs", "quote", str(path), "--dataset", digits], env, code=3)
+
+    assert "does not fit" in result.stderr and "largest target_epsilon" in result.stderr
+
+
+def test_every_validation_error_of_a_422_is_printed(
+    env: dict[str, str], digits: str, tmp_path: Path
+) -> None:
+    # arrange: a typo (learning_rat) and a bad value (batch_size 0) in one spec
+    spec = yaml.safe_load((EXAMPLES / "dp_digits.yaml").read_text())
+    spec["training"]["learning_rat"] = spec["training"].pop("learning_rate")
+    spec["training"]["batch_size"] = 0
+    path = tmp_path / "typo.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    # act
+    submitted = _run(["jobs", "submit", str(path), "--dataset", digits], env, code=1)
+    quoted = _run(["jobs", "quote", str(path), "--dataset", digits], env, code=1)
+    # assert: each offending field is named, the typo included
+    for result in (submitted, quoted):
+        assert "HTTP 422" in result.stderr
+        assert "training.learning_rat" in result.stderr
+        assert "training.learning_rate" in result.stderr
+        assert "training.batch_size" in result.stderr
+
+
+def test_watch_of_an_unknown_job_is_a_clear_404(env: dict[str, str]) -> None:
+    result = _run(["jobs", "watch", "job_nope"], env, code=1)
+
+    assert "HTTP 404" in result.stderr and "Traceback" not in result.stderr

@@ -20,6 +20,7 @@ from ppml.db.session import Database
 from ppml.jobs import lifecycle
 from ppml.jobs.records import Progress
 from ppml.jobs.runner import JobRunner
+from ppml.privacy.evaluation import exact_metrics, release_outcome
 from ppml.privacy.ledger import Ledger
 from tests.conftest import dp_job_spec, new_key, new_tenant, new_tenant_id, register_digits
 
@@ -45,8 +46,8 @@ def test_a_finished_jobs_stream_says_its_status_progress_and_end_then_closes(
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/event-stream")
     events = _events(response.text)
-    assert [name for name, _ in events] == ["status", "progress", "end"]
-    assert events[0][1] == {"status": "cancelled"}
+    assert [name for name, _ in events] == ["progress", "status", "end"]
+    assert events[1][1] == {"status": "cancelled"}
     assert events[2][1]["id"] == job["id"] and events[2][1]["status"] == "cancelled"
 
 
@@ -89,14 +90,18 @@ def _submitted(client: TestClient, headers: dict[str, str]) -> str:
     return str(job.json()["id"])
 
 
-def _run_to_the_end(database: Database, settings: Settings, job_id: str) -> None:
+def _run_to_the_end(
+    database: Database, settings: Settings, job_id: str, *, scored: bool = False
+) -> None:
     """A worker's life of the job, through the runner's own steps: claim, three reports (the
-    last repeats the second), and the end, charged 10 steps."""
+    last repeats the second), and the end, charged 10 steps (``scored``: the first report
+    carries exact held-out scores, and the end releases scores under the job's plan)."""
     worker = JobRunner(database, settings, owner="worker-a")
     assert worker.claim(job_id) is not None
     for steps in (5, 10, 10):
         progress = Progress(fraction=steps / 100, epoch=0, steps=steps)
-        assert worker.heartbeat(job_id, progress, steps) == (True, False)
+        scores = exact_metrics(SCORES) if scored and steps == 5 else None
+        assert worker.heartbeat(job_id, progress, steps, scores) == (True, False)
     with database.session(write=True) as session:
         repos = Repositories(session)
         job = repos.job_by_id(job_id)
@@ -105,10 +110,94 @@ def _run_to_the_end(database: Database, settings: Settings, job_id: str) -> None
         job = repos.job_by_id(job_id, lock=True)
         assert job is not None
         final = Progress(fraction=1.0, epoch=1, steps=10)
+        released = None
+        if scored:
+            assert job.privacy is not None and job.privacy.evaluation is not None
+            released = release_outcome(SCORES, None, job.privacy.evaluation)
         ending = lifecycle.Ending(
-            status=JobStatus.SUCCEEDED, steps=10, note="succeeded", progress=final
+            status=JobStatus.SUCCEEDED,
+            steps=10,
+            note="succeeded",
+            progress=final,
+            released=released,
         )
         lifecycle.finish(repos, job, ending)
+
+
+# What a worker's scoring of 360 held-out rows hands the release (exact and per-unit sums).
+SCORES = {
+    "test_accuracy": 0.9,
+    "test_loss": 0.3,
+    "rows": 360.0,
+    "units": 360.0,
+    "unit_correct_sum": 324.0,
+    "unit_clipped_loss_sum": 108.0,
+}
+
+
+def test_a_jobs_metrics_history_is_its_reports_then_its_released_scores_exact_for_owners_only(
+    client: TestClient,
+    owner_and_analyst: tuple[dict[str, str], dict[str, str]],
+    database: Database,
+    settings: Settings,
+) -> None:
+    # arrange: a job run to the end with scores, read by the owner, an analyst, a stranger
+    owner, analyst = owner_and_analyst
+    job_id = _submitted(client, owner)
+    _run_to_the_end(database, settings, job_id, scored=True)
+    url = f"/v1/jobs/{job_id}/metrics"
+    replay = {"Last-Event-ID": "0"}
+    # act
+    as_owner = client.get(url, headers=owner)
+    as_analyst = client.get(url, headers=analyst)
+    owner_stream = _blocks(
+        client.get(f"/v1/jobs/{job_id}/events", headers={**owner, **replay}).text
+    )
+    analyst_stream = _blocks(
+        client.get(f"/v1/jobs/{job_id}/events", headers={**analyst, **replay}).text
+    )
+    after_two = client.get(url, params={"after": 2}, headers=owner)
+    stranger = client.get(url, headers=new_tenant(client))
+    job = client.get(f"/v1/jobs/{job_id}", headers=analyst).json()
+    # assert: one point per progress event (ids of the stream), ε rising to the job's
+    owned, seen = as_owner.json(), as_analyst.json()
+    assert as_owner.status_code == 200 and as_analyst.status_code == 200, as_owner.text
+    assert [(p["seq"], p["steps"]) for p in owned["points"]] == [(2, 5), (4, 10), (5, 10)]
+    assert owned["points"] == seen["points"] and owned["status"] == "succeeded"
+    spent = [p["epsilon_spent"] for p in owned["points"]]
+    assert spent[-1] == pytest.approx(job["privacy"]["epsilon_spent"])
+    assert (
+        owned["points"][0]["eta_seconds"] is not None and owned["points"][-1]["eta_seconds"] is None
+    )
+    assert owned["next_after"] is None
+    # the released scores are the job's, for both roles; exact figures only for the owner
+    assert (
+        seen["released"] == [job["metrics"]]
+        and job["metrics"]["release"]["mechanism"] == "gaussian"
+    )
+    assert seen["exact"] is None
+    assert owned["exact"][0]["test_accuracy"] == 0.9 and owned["exact"][0]["rows"] == 360
+    assert [p["seq"] for p in after_two.json()["points"]] == [4, 5]
+    # the scores event (seq 3) reaches the owner's stream, not the analyst's
+    assert [(b["id"], b["event"]) for b in owner_stream if b.get("event") == "scores"] == [
+        ("3", "scores")
+    ]
+    assert (
+        json.loads(next(b for b in owner_stream if b.get("event") == "scores")["data"])[
+            "test_accuracy"
+        ]
+        == 0.9
+    )
+    assert [(b["id"], b["event"]) for b in analyst_stream] == [
+        ("1", "status"),
+        ("2", "progress"),
+        ("4", "progress"),
+        ("5", "progress"),
+        ("6", "status"),
+        ("6", "end"),
+    ]
+    assert stranger.status_code == 404
+    assert stranger.headers["content-type"] == "application/problem+json"
 
 
 def test_every_change_of_status_and_progress_is_one_event_of_the_jobs_sequence(
@@ -118,7 +207,7 @@ def test_every_change_of_status_and_progress_is_one_event_of_the_jobs_sequence(
     job_id = _submitted(client, tenant)
     # act
     _run_to_the_end(database, settings, job_id)
-    # assert: the claim, two reports (not the repeat), the end and its final progress
+    # assert: the claim, two reports (not the repeat), the final progress, then the end
     with database.read_one() as session:
         events = Repositories(session).job_events(job_id, after=0)
     with database.read_one() as session:
@@ -128,14 +217,14 @@ def test_every_change_of_status_and_progress_is_one_event_of_the_jobs_sequence(
         (1, "status"),
         (2, "progress"),
         (3, "progress"),
-        (4, "status"),
-        (5, "progress"),
+        (4, "progress"),
+        (5, "status"),
     ]
-    assert events[0].data == {"status": "running"} and events[3].data == {"status": "succeeded"}
+    assert events[0].data == {"status": "running"} and events[4].data == {"status": "succeeded"}
     assert events[2].data["steps"] == 10
     assert row.last_event_seq == 5
-    assert row.progress.model_dump(mode="json") == events[4].data  # what the job shows
-    assert row.privacy is not None and events[4].data["epsilon_spent"] == pytest.approx(
+    assert row.progress.model_dump(mode="json") == events[3].data  # what the job shows
+    assert row.privacy is not None and events[3].data["epsilon_spent"] == pytest.approx(
         row.privacy.epsilon_spent
     )
 
@@ -157,8 +246,8 @@ def test_a_stream_resumes_after_last_event_id_and_a_new_follower_starts_from_the
     blocks = _blocks(resumed.text)
     assert [(b["id"], b["event"]) for b in blocks] == [
         ("3", "progress"),
-        ("4", "status"),
-        ("5", "progress"),
+        ("4", "progress"),
+        ("5", "status"),
         ("5", "end"),
     ]
     assert blocks[0]["retry"] == str(settings.events.retry_ms)
@@ -171,11 +260,11 @@ def test_a_stream_resumes_after_last_event_id_and_a_new_follower_starts_from_the
     for response in (fresh, unknown):
         started = _blocks(response.text)
         assert [(b["id"], b["event"]) for b in started] == [
-            ("5", "status"),
             ("5", "progress"),
+            ("5", "status"),
             ("5", "end"),
         ]
-        assert json.loads(started[1]["data"])["fraction"] == 1.0
+        assert json.loads(started[0]["data"])["fraction"] == 1.0
     assert malformed.status_code == 422
 
 
@@ -192,8 +281,8 @@ def test_a_quiet_stream_keeps_alive_and_ends_after_its_maximum_duration(
         took = time.monotonic() - began
         # assert: where it stands, then comments only, and it closed on its own (no end)
         blocks = _blocks(response.text)
-        assert [b.get("event") for b in blocks[:2]] == ["status", "progress"]
-        assert blocks[0]["id"] == "0" and json.loads(blocks[0]["data"]) == {"status": "queued"}
+        assert [b.get("event") for b in blocks[:2]] == ["progress", "status"]
+        assert blocks[1]["id"] == "0" and json.loads(blocks[1]["data"]) == {"status": "queued"}
         keepalives = blocks[2:]
         assert len(keepalives) >= 3 and all(b == {"": "keep-alive"} for b in keepalives)
         assert 1.0 <= took < 5.0

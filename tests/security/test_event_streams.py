@@ -43,10 +43,11 @@ def _open_stream(base: str, path: str, authorization: str) -> socket.socket:
 
 
 def _open_streams(client: httpx.Client) -> int:
-    text = client.get("/metrics").text
-    found = re.search(r"^ppml_event_streams_open (\d+)$", text, re.MULTILINE)
+    # /metrics takes the admin token, not the tenant's key the client carries
+    text = client.get("/metrics", headers={"Authorization": f"Bearer {ADMIN}"}).text
+    found = re.search(r"^ppml_event_streams_open ([0-9.]+)$", text, re.MULTILINE)
     assert found is not None, text
-    return int(found.group(1))
+    return int(float(found.group(1)))
 
 
 def _p99(samples: list[float]) -> float:
