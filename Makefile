@@ -1,22 +1,49 @@
 # ppml: `make run` serves on the embedded default; `make test` runs every check CI runs.
 SHELL := /bin/bash
-PYTHON ?= python3
+# pyproject.toml requires Python 3.11 exactly: python3.11 when it is on the PATH.
+PYTHON ?= $(shell command -v python3.11 2>/dev/null || echo python3)
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-stamp
+# `make run` installs the runtime dependencies only; the dev tools come with `make test`.
+RUNTIME_STAMP := $(VENV)/.runtime-stamp
+DEV_STAMP := $(VENV)/.dev-stamp
+# Where torch comes from. Empty: PyPI, whose Linux wheel pulls the CUDA libraries (GBs);
+# CPU-only Linux: make run TORCH_INDEX=https://download.pytorch.org/whl/cpu (docs/operations.md, "Installing PyTorch").
+TORCH_INDEX ?=
+TORCH_PIN := $(shell sed -n 's/^ *"\(torch==[^"]*\)".*/\1/p' pyproject.toml)
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install run worker services lint typecheck test bench openapi clean
+.PHONY: install install-dev python-version run worker services browser lint typecheck test \
+	bench openapi clean
 
-install: $(STAMP)
+install: $(RUNTIME_STAMP)
 
-$(STAMP): pyproject.toml
+install-dev: $(DEV_STAMP)
+
+# Checks the interpreter that makes the virtualenv, and the virtualenv's own (an old .venv).
+python-version:
+	@for py in $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)); do \
+	  if ! "$$py" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' 2>/dev/null; then \
+	    echo "ppml needs Python 3.11 (pyproject.toml: requires-python >=3.11,<3.12);" \
+	      "$$py is $$("$$py" -V 2>/dev/null || echo "not found")." >&2; \
+	    echo "Install Python 3.11 (e.g. apt install python3.11-venv, or pyenv) and run" \
+	      "make PYTHON=/path/to/python3.11 ..., after rm -rf $(VENV) if it was made by another" \
+	      "version." >&2; \
+	    exit 1; \
+	  fi; \
+	done
+
+$(RUNTIME_STAMP): pyproject.toml | python-version
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	# torch==2.13.0 is pinned in pyproject.toml (CPU build here; see README for GPUs).
+	$(if $(TORCH_INDEX),$(BIN)/python -m pip install -q --index-url $(TORCH_INDEX) '$(TORCH_PIN)')
+	$(BIN)/python -m pip install -q -e .
+	touch $@
+
+$(DEV_STAMP): $(RUNTIME_STAMP)
 	$(BIN)/python -m pip install -q -e '.[dev]'
-	touch $(STAMP)
+	touch $@
 
 run: install
 	@echo "Starting ppml on http://$(HOST):$(PORT) (API + embedded worker, SQLite, serverless broker)."
@@ -32,14 +59,18 @@ services:
 	@redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1 || redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no
 	@for i in $$(seq 1 30); do pg_isready -q -h 127.0.0.1 -p 5432 && redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1 && exit 0; sleep 1; done; echo "PostgreSQL or Redis did not come up" >&2; exit 1
 
-lint: install
+# The browser tests drive Debian's chromium (Playwright's own download is not used).
+browser:
+	@command -v chromium >/dev/null || (apt-get update -q && apt-get install -y -q chromium)
+
+lint: install-dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-typecheck: install
+typecheck: install-dev
 	$(BIN)/mypy
 
-test: install services lint typecheck
+test: install-dev services browser lint typecheck
 	# pytest exits 5 when it collected no tests: that is a failure too.
 	# Two workers (the CI machines have two cores); a module stays on one worker, so its
 	# module-scoped fixtures (a trained model, a server) are built once.

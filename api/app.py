@@ -10,14 +10,16 @@ from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
 
+from api import ui
 from api.auth import Authenticate
 from api.deps import reject_unknown_query
 from api.errors import install_error_handlers
 from api.events import StreamSlots
 from api.heap import FrozenHeap
 from api.limits import MULTIPART_SLACK, BodySizeLimit, NoSniff, NulGuard, RouteLimit
+from api.observe import RequestTelemetry
 from api.rates import TokenBuckets
-from api.routes import audit, datasets, health, jobs, keys, models, receipts, tenants
+from api.routes import audit, datasets, health, jobs, keys, models, receipts, synthetic, tenants
 from ppml.config import Limits, Settings, get_settings
 from ppml.db.reads import AsyncReads
 from ppml.db.session import Database
@@ -62,6 +64,8 @@ def create_app(settings: Settings | None = None, db: Database | None = None) -> 
         version="1.0.0",
         description=DESCRIPTION,
         lifespan=lifespan,
+        docs_url=None,  # served from local files by api.ui, with the dashboard
+        redoc_url=None,
         dependencies=[Depends(reject_unknown_query)],
         openapi_tags=[
             {"name": "tenants", "description": "Admin: tenants and API keys."},
@@ -69,6 +73,10 @@ def create_app(settings: Settings | None = None, db: Database | None = None) -> 
             {"name": "datasets", "description": "Datasets, budgets and ledgers."},
             {"name": "jobs", "description": "Training jobs."},
             {"name": "models", "description": "Trained models and their privacy receipts."},
+            {
+                "name": "synthetic",
+                "description": "DP synthetic tables of synthesize jobs and their quality reports.",
+            },
             {
                 "name": "receipts",
                 "description": "Signed receipts of released models and the public keys "
@@ -78,7 +86,10 @@ def create_app(settings: Settings | None = None, db: Database | None = None) -> 
                 "name": "audit",
                 "description": "Owners: who did what to their tenant's objects, and when.",
             },
-            {"name": "health", "description": "Liveness, readiness, metrics."},
+            {
+                "name": "health",
+                "description": "Liveness and readiness (open); Prometheus metrics (admin token).",
+            },
         ],
     )
     app.state.settings = settings
@@ -90,14 +101,16 @@ def create_app(settings: Settings | None = None, db: Database | None = None) -> 
     app.state.quotes = TokenBuckets(rate=limits.quotes_per_second, burst=limits.quote_burst)
     app.state.jobs = JobService(db, settings, make_celery(settings))
     install_error_handlers(app)
-    for module in (tenants, keys, datasets, jobs, models, receipts, audit, health):
+    for module in (tenants, keys, datasets, jobs, models, synthetic, receipts, audit, health):
         app.include_router(module.router)
     app.include_router(receipts.well_known)
+    ui.install(app)
     # The last added runs first: authentication, then body limits, before any route reads.
     app.add_middleware(NulGuard)
     app.add_middleware(BodySizeLimit, max_bytes=limits.max_json_bytes, routes=_body_limits(limits))
     app.add_middleware(Authenticate, settings=settings, db=db)
     app.add_middleware(NoSniff)
+    app.add_middleware(RequestTelemetry)  # outermost: request id, latency of every answer
     return app
 
 

@@ -3,9 +3,10 @@
 The stream sends the job's persisted events (``ppml.db.models.JobEvent``: ``status`` and
 ``progress``) in order, each with ``id: <seq>``, so a client that reconnects with
 ``Last-Event-ID`` receives exactly what it missed. A new follower (no ``Last-Event-ID``) first
-gets the job as it stands, its ``status`` and ``progress`` with the seq they reflect. Once the
-job has ended and every event has been sent, ``end`` carries the job resource and the stream
-closes. The first block also says ``retry: <ms>``, the reconnection delay.
+gets the job as it stands, its ``progress`` and ``status`` with the seq they reflect. A job's
+final report (its last ``progress``, with ε of the whole run) precedes its terminal
+``status``. Once the job has ended and every event has been sent, ``end`` carries the job
+resource and the stream closes. The first block also says ``retry: <ms>``, the reconnection delay.
 
 A follower holds no thread: the stream polls the job's status and newest seq on the event loop
 (``ppml.db.reads``; threads on SQLite only), every ``poll_s`` while there is news and less
@@ -32,7 +33,7 @@ from starlette.types import Receive, Scope, Send
 
 from api.schemas import Job as JobResource
 from ppml.config import EventStreams
-from ppml.db.models import Job, JobStatus
+from ppml.db.models import Job, JobEventKind, JobStatus
 from ppml.db.reads import AsyncReads
 
 __all__ = ["EventStream", "StreamSlots", "follow"]
@@ -100,14 +101,18 @@ async def follow(
     *,
     after: int | None,
     config: EventStreams,
+    owner: bool = False,
 ) -> AsyncIterator[str]:
-    """The stream's blocks, from the events after seq ``after`` (None: a new follower)."""
+    """The stream's blocks, from the events after seq ``after`` (None: a new follower).
+
+    ``scores`` events (exact held-out figures) go to ``owner`` keys only; analysts' streams
+    skip their ids."""
     start = time.monotonic()
     stop_at = start + config.max_duration_s
     prefix = f"retry: {config.retry_ms}\n"  # rides on the first block
     cursor, sent_at, interval = _Cursor(after), start, config.poll_s
     while True:
-        blocks = await _next_blocks(reads, tenant_id, job_id, cursor)
+        blocks = await _next_blocks(reads, tenant_id, job_id, cursor, owner=owner)
         now = time.monotonic()
         # A quiet job is polled less and less often, up to idle_poll_s; news resets the pace.
         interval = config.poll_s if blocks else min(2 * interval, config.idle_poll_s)
@@ -127,7 +132,7 @@ async def follow(
 
 
 async def _next_blocks(
-    reads: AsyncReads, tenant_id: str, job_id: str, cursor: _Cursor
+    reads: AsyncReads, tenant_id: str, job_id: str, cursor: _Cursor, *, owner: bool
 ) -> list[str]:
     """What the follower has not been sent yet (one batch of events at most)."""
     head = await reads.event_head(tenant_id, job_id)
@@ -145,7 +150,8 @@ async def _next_blocks(
         head = head._replace(status=job.status, last_event_seq=job.last_event_seq)
     if cursor.seq < head.last_event_seq:
         events = await reads.job_events(job_id, after=cursor.seq)
-        blocks += [_block(e.kind, e.data, e.seq) for e in events]
+        shown = [e for e in events if owner or e.kind != JobEventKind.SCORES]
+        blocks += [_block(e.kind, e.data, e.seq) for e in shown]
         cursor.seq = events[-1].seq if events else head.last_event_seq
     cursor.more = cursor.seq < head.last_event_seq
     if JobStatus(head.status).terminal and not cursor.more:
@@ -157,10 +163,11 @@ async def _next_blocks(
 
 
 def _snapshot(job: Job) -> list[str]:
-    """A new follower's start: the job's status and progress, at the seq they reflect."""
+    """A new follower's start: the job's progress and status, at the seq they reflect (the
+    progress first, as the sequence records a job's final report before its end)."""
     return [
-        _block("status", {"status": job.status}, job.last_event_seq),
         _block("progress", job.progress.model_dump(mode="json"), job.last_event_seq),
+        _block("status", {"status": job.status}, job.last_event_seq),
     ]
 
 

@@ -8,12 +8,14 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-__all__ = ["ApiError", "PPMLClient"]
+__all__ = ["ApiError", "Event", "PPMLClient"]
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 
@@ -26,6 +28,36 @@ class ApiError(Exception):
         self.status = status
         self.detail = detail
         self.problem = problem or {}
+
+
+@dataclass(frozen=True)
+class Event:
+    """One server-sent event of a job's stream: its ``id:`` (the seq to resume after), its
+    ``event:`` name (``status``, ``progress``, ``end``) and its decoded ``data:``."""
+
+    id: str | None
+    name: str
+    data: Any
+
+
+def parse_events(lines: Iterator[str]) -> Iterator[Event]:
+    """Server-sent events from a stream's lines (comments such as keep-alives skipped)."""
+    event_id: str | None = None
+    name, data = "message", list[str]()
+    for line in lines:
+        if not line:
+            if data:
+                yield Event(event_id, name, json.loads("\n".join(data)))
+            event_id, name, data = None, "message", []
+            continue
+        field, _, value = line.partition(":")
+        value = value[1:] if value.startswith(" ") else value
+        if field == "id":
+            event_id = value
+        elif field == "event":
+            name = value
+        elif field == "data":
+            data.append(value)
 
 
 def _raise_for_problem(response: httpx.Response) -> None:
@@ -249,6 +281,10 @@ class PPMLClient:
         result: dict[str, Any] = self.request("GET", f"/v1/datasets/{dataset_id}/budget")
         return result
 
+    def ledger(self, dataset_id: str, *, limit: int = 50) -> list[dict[str, Any]]:
+        """A dataset's ledger entries (reserve, commit, release), oldest first."""
+        return self._pages(f"/v1/datasets/{dataset_id}/ledger", {}, limit)
+
     # --- jobs --------------------------------------------------------------------------
 
     def submit_job(
@@ -256,6 +292,11 @@ class PPMLClient:
     ) -> dict[str, Any]:
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         result: dict[str, Any] = self.request("POST", "/v1/jobs", json=spec, headers=headers)
+        return result
+
+    def quote_job(self, spec: dict[str, Any]) -> dict[str, Any]:
+        """What the job would cost (ε, σ, whether it fits); reserves nothing."""
+        result: dict[str, Any] = self.request("POST", "/v1/jobs/quote", json=spec)
         return result
 
     def list_jobs(
@@ -266,6 +307,21 @@ class PPMLClient:
     def get_job(self, job_id: str) -> dict[str, Any]:
         result: dict[str, Any] = self.request("GET", f"/v1/jobs/{job_id}")
         return result
+
+    def job_events(self, job_id: str, *, after: str | None = None) -> Iterator[Event]:
+        """The job's server-sent events after the one whose id is ``after`` (None: the job as
+        it stands, then what follows), until the stream ends (with the job, or after the
+        server's longest stream: resume with the last event's id)."""
+        headers = self._headers(admin=False) | {"Accept": "text/event-stream"}
+        if after is not None:
+            headers["Last-Event-ID"] = after
+        path = f"/v1/jobs/{job_id}/events"
+        # Keep-alives come at least every 15 s: a minute of silence is a dead connection.
+        with self.http.stream("GET", path, headers=headers, timeout=60.0) as response:
+            if response.status_code >= 400:
+                response.read()
+                _raise_for_problem(response)
+            yield from parse_events(response.iter_lines())
 
     def cancel_job(self, job_id: str) -> dict[str, Any]:
         result: dict[str, Any] = self.request("POST", f"/v1/jobs/{job_id}/cancel")

@@ -11,7 +11,14 @@ from typing import Literal
 from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["EventStreams", "Limits", "Settings", "WorkerSettings", "get_settings"]
+__all__ = [
+    "EventStreams",
+    "Limits",
+    "Settings",
+    "Webhooks",
+    "WorkerSettings",
+    "get_settings",
+]
 
 
 class Limits(BaseModel):
@@ -46,6 +53,10 @@ class Limits(BaseModel):
     quotes_per_second: float = Field(default=5.0, gt=0)
     quote_burst: int = Field(default=30, ge=1)
     max_predict_rows: int = 4096
+    # GPUs one job may ask for (resources.gpus; data-parallel DP-SGD): set it to what every
+    # worker has, since any worker may claim the job. A CPU-only worker runs that many
+    # processes instead. Above it: 422.
+    max_job_gpus: int = Field(default=1, ge=1, le=64)
     model_cache_size: int = 32  # loaded ONNX sessions kept by each API process
 
 
@@ -91,13 +102,35 @@ class WorkerSettings(BaseModel):
     torch_threads: int | None = None
 
 
+class Webhooks(BaseModel):
+    """How workers deliver the signed events of jobs that name a ``webhook_url``."""
+
+    # Private, loopback, link-local and other non-public addresses are refused unless this is
+    # set (a webhook must not reach the service's own network); tests and single-host setups
+    # set it, PPML_WEBHOOKS__ALLOW_PRIVATE_ADDRESSES=true.
+    allow_private_addresses: bool = False
+    timeout_s: float = Field(default=5.0, gt=0, le=30)  # per attempt; redirects not followed
+    max_attempts: int = Field(default=8, ge=1, le=20)  # then the delivery is marked failed
+    backoff_s: float = Field(default=2.0, gt=0)  # the first retry's delay, doubled each time
+    max_backoff_s: float = Field(default=600.0, gt=0)
+    poll_s: float = Field(default=1.0, gt=0, le=60)  # how often each worker looks for due ones
+
+
 class Settings(BaseSettings):
     """Service configuration. Nested groups use ``__``: ``PPML_LIMITS__MAX_ROWS=10``."""
 
     model_config = SettingsConfigDict(env_prefix="PPML_", env_nested_delimiter="__")
 
     environment: Literal["local", "production"] = "local"
+    # Logs of the API processes and workers: one JSON object per line (request_id, job_id;
+    # ppml.telemetry), or plain text for a terminal.
+    log_format: Literal["json", "text"] = "json"
     data_dir: Path = Path(".ppml")
+    # Where datasets, models, checkpoints and the signing keys live (ppml.storage): unset, the
+    # data dir; ``s3://bucket/prefix``, an S3-compatible object store, which API processes and
+    # workers on other machines share (credentials from boto3's chain: AWS_ACCESS_KEY_ID, ...).
+    storage_url: str | None = None
+    s3_endpoint_url: str | None = None  # MinIO, SeaweedFS, ...: e.g. http://minio:9000
     database_url: str | None = None
     broker_url: str | None = None
     admin_token: str | None = Field(default=None, repr=False)
@@ -114,6 +147,7 @@ class Settings(BaseSettings):
     limits: Limits = Limits()
     worker: WorkerSettings = WorkerSettings()
     events: EventStreams = EventStreams()
+    webhooks: Webhooks = Webhooks()
 
     @field_validator("encryption_key", "encryption_old_keys")
     @classmethod
@@ -123,6 +157,24 @@ class Settings(BaseSettings):
         for key in _split_keys(value):
             decode_key(key)  # a clear error at startup, not at the first sealed file
         return value
+
+    @field_validator("storage_url")
+    @classmethod
+    def _storage_is_s3(cls, value: str | None) -> str | None:
+        if value is not None and (not value.startswith("s3://") or len(value) <= len("s3://")):
+            raise ValueError("PPML_STORAGE_URL must be s3://bucket[/prefix] (unset: the data dir)")
+        return value
+
+    @model_validator(mode="after")
+    def _shared_store_needs_a_shared_key(self) -> Settings:
+        # A key generated into each machine's own data dir would seal what the others
+        # cannot open: the first shared dataset or checkpoint would fail elsewhere.
+        if self.storage_url and self.encryption_key is None:
+            raise ValueError(
+                "PPML_STORAGE_URL needs PPML_ENCRYPTION_KEY (base64 of 32 random bytes), the "
+                "same for the API and every worker that share the store"
+            )
+        return self
 
     @model_validator(mode="after")
     def _refuse_unsafe_production(self) -> Settings:
@@ -159,7 +211,8 @@ class Settings(BaseSettings):
 
     @property
     def signing_keys_dir(self) -> Path:
-        """Folder of the Ed25519 signing keys (ppml.trust.keys); generated on first use."""
+        """Folder of the Ed25519 signing keys (ppml.trust.keys); generated on first use. With
+        ``storage_url`` set, the keyring lives in the object store instead."""
         return (self.data_dir / "keys").resolve()
 
     @property

@@ -12,6 +12,8 @@ import hashlib
 import json
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,15 +21,12 @@ import numpy as np
 import onnxruntime as ort
 
 from ppml.architectures import ModelShape
+from ppml.storage import IntegrityError
 
 __all__ = ["IntegrityError", "LoadedModel", "ModelCache", "Prediction", "load_model", "softmax"]
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
-
-
-class IntegrityError(RuntimeError):
-    """An artefact on disk does not match the digest recorded for it."""
 
 
 @dataclass(frozen=True)
@@ -106,8 +105,14 @@ class ModelCache:
         with self._lock:
             return len(self._items)
 
-    def get(self, job_id: str, sha256: str, path: Path) -> LoadedModel:
-        """The cached model, or one loaded from ``path`` (and cached)."""
+    def get(
+        self,
+        job_id: str,
+        sha256: str,
+        source: Path | Callable[[], AbstractContextManager[Path]],
+    ) -> LoadedModel:
+        """The cached model, or one loaded from ``source`` (and cached): a path, or what
+        yields one on a miss only (a local copy fetched from the artefact store)."""
         key = (job_id, sha256)
         with self._lock:
             model = self._items.get(key)
@@ -116,7 +121,11 @@ class ModelCache:
                 return model
         # Load outside the lock: a slow load must not block hits on other models. Two
         # concurrent misses may both load; the first one stored wins.
-        loaded = load_model(path, sha256=sha256)
+        if isinstance(source, Path):
+            loaded = load_model(source, sha256=sha256)
+        else:
+            with source() as path:
+                loaded = load_model(path, sha256=sha256)
         with self._lock:
             model = self._items.setdefault(key, loaded)
             self._items.move_to_end(key)

@@ -11,14 +11,25 @@ from typing import Any
 from celery import Celery
 from kombu import Queue
 
+from ppml import telemetry
 from ppml.config import Settings
 
-__all__ = ["INGEST_DATASET", "RUN_JOB", "enqueue_ingestion", "enqueue_job", "make_celery"]
+__all__ = [
+    "INGEST_DATASET",
+    "RUN_JOB",
+    "TRACE_HEADER",
+    "enqueue_ingestion",
+    "enqueue_job",
+    "make_celery",
+]
 
 RUN_JOB = "ppml.run_job"
 # Validates a stored upload outside the API (ppml.services.ingestion); same queue as jobs,
 # so the embedded worker runs it too.
 INGEST_DATASET = "ppml.ingest_dataset"
+
+#: The task header that carries the request id of whoever enqueued the job.
+TRACE_HEADER = "ppml_request_id"
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +72,13 @@ def make_celery(settings: Settings) -> Celery:
     return app
 
 
+def _trace_headers() -> dict[str, str]:
+    """The request id of the API request (or task) that sends, for the task's logs
+    (``ppml.telemetry``; the worker restores it)."""
+    rid = telemetry.request_id.get()
+    return {TRACE_HEADER: rid} if rid else {}
+
+
 def enqueue_job(app: Celery, job_id: str) -> bool:
     """Send ``run_job(job_id)``; False (logged) when the broker is unreachable.
 
@@ -68,7 +86,13 @@ def enqueue_job(app: Celery, job_id: str) -> bool:
     sends it again.
     """
     try:
-        app.send_task(RUN_JOB, args=[job_id], queue=app.conf.task_default_queue, retry=False)
+        app.send_task(
+            RUN_JOB,
+            args=[job_id],
+            queue=app.conf.task_default_queue,
+            retry=False,
+            headers=_trace_headers(),
+        )
     except Exception:
         log.exception("could not enqueue job %s", job_id)
         return False

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Annotated, Literal
+import math
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 __all__ = [
     "EvaluationSpec",
@@ -19,6 +21,8 @@ __all__ = [
     "ModelSpec",
     "PartitionSpec",
     "PrivacySpec",
+    "ResourcesSpec",
+    "SynthesizeSpec",
     "TrainingSpec",
     "request_hash",
 ]
@@ -159,20 +163,153 @@ class FederatedSpec(_Spec):
         return self
 
 
-class JobSpec(_Spec):
-    """A training job on one dataset."""
+class ResourcesSpec(_Spec):
+    """What one job runs on."""
 
-    name: str = Field(min_length=1, max_length=200)
-    dataset_id: str = Field(min_length=1, max_length=40)
-    model: ModelSpec
-    training: TrainingSpec
+    gpus: int = Field(
+        strict=True,
+        default=1,
+        ge=1,
+        le=64,
+        description="Data-parallel replicas (GPUs; worker processes on CPU-only workers) of a "
+        "centralised DP-SGD job. Each replica clips its share of the Poisson batch and the "
+        "noise is added once, so the privacy cost is the same. At most the server's "
+        "limits.max_job_gpus.",
+    )
+
+
+class SynthesizeSpec(_Spec):
+    """A DP synthetic table of the dataset (``kind: synthesize``): MST over binned features
+    and the label (docs/mechanisms.md)."""
+
+    rows: int | None = Field(
+        strict=True,
+        default=None,
+        ge=1,
+        le=1_000_000,
+        description="Synthetic rows to produce; default: as many as the training rows.",
+    )
+    bins: int = Field(
+        strict=True, default=8, ge=2, le=64, description="Equal-width bins per feature."
+    )
+    features: list[Annotated[int, Field(strict=True, ge=0)]] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=256,
+        description="Indices of the features to synthesize (the label always is); default all.",
+    )
+    bounds: dict[int, tuple[float, float]] = Field(
+        default_factory=dict,
+        description="[low, high] of a feature, by index, to bin it on (values are clipped). "
+        "Features without bounds here use the built-in dataset's documented range, or bounds "
+        "estimated under DP (charged with the job).",
+    )
+
+    @model_validator(mode="after")
+    def _valid(self) -> SynthesizeSpec:
+        if self.features is not None and len(set(self.features)) != len(self.features):
+            raise ValueError("features must not repeat")
+        for index, (low, high) in (self.bounds or {}).items():
+            if not (math.isfinite(low) and math.isfinite(high) and low < high):
+                raise ValueError(f"bounds of feature {index} must be finite with low < high")
+        return self
+
+
+#: Placeholders of the training fields for jobs that train nothing (kind synthesize).
+_NO_MODEL = ModelSpec(arch="logreg")
+_NO_TRAINING = TrainingSpec(epochs=1, batch_size=1, learning_rate=1.0)
+
+
+#: A DP-SGD job as the API's examples show it (the README's walk-through submits the same).
+JOB_SPEC_EXAMPLE: dict[str, Any] = {
+    "name": "digits-dp",
+    "dataset_id": "ds_01j9zq3k8c6w2f4b7t5m0n1p2r",
+    "model": {"arch": "mlp", "hidden_sizes": [128]},
+    "training": {"epochs": 10, "batch_size": 64, "learning_rate": 0.5, "seed": 0},
+    "privacy": {"target_epsilon": 2.0, "delta": 1e-5, "max_grad_norm": 1.0, "level": "sample"},
+    "federated": None,
+}
+
+
+class JobSpec(_Spec):
+    """A job on one dataset: training a model (``kind: train``) or synthesizing a table."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [JOB_SPEC_EXAMPLE]})
+
+    name: str = Field(min_length=1, max_length=200, description="A name for people to read.")
+    dataset_id: str = Field(
+        min_length=1, max_length=40, description="The dataset to train on (and charge)."
+    )
+    kind: Literal["train", "synthesize"] = Field(
+        default="train",
+        description="train: a model (DP-SGD, DP-FedAvg); synthesize: a DP synthetic table "
+        "(MST), set in 'synthesize'.",
+    )
+    model: ModelSpec = Field(
+        default=_NO_MODEL, description="Required for kind 'train'; unused otherwise."
+    )
+    training: TrainingSpec = Field(
+        default=_NO_TRAINING, description="Required for kind 'train'; unused otherwise."
+    )
+    synthesize: SynthesizeSpec | None = Field(
+        default=None, description="The synthetic table (kind 'synthesize')."
+    )
     privacy: PrivacySpec | None = Field(
         description="null trains without privacy (only on datasets without a budget)."
     )
     federated: FederatedSpec | None = None
+    resources: ResourcesSpec = ResourcesSpec()
+    webhook_url: str | None = Field(
+        default=None,
+        max_length=2048,
+        description="An http(s) URL that receives a signed POST when the job succeeds, fails "
+        "or is cancelled (docs/api.md, 'Webhooks'). The signing secret comes once, in the "
+        "answer that creates the job.",
+    )
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https"):
+            raise ValueError("webhook_url must be an http or https URL")
+        if not parts.hostname or parts.username is not None or parts.password is not None:
+            raise ValueError("webhook_url needs a host and no user or password")
+        if parts.fragment:
+            raise ValueError("webhook_url must not have a fragment")
+        return value
+
+    @model_validator(mode="after")
+    def _kind(self) -> JobSpec:
+        given = self.model_fields_set
+        if self.kind == "train":
+            missing = [f for f in ("model", "training") if f not in given]
+            if missing:
+                raise ValueError(f"a train job needs {' and '.join(missing)}")
+            if self.synthesize is not None:
+                raise ValueError("'synthesize' applies to kind 'synthesize'")
+            return self
+        # Compared with the placeholders, not the fields set: a stored spec holds them all.
+        extra = self.model != _NO_MODEL or self.training != _NO_TRAINING
+        if extra or self.federated is not None or self.resources != ResourcesSpec():
+            raise ValueError(f"a {self.kind} job takes no model, training, federated or resources")
+        if self.synthesize is None:
+            self.synthesize = SynthesizeSpec()
+        if self.privacy is None:
+            raise ValueError(f"a {self.kind} job needs 'privacy' (its target_epsilon)")
+        return self
 
 
 def request_hash(spec: JobSpec) -> str:
-    """Canonical hash of a job request, for ``Idempotency-Key`` comparisons."""
-    canonical = json.dumps(spec.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    """Canonical hash of a job request, for ``Idempotency-Key`` comparisons (a spec without a
+    webhook or resources hashes as it did before the field existed)."""
+    later = {"webhook_url"} if not spec.webhook_url else set()
+    if spec.resources == ResourcesSpec():
+        later.add("resources")
+    if spec.kind == "train":
+        later |= {"kind", "synthesize"}
+    body = spec.model_dump(mode="json", exclude=later or None)
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()

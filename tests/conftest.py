@@ -8,7 +8,7 @@ import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -18,6 +18,9 @@ from api.app import create_app
 from ppml.config import Settings
 from ppml.db.migrate import upgrade
 from ppml.db.session import Database
+
+if TYPE_CHECKING:
+    from tests.integration.s3_helpers import S3Server
 
 PG_ADMIN_URL = os.environ.get(
     "PPML_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
@@ -86,6 +89,16 @@ def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("template") / "ppml.db"
     upgrade(f"sqlite:///{path}")  # rollback-journal mode, closed: the one file is the database
     return path
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """A real S3 server (SeaweedFS) for the session, checking signed requests; each test
+    takes its own bucket (``s3.new_bucket()``). Fails, never skips, without the binary."""
+    from tests.integration.s3_helpers import s3_server  # boto3: only for tests that use it
+
+    with s3_server(tmp_path_factory.mktemp("s3")) as server:
+        yield server
 
 
 @pytest.fixture

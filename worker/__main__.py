@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 
 from ppml.config import get_settings
@@ -14,12 +13,12 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=1)
     parser.add_argument("--loglevel", default="INFO")
     args = parser.parse_args()
-    logging.basicConfig(
-        level=args.loglevel, format="%(asctime)s %(levelname)s %(name)s %(message)s"
-    )
+    settings = get_settings()
+    from ppml.telemetry import configure_logging
+
+    configure_logging(settings.log_format, args.loglevel.upper())
     from worker.app import celery_app
 
-    settings = get_settings()
     pool = "solo" if args.concurrency == 1 else "prefork"
     celery_app.worker_main(
         [

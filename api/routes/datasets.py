@@ -52,7 +52,12 @@ class DatasetUpload(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    file: UploadFile = Field(description="CSV, Parquet or NPZ (arrays x, y, optional clients).")
+    # ``format: binary`` (OpenAPI 3.0's file marker) next to 3.1's ``contentMediaType``:
+    # openapi-python-client then types the field as a File and sends it as a file part.
+    file: UploadFile = Field(
+        description="CSV, Parquet or NPZ (arrays x, y, optional clients).",
+        json_schema_extra={"format": "binary"},
+    )
     name: str = Field(min_length=1, max_length=200)
     target: str | None = Field(default=None, max_length=200, description="Label column.")
     client_column: str | None = Field(default=None, max_length=200)

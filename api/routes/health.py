@@ -1,16 +1,18 @@
-"""Liveness, readiness and metrics (open routes)."""
+"""Liveness and readiness (open routes), and the operators' metrics (admin token)."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
 
-from api.deps import DatabaseDep
+from api.deps import AdminAuth, DatabaseDep
 from api.errors import problem
 from api.events import StreamSlots
 from api.schemas import Problem
 from ppml.db.repositories import Repositories
+from ppml.telemetry import ServiceCollector, scrape
 
 router = APIRouter(tags=["health"])
 
@@ -41,17 +43,30 @@ def get_readiness(db: DatabaseDep) -> Health | JSONResponse:
     return Health(status="ready")
 
 
-@router.get("/metrics", operation_id="get_metrics", response_class=PlainTextResponse)
-def get_metrics(db: DatabaseDep, request: Request) -> str:
-    """Prometheus text format: jobs by status; event streams open in this API process."""
-    with db.session() as session:
-        counts = Repositories(session).jobs_by_status()
-    lines = ["# HELP ppml_jobs Jobs by status.", "# TYPE ppml_jobs gauge"]
-    lines += [f'ppml_jobs{{status="{status}"}} {count}' for status, count in counts.items()]
+_ADMIN_ONLY = "The admin token (Authorization: Bearer $PPML_ADMIN_TOKEN) is missing or wrong."
+
+
+@router.get(
+    "/metrics",
+    operation_id="get_metrics",
+    response_class=PlainTextResponse,
+    responses={
+        200: {"content": {"text/plain": {}}, "description": "Prometheus text format."},
+        401: {"model": Problem, "description": _ADMIN_ONLY},
+    },
+)
+def get_metrics(_admin: AdminAuth, db: DatabaseDep, request: Request) -> Response:
+    """Prometheus metrics, for operators: the admin token is required (it is not open to the
+    world). Request latency by route template, admissions and refusals, training steps (from
+    the workers), jobs by status, queue depth, webhook deliveries and open event streams;
+    every API process and the embedded worker are added up (docs/api.md, "Metrics, logs
+    and request ids")."""
     streams: StreamSlots = request.app.state.streams
-    lines += [
-        "# HELP ppml_event_streams_open Job event streams open in this API process.",
-        "# TYPE ppml_event_streams_open gauge",
-        f"ppml_event_streams_open {streams.total}",
-    ]
-    return "\n".join(lines) + "\n"
+
+    def counts() -> tuple[dict[str, int], dict[str, int]]:
+        with db.session() as session:
+            repos = Repositories(session)
+            return repos.jobs_by_status(), repos.webhooks_by_status()
+
+    body = scrape(ServiceCollector(counts, lambda: streams.total))
+    return Response(body, media_type=CONTENT_TYPE_LATEST)

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Annotated, Literal
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Annotated
 
 from fastapi import APIRouter, BackgroundTasks, Depends, Header, Path, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
@@ -22,19 +24,33 @@ from api.deps import (
     OwnedJob,
     ReposDep,
     RequireOwner,
+    SettingsDep,
 )
 from api.events import EventStream, StreamSlots, follow
 from api.rates import TokenBuckets
 from api.routes.common import DEFAULT_PAGE_SIZE, PageSize, PageToken, errors
-from api.schemas import ExactMetrics, Job, JobPage, JobSpec, Quote
+from api.schemas import (
+    ExactMetrics,
+    ExactScores,
+    Job,
+    JobPage,
+    JobSpec,
+    JobStatusFilter,
+    MetricsHistory,
+    MetricsPoint,
+    Quote,
+)
 from ppml.config import Settings
 from ppml.db import models
-from ppml.db.reads import AsyncReads
+from ppml.db.reads import EVENT_BATCH, AsyncReads
 from ppml.errors import TooManyRequests
+from ppml.jobs import webhooks
+from ppml.jobs.records import Progress
+from ppml.trust.sealing import DataKeys
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
-StatusFilter = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+StatusFilter = Annotated[JobStatusFilter | None, Query(description="Only jobs in this status.")]
 
 
 def to_schema(row: models.Job) -> Job:
@@ -73,6 +89,7 @@ async def create_job(
     tenant_id: CurrentTenant,
     principal: CurrentPrincipal,
     jobs: JobServiceDep,
+    settings: SettingsDep,
     response: Response,
     idempotency_key: Annotated[
         str | None,
@@ -83,14 +100,21 @@ async def create_job(
 
     A job whose estimated compute passes the per-job limit is a 422; a tenant whose queued and
     running jobs leave no room for it (by count or by compute) is answered 429 with
-    Retry-After, with the figures."""
+    Retry-After, with the figures. A job that names a ``webhook_url`` gets its signing
+    secret in this answer only."""
+    if spec.webhook_url is not None:  # the worker checks what the host resolves to
+        allow = settings.webhooks.allow_private_addresses
+        webhooks.check_url(spec.webhook_url, allow_private=allow, resolve=False)
     job, _created = await run_in_threadpool(
         functools.partial(
             jobs.submit, tenant_id, spec, idempotency_key=idempotency_key, by=principal
         )
     )
     response.headers["Location"] = f"/v1/jobs/{job.id}"
-    return to_schema(job)
+    resource = to_schema(job)
+    if job.spec.webhook_url is not None:
+        resource.webhook_secret = webhooks.job_secret(DataKeys.from_settings(settings), job.id)
+    return resource
 
 
 @router.post(
@@ -111,7 +135,7 @@ async def quote_job(
 def list_jobs(
     tenant_id: CurrentTenant,
     repos: ReposDep,
-    status: StatusFilter | None = None,
+    status: StatusFilter = None,
     dataset_id: Annotated[str | None, Query(max_length=64)] = None,
     page_size: PageSize = DEFAULT_PAGE_SIZE,
     page_token: PageToken = None,
@@ -146,6 +170,77 @@ async def get_exact_metrics(job: OwnedJob, _owner: RequireOwner) -> ExactMetrics
     )
 
 
+@router.get(
+    "/{job_id}/metrics",
+    operation_id="get_job_metrics",
+    responses=errors(404),
+    response_model=MetricsHistory,
+)
+def get_job_metrics(
+    job: OwnedJob,
+    principal: CurrentPrincipal,
+    repos: ReposDep,
+    after: Annotated[
+        int,
+        Query(ge=0, le=2**31 - 1, description="Only reports after this event id (`seq`)."),
+    ] = 0,
+) -> MetricsHistory:
+    """A job's metrics history: each progress report (steps, epoch or round, ε spent so far,
+    an ETA) as the event stream carried it, and the released held-out metrics per scoring once
+    the job has ended. Owner keys also get the exact held-out figures, live (per epoch end or
+    scored round); analysts get null there."""
+    events = repos.job_events(job.id, after=after, limit=EVENT_BATCH)
+    more = len(events) == EVENT_BATCH
+    reports = [e for e in events if e.kind == models.JobEventKind.PROGRESS]
+    released = job.metrics_history or ([job.metrics] if job.metrics is not None else None)
+    return MetricsHistory(
+        job_id=job.id,
+        status=job.status,
+        points=[_point(job, e.seq, e.created_at, Progress.model_validate(e.data)) for e in reports],
+        next_after=events[-1].seq if more else None,
+        released=released,
+        exact=_exact(job, events, first_page=after == 0) if principal.is_owner else None,
+    )
+
+
+def _exact(
+    job: models.Job, events: Sequence[models.JobEvent], *, first_page: bool
+) -> list[ExactScores] | None:
+    """The owner's exact figures: as scored during training (the ``scores`` events of this
+    page), or on the first page of a job that recorded none, its stored final figures."""
+    scored = [
+        ExactScores.model_validate(e.data) for e in events if e.kind == models.JobEventKind.SCORES
+    ]
+    stored = job.exact_metrics
+    if scored or stored is None or not first_page:
+        return scored or None
+    return stored.history or ([stored.metrics] if stored.metrics else None)
+
+
+def _point(job: models.Job, seq: int, at: datetime, progress: Progress) -> MetricsPoint:
+    """A report as a point of the history, with the time left at the pace since the start."""
+    eta = progress.eta_seconds  # the worker's, at its pace since its claim
+    started = job.started_at
+    if eta is None and started is not None and 0 < progress.fraction < 1:
+        elapsed = (_aware(at) - _aware(started)).total_seconds()
+        eta = max(0.0, elapsed * (1 - progress.fraction) / progress.fraction)
+    return MetricsPoint(
+        seq=seq,
+        at=at,
+        steps=progress.steps,
+        epoch=progress.epoch,
+        round=progress.round,
+        fraction=progress.fraction,
+        epsilon_spent=progress.epsilon_spent,
+        eta_seconds=eta,
+    )
+
+
+def _aware(moment: datetime) -> datetime:
+    # SQLite hands back naive UTC datetimes; PostgreSQL aware ones.
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
 @router.post(
     "/{job_id}/cancel",
     status_code=202,
@@ -177,13 +272,27 @@ def cancel_job(
     operation_id="stream_job_events",
     responses={
         **errors(404, 429),
-        200: {"content": {"text/event-stream": {}}, "description": "Server-sent events."},
+        200: {
+            "content": {
+                "text/event-stream": {
+                    "schema": {"type": "string"},
+                    "example": 'retry: 2000\nid: 4\nevent: progress\ndata: {"fraction": 0.5, '
+                    '"epoch": 2, "round": null, "steps": 24, "epsilon_spent": 1.1, '
+                    '"eta_seconds": 6.5}\n\n',
+                }
+            },
+            "description": "Server-sent events, each `id: <seq>` (resume with Last-Event-ID), "
+            '`event: <kind>` and `data: <JSON>`: `status` ({"status": ...}), `progress` (a '
+            "Progress), `scores` (an ExactScores, owner keys only), then `end` (the Job) "
+            "before the stream closes. `: keep-alive` comments fill quiet times.",
+        },
     },
     response_class=StreamingResponse,
 )
 async def stream_job_events(
     job: OwnedJob,
     tenant_id: CurrentTenant,
+    principal: CurrentPrincipal,
     request: Request,
     last_event_id: Annotated[
         int | None,
@@ -196,7 +305,9 @@ async def stream_job_events(
     ] = None,
 ) -> StreamingResponse:
     """Server-sent events until the job ends: ``status`` and ``progress`` (each with the id of
-    the job's event sequence), then ``end`` with the job. Without ``Last-Event-ID`` the stream
+    the job's event sequence), ``scores`` (exact held-out figures at each epoch end or scored
+    round: owner keys only), then ``end`` with the job. A job's final ``progress`` comes
+    before its terminal ``status``. Without ``Last-Event-ID`` the stream
     starts with the job's current status and progress; with it, it replays what came after.
     A stream lasts at most the server's maximum duration (reconnect with ``Last-Event-ID``);
     a tenant holding too many open streams is answered 429 with ``Retry-After``."""
@@ -210,5 +321,13 @@ async def stream_job_events(
             retry_after=config.retry_after_s,
         )
     reads: AsyncReads = request.app.state.reads
-    stream = follow(request, reads, tenant_id, job.id, after=last_event_id, config=config)
+    stream = follow(
+        request,
+        reads,
+        tenant_id,
+        job.id,
+        after=last_event_id,
+        config=config,
+        owner=principal.is_owner,
+    )
     return EventStream(stream, on_close=functools.partial(slots.give_back, tenant_id))

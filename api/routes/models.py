@@ -7,17 +7,15 @@ worker exported; sessions are cached per ``(job id, sha256)``.
 from __future__ import annotations
 
 import json
-import os
 import struct
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import numpy as np
 from fastapi import APIRouter, Depends, Query, Request
-from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, Response
 
 from api.deps import CurrentPrincipal, DatabaseDep, OwnedJob, SettingsDep, StoreDep
+from api.downloads import serve_artifact
 from api.routes.common import errors
 from api.schemas import (
     ModelArchitecture,
@@ -26,7 +24,6 @@ from api.schemas import (
     PredictResponse,
     ReceiptPrivacy,
 )
-from ppml.cache import LRUCache
 from ppml.db.models import Job, JobStatus
 from ppml.db.reads import AsyncReads
 from ppml.errors import Conflict, Gone, InvalidInput
@@ -64,23 +61,23 @@ def _require_files(job: Job) -> None:
         )
 
 
-def _artifact(job: Job, store: ArtifactStore, fmt: str = "safetensors") -> tuple[Path, str]:
-    """Path and sha256 of a succeeded job's artefact in ``fmt``; 409 otherwise."""
+def _artifact(job: Job, fmt: str = "safetensors") -> tuple[str, str]:
+    """Store key and sha256 of a succeeded job's artefact in ``fmt``; 409 otherwise."""
     if job.status != JobStatus.SUCCEEDED:
         raise ModelNotReady(f"the job is {job.status}; models exist for succeeded jobs")
     ref = job.artifacts.get(fmt) if job.artifacts is not None else None
     if ref is None:
         raise ModelNotReady(f"this job's model has no {fmt} artefact", format=fmt)
-    return store.path(ref.key), ref.sha256
+    return ref.key, ref.sha256
 
 
-def read_safetensors_metadata(path: Path) -> dict[str, str]:
-    """The ``__metadata__`` of a safetensors file, read from its JSON header (no torch)."""
-    with path.open("rb") as handle:
-        (length,) = struct.unpack("<Q", handle.read(8))
-        if length > _MAX_HEADER:
-            raise ValueError("safetensors header too large")
-        header = json.loads(handle.read(length))
+def read_safetensors_metadata(store: ArtifactStore, key: str) -> dict[str, str]:
+    """The ``__metadata__`` of a stored safetensors file, read from its JSON header alone
+    (two range reads; no torch)."""
+    (length,) = struct.unpack("<Q", b"".join(store.read_range(key, 0, 7)))
+    if length > _MAX_HEADER:
+        raise ValueError("safetensors header too large")
+    header = json.loads(b"".join(store.read_range(key, 8, 8 + length - 1)))
     metadata = header.get("__metadata__", {})
     return {str(k): str(v) for k, v in metadata.items()}
 
@@ -105,7 +102,7 @@ _BINARY = {"schema": {"type": "string", "format": "binary"}}
     "/{job_id}/model",
     operation_id="download_model",
     responses={
-        **errors(404, 409, 410),
+        **errors(404, 409, 410, 416),
         200: {
             "content": {"application/octet-stream": _BINARY},
             "description": "The model as safetensors (default) or ONNX (`format=onnx`); both "
@@ -131,64 +128,16 @@ async def download_model(
     """Download the trained model with its privacy receipt (safetensors or ONNX).
 
     Each download is recorded in the audit trail before it is served; 410 once the owner
-    deleted the model with its dataset."""
-    path, digest = _artifact(job, store, format)
+    deleted the model with its dataset. A single `Range` (`bytes=first-last`, `first-` or
+    `-suffix`) answers 206 with those bytes; a range past the end answers 416."""
+    key, digest = _artifact(job, format)
     _require_files(job)
     # On PostgreSQL one INSERT on the event loop, no thread or ORM session (ppml.db.reads).
     reads: AsyncReads = request.app.state.reads
     await audit.record_async(reads, principal, "model.download", "job", job.id, {"format": format})
-    filename = f"{job.id}.{format}"
-    if "range" not in request.headers:
-        data = _small_files.get(path, digest)
-        if data is None:
-            data = await run_in_threadpool(_small_files.load, path, digest)
-        if data is not None:
-            headers = {
-                "X-Content-SHA256": digest,
-                "Content-Disposition": f'attachment; filename="{filename}"',
-                "Accept-Ranges": "bytes",
-                "ETag": f'"{digest}"',
-            }
-            return Response(data, media_type="application/octet-stream", headers=headers)
-    # Large files and range requests: streamed from disk (stat, open and reads in threads).
-    return FileResponse(
-        path,
-        media_type="application/octet-stream",
-        filename=filename,
-        headers={"X-Content-SHA256": digest},
+    return await serve_artifact(
+        store, key, digest, f"{job.id}.{format}", request.headers.get("range")
     )
-
-
-class _SmallFiles:
-    """The bytes of small published artefacts, kept in memory.
-
-    A published artefact never changes (its sha256 is in the job row), so ``(path, sha256)``
-    names its content. Serving a small model from memory saves the five thread-pool hops of
-    a streamed file (stat, open, two reads, close) on every download.
-    """
-
-    def __init__(self, *, max_file: int = 4 << 20, max_total: int = 64 << 20) -> None:
-        self.max_file = max_file
-        self._files: LRUCache[tuple[Path, str], bytes] = LRUCache(
-            4096, max_weight=max_total, weigh=len
-        )
-
-    def get(self, path: Path, digest: str) -> bytes | None:
-        return self._files.get((path, digest))
-
-    def load(self, path: Path, digest: str) -> bytes | None:
-        """Read and keep the file if it is small; None (nothing read) if it is not."""
-        with path.open("rb") as handle:
-            if os.fstat(handle.fileno()).st_size > self.max_file:
-                return None
-            data = handle.read(self.max_file + 1)
-        if len(data) > self.max_file:  # grew since the stat: not a published artefact
-            return None
-        self._files.put((path, digest), data)
-        return data
-
-
-_small_files = _SmallFiles()
 
 
 def _number(receipt: dict[str, str], key: str) -> float:
@@ -232,12 +181,12 @@ def _json(receipt: dict[str, str], key: str, default: Any) -> Any:
 )
 def get_model_card(job: OwnedJob, store: StoreDep) -> ModelCard:
     """The privacy receipt, released held-out metrics and artefact digests of a trained model."""
-    path, _ = _artifact(job, store)
+    key, _ = _artifact(job)
     files = job.artifacts.root if job.artifacts is not None else {}
     digests = {fmt: {"sha256": ref.sha256} for fmt, ref in files.items()}
     if job.receipt is None:  # a model published before receipts were stored on the job
         _require_files(job)
-        return _card_from_file(job, read_safetensors_metadata(path), digests)
+        return _card_from_file(job, read_safetensors_metadata(store, key), digests)
     receipt, privacy = job.receipt, job.privacy
     return ModelCard(
         job_id=job.id,
@@ -340,9 +289,9 @@ def predict(
             field="inputs",
             limit=max_rows,
         )
-    path, digest = _artifact(job, store, "onnx")
+    key, digest = _artifact(job, "onnx")
     _require_files(job)
-    model = cache.get(job.id, digest, path)
+    model = cache.get(job.id, digest, lambda: store.fetch(key))
     result = model.predict(_matrix(body.inputs, model.num_features))
     # Recorded before the answer leaves; rows, never their values.
     audit.record_now(db, principal, "model.predict", "job", job.id, {"rows": len(body.inputs)})

@@ -52,7 +52,8 @@ def get_signing_keys(request: Request) -> Response:
     active key and adds a new one, so old receipts keep verifying.
     """
     settings: Settings = request.app.state.settings
-    public = keyring.SigningKeys(settings.signing_keys_dir).public_keys()
+    store = request.app.state.store
+    public = keyring.SigningKeys.for_settings(settings, store).public_keys()
     body = json.dumps({"keys": public}, sort_keys=True, indent=2).encode()
     headers = {
         "Cache-Control": f"public, max-age={_KEYS_MAX_AGE_S}",

@@ -3,7 +3,7 @@ resource; everything is importable from ``api.schemas``."""
 
 from __future__ import annotations
 
-from api.schemas.common import Problem
+from api.schemas.common import FieldProblem, Problem
 from api.schemas.datasets import (
     Budget,
     Dataset,
@@ -14,7 +14,15 @@ from api.schemas.datasets import (
     LedgerPage,
     PrivacyBudget,
 )
-from api.schemas.jobs import ExactMetrics, Job, JobPage, Quote
+from api.schemas.jobs import (
+    ExactMetrics,
+    Job,
+    JobPage,
+    JobStatusFilter,
+    MetricsHistory,
+    MetricsPoint,
+    Quote,
+)
 from api.schemas.models import (
     ModelArchitecture,
     ModelCard,
@@ -56,12 +64,16 @@ __all__ = [
     "DatasetSchema",
     "ExactMetrics",
     "ExactScores",
+    "FieldProblem",
     "Job",
     "JobPage",
     "JobSpec",
+    "JobStatusFilter",
     "LedgerEntry",
     "LedgerPage",
     "Metrics",
+    "MetricsHistory",
+    "MetricsPoint",
     "MetricsRelease",
     "ModelArchitecture",
     "ModelCard",

@@ -104,8 +104,9 @@ def _load_sklearn(name: str) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
 def _load_mnist1d(seed: int, cache: ArtifactStore | None) -> DatasetArrays:
     key = _MNIST1D_CACHE.format(seed=seed)
     if cache is not None and cache.exists(key):
-        with contextlib.suppress(MalformedFile):  # a damaged cache is regenerated
-            return load_arrays(cache.path(key))
+        # A damaged cache is regenerated.
+        with contextlib.suppress(MalformedFile), cache.open_plain(key) as path:
+            return load_arrays(path)
     arrays = _generate_mnist1d(seed)
     if cache is not None:
         cache.write(key, lambda path: save_arrays(arrays, path))

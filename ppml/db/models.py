@@ -48,6 +48,7 @@ __all__ = [
     "LedgerEntry",
     "LedgerKind",
     "Tenant",
+    "WebhookDelivery",
     "new_id",
     "utcnow",
 ]
@@ -160,6 +161,7 @@ class JobEventKind(StrEnum):
 
     STATUS = "status"  # {"status": ...}
     PROGRESS = "progress"  # the job's progress record
+    SCORES = "scores"  # exact held-out figures (ExactScores): streamed to owner keys only
 
 
 class LedgerKind(StrEnum):
@@ -277,7 +279,8 @@ class Job(Base):
     __tablename__ = "jobs"
     __table_args__ = (
         UniqueConstraint("tenant_id", "idempotency_key", name="uq_jobs_tenant_idempotency"),
-        Index("ix_jobs_tenant_status", "tenant_id", "status"),
+        # A tenant's active jobs (admission), and its oldest queued one (a fair claim)
+        Index("ix_jobs_tenant_status_queued_at", "tenant_id", "status", "queued_at"),
         Index("ix_jobs_status_queued_at", "status", "queued_at"),
     )
 
@@ -397,8 +400,9 @@ class JobEvent(Base):
     """Append-only: what the job's event stream sends, numbered 1, 2, ... per job.
 
     Written in the transaction that changes the job row (status, progress), so the two never
-    disagree; the seq is the job row's ``last_event_seq``. Events carry only what the job
-    resource shows analysts: a status, or the progress record.
+    disagree; the seq is the job row's ``last_event_seq``. ``status`` and ``progress`` events
+    carry only what the job resource shows analysts; ``scores`` events carry exact held-out
+    figures, which the stream and the metrics history give to owner keys only.
     """
 
     __tablename__ = "job_events"
@@ -432,3 +436,28 @@ class AuditEvent(Base):
     object_id: Mapped[str | None] = mapped_column(String(64), index=True)
     detail: Mapped[dict[str, Any]]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class WebhookDelivery(Base):
+    """The outbox of a job's webhook: written in the transaction that ends the job
+    (``ppml.jobs.lifecycle.finish``), delivered by the workers (``ppml.jobs.webhooks``).
+
+    ``body`` is the exact JSON sent, fixed at the end so that every retry sends the same bytes
+    (signed afresh with the time of the attempt). One per job: a job ends once.
+    """
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (Index("ix_webhook_deliveries_due", "status", "next_attempt_at"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"))
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), unique=True)
+    url: Mapped[str] = mapped_column(Text)
+    body: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16))  # pending, delivered, failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_error: Mapped[str | None] = mapped_column(String(200))
+    last_status_code: Mapped[int | None] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    delivered_at: Mapped[datetime | None]

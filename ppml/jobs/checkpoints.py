@@ -1,4 +1,5 @@
-"""Where a job's training checkpoints live: one file per attempt in the artifact store.
+"""Where a job's training checkpoints live: one file per attempt in the artifact store
+(the data dir, or the object store that workers on other machines share).
 
 Each attempt (claim) of a job writes its own file, ``checkpoints/<job>.<attempt>.pt``,
 so a worker that lost its lease but has not noticed yet can never overwrite the
@@ -35,10 +36,9 @@ class JobCheckpoints:
 
     def attempts(self) -> list[int]:
         """Attempts that left a checkpoint, newest first."""
-        folder = self.store.root / "checkpoints"
         found = []
-        for path in folder.glob(f"{self.job_id}.*.pt") if folder.is_dir() else []:
-            match = _FILE.match(path.name)
+        for key in self.store.list("checkpoints", f"{self.job_id}."):
+            match = _FILE.match(key.removeprefix("checkpoints/"))
             if match and match["job"] == self.job_id:
                 found.append(int(match["attempt"]))
         return sorted(found, reverse=True)

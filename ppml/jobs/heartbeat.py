@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING
 from ppml.db.session import UNAVAILABLE
 from ppml.jobs.records import Progress
 from ppml.jobs.schedule import Schedule
+from ppml.privacy.evaluation import ExactScores, exact_metrics
+from ppml.telemetry import TRAINING_STEPS
 
 if TYPE_CHECKING:
     from ppml.training.plans import Progress as TrainingProgress
@@ -25,8 +27,9 @@ __all__ = ["Heartbeat", "progress_at"]
 
 log = logging.getLogger(__name__)
 
-#: ``(job_id, progress, steps) -> (still the owner, cancel requested)``; may raise an outage.
-Beat = Callable[[str, Progress, int], tuple[bool, bool]]
+#: ``(job_id, progress, steps, scores) -> (still the owner, cancel requested)``; may raise an
+#: outage. ``scores``: exact held-out figures scored since the last beat that got through.
+Beat = Callable[[str, Progress, int, ExactScores | None], tuple[bool, bool]]
 
 
 def progress_at(
@@ -55,6 +58,7 @@ class Heartbeat:
     last: Progress
     epsilon_of: Callable[[int], float | None] = lambda _steps: None
     steps_reported: int = 0
+    scores: ExactScores | None = None  # scored at a report, not yet recorded
     cancel: bool = False
     lost: bool = False
     timed_out: bool = False
@@ -67,6 +71,10 @@ class Heartbeat:
     last_contention_check: float = 0.0
     last_beat: float = field(default_factory=time.monotonic)  # last try
     last_renewal: float = field(default_factory=time.monotonic)  # last one that reached the db
+    first_fraction: float = field(init=False, default=0.0)  # where this claim started
+
+    def __post_init__(self) -> None:
+        self.first_fraction = self.last.fraction
 
     @property
     def renew_every(self) -> float:
@@ -74,6 +82,11 @@ class Heartbeat:
         return self.lease_seconds / 3
 
     def on_progress(self, progress: TrainingProgress) -> None:
+        # Throughput for operators: steps since the last report (a resumed job from its
+        # checkpoint's), added to ppml_training_steps_total.
+        ran = progress.steps_done - max(self.steps_reported, self.last.steps)
+        if ran > 0:
+            TRAINING_STEPS.inc(ran)
         self.steps_reported = progress.steps_done
         self.last = Progress(
             fraction=round(progress.fraction, 6),
@@ -81,9 +94,20 @@ class Heartbeat:
             round=getattr(progress, "round", None),
             steps=progress.steps_done,
             epsilon_spent=self.epsilon_of(progress.steps_done),
+            eta_seconds=self._eta(progress.fraction),
         )
+        if progress.scores is not None:
+            scored = exact_metrics(progress.scores)
+            self.scores = scored.model_copy(update={"epoch": progress.epoch})
         self.beat()
         self._yield_if_contended()
+
+    def _eta(self, fraction: float) -> float | None:
+        """Time left at this claim's pace (the fraction it started from is its resume point)."""
+        done = fraction - self.first_fraction
+        if done <= 0 or fraction >= 1:
+            return None
+        return round((time.monotonic() - self.started) * (1 - fraction) / done, 1)
 
     def _yield_if_contended(self) -> None:
         """At a report (the checkpoint was just written): preempted when this claim has had
@@ -104,13 +128,13 @@ class Heartbeat:
         now = time.monotonic()
         self.last_beat = now
         try:
-            owner, cancel = self.beat_fn(self.job_id, self.last, self.steps_reported)
+            owner, cancel = self.beat_fn(self.job_id, self.last, self.steps_reported, self.scores)
         except UNAVAILABLE:
             log.warning("job %s: the database is unavailable; training on", self.job_id)
             self.lost = now - self.last_renewal > self.lease_seconds
             return
         self.last_renewal = now
-        self.lost, self.cancel = not owner, cancel
+        self.lost, self.cancel, self.scores = not owner, cancel, None
 
     def should_stop(self) -> bool:
         """Checked before every step: cheap, except a lease renewal every few seconds."""

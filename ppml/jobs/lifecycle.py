@@ -30,6 +30,7 @@ from datetime import datetime
 
 from ppml.db.models import Job, JobEventKind, JobStatus, LedgerEntry, utcnow
 from ppml.db.repositories import Repositories
+from ppml.jobs import webhooks
 from ppml.jobs.receipts import sign_release
 from ppml.jobs.records import Artifacts, JobError, Progress, Receipt
 from ppml.privacy.evaluation import ReleasedMetrics
@@ -173,7 +174,6 @@ def finish(
     if budget is not None:
         commit, _release = ledger.settle(budget, job.id, steps=ending.steps, note=ending.note)
     progress = job.progress
-    move(repos, job, ending.status)
     job.error = ending.error
     if ending.steps is not None:
         job.steps_done = ending.steps
@@ -185,11 +185,15 @@ def finish(
     if job.privacy is not None:
         job.privacy = job.privacy.finished(ending.steps, commit.id if commit else None)
         job.progress = job.progress.model_copy(update={"epsilon_spent": job.privacy.epsilon_spent})
+    # The final report (and ε of the whole run) comes before the terminal status: a follower
+    # has the last figures when it learns that the job ended.
+    if job.progress != progress:
+        data = job.progress.model_dump(mode="json")
+        repos.append_job_event(job.id, JobEventKind.PROGRESS, data)
+    move(repos, job, ending.status)
     if ending.artifacts is not None:
         job.artifacts, job.receipt = ending.artifacts, ending.receipt
         if keys is not None and ending.status == SUCCEEDED and job.receipt is not None:
             sign_release(repos, job, keys)
-    if job.progress != progress:  # the final report, and ε of the whole run
-        data = job.progress.model_dump(mode="json")
-        repos.append_job_event(job.id, JobEventKind.PROGRESS, data)
+    webhooks.stage(repos, job)  # its outbox row commits with the end, or neither does
     return commit

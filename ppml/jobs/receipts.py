@@ -121,6 +121,16 @@ def _mechanisms(privacy: PrivacyRecord) -> list[dict[str, Any]]:
     """Each mechanism the job ran on its data, with its own ε at the job's δ (their RDP
     composition is the ε charged, ``epsilon`` of the receipt's privacy section)."""
     event = privacy.event(privacy.steps)
+    if privacy.zcdp_rho:  # a zCDP mechanism run once (synthetic data: MST)
+        return [
+            {
+                "name": "synthesis",
+                "mechanism": privacy.mechanism or "zcdp",
+                "unit": privacy.unit,
+                "zcdp_rho": privacy.zcdp_rho,
+                "epsilon": acc.epsilon(acc.zcdp_curve(privacy.zcdp_rho), privacy.delta),
+            }
+        ]
     training = replace(event, eval_noise_multiplier=None, eval_releases=0)
     mechanisms: list[dict[str, Any]] = [
         {

@@ -33,6 +33,11 @@ class Progress(_Record):
         description="ε of the steps reported so far (private jobs), at the job's δ; "
         "the evaluation releases are counted once the job has ended.",
     )
+    eta_seconds: float | None = Field(
+        default=None,
+        description="Seconds the worker expects the rest to take, at its pace since it "
+        "claimed the job; null when it cannot tell yet, and once the job has ended.",
+    )
 
 
 class JobError(_Record):
@@ -87,6 +92,13 @@ class PrivacyRecord(_Record):
     ledger_entry_id: str | None = Field(
         default=None, description="The ledger entry that committed the charge."
     )
+    zcdp_rho: float = Field(
+        default=0.0,
+        description="rho of a mechanism stated in zCDP (synthetic data: MST), charged as α·rho.",
+    )
+    mechanism: str | None = Field(
+        default=None, description="That mechanism's name (mst); null for DP-SGD jobs."
+    )
 
     def event(self, steps: int) -> acc.MechanismEvent:
         """The mechanism event of this job after ``steps`` steps, as the ledger charges it
@@ -100,6 +112,8 @@ class PrivacyRecord(_Record):
             unit=self.unit,
             eval_noise_multiplier=evaluation.noise_multiplier if evaluation else None,
             eval_releases=evaluation.scalar_releases if evaluation else 0,
+            zcdp_rho=self.zcdp_rho,
+            mechanism=self.mechanism,
         )
 
     def spent(self, steps: int | None) -> float:

@@ -36,11 +36,13 @@ from ppml.jobs.records import (
     Progress,
 )
 from ppml.jobs.schedule import Schedule, evaluation_plan, schedule, unreported_steps
+from ppml.jobs.synthesis import synthesis_ending
 from ppml.privacy import heads
 from ppml.privacy.evaluation import (
     DEFAULT_LOSS_CLIP,
     WITHHELD,
     EvaluationPlan,
+    ExactScores,
     release_outcome,
 )
 from ppml.privacy.ledger import Ledger
@@ -85,16 +87,20 @@ class JobRunner:
         heads.attach(db, settings)  # ledger appends move the signed chain heads
         # Seals datasets and checkpoints at rest, and opens the datasets' split secrets.
         self.data_keys = DataKeys.from_settings(settings)
-        self.store = ArtifactStore(settings.data_dir, keys=self.data_keys)
-        # Signs the receipts of released models (shared with the API: the data dir's keys).
-        self.keys = SigningKeys(settings.signing_keys_dir)
+        # The data dir, or the object store shared with the API and the other workers.
+        self.store = ArtifactStore.for_settings(settings)
+        # Signs the receipts of released models (the keyring the API serves).
+        self.keys = SigningKeys.for_settings(settings, self.store)
         self.enqueue = enqueue
 
     def _lease_until(self) -> datetime:
         return utcnow() + timedelta(seconds=self.settings.worker.lease_seconds)
 
-    def heartbeat(self, job_id: str, progress: Progress, steps: int) -> tuple[bool, bool]:
-        """Record progress under the lease: ``(still the owner, cancel requested)``."""
+    def heartbeat(
+        self, job_id: str, progress: Progress, steps: int, scores: ExactScores | None = None
+    ) -> tuple[bool, bool]:
+        """Record progress (and held-out ``scores``, for the owner) under the lease:
+        ``(still the owner, cancel requested)``."""
         with self.db.session(write=True) as session:
             return Repositories(session).heartbeat(
                 job_id,
@@ -102,6 +108,7 @@ class JobRunner:
                 lease_until=self._lease_until(),
                 progress=progress,
                 steps=steps,
+                scores=scores.model_dump(mode="json") if scores is not None else None,
             )
 
     def claim(self, sent_for: str) -> tuple[Job, Dataset] | None:
@@ -137,6 +144,16 @@ class JobRunner:
         job, dataset = claimed
         job_id = job.id
         spec = job.spec
+        if spec.kind == "synthesize":  # one mechanism run, no steps (ppml.jobs.synthesis)
+            ending = synthesis_ending(
+                self.store,
+                job,
+                dataset,
+                arrays=lambda: self._arrays(dataset),
+                renew=lambda: self.heartbeat(job_id, job.progress, 0),
+                lease_seconds=self.settings.worker.lease_seconds,
+            )
+            return "lost" if ending is None else self._finish(job, ending)
         limit = spec.training.max_runtime_s or self.settings.worker.job_time_limit_s
         limit = min(limit, self.settings.worker.job_time_limit_s)  # per attempt
         plan = schedule(spec, dataset)  # the same schedule the job was priced with
@@ -356,7 +373,14 @@ class JobRunner:
                 sample_rate=private.sample_rate,
                 delta=private.delta,
             )
-        return train(**common, dp=dp, report_every=self.settings.worker.report_every_steps)
+        report_every = self.settings.worker.report_every_steps
+        if spec.resources.gpus > 1 and dp is not None:
+            from ppml.training.parallel import train_parallel
+
+            return train_parallel(
+                **common, dp=dp, world_size=spec.resources.gpus, report_every=report_every
+            )
+        return train(**common, dp=dp, report_every=report_every)
 
     def _finish(self, job: Job, ending: lifecycle.Ending) -> str:
         """End the job through the lifecycle, if it is still this worker's.

@@ -53,7 +53,10 @@ class Schedule:
 
 
 def schedule(spec: JobSpec, dataset: Dataset) -> Schedule:
-    """How the job's steps are counted (see the module docstring)."""
+    """How the job's steps are counted (see the module docstring). A synthesize job runs its
+    mechanism once and has no steps: its zCDP charge is whole once it touched the data."""
+    if spec.kind != "train":
+        return Schedule(sample_rate=1.0, steps_per_epoch=1, total_steps=0, unit="record")
     fed = spec.federated
     if fed is None:
         q, per_epoch, total = acc.plan_dp_sgd(

@@ -43,6 +43,7 @@ __all__ = [
     "rdp_curve",
     "steps_per_epoch",
     "subtract",
+    "zcdp_curve",
     "zero",
 ]
 
@@ -80,6 +81,10 @@ class MechanismEvent:
             metrics analysts see), relative to their sensitivity of 1; None when none.
         eval_releases: Number of those scalar Gaussian releases (two per released set of
             metrics: the count of correct predictions and the clipped loss sum).
+        zcdp_rho: rho of a mechanism stated in zCDP (add/remove neighbours), such as MST's
+            synthetic data; it enters the curve as ``α·rho`` at every order and, like the
+            evaluation releases, is charged whole once the data was touched. 0: none.
+        mechanism: Name of that mechanism (``"mst"``), for receipts; None when none.
     """
 
     sample_rate: float
@@ -89,10 +94,14 @@ class MechanismEvent:
     unit: str = "record"
     eval_noise_multiplier: float | None = None
     eval_releases: int = 0
+    zcdp_rho: float = 0.0
+    mechanism: str | None = None
 
     def __post_init__(self) -> None:
         if self.eval_releases and not (self.eval_noise_multiplier or 0) > 0:
             raise ValueError("evaluation releases need a positive noise multiplier")
+        if not (math.isfinite(self.zcdp_rho) and self.zcdp_rho >= 0):
+            raise ValueError("zcdp_rho must be finite and non-negative")
 
     def with_steps(self, steps: int) -> MechanismEvent:
         """The same mechanism run for ``steps`` steps.
@@ -108,6 +117,8 @@ class MechanismEvent:
             unit=self.unit,
             eval_noise_multiplier=self.eval_noise_multiplier,
             eval_releases=self.eval_releases,
+            zcdp_rho=self.zcdp_rho,
+            mechanism=self.mechanism,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -129,6 +140,8 @@ class MechanismEvent:
                 else None
             ),
             eval_releases=int(data.get("eval_releases") or 0),
+            zcdp_rho=float(data.get("zcdp_rho") or 0.0),
+            mechanism=str(data["mechanism"]) if data.get("mechanism") else None,
         )
 
 
@@ -198,6 +211,16 @@ def evaluation_curve(noise_multiplier: float, releases: int) -> Curve:
 
 
 @lru_cache(maxsize=4096)
+def zcdp_curve(rho: float) -> Curve:
+    """RDP curve of a rho-zCDP mechanism: ``α·rho`` at every order α (Bun and Steinke 2016),
+    rounded up."""
+    if rho == 0:
+        return zero()
+    exact = Fraction(rho) * UNITS_PER_NAT  # α·rho in units, rounded up exactly
+    return tuple(min(INFINITE_UNITS, math.ceil(Fraction(order) * exact)) for order in ORDERS)
+
+
+@lru_cache(maxsize=4096)
 def rdp_curve(event: MechanismEvent) -> Curve:
     """RDP curve of ``event`` on ``ORDERS``, rounded up to integer units.
 
@@ -207,6 +230,8 @@ def rdp_curve(event: MechanismEvent) -> Curve:
     so a partial run is priced with its own event rather than by scaling a curve.
     """
     training = _curve_of(_dp_event(event)) if event.steps else zero()
+    if event.zcdp_rho:
+        training = add(training, zcdp_curve(event.zcdp_rho))
     if not event.eval_releases:
         return training
     assert event.eval_noise_multiplier is not None

@@ -136,6 +136,9 @@ class ExactScores(_Record):
     test_accuracy: float
     test_loss: float = Field(description="Mean cross-entropy, unclipped.")
     round: int | None = None
+    epoch: int | None = Field(
+        default=None, description="Epochs trained when scored (per-epoch history)."
+    )
     rows: int | None = Field(default=None, description="Rows scored.")
     units: int | None = Field(default=None, description="Privacy units scored.")
 

@@ -89,7 +89,7 @@ class HeadFile:
 
     @classmethod
     def of(cls, settings: Settings) -> HeadFile:
-        return cls(settings.ledger_heads_path, SigningKeys(settings.signing_keys_dir))
+        return cls(settings.ledger_heads_path, SigningKeys.for_settings(settings))
 
     def exists(self) -> bool:
         return self.path.exists()

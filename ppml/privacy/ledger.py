@@ -32,6 +32,7 @@ from ppml.errors import (
 )
 from ppml.privacy import accounting as acc
 from ppml.privacy import chain, heads
+from ppml.privacy.zcdp import largest_fitting_zcdp
 
 __all__ = ["BudgetStatus", "Ledger", "budget_status"]
 
@@ -129,6 +130,12 @@ class Ledger:
         holding the budget lock.
         """
         used = acc.add(_curve(budget.committed), _curve(budget.reserved))
+        if event.zcdp_rho:  # a zCDP mechanism (MST): the largest rho that fits, as ε
+            return largest_fitting_zcdp(
+                used=used,
+                budget_caps=acc.caps(budget.epsilon_total, budget.delta_total),
+                delta=budget.delta_total,
+            )
         return acc.largest_fitting_epsilon(
             used=used,
             budget_caps=acc.caps(budget.epsilon_total, budget.delta_total),
@@ -187,7 +194,9 @@ class Ledger:
         commit_entry = None
         committed = acc.zero()
         used_event = planned.with_steps(min(steps, planned.steps)) if steps is not None else None
-        if used_event is not None and (used_event.steps or used_event.eval_releases):
+        if used_event is not None and (
+            used_event.steps or used_event.eval_releases or used_event.zcdp_rho
+        ):
             # Fewer steps never cost more; min() only guards against numerical failures
             # at single orders (stored as "infinite") in the partial run.
             committed = tuple(

@@ -139,7 +139,6 @@ def _delete_files(
         assert job.artifacts is not None
         keys = {ref.key for ref in job.artifacts.root.values()}
         # Files of earlier attempts too (models/<job>.attempt-<n>.<format>).
-        folder = store.root / "models"
-        keys |= {f"models/{path.name}" for path in folder.glob(f"{job.id}.*")}
+        keys |= set(store.list("models", f"{job.id}."))
         for key in sorted(keys):
             store.delete(key)

@@ -23,13 +23,14 @@ import math
 from dataclasses import dataclass
 
 from ppml.architectures import count_parameters, model_problem
-from ppml.config import Settings
+from ppml.config import Limits, Settings
 from ppml.db.models import Dataset, DatasetStatus
 from ppml.errors import DatasetNotReady, InvalidInput, PrivacyRequired
 from ppml.jobs.records import PrivacyRecord
 from ppml.jobs.schedule import Schedule, evaluation_plan, schedule
 from ppml.privacy import accounting as acc
-from ppml.privacy.evaluation import EvaluationPlan
+from ppml.privacy.evaluation import WITHHELD, EvaluationPlan
+from ppml.services.synthesis import plan_synthesis
 from ppml.specs import FederatedSpec, JobSpec
 
 __all__ = ["Pricing", "estimate_compute", "price", "sample_gradients"]
@@ -67,6 +68,8 @@ class Pricing:
             accountant="rdp",
             grid_version=acc.GRID_VERSION,
             evaluation=self.evaluation,
+            zcdp_rho=self.event.zcdp_rho,
+            mechanism=self.event.mechanism,
         )
 
 
@@ -100,6 +103,22 @@ def _check_limits(spec: JobSpec, dataset: Dataset, settings: Settings) -> int:
             limit=limits.max_parameters,
         )
     return params
+
+
+def _check_gpus(spec: JobSpec, limits: Limits) -> None:
+    gpus = spec.resources.gpus
+    if gpus > limits.max_job_gpus:
+        raise InvalidInput(
+            f"the job asks for {gpus} GPUs; the limit per job is {limits.max_job_gpus}",
+            field="resources.gpus",
+            limit=limits.max_job_gpus,
+        )
+    if gpus > 1 and (spec.kind != "train" or spec.privacy is None or spec.federated is not None):
+        raise InvalidInput(
+            "several GPUs run centralised DP-SGD training only (kind train, privacy set, "
+            "federated null)",
+            field="resources.gpus",
+        )
 
 
 def sample_gradients(spec: JobSpec, dataset: Dataset, plan: Schedule) -> int:
@@ -243,6 +262,9 @@ def price(spec: JobSpec, dataset: Dataset, settings: Settings) -> Pricing:
             field="dataset_id",
             dataset_status=dataset.status,
         )
+    _check_gpus(spec, settings.limits)
+    if spec.kind == "synthesize":
+        return _price_synthesis(spec, dataset, settings)
     if spec.training.batch_size > dataset.num_train:
         raise InvalidInput(
             f"batch_size exceeds the dataset's {dataset.num_train} training records",
@@ -281,6 +303,19 @@ def price(spec: JobSpec, dataset: Dataset, settings: Settings) -> Pricing:
         delta=delta,
         evaluation=evaluation,
         compute=compute,
+    )
+
+
+def _price_synthesis(spec: JobSpec, dataset: Dataset, settings: Settings) -> Pricing:
+    """A synthesize job: a zCDP mechanism run once (ppml.services.synthesis), no steps."""
+    plan = plan_synthesis(spec, dataset, settings)
+    return Pricing(
+        schedule=schedule(spec, dataset),
+        event=plan.event,
+        epsilon=plan.epsilon,
+        delta=plan.delta,
+        evaluation=WITHHELD,
+        compute=plan.compute,
     )
 
 

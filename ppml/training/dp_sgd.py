@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import secrets
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -97,12 +97,18 @@ def _dp_generator(device: torch.device, dp_seed: int | None) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed)
 
 
-def _report(callbacks: TrainingCallbacks | None, plan: TrainingPlan, steps_done: int) -> None:
+def _report(
+    callbacks: TrainingCallbacks | None,
+    plan: TrainingPlan,
+    steps_done: int,
+    scorer: Callable[[], dict[str, float]] | None = None,
+) -> None:
     if callbacks is not None:
         progress = Progress(
             steps_done=steps_done,
             epoch=steps_done // plan.steps_per_epoch,
             fraction=steps_done / plan.total_steps,
+            scores=scorer() if scorer is not None else None,
         )
         callbacks.on_progress(progress)
 
@@ -114,11 +120,13 @@ def _run_steps(
     report_every: int,
     start_step: int = 0,
     checkpoint: CheckpointSink | None = None,
+    scorer: Callable[[], dict[str, float]] | None = None,
 ) -> tuple[int, bool]:
     """Runs steps ``start_step .. total_steps - 1``; returns (steps_done, stopped).
 
     At every report short of the end, the checkpoint is written first, so a report never
-    claims steps that a resumed run would not find.
+    claims steps that a resumed run would not find. Reports at epoch ends carry the
+    ``scorer``'s held-out scores (the per-epoch history).
     """
     steps_done, reported = start_step, -1
     for step_index in range(start_step, plan.total_steps):
@@ -132,7 +140,8 @@ def _run_steps(
             if checkpoint is not None and steps_done < plan.total_steps:
                 state = {"kind": "centralised", "steps": steps_done, **stepper.state()}
                 checkpoint(snapshot(state))
-            _report(callbacks, plan, steps_done)
+            epoch_end = steps_done % plan.steps_per_epoch == 0
+            _report(callbacks, plan, steps_done, scorer if epoch_end else None)
             reported = steps_done
     return steps_done, False
 
@@ -207,6 +216,16 @@ def score(
     return evaluate(module, x, y, loss_clip=plan.eval_loss_clip, units=units)
 
 
+def _score_and_resume(
+    module: nn.Module, x: torch.Tensor, y: torch.Tensor, plan: TrainingPlan
+) -> dict[str, float]:
+    """Scores the model between steps, then puts it back in training mode."""
+    try:
+        return score(module, x, y, plan)
+    finally:
+        module.train()
+
+
 def train(
     *,
     x_train: npt.NDArray[np.float32],
@@ -272,7 +291,13 @@ def train(
         # Opacus' hooks on the first layer fire although the input needs no gradient.
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
         steps_done, stopped = _run_steps(
-            stepper, plan, callbacks, report_every, start_step=start, checkpoint=checkpoint
+            stepper,
+            plan,
+            callbacks,
+            report_every,
+            start_step=start,
+            checkpoint=checkpoint,
+            scorer=lambda: _score_and_resume(module, x_te, y_te, plan),
         )
     if isinstance(stepper, PrivateStepper):
         stepper.close()

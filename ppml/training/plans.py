@@ -114,11 +114,15 @@ class Progress:
         steps_done: Optimizer steps taken so far.
         epoch: Completed epochs.
         fraction: ``steps_done / total_steps``.
+        scores: The model's held-out scores at this report (``evaluate``'s figures), when
+            it was scored here (at epoch ends; federated: at scored rounds). Exact figures:
+            the worker shows them to the data's owner only.
     """
 
     steps_done: int
     epoch: int
     fraction: float
+    scores: dict[str, float] | None = None
 
 
 class TrainingCallbacks(Protocol):

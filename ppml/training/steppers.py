@@ -100,13 +100,7 @@ class PrivateStepper:
         self._gsm: GradSampleModule | None = None
         self._optimizer: torch.optim.Optimizer
         if dp.engine == "fast" or (dp.engine == "auto" and not unsupported_layers(module)):
-            self._engine = FastDPEngine(
-                module,
-                noise_multiplier=dp.noise_multiplier,
-                max_grad_norm=dp.max_grad_norm,
-                expected_batch_size=plan.batch_size,
-                generator=generator,
-            )
+            self._engine = self._fast_engine(module, plan, dp, generator)
             self._optimizer = OPTIMIZERS[plan.optimizer](
                 list(module.parameters()), plan.learning_rate, plan.momentum
             )
@@ -125,6 +119,17 @@ class PrivateStepper:
                 loss_reduction="mean",
                 generator=generator,
             )
+
+    def _fast_engine(
+        self, module: nn.Module, plan: TrainingPlan, dp: DPPlan, generator: torch.Generator
+    ) -> FastDPEngine:
+        return FastDPEngine(
+            module,
+            noise_multiplier=dp.noise_multiplier,
+            max_grad_norm=dp.max_grad_norm,
+            expected_batch_size=plan.batch_size,
+            generator=generator,
+        )
 
     def step(self, step_index: int) -> None:
         del step_index  # every step samples afresh; nothing depends on the index

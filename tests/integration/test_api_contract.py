@@ -103,7 +103,9 @@ def test_auth_is_required_and_admin_routes_need_the_admin_token(client: TestClie
     assert client.get("/healthz").status_code == 200
     assert client.get("/readyz").status_code == 200
     assert client.get("/openapi.json").status_code == 200
-    assert "# TYPE ppml_jobs gauge" in client.get("/metrics").text
+    _assert_problem(client.get("/metrics"), 401)  # for operators: the admin token
+    _assert_problem(client.get("/metrics", headers=tenant), 401)
+    assert "# TYPE ppml_jobs gauge" in client.get("/metrics", headers=admin_headers()).text
 
 
 def test_tenant_names_are_unique(client: TestClient) -> None:

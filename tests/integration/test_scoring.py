@@ -13,7 +13,7 @@ from ppml.jobs.records import ArtifactRef, Artifacts, PrivacyRecord
 from ppml.jobs.runner import JobRunner
 from ppml.jobs.schedule import schedule
 from ppml.privacy import accounting as acc
-from ppml.storage import ArtifactStore
+from ppml.storage import LocalStore
 from tests.conftest import dp_job_spec
 
 
@@ -77,7 +77,7 @@ def test_a_worker_that_lost_its_job_discards_its_model_files(
         row = Repositories(session).job_by_id(job_id, lock=True)
         assert row is not None
         row.lease_owner = "worker-b"  # the reaper re-queued it and attempt 2 claimed it
-    store = ArtifactStore(settings.data_dir)
+    store = LocalStore(settings.data_dir)
     key = f"models/{job_id}.attempt-{job.attempts}.safetensors"
     with store.staging(".safetensors") as staged:
         staged.write_bytes(b"weights of a lost attempt")

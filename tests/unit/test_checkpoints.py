@@ -17,7 +17,7 @@ from sklearn.datasets import load_digits  # noqa: E402
 from ppml.datasets import record_keys  # noqa: E402
 from ppml.jobs.checkpoints import JobCheckpoints  # noqa: E402
 from ppml.specs import ModelSpec  # noqa: E402
-from ppml.storage import ArtifactStore  # noqa: E402
+from ppml.storage import LocalStore  # noqa: E402
 from ppml.training import DPPlan, TrainingPlan, train  # noqa: E402
 from ppml.training.checkpoint import load_checkpoint, save_checkpoint, start_of  # noqa: E402
 from ppml.training.federated import FederatedDP, FederatedPlan, train_federated  # noqa: E402
@@ -260,7 +260,7 @@ def test_a_resumed_client_level_dp_run_charges_every_round(
 
 def test_job_checkpoints_resume_from_the_newest_earlier_attempt(tmp_path: Path) -> None:
     # arrange
-    store = ArtifactStore(tmp_path)
+    store = LocalStore(tmp_path)
     files = JobCheckpoints(store, "job_a")
     neighbour = JobCheckpoints(store, "job_ab")
     files.save(1, {"kind": "centralised", "steps": 10})
@@ -281,7 +281,7 @@ def test_job_checkpoints_resume_from_the_newest_earlier_attempt(tmp_path: Path) 
 
 def test_a_planted_pickle_is_never_executed(tmp_path: Path) -> None:
     # arrange: a file that runs code when unpickled, where an attempt's checkpoint goes
-    store = ArtifactStore(tmp_path)
+    store = LocalStore(tmp_path)
     files = JobCheckpoints(store, "job_x")
     files.save(1, {"kind": "centralised", "steps": 10})
     marker = tmp_path / "pwned"

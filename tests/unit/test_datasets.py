@@ -33,7 +33,7 @@ from ppml.datasets import (
 )
 from ppml.datasets.split import held_out
 from ppml.errors import InvalidInput, MalformedFile, PayloadTooLarge, PPMLError
-from ppml.storage import ArtifactStore
+from ppml.storage import LocalStore
 
 SECRET = "8675309.25"  # planted in files; must never appear in an error
 SECRET_WORD = "hunter2-secret"
@@ -127,7 +127,7 @@ def test_sklearn_builtins_split_is_deterministic_per_secret(name: str) -> None:
 @pytest.fixture(scope="module")
 def mnist1d_cache(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, DatasetArrays]:
     cache_dir = tmp_path_factory.mktemp("mnist1d")
-    data = load_builtin("mnist1d", seed=1, cache=ArtifactStore(cache_dir), secret=KEY)
+    data = load_builtin("mnist1d", seed=1, cache=LocalStore(cache_dir), secret=KEY)
     return cache_dir, data
 
 
@@ -155,7 +155,7 @@ def test_mnist1d_is_cached_and_deterministic(
 
     # act
     start = time.perf_counter()
-    cached = load_builtin("mnist1d", seed=1, cache=ArtifactStore(cache_dir), secret=KEY)
+    cached = load_builtin("mnist1d", seed=1, cache=LocalStore(cache_dir), secret=KEY)
     cached_seconds = time.perf_counter() - start
     regenerated = load_builtin("mnist1d", seed=1, secret=KEY)
 

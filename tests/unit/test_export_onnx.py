@@ -16,7 +16,7 @@ import torch
 from ppml.architectures import ModelShape
 from ppml.inference import IntegrityError, ModelCache, load_model, softmax
 from ppml.specs import ModelSpec
-from ppml.storage import Artifact, ArtifactStore
+from ppml.storage import Artifact, LocalStore
 from ppml.training.export import export_onnx
 from ppml.training.models import build_model
 
@@ -46,7 +46,7 @@ def _model(arch: str, num_features: int, kwargs: dict[str, Any]) -> tuple[Any, d
     return module, metadata
 
 
-def _publish(store: ArtifactStore, name: str, module: Any, metadata: dict[str, str]) -> Artifact:
+def _publish(store: LocalStore, name: str, module: Any, metadata: dict[str, str]) -> Artifact:
     """Exports through the store, as the worker does."""
     weights = module.state_dict()
     return store.write(
@@ -60,7 +60,7 @@ def test_onnx_matches_pytorch_for_batches_of_1_and_17(
 ) -> None:
     # arrange
     module, metadata = _model(arch, num_features, kwargs)
-    store = ArtifactStore(tmp_path)
+    store = LocalStore(tmp_path)
     # act
     artifact = _publish(store, "model", module, metadata)
     path = store.path(artifact.key)
@@ -86,7 +86,7 @@ def test_onnx_matches_pytorch_for_batches_of_1_and_17(
 
 def test_receipt_sits_in_metadata_props(tmp_path: Path) -> None:
     module, metadata = _model("logreg", 4, {})
-    store = ArtifactStore(tmp_path)
+    store = LocalStore(tmp_path)
 
     artifact = _publish(store, "m", module, metadata)
     loaded = load_model(store.path(artifact.key), sha256=artifact.sha256)
@@ -109,7 +109,7 @@ def test_export_refuses_bad_metadata(tmp_path: Path) -> None:
 def test_loaded_model_predicts_labels_and_probabilities(tmp_path: Path) -> None:
     # arrange
     module, metadata = _model("mlp", 6, {"hidden_sizes": [8]})
-    store = ArtifactStore(tmp_path)
+    store = LocalStore(tmp_path)
     artifact = _publish(store, "m", module, metadata)
     loaded = load_model(store.path(artifact.key), sha256=artifact.sha256)
     x = np.random.default_rng(2).normal(size=(9, 6)).astype(np.float32)
@@ -139,7 +139,7 @@ def test_softmax_is_stable_for_large_logits() -> None:
 
 def test_model_cache_is_an_lru_keyed_by_job_and_digest(tmp_path: Path) -> None:
     # arrange: three artefacts, a cache of two
-    store, paths, digests = ArtifactStore(tmp_path), [], []
+    store, paths, digests = LocalStore(tmp_path), [], []
     for index in range(3):
         module, metadata = _model("logreg", 4, {})
         artifact = _publish(store, f"m{index}", module, metadata)
@@ -162,7 +162,7 @@ def test_model_cache_is_an_lru_keyed_by_job_and_digest(tmp_path: Path) -> None:
 
 def test_model_cache_is_safe_under_concurrent_use(tmp_path: Path) -> None:
     module, metadata = _model("logreg", 4, {})
-    store = ArtifactStore(tmp_path)
+    store = LocalStore(tmp_path)
     artifact = _publish(store, "m", module, metadata)
     path, digest = store.path(artifact.key), artifact.sha256
     cache = ModelCache(capacity=1)

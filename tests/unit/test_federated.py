@@ -18,7 +18,7 @@ torch = pytest.importorskip("torch")
 
 from ppml.datasets import load_builtin  # noqa: E402
 from ppml.specs import ModelSpec  # noqa: E402
-from ppml.storage import ArtifactStore  # noqa: E402
+from ppml.storage import LocalStore  # noqa: E402
 from ppml.training.dp_sgd import train  # noqa: E402
 from ppml.training.federated import (  # noqa: E402
     DPFedAvgClientLevel,
@@ -384,6 +384,8 @@ def test_progress_reports_round_numbers() -> None:
     assert recorder.progress[-1].fraction == 1.0
     assert [h["round"] for h in result.history] == [2.0, 3.0]  # every 2nd and the last
     assert all(result.metrics[k] == v for k, v in result.history[-1].items() if k in result.metrics)
+    # a scored round's report carries that round's scores (the live history), others none
+    assert [p.scores for p in recorder.progress] == [None, *result.history]
 
 
 def test_column_partition_and_inconsistent_settings() -> None:
@@ -520,7 +522,7 @@ def test_fedavg_on_dirichlet_mnist1d_nears_centralised_accuracy(
 ) -> None:
     # arrange: the same MLP and optimiser settings; centralised for 20 epochs, federated
     # for 40 rounds of 2 local epochs on 20 Dirichlet(0.5) clients
-    data = load_builtin("mnist1d", cache=ArtifactStore(tmp_path_factory.mktemp("mnist1d")))
+    data = load_builtin("mnist1d", cache=LocalStore(tmp_path_factory.mktemp("mnist1d")))
     arrays = {
         "x_train": data.x_train,
         "y_train": data.y_train,

@@ -16,6 +16,8 @@ from ppml.db.repositories import Repositories
 from ppml.jobs import lifecycle
 from ppml.jobs.heartbeat import Heartbeat
 from ppml.jobs.records import Progress
+from ppml.privacy.evaluation import ExactScores
+from ppml.training.plans import Progress as TrainingProgress
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -113,11 +115,15 @@ class _Outage:
     def __init__(self) -> None:
         self.down = False
         self.beats = 0
+        self.scores: list[ExactScores | None] = []  # what each beat that got through carried
 
-    def __call__(self, job_id: str, progress: Progress, steps: int) -> tuple[bool, bool]:
+    def __call__(
+        self, job_id: str, progress: Progress, steps: int, scores: ExactScores | None
+    ) -> tuple[bool, bool]:
         if self.down:
             raise OperationalError("UPDATE jobs", {}, Exception("connection refused"))
         self.beats += 1
+        self.scores.append(scores)
         return True, False
 
 
@@ -134,8 +140,28 @@ def _beating(monkeypatch: pytest.MonkeyPatch) -> tuple[list[float], _Outage, Hea
         last=Progress(fraction=0.0, epoch=0, steps=0),
         last_beat=clock[0],
         last_renewal=clock[0],
+        started=clock[0],
     )
     return clock, target, beat
+
+
+def test_a_report_says_the_time_left_at_the_claims_pace_and_carries_scores_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # arrange: a claim that started at 0, and a clock we move by hand
+    clock, target, beat = _beating(monkeypatch)
+    scores = {"test_accuracy": 0.5, "test_loss": 1.0, "rows": 10.0, "units": 10.0}
+    # act: a quarter done after 10 s (scored: an epoch end), then half after 20 s
+    clock[0] += 10.0
+    beat.on_progress(TrainingProgress(steps_done=25, epoch=1, fraction=0.25, scores=scores))
+    first, sent = beat.last, list(target.scores)
+    clock[0] += 10.0
+    beat.on_progress(TrainingProgress(steps_done=50, epoch=2, fraction=0.5))
+    # assert: 30 s left, then 20 s; the scores went with the first beat only, with the epoch
+    assert first.eta_seconds == 30.0 and beat.last.eta_seconds == 20.0
+    assert [s.epoch if s else None for s in sent] == [1]
+    assert target.scores == [sent[0], None] and sent[0] is not None
+    assert sent[0].test_accuracy == 0.5
 
 
 def test_a_database_outage_shorter_than_the_lease_does_not_stop_training(

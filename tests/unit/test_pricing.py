@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import pytest
+from pydantic import ValidationError
 
 from ppml.config import Settings
 from ppml.db.models import Dataset
 from ppml.errors import InvalidInput
 from ppml.services.pricing import price
-from ppml.specs import JobSpec
+from ppml.specs import JobSpec, request_hash
 
 
 def one_feature_dataset() -> Dataset:
@@ -54,3 +55,63 @@ def test_two_channels_on_a_length_one_signal_are_priced() -> None:
     pricing = price(cnn_spec([4, 2]), one_feature_dataset(), Settings())
 
     assert pricing.event is None  # non-private: priced, nothing to reserve
+
+
+def gpus_spec(gpus: int, *, private: bool = True) -> JobSpec:
+    return JobSpec.model_validate(
+        {
+            "name": "wide",
+            "dataset_id": "ds_one",
+            "model": {"arch": "logreg"},
+            "training": {"epochs": 1, "batch_size": 50, "learning_rate": 0.1},
+            "privacy": {"target_epsilon": 1.0} if private else None,
+            "resources": {"gpus": gpus},
+        }
+    )
+
+
+def budgeted_dataset() -> Dataset:
+    dataset = one_feature_dataset()
+    dataset.epsilon_total, dataset.delta_total = 8.0, 1e-5
+    return dataset
+
+
+def test_more_gpus_than_workers_have_is_a_422_naming_the_field_and_the_limit() -> None:
+    settings = Settings(limits={"max_job_gpus": 2})
+
+    with pytest.raises(InvalidInput, match="asks for 3 GPUs") as refused:
+        price(gpus_spec(3), budgeted_dataset(), settings)
+
+    assert refused.value.field == "resources.gpus"
+    assert refused.value.extra["limit"] == 2
+
+
+def test_a_dp_job_on_as_many_gpus_as_allowed_is_priced_as_on_one() -> None:
+    settings = Settings(limits={"max_job_gpus": 2})
+
+    wide = price(gpus_spec(2), budgeted_dataset(), settings)
+    narrow = price(gpus_spec(1), budgeted_dataset(), settings)
+
+    # the noise is added once to the global sum, so σ and the charge do not change
+    assert wide.event is not None and narrow.event is not None
+    assert wide.event.noise_multiplier == narrow.event.noise_multiplier
+    assert wide.epsilon == narrow.epsilon
+
+
+def test_several_gpus_for_a_non_private_job_are_refused() -> None:
+    settings = Settings(limits={"max_job_gpus": 4})
+
+    with pytest.raises(InvalidInput, match="centralised DP-SGD training only") as refused:
+        price(gpus_spec(2, private=False), one_feature_dataset(), settings)
+
+    assert refused.value.field == "resources.gpus"
+
+
+def test_zero_gpus_do_not_validate_and_the_default_keeps_the_request_hash() -> None:
+    with pytest.raises(ValidationError):
+        gpus_spec(0)
+    plain = gpus_spec(1).model_dump(mode="json")
+    del plain["resources"]
+
+    assert request_hash(JobSpec.model_validate(plain)) == request_hash(gpus_spec(1))
+    assert request_hash(gpus_spec(2)) != request_hash(gpus_spec(1))

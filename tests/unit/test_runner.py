@@ -21,6 +21,7 @@ from ppml.jobs.records import ArtifactRef, Artifacts, Progress
 from ppml.jobs.runner import ClaimUnavailable, JobRunner
 from ppml.jobs.schedule import Schedule, unreported_steps
 from ppml.privacy import accounting as acc
+from ppml.privacy.evaluation import ExactScores
 from ppml.privacy.ledger import budget_status
 from ppml.queue import make_celery
 from ppml.specs import JobSpec
@@ -154,11 +155,13 @@ class CancelAtFirstReport(JobRunner):
         self.world = world
         self.cancelled_at: int | None = None
 
-    def heartbeat(self, job_id: str, progress: Progress, steps: int) -> tuple[bool, bool]:
+    def heartbeat(
+        self, job_id: str, progress: Progress, steps: int, scores: ExactScores | None = None
+    ) -> tuple[bool, bool]:
         if steps > 0 and self.cancelled_at is None:
             self.world.service.cancel(self.world.tenant_id, job_id)
             self.cancelled_at = steps
-        return super().heartbeat(job_id, progress, steps)
+        return super().heartbeat(job_id, progress, steps, scores)
 
 
 def test_a_cancel_requested_mid_run_ends_the_job_cancelled_charging_only_the_steps_run(

@@ -23,7 +23,7 @@ from sklearn.model_selection import train_test_split  # noqa: E402
 
 from ppml.architectures import ARCHITECTURES, ModelShape  # noqa: E402
 from ppml.specs import ModelSpec  # noqa: E402
-from ppml.storage import ArtifactStore  # noqa: E402
+from ppml.storage import LocalStore  # noqa: E402
 from ppml.training import (  # noqa: E402
     DPPlan,
     TrainingPlan,
@@ -225,6 +225,22 @@ def test_progress_is_reported_every_epoch_with_monotone_steps(dp_digits_run: tup
     assert recorder.progress[-1].steps_done == result.steps_done
 
 
+def test_each_epoch_end_reports_the_models_held_out_scores_and_training_goes_on(
+    dp_digits_run: tuple, digits: Digits
+) -> None:
+    result, plan, _dp, recorder = dp_digits_run
+    # assert: scores at every epoch end and nowhere else, over every held-out row
+    scored = [p for p in recorder.progress if p.scores is not None]
+    assert [p.steps_done for p in scored] == [
+        plan.steps_per_epoch * e for e in range(1, plan.epochs + 1)
+    ]
+    assert all(p.scores["rows"] == len(digits.y_test) for p in scored)
+    assert all(0.0 <= p.scores["test_accuracy"] <= 1.0 for p in scored)
+    # the last epoch's scores are the final model's: scoring left it training as before
+    assert scored[-1].scores["test_accuracy"] == result.metrics["test_accuracy"]
+    assert scored[-1].scores["test_loss"] == pytest.approx(result.metrics["test_loss"])
+
+
 def test_should_stop_cancels_after_k_steps(digits: Digits) -> None:
     # arrange
     plan = make_plan(len(digits.x_train), epochs=3)
@@ -331,7 +347,7 @@ def test_export_round_trip_through_the_store(tmp_path: Path, arch: str) -> None:
     shape = ModelShape(model=spec_of(arch), num_features=10, num_classes=4)
     model = build_model(shape.model, num_features=10, num_classes=4).eval()
     metadata = {"architecture": shape.to_metadata(), "epsilon": "2.99", "delta": "1e-05"}
-    store = ArtifactStore(tmp_path)
+    store = LocalStore(tmp_path)
     x = torch.randn(5, 10)
 
     # act

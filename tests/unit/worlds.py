@@ -67,7 +67,7 @@ class RunnerWorld(Reads):
             )
         return dataset.id
 
-    def submit(self, *, private: bool, epochs: int = 1) -> str:
+    def submit(self, *, private: bool, epochs: int = 1, gpus: int = 1) -> str:
         """A tiny logistic regression: on public digits, or DP on budgeted digits."""
         dataset_id = self.digits(epsilon=8.0 if private else None)
         privacy = {"target_epsilon": 2.0, "delta": 1e-5} if private else None
@@ -78,6 +78,7 @@ class RunnerWorld(Reads):
                 "model": {"arch": "logreg"},
                 "training": {"epochs": epochs, "batch_size": 64, "learning_rate": 0.1},
                 "privacy": privacy,
+                "resources": {"gpus": gpus},
             }
         )
         job, created = self.service.submit(self.tenant_id, spec)

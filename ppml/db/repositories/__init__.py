@@ -12,9 +12,10 @@ from ppml.db.repositories.datasets import DatasetQueries
 from ppml.db.repositories.jobs import JobQueries
 from ppml.db.repositories.ledger import LedgerQueries
 from ppml.db.repositories.tenants import TenantQueries
+from ppml.db.repositories.webhooks import WebhookQueries
 
 __all__ = ["TERMINAL", "Page", "Repositories"]
 
 
-class Repositories(TenantQueries, DatasetQueries, JobQueries, LedgerQueries):
+class Repositories(TenantQueries, DatasetQueries, JobQueries, LedgerQueries, WebhookQueries):
     """Typed queries over one session."""

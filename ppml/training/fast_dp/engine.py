@@ -175,6 +175,12 @@ class FastDPEngine:
             calls.append(layer_calls)
         return calls
 
+    @property
+    def flat_grad(self) -> Tensor:
+        """Every trainable ``p.grad`` as one buffer (they are views of it): one all-reduce
+        of this tensor sums the gradients of data-parallel replicas."""
+        return self._flat
+
     def noise_only(self) -> None:
         """The update of an empty batch: noise alone, ``N(0, σ²C²) / B_expected``."""
         with torch.no_grad():

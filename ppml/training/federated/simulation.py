@@ -199,7 +199,11 @@ class _Simulation:
 
 
 def _report(
-    callbacks: TrainingCallbacks | None, fed: FederatedPlan, rounds_done: int, per_round: int
+    callbacks: TrainingCallbacks | None,
+    fed: FederatedPlan,
+    rounds_done: int,
+    per_round: int,
+    scores: dict[str, float] | None = None,
 ) -> None:
     if callbacks is not None:
         callbacks.on_progress(
@@ -208,6 +212,7 @@ def _report(
                 epoch=rounds_done * fed.local_epochs,
                 fraction=rounds_done / fed.rounds,
                 round=rounds_done,
+                scores=scores,
             )
         )
 
@@ -310,7 +315,8 @@ def train_federated(
             break
         params, clients = sim.run_round(round_index, params)
         rounds_done = round_index + 1
-        if rounds_done % fed.eval_every == 0 or rounds_done == fed.rounds:
+        scored = rounds_done % fed.eval_every == 0 or rounds_done == fed.rounds
+        if scored:
             layout.load(module, params)
             entry = {"round": float(rounds_done), **score(module, x_te, y_te, plan)}
             if dp is None or dp.level != "client":
@@ -326,7 +332,7 @@ def train_federated(
                 "history": [dict(entry) for entry in history],
             }
             checkpoint(snapshot(state))
-        _report(callbacks, fed, rounds_done, per_round)
+        _report(callbacks, fed, rounds_done, per_round, history[-1] if scored else None)
     if stopped and rounds_done == start:
         _report(callbacks, fed, start, per_round)  # the only report a job stopped at once gets
     layout.load(module, params)
