@@ -8,7 +8,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
 
 from api.deps import AdminAuth, DatabaseDep
-from api.errors import problem
+from api.errors import PROBLEM_MEDIA_TYPE, problem
 from api.events import StreamSlots
 from api.schemas import Problem
 from ppml.db.repositories import Repositories
@@ -52,7 +52,11 @@ _ADMIN_ONLY = "The admin token (Authorization: Bearer $PPML_ADMIN_TOKEN) is miss
     response_class=PlainTextResponse,
     responses={
         200: {"content": {"text/plain": {}}, "description": "Prometheus text format."},
-        401: {"model": Problem, "description": _ADMIN_ONLY},
+        # No "model": FastAPI would file the Problem under this route's text/plain.
+        401: {
+            "content": {PROBLEM_MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}},
+            "description": _ADMIN_ONLY,
+        },
     },
 )
 def get_metrics(_admin: AdminAuth, db: DatabaseDep, request: Request) -> Response:
