@@ -11,7 +11,7 @@ from typing import Any
 from celery import Celery
 from kombu import Queue
 
-from ppml import telemetry
+from ppml import fsbroker, telemetry
 from ppml.config import Settings
 
 __all__ = [
@@ -54,6 +54,9 @@ def make_celery(settings: Settings) -> Celery:
             polling_interval=0.1,
         )
     queue = settings.worker.queue
+    if settings.resolved_broker_url.startswith("filesystem://"):
+        # kombu's own transport can drop a message a consumer catches half-written.
+        app.conf.broker_transport = fsbroker.TRANSPORT
     app.conf.update(
         broker_transport_options=transport_options,
         broker_connection_retry_on_startup=True,
