@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import select
 import signal
 import subprocess
 import time
@@ -290,7 +292,7 @@ def test_quote_then_watch_reattach_ledger_and_predict(
 ) -> None:
     # arrange: a job long enough to interrupt its follower
     spec = yaml.safe_load((EXAMPLES / "dp_digits.yaml").read_text())
-    spec["training"]["epochs"] = 25
+    spec["training"]["epochs"] = 120
     path = tmp_path / "watched.yaml"
     path.write_text(yaml.safe_dump(spec))
     # act: quote (nothing reserved), then submit without waiting
@@ -311,9 +313,14 @@ def test_quote_then_watch_reattach_ledger_and_predict(
         stderr=subprocess.PIPE,
         text=True,
     )
-    time.sleep(3)
+    # Without a terminal the live bar is drawn only at the end: wait for the follower's
+    # first line, then for the job's backlog of events to reach it.
+    seen = _read_until(watcher, "following job", timeout=60)
+    time.sleep(1)
     watcher.send_signal(signal.SIGINT)
-    _out, interrupted = watcher.communicate(timeout=30)
+    _out, rest = watcher.communicate(timeout=30)
+    interrupted = seen + rest
+    assert "--after " in interrupted, interrupted
     after = interrupted.rsplit("--after ", 1)[1].split(")")[0].strip()
     resumed = _run(["jobs", "watch", job_id, "--after", after], env)
     ledger = json.loads(_run(["datasets", "ledger", digits, "--json"], env).stdout)
@@ -325,7 +332,7 @@ def test_quote_then_watch_reattach_ledger_and_predict(
     assert watcher.returncode == 130, interrupted
     assert f"re-attach: ppml jobs watch {job_id} --after {after}" in interrupted
     assert int(after) >= 1
-    assert f"job {job_id} succeeded" in resumed.stderr and "epoch 25/25" in resumed.stderr
+    assert f"job {job_id} succeeded" in resumed.stderr and "epoch 120/120" in resumed.stderr
     assert "loss " in resumed.stderr and "acc " in resumed.stderr  # the released metrics
     kinds = [e["kind"] for e in ledger if e["job_id"] == job_id]
     assert kinds[0] == "reserve" and "commit" in kinds
@@ -345,6 +352,19 @@ def test_quote_then_watch_reattach_ledger_and_predict(
     assert len(from_json["predictions"]) == 3 and len(from_json["probabilities"][0]) == 10
     assert all(str(p) in from_csv for p in from_json["predictions"])
     assert "HTTP 422" in narrow.stderr
+
+
+def _read_until(proc: subprocess.Popen[str], marker: str, *, timeout: float) -> str:
+    """What ``proc`` wrote to stderr up to and including ``marker``."""
+    assert proc.stderr is not None
+    fd = proc.stderr.fileno()
+    seen, deadline = b"", time.monotonic() + timeout
+    while marker.encode() not in seen:
+        assert time.monotonic() < deadline and proc.poll() is None, seen
+        ready, _, _ = select.select([fd], [], [], 0.1)
+        if ready:
+            seen += os.read(fd, 4096)
+    return seen.decode()
 
 
 def test_quote_over_budget_exits_3_with_the_largest_epsilon_that_fits(
