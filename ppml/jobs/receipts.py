@@ -121,6 +121,18 @@ def _mechanisms(privacy: PrivacyRecord) -> list[dict[str, Any]]:
     """Each mechanism the job ran on its data, with its own ε at the job's δ (their RDP
     composition is the ε charged, ``epsilon`` of the receipt's privacy section)."""
     event = privacy.event(privacy.steps)
+    if privacy.mechanism == "gnmax":  # PATE's answers, charged as they are asked
+        return [
+            {
+                "name": "predictions",
+                "mechanism": "gnmax",
+                "unit": privacy.unit,
+                "noise_multiplier": privacy.noise_multiplier,
+                "queries": privacy.queries,
+                "zcdp_rho": privacy.zcdp_rho,
+                "epsilon": acc.epsilon(acc.zcdp_curve(privacy.zcdp_rho), privacy.delta),
+            }
+        ]
     if privacy.zcdp_rho:  # a zCDP mechanism run once (synthetic data: MST)
         return [
             {

@@ -97,7 +97,14 @@ class PrivacyRecord(_Record):
         description="rho of a mechanism stated in zCDP (synthetic data: MST), charged as α·rho.",
     )
     mechanism: str | None = Field(
-        default=None, description="That mechanism's name (mst); null for DP-SGD jobs."
+        default=None,
+        description="That mechanism's name (mst, gnmax); null for DP-SGD jobs.",
+    )
+    queries: int = Field(
+        default=0,
+        ge=0,
+        description="Answers charged so far (pate jobs: GNMax, noise_multiplier is its sigma "
+        "on the vote counts and zcdp_rho is queries/sigma²).",
     )
 
     def event(self, steps: int) -> acc.MechanismEvent:

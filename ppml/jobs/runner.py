@@ -30,6 +30,7 @@ from ppml.jobs import lifecycle
 from ppml.jobs.attempt import publish_model, train_federated_job
 from ppml.jobs.checkpoints import JobCheckpoints
 from ppml.jobs.heartbeat import Heartbeat, progress_at
+from ppml.jobs.pate import pate_ending
 from ppml.jobs.records import (
     Artifacts,
     JobError,
@@ -150,6 +151,17 @@ class JobRunner:
                 job,
                 dataset,
                 arrays=lambda: self._arrays(dataset),
+                renew=lambda: self.heartbeat(job_id, job.progress, 0),
+                lease_seconds=self.settings.worker.lease_seconds,
+            )
+            return "lost" if ending is None else self._finish(job, ending)
+        if spec.kind == "pate":  # teachers, no steps and no charge (ppml.jobs.pate)
+            ending = pate_ending(
+                self.store,
+                job,
+                dataset,
+                arrays=lambda: self._arrays(dataset),
+                secret=lambda: open_secret(self.data_keys, dataset.id, dataset.split_secret),
                 renew=lambda: self.heartbeat(job_id, job.progress, 0),
                 lease_seconds=self.settings.worker.lease_seconds,
             )
