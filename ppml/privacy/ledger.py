@@ -130,6 +130,8 @@ class Ledger:
         holding the budget lock.
         """
         used = acc.add(_curve(budget.committed), _curve(budget.reserved))
+        if not (event.steps or event.zcdp_rho or event.eval_releases):
+            return None  # a job that costs nothing (pate: its answers are charged apart)
         if event.zcdp_rho:  # a zCDP mechanism (MST): the largest rho that fits, as ε
             return largest_fitting_zcdp(
                 used=used,

@@ -92,7 +92,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
 def _ledger(world: World) -> list[dict[str, Any]]:
     page = world.owner.get(f"/v1/datasets/{world.dataset_id}/ledger", params={"page_size": 200})
     assert page.status_code == 200, page.text
-    items: list[dict[str, Any]] = page.json()["items"]
+    # In chain order: ids made in the same millisecond do not sort by time.
+    items: list[dict[str, Any]] = sorted(page.json()["items"], key=lambda e: e["seq"])
     return items
 
 
@@ -111,6 +112,7 @@ def test_the_job_is_admitted_for_nothing_and_its_teachers_stay_private(world: Wo
         for fmt in ("safetensors", "onnx")
     ]
     card = world.analyst.get(f"/v1/jobs/{job_id}/model/card")
+    quote = world.analyst.post("/v1/jobs/quote", json=_spec(world.dataset_id))
     # assert: a zero reservation released at the end; no route serves the teachers
     assert world.job["status"] == "succeeded", world.job
     assert sorted(e["kind"] for e in entries) == ["release", "reserve"]
@@ -120,6 +122,9 @@ def test_the_job_is_admitted_for_nothing_and_its_teachers_stay_private(world: Wo
     assert card.status_code == 409
     assert world.job["privacy"]["mechanism"] == "gnmax"
     assert world.job["privacy"]["queries"] == 0
+    assert quote.status_code == 200, quote.text
+    assert quote.json()["epsilon"] == 0 and quote.json()["fits_budget"] is True
+    assert quote.json()["noise_multiplier"] == world.job["privacy"]["noise_multiplier"]
 
 
 def test_answers_are_labels_only_and_each_batch_is_charged_once(world: World) -> None:
@@ -165,7 +170,8 @@ def test_a_batch_costs_at_least_the_reference_gnmax_bound(world: World) -> None:
 def test_the_receipt_lists_the_answers_charged_so_far(world: World) -> None:
     # arrange
     job_id = world.job["id"]
-    _predict(world.owner, job_id, world.rows[:2])
+    by_owner = _predict(world.owner, job_id, world.rows[:2])
+    assert by_owner.status_code == 200 and set(by_owner.json()) == ANSWER_FIELDS
     total = world.analyst.get(f"/v1/jobs/{job_id}").json()["privacy"]["queries"]
     # act
     receipt = world.analyst.get(f"/v1/jobs/{job_id}/receipt")
