@@ -23,6 +23,7 @@ __all__ = [
     "PateSpec",
     "PrivacySpec",
     "ResourcesSpec",
+    "StudentSpec",
     "SynthesizeSpec",
     "TrainingSpec",
     "request_hash",
@@ -216,6 +217,24 @@ class SynthesizeSpec(_Spec):
         return self
 
 
+class StudentSpec(_Spec):
+    """A student model trained by a pate job on public rows its teachers label (GNMax)."""
+
+    public_dataset_id: str = Field(
+        min_length=1,
+        max_length=40,
+        description="A public dataset (no budget) of the tenant with the same features: its "
+        "rows, in order, are the student's inputs; its labels are never read.",
+    )
+    queries: int = Field(
+        strict=True,
+        ge=1,
+        le=100_000,
+        description="How many of those rows the teachers label (the first ones, train split "
+        "then test split): the student's cost is this many answers, reserved at admission.",
+    )
+
+
 class PateSpec(_Spec):
     """Private prediction with PATE (``kind: pate``): ``teachers`` models trained without DP
     on disjoint partitions of the training records, answering through the Gaussian noisy
@@ -240,6 +259,12 @@ class PateSpec(_Spec):
         le=100,
         description="Instead of sigma: the ε of one answer at the dataset's δ; sigma is the "
         "smallest whose one-answer curve converts to at most this ε.",
+    )
+
+    student: StudentSpec | None = Field(
+        default=None,
+        description="Train and release a student model on public rows labelled by the "
+        "teachers; null: the teachers only answer POST /v1/jobs/{id}/predict.",
     )
 
     @model_validator(mode="after")

@@ -65,10 +65,11 @@ def _require_files(job: Job) -> None:
 
 def _artifact(job: Job, fmt: str = "safetensors") -> tuple[str, str]:
     """Store key and sha256 of a succeeded job's artefact in ``fmt``; 409 otherwise."""
-    if job.spec.kind == "pate":
+    pate = job.spec.pate
+    if pate is not None and pate.student is None:
         raise ModelNotReady(
             "a pate job's teachers are private and never downloaded: ask for labels with "
-            "POST /v1/jobs/{id}/predict (each answer is charged)",
+            "POST /v1/jobs/{id}/predict (each answer is charged), or train a student",
             job_kind="pate",
         )
     if job.status != JobStatus.SUCCEEDED:
@@ -190,7 +191,7 @@ def _json(receipt: dict[str, str], key: str, default: Any) -> Any:
 def get_model_card(job: OwnedJob, store: StoreDep) -> ModelCard:
     """The privacy receipt, released held-out metrics and artefact digests of a trained model."""
     key, _ = _artifact(job)
-    files = job.artifacts.root if job.artifacts is not None else {}
+    files = job.artifacts.released() if job.artifacts is not None else {}
     digests = {fmt: {"sha256": ref.sha256} for fmt, ref in files.items()}
     if job.receipt is None:  # a model published before receipts were stored on the job
         _require_files(job)

@@ -11,7 +11,8 @@ the partitions"). The teachers are never released: no route serves them.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
@@ -22,10 +23,14 @@ from ppml.datasets.keys import record_keys, uniform
 from ppml.db.models import Dataset, Job, JobStatus
 from ppml.jobs import lifecycle
 from ppml.jobs.receipts import build_receipt, file_metadata
-from ppml.jobs.records import ArtifactRef, Artifacts
+from ppml.jobs.records import ArtifactRef, Artifacts, JobError, Receipt
 from ppml.jobs.synthesis import leased_ending
+from ppml.privacy.gnmax import noisy_argmax, vote_counts
 from ppml.services.pate import PARTITION_DOMAIN, TEACHERS
 from ppml.storage import ArtifactStore
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["pate_ending", "pate_job", "teacher_partitions"]
 
@@ -48,13 +53,23 @@ def pate_job(
     *,
     secret: str,
     cancelled: Callable[[], bool],
+    public: Callable[[str], DatasetArrays] | None = None,
 ) -> lifecycle.Ending:
-    """Train the teachers and publish them (privately); the ending the runner finishes with."""
+    """Train the teachers and publish them (privately), and the student if the spec asks
+    (``public`` loads its public dataset by id); the ending the runner finishes with."""
     from ppml.training.export import export_ensemble
     from ppml.training.pate import train_teachers
 
     pate, privacy = job.spec.pate, job.privacy
     assert pate is not None and privacy is not None
+    inputs = None
+    if pate.student is not None:
+        assert public is not None
+        try:  # before any private row is read: a failure here is released whole
+            inputs = public(pate.student.public_dataset_id)
+        except Exception as exc:
+            error = JobError(code="student_data", message=type(exc).__name__)
+            return lifecycle.Ending(status=JobStatus.FAILED, steps=None, note="failed", error=error)
     partitions = teacher_partitions(
         arrays, secret=secret, teachers=pate.teachers, seed=job.spec.training.seed
     )
@@ -96,7 +111,11 @@ def pate_job(
     graph = store.write(
         f"{stem}.teachers.onnx", lambda path: export_ensemble(path, weights, metadata=metadata)
     )
-    artifacts = Artifacts({TEACHERS: ArtifactRef(key=graph.key, sha256=graph.sha256)})
+    files = {TEACHERS: ArtifactRef(key=graph.key, sha256=graph.sha256)}
+    if inputs is not None:
+        student, receipt = _student(store, job, dataset, inputs, weights, receipt)
+        files.update(student)
+    artifacts = Artifacts(files)
     return lifecycle.Ending(
         status=JobStatus.SUCCEEDED, steps=0, note="succeeded", artifacts=artifacts, receipt=receipt
     )
@@ -111,6 +130,7 @@ def pate_ending(
     secret: Callable[[], str | None],
     renew: Callable[[], tuple[bool, bool]],
     lease_seconds: float,
+    public: Callable[[str], DatasetArrays] | None = None,
 ) -> lifecycle.Ending | None:
     """Run a claimed pate job under its lease (``ppml.jobs.synthesis.leased_ending``); a
     cancel stops it between two teachers. None: the lease was lost."""
@@ -126,9 +146,58 @@ def pate_ending(
         if key is None:
             raise ValueError("the dataset has no split secret")
         return pate_job(
-            store, job, dataset, arrays(), secret=key, cancelled=lambda: state["cancel"]
+            store,
+            job,
+            dataset,
+            arrays(),
+            secret=key,
+            cancelled=lambda: state["cancel"],
+            public=public,
         )
 
     return leased_ending(
         store, job, run, renew=renewing, lease_seconds=lease_seconds, error_code="training_error"
     )
+
+
+def _student(
+    store: ArtifactStore,
+    job: Job,
+    dataset: Dataset,
+    public: DatasetArrays,
+    weights: Sequence[dict[str, torch.Tensor]],
+    teachers: Receipt,
+) -> tuple[dict[str, ArtifactRef], Receipt]:
+    """Label the first ``queries`` public rows by GNMax (their charge was reserved at
+    admission), train the student on them and publish it as an ordinary model, whose
+    receipt's cost is those answers."""
+    from ppml.training.export import export_onnx, save_model
+    from ppml.training.pate import teacher_logits, train_student
+
+    pate, privacy = job.spec.pate, job.privacy
+    assert pate is not None and pate.student is not None and privacy is not None
+    rows = np.concatenate([public.x_train, public.x_test])[: pate.student.queries]
+    model, training = job.spec.model, job.spec.training
+    logits = teacher_logits(weights, model=model, num_classes=dataset.num_classes, x=rows)
+    labels = noisy_argmax(vote_counts(logits, dataset.num_classes), privacy.noise_multiplier)
+    state = train_student(
+        x=rows, labels=labels, num_classes=dataset.num_classes, model=model, training=training
+    )
+    shape = ModelShape(
+        model=model, num_features=dataset.num_features, num_classes=dataset.num_classes
+    )
+    # The student is an ordinary model: its files state its shape (what loads it), and its
+    # receipt's privacy the answers it cost (mechanism gnmax, queries, rho, ε).
+    architecture = shape.as_dict()
+    receipt = teachers.model_copy(update={"architecture": architecture})
+    metadata = file_metadata(receipt)
+    stem = f"models/{job.id}.attempt-{job.attempts}.student"
+    weights_file = store.write(
+        f"{stem}.safetensors", lambda path: save_model(path, state, metadata=metadata)
+    )
+    graph = store.write(f"{stem}.onnx", lambda path: export_onnx(path, state, metadata=metadata))
+    files = {
+        "safetensors": ArtifactRef(key=weights_file.key, sha256=weights_file.sha256),
+        "onnx": ArtifactRef(key=graph.key, sha256=graph.sha256),
+    }
+    return files, receipt

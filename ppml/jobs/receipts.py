@@ -209,7 +209,8 @@ def receipt_bindings(repos: Repositories, job: Job) -> dict[str, Any]:
     head = repos.newest_ledger_entry(job.dataset_id)
     return {
         "job_id": job.id,
-        "artifacts": {fmt: {"sha256": ref.sha256} for fmt, ref in job.artifacts.root.items()},
+        # A pate job's teachers are private: not even their digest is bound.
+        "artifacts": {fmt: {"sha256": ref.sha256} for fmt, ref in job.artifacts.released().items()},
         "dataset": {
             "id": job.dataset_id,
             # The dataset's content fingerprint, once datasets have one.

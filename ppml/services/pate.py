@@ -25,6 +25,7 @@ from ppml.db.repositories import Repositories
 from ppml.db.session import Database
 from ppml.errors import BudgetExceeded, Conflict, InvalidInput
 from ppml.jobs.receipts import sign_release
+from ppml.jobs.records import PRIVATE_ARTIFACTS
 from ppml.privacy import accounting as acc
 from ppml.privacy import gnmax
 from ppml.privacy.ledger import Ledger, budget_status
@@ -39,12 +40,14 @@ __all__ = [
     "AnswerCharge",
     "PateNotReady",
     "charge_answers",
+    "check_student",
     "pate_event",
     "pate_sigma",
 ]
 
 #: Artefact name of a pate job's teachers (one ONNX graph; private, never downloadable).
 TEACHERS = "teachers"
+assert TEACHERS in PRIVATE_ARTIFACTS
 #: The partition's keyed-hash domain (``ppml.datasets.keys.record_keys``).
 PARTITION_DOMAIN = "pate-teachers"
 
@@ -91,8 +94,34 @@ def pate_sigma(pate: PateSpec, dataset: Dataset) -> float:
 
 
 def pate_event(spec: JobSpec, dataset: Dataset) -> acc.MechanismEvent:
-    """The event a pate job reserves at admission: GNMax with no answer yet (a zero curve)."""
-    return gnmax.gnmax_event(0, pate_sigma(check_pate(spec, dataset), dataset))
+    """The event a pate job reserves at admission: its student's answers, else none (a
+    zero curve)."""
+    pate = check_pate(spec, dataset)
+    student = pate.student.queries if pate.student is not None else 0
+    return gnmax.gnmax_event(student, pate_sigma(pate, dataset))
+
+
+def check_student(spec: JobSpec, dataset: Dataset, public: Dataset) -> None:
+    """Refuse a student whose public set cannot be its input (422)."""
+    student = spec.pate.student if spec.pate is not None else None
+    assert student is not None
+    field = "pate.student.public_dataset_id"
+    if public.epsilon_total is not None:
+        raise InvalidInput(
+            "the student's dataset has a privacy budget: it must be public", field=field
+        )
+    if public.num_features != dataset.num_features:
+        raise InvalidInput(
+            f"the student's dataset has {public.num_features} features; the teachers take "
+            f"{dataset.num_features}",
+            field=field,
+        )
+    rows = public.num_train + public.num_test
+    if student.queries > rows:
+        raise InvalidInput(
+            f"the student's dataset has {rows} rows; queries may not exceed that",
+            field="pate.student.queries",
+        )
 
 
 @dataclass(frozen=True, kw_only=True)

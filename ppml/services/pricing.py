@@ -52,10 +52,11 @@ class Pricing:
         """The job's privacy record at admission."""
         if self.event is None or self.delta is None:
             return None
-        if spec.privacy is None:  # a pate job: its answers are charged as they are asked
+        if spec.privacy is None:  # a pate job: its student's answers, reserved now
+            student = spec.pate.student if spec.pate is not None else None
             return PrivacyRecord(
-                target_epsilon=0.0,
-                epsilon_planned=0.0,
+                target_epsilon=self.epsilon,
+                epsilon_planned=self.epsilon,
                 epsilon_spent=None,
                 delta=self.delta,
                 noise_multiplier=self.event.noise_multiplier,
@@ -66,7 +67,9 @@ class Pricing:
                 unit="record",
                 grid_version=acc.GRID_VERSION,
                 evaluation=self.evaluation,
+                zcdp_rho=self.event.zcdp_rho,
                 mechanism=self.event.mechanism,
+                queries=student.queries if student is not None else 0,
             )
         return PrivacyRecord(
             target_epsilon=spec.privacy.target_epsilon,
@@ -339,14 +342,16 @@ def _price_synthesis(spec: JobSpec, dataset: Dataset, settings: Settings) -> Pri
 
 
 def _price_pate(spec: JobSpec, dataset: Dataset, settings: Settings) -> Pricing:
-    """A pate job: its teachers release nothing (a zero curve is reserved); each batch of
-    answers is charged when it is asked (ppml.services.pate)."""
+    """A pate job: its teachers release nothing; its student's answers are reserved (a zero
+    curve without a student); each later batch of answers is charged when it is asked
+    (ppml.services.pate)."""
     event = pate_event(spec, dataset)
     parameters = _check_limits(spec, dataset, settings)
+    assert dataset.delta_total is not None  # check_pate: a budgeted dataset
     return Pricing(
         schedule=schedule(spec, dataset),
         event=event,
-        epsilon=0.0,
+        epsilon=acc.epsilon(acc.rdp_curve(event), dataset.delta_total),
         delta=dataset.delta_total,
         evaluation=WITHHELD,
         compute=price_compute(spec, dataset, parameters, settings),

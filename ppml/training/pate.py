@@ -20,7 +20,7 @@ import torch
 from ppml.specs import ModelSpec, TrainingSpec
 from ppml.training.dp_sgd import TrainingPlan, initial_model, train
 
-__all__ = ["train_teachers"]
+__all__ = ["teacher_logits", "train_student", "train_teachers"]
 
 
 def _plan(model: ModelSpec, training: TrainingSpec, rows: int) -> TrainingPlan:
@@ -81,3 +81,50 @@ def train_teachers(
         )
         weights.append(result.state_dict)
     return weights
+
+
+def teacher_logits(
+    weights: Sequence[dict[str, torch.Tensor]],
+    *,
+    model: ModelSpec,
+    num_classes: int,
+    x: npt.NDArray[np.float32],
+) -> npt.NDArray[np.float32]:
+    """Every teacher's logits on ``x``: ``(n, k, K)``, as the exported graph computes them."""
+    from ppml.training.models import build_model
+
+    inputs = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    out = []
+    with torch.no_grad():
+        for state in weights:
+            module = build_model(model, num_features=x.shape[1], num_classes=num_classes)
+            module.load_state_dict(state)
+            out.append(module.eval()(inputs).numpy())
+    logits: npt.NDArray[np.float32] = np.stack(out, axis=1)
+    return logits
+
+
+def train_student(
+    *,
+    x: npt.NDArray[np.float32],
+    labels: npt.NDArray[np.int64],
+    num_classes: int,
+    model: ModelSpec,
+    training: TrainingSpec,
+    device: str | None = "cpu",
+) -> dict[str, torch.Tensor]:
+    """A student (no DP) on public rows and the teachers' noisy labels: post-processing of
+    the answers. Not scored here (held-out rows are protected)."""
+    plan = _plan(model, training, len(labels))
+    result = train(
+        x_train=x,
+        y_train=labels,
+        x_test=x[:1],
+        y_test=labels[:1],
+        num_classes=num_classes,
+        plan=plan,
+        dp=None,
+        device=device,
+    )
+    state: dict[str, torch.Tensor] = result.state_dict
+    return state

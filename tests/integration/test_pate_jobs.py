@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import math
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -184,6 +185,67 @@ def test_the_receipt_lists_the_answers_charged_so_far(world: World) -> None:
     bound = {e["id"] for e in payload["ledger"]["entries"] if e["kind"] == "commit"}
     assert bound == {e["id"] for e in charged}
     assert payload["ledger"]["chain_head"]["entry_id"] == _ledger(world)[-1]["id"]
+    assert payload["artifacts"] == {}  # the teachers' digest is not released either
+
+
+def _upload(owner: httpx.Client, form: dict[str, str], arrays: dict[str, Any]) -> str:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    upload = owner.post(
+        "/v1/datasets/upload", data=form, files={"file": ("d.npz", buffer.getvalue())}
+    )
+    assert upload.status_code == 202, upload.text
+    dataset_id = str(upload.json()["id"])
+    for _ in range(300):
+        shown = owner.get(f"/v1/datasets/{dataset_id}").json()
+        if shown["status"] != "validating":
+            break
+        time.sleep(0.2)
+    assert shown["status"] == "ready", shown
+    return dataset_id
+
+
+def test_a_student_is_released_as_a_model_whose_cost_is_its_answers(world: World) -> None:
+    # arrange: 60 public rows of breast_cancer's width, registered without a budget
+    rng = np.random.default_rng(5)
+    x = np.asarray(world.rows + world.rows[:20]) * rng.uniform(0.9, 1.1, (60, 30))
+    form = {"name": "public", "schema": '{"classes": ["0", "1"]}'}
+    public = _upload(world.analyst, form, {"x": x, "y": rng.integers(0, 2, 60)})
+    spec = _spec(world.dataset_id, query_epsilon=None, sigma=40.0)
+    spec["pate"]["student"] = {"public_dataset_id": public, "queries": 20}
+    quote = world.analyst.post("/v1/jobs/quote", json=spec).json()
+    # act
+    submitted = world.analyst.post("/v1/jobs", json=spec)
+    assert submitted.status_code == 202, submitted.text
+    job = wait_for_status(world.analyst, submitted.json()["id"], {"succeeded", "failed"}, 300)
+    model = world.analyst.get(f"/v1/jobs/{job['id']}/model", params={"format": "onnx"})
+    card = world.analyst.get(f"/v1/jobs/{job['id']}/model/card").json()
+    receipt = world.analyst.get(f"/v1/jobs/{job['id']}/receipt").json()["receipt"]
+    entries = [e for e in _ledger(world) if e["job_id"] == job["id"]]
+    # assert: its answers were reserved at admission and committed whole
+    assert job["status"] == "succeeded", job
+    assert quote["epsilon"] > 0 and job["privacy"]["queries"] == 20
+    assert [e["kind"] for e in entries] == ["reserve", "commit", "release"]
+    assert entries[1]["epsilon"] == pytest.approx(quote["epsilon"])
+    assert job["privacy"]["epsilon_spent"] == pytest.approx(quote["epsilon"])
+    assert model.status_code == 200 and len(model.content) > 0
+    assert card["privacy"]["epsilon"] == pytest.approx(quote["epsilon"])
+    (mechanism,) = receipt["privacy"]["mechanisms"]
+    assert mechanism["mechanism"] == "gnmax" and mechanism["queries"] == 20
+    # not even the teachers' digest leaves: the card and the receipt show the student's
+    assert set(card["artifacts"]) == {"safetensors", "onnx"}
+    assert set(receipt["artifacts"]) == {"safetensors", "onnx"}
+    wrong = world.analyst.post(
+        "/v1/jobs",
+        json={
+            **spec,
+            "pate": {
+                **spec["pate"],
+                "student": {"public_dataset_id": world.dataset_id, "queries": 5},
+            },
+        },
+    )
+    assert wrong.status_code == 422, wrong.text
 
 
 def test_concurrent_batches_never_overspend_and_a_spent_budget_is_a_409(world: World) -> None:
@@ -239,8 +301,6 @@ def test_wrong_requests_are_clear_4xx_problems(world: World) -> None:
 
 def _client_unit_dataset(owner: httpx.Client) -> str:
     rng = np.random.default_rng(0)
-    buffer = io.BytesIO()
-    np.savez(buffer, x=rng.random((300, 4)), y=rng.integers(0, 2, 300), clients=np.arange(300) % 30)
     form = {
         "name": "clients",
         "client_column": "clients",
@@ -249,17 +309,8 @@ def _client_unit_dataset(owner: httpx.Client) -> str:
         "privacy_unit": "client",
         "schema": '{"classes": ["0", "1"]}',
     }
-    upload = owner.post(
-        "/v1/datasets/upload", data=form, files={"file": ("d.npz", buffer.getvalue())}
-    )
-    assert upload.status_code == 202, upload.text
-    dataset_id = str(upload.json()["id"])
-    for _ in range(300):
-        shown = owner.get(f"/v1/datasets/{dataset_id}").json()
-        if shown["status"] != "validating":
-            break
-    assert shown["status"] == "ready", shown
-    return dataset_id
+    arrays = {"x": rng.random((300, 4)), "y": rng.integers(0, 2, 300)}
+    return _upload(owner, form, {**arrays, "clients": np.arange(300) % 30})
 
 
 def test_pate_is_refused_on_client_unit_and_public_data(world: World) -> None:
