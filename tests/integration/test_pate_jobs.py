@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 from ppml.privacy import accounting as acc
+from ppml.trust.receipts import check_receipt
 from tests.conftest import ADMIN_TOKEN, new_key, new_tenant_id
 from tests.integration.stack import embedded_serve, wait_for_status
 
@@ -205,7 +206,9 @@ def _upload(owner: httpx.Client, form: dict[str, str], arrays: dict[str, Any]) -
     return dataset_id
 
 
-def test_a_student_is_released_as_a_model_whose_cost_is_its_answers(world: World) -> None:
+def test_a_student_is_released_as_a_model_whose_cost_is_its_answers(
+    world: World, tmp_path: Path
+) -> None:
     # arrange: 60 public rows of breast_cancer's width, registered without a budget
     rng = np.random.default_rng(5)
     x = np.asarray(world.rows + world.rows[:20]) * rng.uniform(0.9, 1.1, (60, 30))
@@ -220,7 +223,9 @@ def test_a_student_is_released_as_a_model_whose_cost_is_its_answers(world: World
     job = wait_for_status(world.analyst, submitted.json()["id"], {"succeeded", "failed"}, 300)
     model = world.analyst.get(f"/v1/jobs/{job['id']}/model", params={"format": "onnx"})
     card = world.analyst.get(f"/v1/jobs/{job['id']}/model/card").json()
-    receipt = world.analyst.get(f"/v1/jobs/{job['id']}/receipt").json()["receipt"]
+    signed = world.analyst.get(f"/v1/jobs/{job['id']}/receipt")
+    receipt = signed.json()["receipt"]
+    keys = world.analyst.get("/.well-known/ppml-signing-keys.json").content
     entries = [e for e in _ledger(world) if e["job_id"] == job["id"]]
     # assert: its answers were reserved at admission and committed whole
     assert job["status"] == "succeeded", job
@@ -235,6 +240,9 @@ def test_a_student_is_released_as_a_model_whose_cost_is_its_answers(world: World
     # not even the teachers' digest leaves: the card and the receipt show the student's
     assert set(card["artifacts"]) == {"safetensors", "onnx"}
     assert set(receipt["artifacts"]) == {"safetensors", "onnx"}
+    onnx = tmp_path / "student.onnx"
+    onnx.write_bytes(model.content)
+    assert check_receipt(onnx, signed.content, keys).ok  # offline, as users verify
     wrong = world.analyst.post(
         "/v1/jobs",
         json={
