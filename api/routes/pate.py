@@ -7,7 +7,7 @@ teachers are one ONNX graph served by onnxruntime (no torch here); no route down
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
 
 import numpy as np
 
@@ -51,8 +51,8 @@ def _teachers(job: Job) -> tuple[str, str]:
 def answer_privately(
     *,
     job: Job,
-    rows: Any,
-    matrix: Any,
+    rows: list[list[float]],
+    matrix: Callable[[list[list[float]], int], np.ndarray],
     store: ArtifactStore,
     settings: Settings,
     cache: ModelCache,
