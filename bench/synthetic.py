@@ -5,6 +5,11 @@ features and the label, binned on the documented bounds (``--bins`` per feature)
 
 * ``ppml-mst``: what a synthesize job runs (``ppml.synthesis``): ε → rho on the ledger's grid
   (``calibrate_zcdp``), MST's three steps, ``mbi``'s estimate, the rows decoded;
+* ``ppml-job``: the worker's own function, ``ppml.jobs.synthesis.synthesize_job``, on a job
+  and dataset row built in memory and a local artefact store, charged the same rho: its
+  bounds, budget split, MST, decoding and the quality report it publishes (read back from
+  the store). Against ``ppml-mst`` it shows what the job's wrapping costs (nothing, up to
+  the noise); its randomness comes from the OS, as in the service;
 * ``mbi-star``: the library alone at the same rho, without MST's selection: Gaussian
   measurements of every 1-way marginal and of every (feature, label) 2-way marginal (a
   fixed star around the label, chosen without the data; rho split evenly), ``mbi``'s
@@ -17,15 +22,17 @@ rows (train-synthetic-test-real; ``real`` is the same model trained on the real 
 
 Usage::
 
-    .venv/bin/python bench/synthetic.py [--features 8] [--bins 8] [--repeats 1]
+    .venv/bin/python bench/synthetic.py [--features 8] [--bins 8] [--repeats 1] [--no-job]
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import math
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -35,8 +42,14 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.harness import print_table, save
-from ppml.datasets import load_builtin
+from ppml.datasets import DatasetArrays, load_builtin
+from ppml.db.models import Dataset, Job
+from ppml.jobs.records import PrivacyRecord
+from ppml.jobs.synthesis import REPORT, synthesize_job
+from ppml.privacy import accounting as acc
 from ppml.privacy.zcdp import calibrate_zcdp
+from ppml.specs import JobSpec
+from ppml.storage.local import LocalStore
 from ppml.synthesis.mst import load_mbi, synthesize
 from ppml.synthesis.quality import marginal_distances, tstr_accuracy
 from ppml.synthesis.table import LABEL, Table, builtin_bounds
@@ -69,6 +82,54 @@ def mbi_star(
     return {a: np.asarray(synthetic.data[a], dtype=np.int64) for a in names}
 
 
+def job_run(
+    arrays: DatasetArrays, *, features: int, bins: int, rho: float, epsilon: float, root: Path
+) -> dict[str, Any]:
+    """The worker's ``synthesize_job`` at ``rho``; the ``private`` part of its report."""
+    spec = JobSpec.model_validate(
+        {
+            "name": "bench",
+            "dataset_id": "ds_bench",
+            "kind": "synthesize",
+            "privacy": {"target_epsilon": epsilon},
+            "synthesize": {"features": list(range(features)), "bins": bins},
+        }
+    )
+    privacy = PrivacyRecord(
+        target_epsilon=epsilon,
+        epsilon_planned=epsilon,
+        epsilon_spent=None,
+        delta=DELTA,
+        noise_multiplier=0.0,
+        max_grad_norm=0.0,
+        sample_rate=1.0,
+        steps=0,
+        steps_planned=0,
+        unit="record",
+        grid_version=acc.GRID_VERSION,
+        zcdp_rho=rho,
+        mechanism="mst",
+    )
+    job = Job(id="job_bench", dataset_id="ds_bench", spec=spec, privacy=privacy, attempts=1)
+    dataset = Dataset(
+        id="ds_bench",
+        source={"builtin": "breast_cancer"},
+        num_features=arrays.x_train.shape[1],
+        num_train=len(arrays.y_train),
+        num_test=len(arrays.y_test),
+        classes={"labels": list(arrays.classes)},
+        privacy_unit="record",
+    )
+    store = LocalStore(root)
+    ending = synthesize_job(store, job, dataset, arrays)
+    assert ending.artifacts is not None
+    ref = ending.artifacts.get(REPORT)
+    assert ref is not None
+    report: dict[str, Any] = json.loads(b"".join(store.read_range(ref.key)))
+    private: dict[str, Any] = report["private"]
+    return private
+
+
 def score(
     table: Table, real: dict[str, np.ndarray], synthetic: dict[str, np.ndarray], test: Any
 ) -> dict[str, Any]:
@@ -84,7 +145,12 @@ def main() -> None:
     parser.add_argument("--features", type=int, default=8)
     parser.add_argument("--bins", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument(
+        "--no-job", action="store_true", help="leave out the ppml-job column (the worker's path)"
+    )
     args = parser.parse_args()
+    methods = ("ppml-mst", "mbi-star") if args.no_job else ("ppml-mst", "ppml-job", "mbi-star")
+    scratch = Path(tempfile.mkdtemp(prefix="ppml-bench-synthetic-"))
     arrays = load_builtin("breast_cancer", secret="5e" * 16)
     names = arrays.feature_names[: args.features]
     bounds = builtin_bounds("breast_cancer", arrays.feature_names)
@@ -102,15 +168,26 @@ def main() -> None:
     results: list[dict[str, Any]] = []
     for epsilon, repeat in itertools.product(EPSILONS, range(args.repeats)):
         rho = calibrate_zcdp(target_epsilon=epsilon, delta=DELTA)
-        for method in ("ppml-mst", "mbi-star"):
+        for method in methods:
             start = time.perf_counter()
-            if method == "ppml-mst":
-                rng = np.random.default_rng(1000 + repeat)
-                synthetic, _ = synthesize(real, table.sizes, rho=rho, rows=rows, rng=rng)
+            if method == "ppml-job":
+                figures = job_run(
+                    arrays,
+                    features=args.features,
+                    bins=args.bins,
+                    rho=rho,
+                    epsilon=epsilon,
+                    root=scratch / f"{epsilon}-{repeat}",
+                )
+                seconds = time.perf_counter() - start
             else:
-                synthetic = mbi_star(real, table.sizes, rho, rows, 1000 + repeat)
-            seconds = time.perf_counter() - start
-            figures = score(table, real, synthetic, test)
+                if method == "ppml-mst":
+                    rng = np.random.default_rng(1000 + repeat)
+                    synthetic, _ = synthesize(real, table.sizes, rho=rho, rows=rows, rng=rng)
+                else:
+                    synthetic = mbi_star(real, table.sizes, rho, rows, 1000 + repeat)
+                seconds = time.perf_counter() - start
+                figures = score(table, real, synthetic, test)
             results.append(
                 {
                     "epsilon": epsilon,

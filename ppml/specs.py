@@ -20,8 +20,10 @@ __all__ = [
     "JobSpec",
     "ModelSpec",
     "PartitionSpec",
+    "PateSpec",
     "PrivacySpec",
     "ResourcesSpec",
+    "StudentSpec",
     "SynthesizeSpec",
     "TrainingSpec",
     "request_hash",
@@ -215,6 +217,63 @@ class SynthesizeSpec(_Spec):
         return self
 
 
+class StudentSpec(_Spec):
+    """A student model trained by a pate job on public rows its teachers label (GNMax)."""
+
+    public_dataset_id: str = Field(
+        min_length=1,
+        max_length=40,
+        description="A public dataset (no budget) of the tenant with the same features: its "
+        "rows, in order, are the student's inputs; its labels are never read.",
+    )
+    queries: int = Field(
+        strict=True,
+        ge=1,
+        le=100_000,
+        description="How many of those rows the teachers label (the first ones, train split "
+        "then test split): the student's cost is this many answers, reserved at admission.",
+    )
+
+
+class PateSpec(_Spec):
+    """Private prediction with PATE (``kind: pate``): ``teachers`` models trained without DP
+    on disjoint partitions of the training records, answering through the Gaussian noisy
+    argmax of their votes (GNMax), each answer charged (docs/mechanisms.md). Name the noise
+    either as ``sigma`` or as the ε of one answer (``query_epsilon``, at the dataset's δ)."""
+
+    teachers: int = Field(
+        strict=True, ge=2, le=1000, description="Teachers k: disjoint partitions, one model each."
+    )
+    sigma: float | None = Field(
+        strict=True,
+        default=None,
+        ge=0.5,
+        le=1e6,
+        description="Standard deviation of the Gaussian noise added to each class's vote count "
+        "(GNMax). One answer costs the RDP curve α/sigma² (zCDP rho = 1/sigma²).",
+    )
+    query_epsilon: float | None = Field(
+        strict=True,
+        default=None,
+        ge=1e-3,
+        le=100,
+        description="Instead of sigma: the ε of one answer at the dataset's δ; sigma is the "
+        "smallest whose one-answer curve converts to at most this ε.",
+    )
+
+    student: StudentSpec | None = Field(
+        default=None,
+        description="Train and release a student model on public rows labelled by the "
+        "teachers; null: the teachers only answer POST /v1/jobs/{id}/predict.",
+    )
+
+    @model_validator(mode="after")
+    def _one_noise(self) -> PateSpec:
+        if (self.sigma is None) == (self.query_epsilon is None):
+            raise ValueError("set exactly one of sigma and query_epsilon")
+        return self
+
+
 #: Placeholders of the training fields for jobs that train nothing (kind synthesize).
 _NO_MODEL = ModelSpec(arch="logreg")
 _NO_TRAINING = TrainingSpec(epochs=1, batch_size=1, learning_rate=1.0)
@@ -240,22 +299,29 @@ class JobSpec(_Spec):
     dataset_id: str = Field(
         min_length=1, max_length=40, description="The dataset to train on (and charge)."
     )
-    kind: Literal["train", "synthesize"] = Field(
+    kind: Literal["train", "synthesize", "pate"] = Field(
         default="train",
         description="train: a model (DP-SGD, DP-FedAvg); synthesize: a DP synthetic table "
-        "(MST), set in 'synthesize'.",
+        "(MST), set in 'synthesize'; pate: teachers that answer predictions privately "
+        "(GNMax, each answer charged), set in 'pate' with the teachers' model and training.",
     )
     model: ModelSpec = Field(
-        default=_NO_MODEL, description="Required for kind 'train'; unused otherwise."
+        default=_NO_MODEL,
+        description="Required for kinds 'train' and 'pate' (each teacher's); unused otherwise.",
     )
     training: TrainingSpec = Field(
-        default=_NO_TRAINING, description="Required for kind 'train'; unused otherwise."
+        default=_NO_TRAINING,
+        description="Required for kinds 'train' and 'pate' (each teacher's); unused otherwise.",
     )
     synthesize: SynthesizeSpec | None = Field(
         default=None, description="The synthetic table (kind 'synthesize')."
     )
+    pate: PateSpec | None = Field(
+        default=None, description="The teachers and the answers' noise (kind 'pate')."
+    )
     privacy: PrivacySpec | None = Field(
-        description="null trains without privacy (only on datasets without a budget)."
+        description="null trains without privacy (only on datasets without a budget); null "
+        "for kind 'pate' too, whose teachers train without DP and whose answers are charged."
     )
     federated: FederatedSpec | None = None
     resources: ResourcesSpec = ResourcesSpec()
@@ -284,12 +350,16 @@ class JobSpec(_Spec):
     @model_validator(mode="after")
     def _kind(self) -> JobSpec:
         given = self.model_fields_set
-        if self.kind == "train":
+        if self.kind != "synthesize" and self.synthesize is not None:
+            raise ValueError("'synthesize' applies to kind 'synthesize'")
+        if self.kind != "pate" and self.pate is not None:
+            raise ValueError("'pate' applies to kind 'pate'")
+        if self.kind in ("train", "pate"):
             missing = [f for f in ("model", "training") if f not in given]
             if missing:
-                raise ValueError(f"a train job needs {' and '.join(missing)}")
-            if self.synthesize is not None:
-                raise ValueError("'synthesize' applies to kind 'synthesize'")
+                raise ValueError(f"a {self.kind} job needs {' and '.join(missing)}")
+            if self.kind == "pate":
+                return self._pate()
             return self
         # Compared with the placeholders, not the fields set: a stored spec holds them all.
         extra = self.model != _NO_MODEL or self.training != _NO_TRAINING
@@ -301,6 +371,18 @@ class JobSpec(_Spec):
             raise ValueError(f"a {self.kind} job needs 'privacy' (its target_epsilon)")
         return self
 
+    def _pate(self) -> JobSpec:
+        if self.pate is None:
+            raise ValueError("a pate job needs 'pate' (its teachers and noise)")
+        if self.privacy is not None:
+            raise ValueError(
+                "a pate job takes privacy null: its teachers train without DP and each "
+                "answer is charged by 'pate'"
+            )
+        if self.federated is not None or self.resources != ResourcesSpec():
+            raise ValueError("a pate job takes no federated or resources")
+        return self
+
 
 def request_hash(spec: JobSpec) -> str:
     """Canonical hash of a job request, for ``Idempotency-Key`` comparisons (a spec without a
@@ -308,6 +390,8 @@ def request_hash(spec: JobSpec) -> str:
     later = {"webhook_url"} if not spec.webhook_url else set()
     if spec.resources == ResourcesSpec():
         later.add("resources")
+    if spec.pate is None:
+        later.add("pate")
     if spec.kind == "train":
         later |= {"kind", "synthesize"}
     body = spec.model_dump(mode="json", exclude=later or None)

@@ -17,11 +17,13 @@ from fastapi.responses import FileResponse, Response
 from api.deps import CurrentPrincipal, DatabaseDep, OwnedJob, SettingsDep, StoreDep
 from api.downloads import serve_artifact
 from api.routes.common import errors
+from api.routes.pate import answer_privately
 from api.schemas import (
     ModelArchitecture,
     ModelCard,
     PredictRequest,
     PredictResponse,
+    PrivatePredictResponse,
     ReceiptPrivacy,
 )
 from ppml.db.models import Job, JobStatus
@@ -63,6 +65,13 @@ def _require_files(job: Job) -> None:
 
 def _artifact(job: Job, fmt: str = "safetensors") -> tuple[str, str]:
     """Store key and sha256 of a succeeded job's artefact in ``fmt``; 409 otherwise."""
+    pate = job.spec.pate
+    if pate is not None and pate.student is None:
+        raise ModelNotReady(
+            "a pate job's teachers are private and never downloaded: ask for labels with "
+            "POST /v1/jobs/{id}/predict (each answer is charged), or train a student",
+            job_kind="pate",
+        )
     if job.status != JobStatus.SUCCEEDED:
         raise ModelNotReady(f"the job is {job.status}; models exist for succeeded jobs")
     ref = job.artifacts.get(fmt) if job.artifacts is not None else None
@@ -182,7 +191,7 @@ def _json(receipt: dict[str, str], key: str, default: Any) -> Any:
 def get_model_card(job: OwnedJob, store: StoreDep) -> ModelCard:
     """The privacy receipt, released held-out metrics and artefact digests of a trained model."""
     key, _ = _artifact(job)
-    files = job.artifacts.root if job.artifacts is not None else {}
+    files = job.artifacts.released() if job.artifacts is not None else {}
     digests = {fmt: {"sha256": ref.sha256} for fmt, ref in files.items()}
     if job.receipt is None:  # a model published before receipts were stored on the job
         _require_files(job)
@@ -265,7 +274,7 @@ def _matrix(inputs: list[list[float]], width: int) -> np.ndarray:
     "/{job_id}/predict",
     operation_id="predict",
     responses=errors(404, 409, 410, 413),
-    response_model=PredictResponse,
+    response_model=PredictResponse | PrivatePredictResponse,
 )
 def predict(
     body: PredictRequest,
@@ -275,12 +284,17 @@ def predict(
     cache: ModelCacheDep,
     principal: CurrentPrincipal,
     db: DatabaseDep,
-) -> PredictResponse:
+) -> PredictResponse | PrivatePredictResponse:
     """Predict class labels and probabilities for rows of features (ONNX Runtime).
 
     Rows must have the model's `num_features` finite values; at most a configured number of
     rows per request (4096 by default). A job that has not succeeded answers 409, one whose
     model was deleted with its dataset 410. Each prediction is recorded in the audit trail.
+
+    A pate job answers labels only (`PrivatePredictResponse`): the Gaussian noisy argmax of
+    its teachers' votes, the request's rows charged to the dataset's budget as that many
+    GNMax answers before any is drawn; 409 (`budget-exceeded`, with `epsilon_remaining`)
+    when the budget cannot pay them all, and nothing is charged or answered.
     """
     max_rows = settings.limits.max_predict_rows
     if len(body.inputs) > max_rows:
@@ -288,6 +302,17 @@ def predict(
             f"at most {max_rows} rows per request; got {len(body.inputs)}",
             field="inputs",
             limit=max_rows,
+        )
+    if job.spec.kind == "pate":
+        return answer_privately(
+            job=job,
+            rows=body.inputs,
+            matrix=_matrix,
+            store=store,
+            settings=settings,
+            cache=cache,
+            principal=principal,
+            db=db,
         )
     key, digest = _artifact(job, "onnx")
     _require_files(job)

@@ -78,6 +78,22 @@ class PredictResponse(BaseModel):
     model_sha256: str = Field(description="sha256 of the ONNX artefact that answered.")
 
 
+class PrivatePredictResponse(BaseModel):
+    """A pate job's answers: labels only (GNMax of the teachers' votes), each one charged."""
+
+    predictions: list[str] = Field(description="The noisy-argmax class label of each row.")
+    class_indices: list[int] = Field(description="The noisy-argmax class index of each row.")
+    queries: int = Field(description="Answers charged by this request (its rows).")
+    queries_total: int = Field(description="Answers the job has charged so far.")
+    epsilon_charged: float = Field(
+        description="ε of this request's answers alone, at the dataset's δ (the n-fold "
+        "composition of GNMax)."
+    )
+    epsilon_remaining: float = Field(description="What the dataset's budget admits after it.")
+    noise_multiplier: float = Field(description="sigma of GNMax on the vote counts.")
+    ledger_entry_id: str = Field(description="The ledger's COMMIT entry of this charge.")
+
+
 class SigningKey(BaseModel):
     """A public key of the service's receipt signatures, with its validity."""
 

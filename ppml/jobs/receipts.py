@@ -121,6 +121,18 @@ def _mechanisms(privacy: PrivacyRecord) -> list[dict[str, Any]]:
     """Each mechanism the job ran on its data, with its own ε at the job's δ (their RDP
     composition is the ε charged, ``epsilon`` of the receipt's privacy section)."""
     event = privacy.event(privacy.steps)
+    if privacy.mechanism == "gnmax":  # PATE's answers, charged as they are asked
+        return [
+            {
+                "name": "predictions",
+                "mechanism": "gnmax",
+                "unit": privacy.unit,
+                "noise_multiplier": privacy.noise_multiplier,
+                "queries": privacy.queries,
+                "zcdp_rho": privacy.zcdp_rho,
+                "epsilon": acc.epsilon(acc.zcdp_curve(privacy.zcdp_rho), privacy.delta),
+            }
+        ]
     if privacy.zcdp_rho:  # a zCDP mechanism run once (synthetic data: MST)
         return [
             {
@@ -197,7 +209,8 @@ def receipt_bindings(repos: Repositories, job: Job) -> dict[str, Any]:
     head = repos.newest_ledger_entry(job.dataset_id)
     return {
         "job_id": job.id,
-        "artifacts": {fmt: {"sha256": ref.sha256} for fmt, ref in job.artifacts.root.items()},
+        # A pate job's teachers are private: not even their digest is bound.
+        "artifacts": {fmt: {"sha256": ref.sha256} for fmt, ref in job.artifacts.released().items()},
         "dataset": {
             "id": job.dataset_id,
             # The dataset's content fingerprint, once datasets have one.

@@ -14,7 +14,15 @@ from ppml.privacy import accounting as acc
 from ppml.privacy.evaluation import EvaluationPlan, Metrics
 from ppml.trust.records import SignedReceipt
 
-__all__ = ["ArtifactRef", "Artifacts", "JobError", "PrivacyRecord", "Progress", "Receipt"]
+__all__ = [
+    "PRIVATE_ARTIFACTS",
+    "ArtifactRef",
+    "Artifacts",
+    "JobError",
+    "PrivacyRecord",
+    "Progress",
+    "Receipt",
+]
 
 
 class _Record(BaseModel):
@@ -54,6 +62,11 @@ class ArtifactRef(_Record):
     sha256: str
 
 
+#: Artefacts that never leave the service, nor does any function of them (their digest
+#: included): a pate job's teachers are trained without DP.
+PRIVATE_ARTIFACTS = frozenset({"teachers"})
+
+
 class Artifacts(RootModel[dict[str, ArtifactRef]]):
     """The model files a job published, by format (``safetensors``, ``onnx``)."""
 
@@ -64,6 +77,10 @@ class Artifacts(RootModel[dict[str, ArtifactRef]]):
 
     def formats(self) -> list[str]:
         return list(self.root)
+
+    def released(self) -> dict[str, ArtifactRef]:
+        """The artefacts whose digests may be shown and signed (not the private ones)."""
+        return {fmt: ref for fmt, ref in self.root.items() if fmt not in PRIVATE_ARTIFACTS}
 
 
 class PrivacyRecord(_Record):
@@ -97,7 +114,14 @@ class PrivacyRecord(_Record):
         description="rho of a mechanism stated in zCDP (synthetic data: MST), charged as α·rho.",
     )
     mechanism: str | None = Field(
-        default=None, description="That mechanism's name (mst); null for DP-SGD jobs."
+        default=None,
+        description="That mechanism's name (mst, gnmax); null for DP-SGD jobs.",
+    )
+    queries: int = Field(
+        default=0,
+        ge=0,
+        description="Answers charged so far (pate jobs: GNMax, noise_multiplier is its sigma "
+        "on the vote counts and zcdp_rho is queries/sigma²).",
     )
 
     def event(self, steps: int) -> acc.MechanismEvent:

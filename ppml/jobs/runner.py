@@ -30,6 +30,7 @@ from ppml.jobs import lifecycle
 from ppml.jobs.attempt import publish_model, train_federated_job
 from ppml.jobs.checkpoints import JobCheckpoints
 from ppml.jobs.heartbeat import Heartbeat, progress_at
+from ppml.jobs.pate import pate_ending
 from ppml.jobs.records import (
     Artifacts,
     JobError,
@@ -152,6 +153,18 @@ class JobRunner:
                 arrays=lambda: self._arrays(dataset),
                 renew=lambda: self.heartbeat(job_id, job.progress, 0),
                 lease_seconds=self.settings.worker.lease_seconds,
+            )
+            return "lost" if ending is None else self._finish(job, ending)
+        if spec.kind == "pate":  # teachers, no steps and no charge (ppml.jobs.pate)
+            ending = pate_ending(
+                self.store,
+                job,
+                dataset,
+                arrays=lambda: self._arrays(dataset),
+                secret=lambda: open_secret(self.data_keys, dataset.id, dataset.split_secret),
+                renew=lambda: self.heartbeat(job_id, job.progress, 0),
+                lease_seconds=self.settings.worker.lease_seconds,
+                public=self._public_arrays,
             )
             return "lost" if ending is None else self._finish(job, ending)
         limit = spec.training.max_runtime_s or self.settings.worker.job_time_limit_s
@@ -306,6 +319,14 @@ class JobRunner:
         x = np.ascontiguousarray(np.concatenate([scoring.x_train, scoring.x_test]))
         y = np.concatenate([scoring.y_train, scoring.y_test])
         return {"x_test": x, "y_test": y, "test_units": None}
+
+    def _public_arrays(self, dataset_id: str) -> data.DatasetArrays:
+        """A public dataset's arrays (a pate job's student reads its rows)."""
+        with self.db.session() as session:
+            public = Repositories(session).dataset_by_id(dataset_id)
+        if public is None or public.epsilon_total is not None:
+            raise MalformedFile("the student's dataset is gone or not public", field="file")
+        return self._arrays(public)
 
     def _arrays(self, dataset: Dataset) -> data.DatasetArrays:
         """The dataset's stored arrays (sealed at rest: decrypted for the read).

@@ -28,7 +28,7 @@ from ppml.services.synthesis import budget_split, dp_bounded, features_of
 from ppml.storage import ArtifactStore
 from ppml.synthesis.table import LABEL, Table, builtin_bounds, dp_bounds
 
-__all__ = ["REPORT", "SYNTHETIC", "synthesis_ending", "synthesize_job"]
+__all__ = ["REPORT", "SYNTHETIC", "leased_ending", "synthesis_ending", "synthesize_job"]
 
 log = logging.getLogger(__name__)
 
@@ -137,9 +137,29 @@ def synthesis_ending(
     renew: Callable[[], tuple[bool, bool]],
     lease_seconds: float,
 ) -> lifecycle.Ending | None:
-    """Run a claimed synthesize job while renewing its lease (``renew``: ``(still the
-    owner, cancel requested)``). Its ending: succeeded with its files, failed, or cancelled
-    (a cancel arrives while the mechanism runs, which cannot stop midway: the files are
+    """Run a claimed synthesize job while renewing its lease (:func:`leased_ending`)."""
+    return leased_ending(
+        store,
+        job,
+        lambda: synthesize_job(store, job, dataset, arrays()),
+        renew=renew,
+        lease_seconds=lease_seconds,
+        error_code="synthesis_error",
+    )
+
+
+def leased_ending(
+    store: ArtifactStore,
+    job: Job,
+    run: Callable[[], lifecycle.Ending],
+    *,
+    renew: Callable[[], tuple[bool, bool]],
+    lease_seconds: float,
+    error_code: str,
+) -> lifecycle.Ending | None:
+    """Run a claimed job that takes no steps (``run``: synthesize, pate) while renewing its
+    lease (``renew``: ``(still the owner, cancel requested)``). Its ending: succeeded with
+    its files, failed, or cancelled (a cancel that arrives while it runs: the files are
     deleted). Any ending is charged whole (steps 0 of 0: the data was touched). None: the
     lease was lost, the job is another worker's, and this attempt's files are deleted."""
     state = {"owner": True, "cancel": False}
@@ -155,10 +175,10 @@ def synthesis_ending(
     thread = threading.Thread(target=renewing, name=f"lease-{job.id}", daemon=True)
     thread.start()
     try:
-        ending = synthesize_job(store, job, dataset, arrays())
+        ending = run()
     except Exception as exc:
-        log.exception("job %s: synthesis failed", job.id)
-        error = JobError(code="synthesis_error", message=type(exc).__name__)
+        log.exception("job %s: %s", job.id, error_code)
+        error = JobError(code=error_code, message=type(exc).__name__)
         ending = lifecycle.Ending(status=JobStatus.FAILED, steps=0, note="failed", error=error)
     finally:
         done.set()

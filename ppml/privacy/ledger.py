@@ -130,6 +130,8 @@ class Ledger:
         holding the budget lock.
         """
         used = acc.add(_curve(budget.committed), _curve(budget.reserved))
+        if not (event.steps or event.zcdp_rho or event.eval_releases):
+            return None  # a job that costs nothing (pate: its answers are charged apart)
         if event.zcdp_rho:  # a zCDP mechanism (MST): the largest rho that fits, as ε
             return largest_fitting_zcdp(
                 used=used,
@@ -172,6 +174,30 @@ class Ledger:
         budget.reserved = _units(acc.add(_curve(budget.reserved), curve))
         self._touch(budget)
         return entry
+
+    def charge(
+        self, budget: DatasetBudget, job_id: str, batch: str, event: acc.MechanismEvent
+    ) -> LedgerEntry:
+        """Charge a mechanism run now, on a locked budget: a RESERVE and its COMMIT entry
+        (keys ``job_id:batch:kind``), so the fold and the chain treat it as any settled job.
+        Raises BudgetExceeded, writing nothing, when the filter refuses. Returns the COMMIT.
+        """
+        if event.unit != budget.unit:
+            raise PrivacyUnitMismatch(
+                f"this mechanism protects one {event.unit}, but the dataset's budget protects "
+                f"one {budget.unit}",
+                job_unit=event.unit,
+                budget_unit=budget.unit,
+            )
+        curve = acc.rdp_curve(event)
+        if not self.admits(budget, curve):
+            raise self.refusal(budget, requested=acc.epsilon(curve, budget.delta_total))
+        key = f"{job_id}:{batch}"
+        self._append(budget, job_id, LedgerKind.RESERVE, curve, event, key=key)
+        commit = self._append(budget, job_id, LedgerKind.COMMIT, curve, event, key=key)
+        budget.committed = _units(acc.add(_curve(budget.committed), curve))
+        self._touch(budget)
+        return commit
 
     def settle(
         self, budget: DatasetBudget, job_id: str, *, steps: int | None, note: str
@@ -297,6 +323,7 @@ class Ledger:
         event: acc.MechanismEvent,
         *,
         note: str | None = None,
+        key: str | None = None,
     ) -> LedgerEntry:
         if budget.grid_version != acc.GRID_VERSION:
             raise Conflict("the dataset's budget was priced on another grid of orders")
@@ -306,7 +333,7 @@ class Ledger:
             dataset_id=budget.dataset_id,
             job_id=job_id,
             kind=kind,
-            idempotency_key=f"{job_id}:{kind}",
+            idempotency_key=f"{key or job_id}:{kind}",
             rdp=_units(curve),
             event=event.to_dict(),
             epsilon=float(acc.epsilon(curve, budget.delta_total)),

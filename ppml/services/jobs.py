@@ -34,6 +34,7 @@ from ppml.errors import (
     BudgetExceeded,
     DatasetDeleted,
     IdempotencyMismatch,
+    InvalidInput,
     JobNotCancellable,
     LedgerHeadsInvalid,
     LedgerRollback,
@@ -51,6 +52,7 @@ from ppml.queue import enqueue_job
 from ppml.services import audit
 from ppml.services.datasets import require_live
 from ppml.services.grouping import GroupCommit, Pending
+from ppml.services.pate import check_student
 from ppml.services.pricing import Pricing, price
 from ppml.services.quotes import Quote, Quotes
 from ppml.services.rooms import TenantRooms
@@ -145,11 +147,29 @@ class JobService:
 
     def _priced(self, tenant_id: str, spec: JobSpec) -> tuple[Dataset, Pricing]:
         dataset = self._cached_dataset(tenant_id, spec.dataset_id)
-        return dataset, price(spec, dataset, self.settings)
+        pricing = price(spec, dataset, self.settings)
+        self._check_student(tenant_id, spec, dataset)
+        return dataset, pricing
+
+    def _check_student(self, tenant_id: str, spec: JobSpec, dataset: Dataset) -> None:
+        """A pate job's student reads a public dataset of the tenant (422 otherwise)."""
+        student = spec.pate.student if spec.pate is not None else None
+        if student is None:
+            return
+        try:
+            public = self._cached_dataset(tenant_id, student.public_dataset_id)
+        except NotFound:
+            raise InvalidInput(
+                "the student's dataset does not exist",
+                field="pate.student.public_dataset_id",
+            ) from None
+        check_student(spec, dataset, public)
 
     def quote(self, tenant_id: str, spec: JobSpec) -> Quote:
         """Price a job and say whether it fits its dataset's budget now (ppml.services.quotes)."""
-        return self.quotes.quote(tenant_id, self._cached_dataset(tenant_id, spec.dataset_id), spec)
+        dataset = self._cached_dataset(tenant_id, spec.dataset_id)
+        self._check_student(tenant_id, spec, dataset)
+        return self.quotes.quote(tenant_id, dataset, spec)
 
     def _largest_fitting(self, dataset: Dataset, pricing: Pricing) -> float | None:
         """After a refusal, outside any lock: the largest target ε of this shape that fits."""

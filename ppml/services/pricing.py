@@ -30,6 +30,7 @@ from ppml.jobs.records import PrivacyRecord
 from ppml.jobs.schedule import Schedule, evaluation_plan, schedule
 from ppml.privacy import accounting as acc
 from ppml.privacy.evaluation import WITHHELD, EvaluationPlan
+from ppml.services.pate import pate_event, price_compute
 from ppml.services.synthesis import plan_synthesis
 from ppml.specs import FederatedSpec, JobSpec
 
@@ -49,8 +50,27 @@ class Pricing:
 
     def privacy_plan(self, spec: JobSpec) -> PrivacyRecord | None:
         """The job's privacy record at admission."""
-        if self.event is None or spec.privacy is None or self.delta is None:
+        if self.event is None or self.delta is None:
             return None
+        if spec.privacy is None:  # a pate job: its student's answers, reserved now
+            student = spec.pate.student if spec.pate is not None else None
+            return PrivacyRecord(
+                target_epsilon=self.epsilon,
+                epsilon_planned=self.epsilon,
+                epsilon_spent=None,
+                delta=self.delta,
+                noise_multiplier=self.event.noise_multiplier,
+                max_grad_norm=0.0,
+                sample_rate=1.0,
+                steps=0,
+                steps_planned=0,
+                unit="record",
+                grid_version=acc.GRID_VERSION,
+                evaluation=self.evaluation,
+                zcdp_rho=self.event.zcdp_rho,
+                mechanism=self.event.mechanism,
+                queries=student.queries if student is not None else 0,
+            )
         return PrivacyRecord(
             target_epsilon=spec.privacy.target_epsilon,
             epsilon_planned=self.epsilon,
@@ -265,6 +285,8 @@ def price(spec: JobSpec, dataset: Dataset, settings: Settings) -> Pricing:
     _check_gpus(spec, settings.limits)
     if spec.kind == "synthesize":
         return _price_synthesis(spec, dataset, settings)
+    if spec.kind == "pate":
+        return _price_pate(spec, dataset, settings)
     if spec.training.batch_size > dataset.num_train:
         raise InvalidInput(
             f"batch_size exceeds the dataset's {dataset.num_train} training records",
@@ -316,6 +338,23 @@ def _price_synthesis(spec: JobSpec, dataset: Dataset, settings: Settings) -> Pri
         delta=plan.delta,
         evaluation=WITHHELD,
         compute=plan.compute,
+    )
+
+
+def _price_pate(spec: JobSpec, dataset: Dataset, settings: Settings) -> Pricing:
+    """A pate job: its teachers release nothing; its student's answers are reserved (a zero
+    curve without a student); each later batch of answers is charged when it is asked
+    (ppml.services.pate)."""
+    event = pate_event(spec, dataset)
+    parameters = _check_limits(spec, dataset, settings)
+    assert dataset.delta_total is not None  # check_pate: a budgeted dataset
+    return Pricing(
+        schedule=schedule(spec, dataset),
+        event=event,
+        epsilon=acc.epsilon(acc.rdp_curve(event), dataset.delta_total),
+        delta=dataset.delta_total,
+        evaluation=WITHHELD,
+        compute=price_compute(spec, dataset, parameters, settings),
     )
 
 

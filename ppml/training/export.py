@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import tempfile
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import onnx
@@ -28,6 +28,7 @@ __all__ = [
     "ONNX_OPSET",
     "ONNX_OUTPUT",
     "build_from_metadata",
+    "export_ensemble",
     "export_onnx",
     "load_model",
     "save_model",
@@ -132,6 +133,45 @@ def export_onnx(
         model = onnx.load_from_string(_onnx_bytes(module, shape.num_features))
     model.producer_name = "ppml"
     model.doc_string = "ppml model; metadata_props hold its privacy receipt."
+    onnx.helper.set_model_props(model, dict(metadata))
+    onnx.checker.check_model(model)
+    Path(path).write_bytes(model.SerializeToString())
+
+
+class _Ensemble(nn.Module):
+    """k modules side by side: ``(batch, d)`` → their logits ``(batch, k, K)``."""
+
+    def __init__(self, members: list[nn.Module]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([member(x) for member in self.members], dim=1)
+
+
+def export_ensemble(
+    path: Path, state_dicts: Sequence[Mapping[str, torch.Tensor]], *, metadata: Mapping[str, str]
+) -> None:
+    """Exports k models of one architecture as one ONNX graph (PATE's teachers).
+
+    The graph takes ``input`` (float32, ``[batch, num_features]``) and returns ``logits``
+    (``[batch, k, num_classes]``): every member's logits, which the API turns into votes.
+
+    Raises:
+        ValueError: If the metadata is not string-valued or lacks a valid architecture.
+    """
+    _check_metadata(metadata)
+    shape = _shape(metadata)
+    members = []
+    for state in state_dicts:
+        module = _build(shape)
+        module.load_state_dict({name: t.detach().cpu() for name, t in state.items()}, strict=True)
+        members.append(module)
+    ensemble = _Ensemble(members).eval()
+    with torch.no_grad():
+        model = onnx.load_from_string(_onnx_bytes(ensemble, shape.num_features))
+    model.producer_name = "ppml"
+    model.doc_string = "ppml PATE teachers: private, never released."
     onnx.helper.set_model_props(model, dict(metadata))
     onnx.checker.check_model(model)
     Path(path).write_bytes(model.SerializeToString())
