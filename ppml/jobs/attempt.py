@@ -1,19 +1,24 @@
-"""What a job attempt hands the training code and takes back from it: the federated plan
-(with its keyed partition) and the published model files with their receipt. The runner
+"""What a job attempt hands the training code and takes back from it: the training plan,
+the federated plan (with its keyed partition) and the published model files with their
+receipt. The runner
 (``ppml.jobs.runner``) decides when; this module knows how."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ppml import datasets as data
 from ppml.db.models import Dataset, Job
+from ppml.jobs.heartbeat import Heartbeat
+from ppml.jobs.inputs import JobInputs
 from ppml.jobs.receipts import build_receipt, file_metadata
 from ppml.jobs.records import ArtifactRef, Artifacts, PrivacyRecord, Receipt
-from ppml.privacy.evaluation import ReleasedMetrics, scoring_interval
+from ppml.jobs.schedule import Schedule
+from ppml.privacy.evaluation import DEFAULT_LOSS_CLIP, ReleasedMetrics, scoring_interval
 from ppml.specs import JobSpec
 from ppml.storage import ArtifactStore
 
@@ -23,9 +28,75 @@ if TYPE_CHECKING:
 
     Outcome = TrainResult | FederatedResult
 
-__all__ = ["publish_model", "train_federated_job"]
+__all__ = ["publish_model", "train_attempt", "train_federated_job"]
 
 log = logging.getLogger(__name__)
+
+
+def train_attempt(
+    job: Job,
+    dataset: Dataset,
+    inputs: JobInputs,
+    schedule: Schedule,
+    *,
+    beat: Heartbeat,
+    checkpoint: Callable[[dict[str, Any]], None],
+    resume: dict[str, Any] | None,
+    report_every: int,
+) -> Outcome:
+    """Train one attempt of a DP-SGD or federated job from its spec and priced record:
+    ``beat`` receives its reports, ``checkpoint`` its states, ``resume`` the state to go on
+    from (None: from the start)."""
+    from ppml.training.dp_sgd import TrainingPlan  # torch: worker only
+
+    spec = job.spec
+    arrays = inputs.arrays(dataset)
+    scoring = inputs.scoring(dataset, arrays)
+    loss_clip = spec.privacy.evaluation.loss_clip if spec.privacy else DEFAULT_LOSS_CLIP
+    plan = TrainingPlan(
+        model=spec.model,
+        epochs=spec.training.epochs if spec.federated is None else 1,
+        batch_size=spec.training.batch_size,
+        learning_rate=spec.training.learning_rate,
+        optimizer=spec.training.optimizer,
+        momentum=spec.training.momentum,
+        seed=spec.training.seed,
+        steps_per_epoch=schedule.steps_per_epoch if spec.federated is None else 1,
+        total_steps=schedule.total_steps if spec.federated is None else 1,
+        eval_loss_clip=loss_clip,
+        test_units=scoring["test_units"],
+    )
+    private = job.privacy if spec.privacy is not None else None
+    common: dict[str, Any] = {
+        "x_train": arrays.x_train,
+        "y_train": arrays.y_train,
+        "x_test": scoring["x_test"],
+        "y_test": scoring["y_test"],
+        "num_classes": arrays.num_classes,
+        "plan": plan,
+        "callbacks": beat,
+        "checkpoint": checkpoint,
+        "resume": resume,
+    }
+    if spec.federated is not None:
+        return train_federated_job(spec, private, arrays, common, inputs.secret(dataset))
+    from ppml.training.dp_sgd import DPPlan, train
+
+    dp = None
+    if private is not None and spec.privacy is not None:
+        dp = DPPlan(
+            noise_multiplier=private.noise_multiplier,
+            max_grad_norm=spec.privacy.max_grad_norm,
+            sample_rate=private.sample_rate,
+            delta=private.delta,
+        )
+    if spec.resources.gpus > 1 and dp is not None:
+        from ppml.training.parallel import train_parallel
+
+        return train_parallel(
+            **common, dp=dp, world_size=spec.resources.gpus, report_every=report_every
+        )
+    return train(**common, dp=dp, report_every=report_every)
 
 
 def train_federated_job(

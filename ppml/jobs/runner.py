@@ -17,19 +17,15 @@ from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
-from ppml import datasets as data
 from ppml.config import Settings
-from ppml.datasets.keys import open_secret
 from ppml.db.models import Dataset, Job, JobStatus, utcnow
 from ppml.db.repositories import Repositories
 from ppml.db.session import UNAVAILABLE, Database
-from ppml.errors import MalformedFile
 from ppml.jobs import lifecycle
-from ppml.jobs.attempt import publish_model, train_federated_job
+from ppml.jobs.attempt import publish_model, train_attempt
 from ppml.jobs.checkpoints import JobCheckpoints
 from ppml.jobs.heartbeat import Heartbeat, progress_at
+from ppml.jobs.inputs import JobInputs
 from ppml.jobs.pate import pate_ending
 from ppml.jobs.records import (
     Artifacts,
@@ -40,17 +36,15 @@ from ppml.jobs.schedule import Schedule, evaluation_plan, schedule, unreported_s
 from ppml.jobs.synthesis import synthesis_ending
 from ppml.privacy import heads
 from ppml.privacy.evaluation import (
-    DEFAULT_LOSS_CLIP,
     WITHHELD,
     EvaluationPlan,
     ExactScores,
     release_outcome,
 )
 from ppml.privacy.ledger import Ledger
-from ppml.specs import JobSpec
 from ppml.storage import ArtifactStore
 from ppml.trust.keys import SigningKeys
-from ppml.trust.sealing import DataKeys, TamperedData
+from ppml.trust.sealing import DataKeys
 
 if TYPE_CHECKING:
     from ppml.training.dp_sgd import TrainResult
@@ -92,6 +86,7 @@ class JobRunner:
         self.store = ArtifactStore.for_settings(settings)
         # Signs the receipts of released models (the keyring the API serves).
         self.keys = SigningKeys.for_settings(settings, self.store)
+        self.inputs = JobInputs(db, self.store, self.data_keys)
         self.enqueue = enqueue
 
     def _lease_until(self) -> datetime:
@@ -150,7 +145,7 @@ class JobRunner:
                 self.store,
                 job,
                 dataset,
-                arrays=lambda: self._arrays(dataset),
+                arrays=lambda: self.inputs.arrays(dataset),
                 renew=lambda: self.heartbeat(job_id, job.progress, 0),
                 lease_seconds=self.settings.worker.lease_seconds,
             )
@@ -160,11 +155,11 @@ class JobRunner:
                 self.store,
                 job,
                 dataset,
-                arrays=lambda: self._arrays(dataset),
-                secret=lambda: open_secret(self.data_keys, dataset.id, dataset.split_secret),
+                arrays=lambda: self.inputs.arrays(dataset),
+                secret=lambda: self.inputs.secret(dataset),
                 renew=lambda: self.heartbeat(job_id, job.progress, 0),
                 lease_seconds=self.settings.worker.lease_seconds,
-                public=self._public_arrays,
+                public=self.inputs.public_arrays,
             )
             return "lost" if ending is None else self._finish(job, ending)
         limit = spec.training.max_runtime_s or self.settings.worker.job_time_limit_s
@@ -186,7 +181,7 @@ class JobRunner:
                 checkpoints.save(job.attempts, state)
 
         try:
-            result = self._train(job, dataset, spec, plan, beat, save_checkpoint, resume)
+            result = self._train(job, dataset, plan, beat, save_checkpoint, resume)
         except Exception as exc:
             log.exception("job %s failed", job_id)
             report_every = self.settings.worker.report_every_steps
@@ -306,102 +301,27 @@ class JobRunner:
             return job.privacy.evaluation or WITHHELD
         return evaluation_plan(job.spec, dataset)
 
-    def _scoring_arrays(self, dataset: Dataset, arrays: data.DatasetArrays) -> dict[str, Any]:
-        """The rows that score the model: the owner's public validation set when the dataset
-        has one (all its rows), else the held-out split, with each row's privacy unit."""
-        if dataset.validation_dataset_id is None:
-            units = arrays.clients_test if dataset.privacy_unit == "client" else None
-            return {"x_test": arrays.x_test, "y_test": arrays.y_test, "test_units": units}
-        with self.db.session() as session:
-            public = Repositories(session).dataset_by_id(dataset.validation_dataset_id)
-        assert public is not None and public.epsilon_total is None
-        scoring = self._arrays(public)
-        x = np.ascontiguousarray(np.concatenate([scoring.x_train, scoring.x_test]))
-        y = np.concatenate([scoring.y_train, scoring.y_test])
-        return {"x_test": x, "y_test": y, "test_units": None}
-
-    def _public_arrays(self, dataset_id: str) -> data.DatasetArrays:
-        """A public dataset's arrays (a pate job's student reads its rows)."""
-        with self.db.session() as session:
-            public = Repositories(session).dataset_by_id(dataset_id)
-        if public is None or public.epsilon_total is not None:
-            raise MalformedFile("the student's dataset is gone or not public", field="file")
-        return self._arrays(public)
-
-    def _arrays(self, dataset: Dataset) -> data.DatasetArrays:
-        """The dataset's stored arrays (sealed at rest: decrypted for the read).
-
-        Raises:
-            MalformedFile: The file is missing, damaged or fails authentication.
-            ppml.trust.sealing.UnknownKey: This worker lacks the key it was sealed with.
-        """
-        try:
-            with self.store.open_plain(dataset.storage_key) as path:
-                return data.load_arrays(path)
-        except (FileNotFoundError, TamperedData):
-            raise MalformedFile("the stored dataset is missing or damaged", field="file") from None
-
     def _train(
         self,
         job: Job,
         dataset: Dataset,
-        spec: JobSpec,
-        schedule: Schedule,
+        plan: Schedule,
         beat: Heartbeat,
         checkpoint: Callable[[dict[str, Any]], None],
         resume: dict[str, Any] | None,
-    ) -> TrainResult | FederatedResult:
-        from ppml.training.dp_sgd import TrainingPlan  # torch: worker only
-
-        arrays = self._arrays(dataset)
-        scoring = self._scoring_arrays(dataset, arrays)
-        loss_clip = spec.privacy.evaluation.loss_clip if spec.privacy else DEFAULT_LOSS_CLIP
-        plan = TrainingPlan(
-            model=spec.model,
-            epochs=spec.training.epochs if spec.federated is None else 1,
-            batch_size=spec.training.batch_size,
-            learning_rate=spec.training.learning_rate,
-            optimizer=spec.training.optimizer,
-            momentum=spec.training.momentum,
-            seed=spec.training.seed,
-            steps_per_epoch=schedule.steps_per_epoch if spec.federated is None else 1,
-            total_steps=schedule.total_steps if spec.federated is None else 1,
-            eval_loss_clip=loss_clip,
-            test_units=scoring["test_units"],
-        )
-        private = job.privacy if spec.privacy is not None else None
-        common: dict[str, Any] = {
-            "x_train": arrays.x_train,
-            "y_train": arrays.y_train,
-            "x_test": scoring["x_test"],
-            "y_test": scoring["y_test"],
-            "num_classes": arrays.num_classes,
-            "plan": plan,
-            "callbacks": beat,
-            "checkpoint": checkpoint,
-            "resume": resume,
-        }
-        if spec.federated is not None:
-            secret = open_secret(self.data_keys, dataset.id, dataset.split_secret)
-            return train_federated_job(spec, private, arrays, common, secret)
-        from ppml.training.dp_sgd import DPPlan, train
-
-        dp = None
-        if private is not None and spec.privacy is not None:
-            dp = DPPlan(
-                noise_multiplier=private.noise_multiplier,
-                max_grad_norm=spec.privacy.max_grad_norm,
-                sample_rate=private.sample_rate,
-                delta=private.delta,
-            )
+    ) -> Outcome:
+        """Train one attempt (``ppml.jobs.attempt``); a seam the runner's tests wrap."""
         report_every = self.settings.worker.report_every_steps
-        if spec.resources.gpus > 1 and dp is not None:
-            from ppml.training.parallel import train_parallel
-
-            return train_parallel(
-                **common, dp=dp, world_size=spec.resources.gpus, report_every=report_every
-            )
-        return train(**common, dp=dp, report_every=report_every)
+        return train_attempt(
+            job,
+            dataset,
+            self.inputs,
+            plan,
+            beat=beat,
+            checkpoint=checkpoint,
+            resume=resume,
+            report_every=report_every,
+        )
 
     def _finish(self, job: Job, ending: lifecycle.Ending) -> str:
         """End the job through the lifecycle, if it is still this worker's.

@@ -24,7 +24,6 @@ from ppml.privacy import accounting as acc
 from ppml.privacy.evaluation import ExactScores
 from ppml.privacy.ledger import budget_status
 from ppml.queue import make_celery
-from ppml.specs import JobSpec
 from ppml.storage import ArtifactStore
 from tests.unit.worlds import REPORT_EVERY, RunnerWorld, make_world, worker_settings
 
@@ -201,7 +200,6 @@ class FailsAtSecondCheckpoint(JobRunner):
         self,
         job: Job,
         dataset: Dataset,
-        spec: JobSpec,
         plan: Schedule,
         beat: Heartbeat,
         checkpoint: Callable[[dict[str, Any]], None],
@@ -215,7 +213,7 @@ class FailsAtSecondCheckpoint(JobRunner):
                 raise FloatingPointError("the loss went to nan")
             checkpoint(state)
 
-        return super()._train(job, dataset, spec, plan, beat, failing, resume)
+        return super()._train(job, dataset, plan, beat, failing, resume)
 
 
 def test_a_training_exception_fails_the_job_charging_the_reported_steps_and_one_interval(
