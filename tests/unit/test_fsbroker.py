@@ -19,6 +19,7 @@ def _connection(folder: Path) -> Connection:
     options = {
         "data_folder_in": str(folder),
         "data_folder_out": str(folder),
+        "control_folder": str(folder / "control"),  # kombu's default is ./control
         "store_processed": False,
         "polling_interval": 0.001,
     }
