@@ -69,13 +69,14 @@ def test_a_message_is_invisible_until_it_is_whole(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # arrange: look at the folder the moment before the rename that publishes a message
+    # (a queue of its own: kombu remembers declared queues per process, not per folder)
     seen: list[Any] = []
     real_replace = fsbroker.os.replace
 
     def replace(src: str, dst: str) -> None:
         with _connection(tmp_path) as conn:
             try:
-                seen.append(conn.default_channel._get("q"))
+                seen.append(conn.default_channel._get("whole"))
             except Empty:
                 seen.append(None)
         real_replace(src, dst)
@@ -83,9 +84,9 @@ def test_a_message_is_invisible_until_it_is_whole(
     monkeypatch.setattr(fsbroker.os, "replace", replace)
     # act
     with _connection(tmp_path) as conn:
-        conn.SimpleQueue("q").put({"i": 1})
+        conn.SimpleQueue("whole").put({"i": 1})
         monkeypatch.undo()
-        message = conn.SimpleQueue("q").get(timeout=1)
+        message = conn.SimpleQueue("whole").get(timeout=1)
     # assert: nothing to consume before the rename, the whole message after it
     assert seen == [None]
     assert message.payload == {"i": 1}
