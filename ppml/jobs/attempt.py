@@ -98,6 +98,7 @@ def publish_model(
         model=job.spec.model,
         num_features=dataset.num_features,
         num_classes=dataset.num_classes,
+        input_shape=dataset.input_shape,
     )
     receipt = build_receipt(
         job,

@@ -347,6 +347,7 @@ class JobRunner:
             total_steps=schedule.total_steps if spec.federated is None else 1,
             eval_loss_clip=loss_clip,
             test_units=scoring["test_units"],
+            input_shape=dataset.input_shape,
         )
         private = job.privacy if spec.privacy is not None else None
         common: dict[str, Any] = {
