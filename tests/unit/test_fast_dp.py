@@ -39,7 +39,7 @@ from ppml.training import (  # noqa: E402
     train,
 )
 from ppml.training.fast_dp import FastDPEngine, unsupported_layers  # noqa: E402
-from ppml.training.fast_dp.bilinear import prefer_ghost  # noqa: E402
+from ppml.training.fast_dp.bilinear import _channel_minor, prefer_ghost  # noqa: E402
 from ppml.training.fast_dp.rules import GroupNormRule, Rule  # noqa: E402
 from tests.unit.shapes import input_shape_for  # noqa: E402
 
@@ -260,6 +260,39 @@ def test_group_norm_without_saved_statistics_recomputes_them(
     model = nn.Sequential(nn.GroupNorm(2, 4), nn.Flatten(), nn.Linear(20, 3))
 
     check(model, (torch.randn(9, 4, 5) * 3 - 1, labels(9, 3)), 0.5)
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [
+        dict(kernel_size=3, padding="same"),
+        dict(kernel_size=4, padding="same", dilation=2),  # asymmetric "same"
+        dict(kernel_size=3, stride=2, padding=2),
+        dict(kernel_size=(2, 3), padding=1, bias=False),
+        dict(kernel_size=5, stride=5),  # one position: the ghost norm
+    ],
+)
+def test_wide_convolutions_on_small_maps_build_channel_minor_patches_and_match_opacus(
+    conv: dict[str, Any],
+) -> None:
+    # 16 input channels on a 5x6 map: patches in (offset, channel) order
+    torch.manual_seed(8)
+    layer = nn.Conv2d(16, 6, **conv)
+    with torch.no_grad():
+        flat = layer(torch.zeros(1, 16, 5, 6)).numel()
+    model = nn.Sequential(layer, nn.Tanh(), nn.Flatten(), nn.Linear(flat, 3))
+
+    assert _channel_minor(layer)
+    check(model, (torch.randn(13, 16, 5, 6), labels(13, 3)), 0.5)
+
+
+def test_channel_minor_patches_follow_non_zero_padding_modes() -> None:
+    torch.manual_seed(9)
+    model = nn.Sequential(
+        nn.Conv2d(16, 4, 3, padding=1, padding_mode="reflect"), nn.Flatten(), nn.Linear(64, 3)
+    )
+
+    check(model, (torch.randn(7, 16, 4, 4), labels(7, 3)), 0.5, reference=looped_grads)
 
 
 @pytest.mark.parametrize("groups", [1, 4])
