@@ -5,6 +5,9 @@ Every variant trains its own copy of the same initial model on the same fixed ba
 optimizer step). The variants are interleaved within each repeat, in a rotating order,
 and the slowdown is the median over repeats of ``variant time / non-private time`` from
 the same repeat, so load from other processes hits both sides of each ratio alike.
+The models are the registry's architectures on MNIST-1D-shaped rows (40 features) and
+``cnn2d`` on 8x8 (digits) and 28x28 grey images; ``--threads 1`` gives the steadiest
+ratios on a shared machine.
 
 ``--e2e`` also times a whole DP ``train()`` on MNIST-1D (MLP 256-256, 60 epochs, batch
 256) against its non-private twin, again interleaved.
@@ -52,19 +55,11 @@ MNIST1D = {"num_features": 40, "num_classes": 10}
 Step = Callable[[], None]
 
 
-def _cnn2d() -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1),
-        nn.GroupNorm(4, 16),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3, padding=1),
-        nn.GroupNorm(4, 32),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Flatten(),
-        nn.Linear(32 * 7 * 7, 10),
-    )
+def _cnn2d(side: int) -> nn.Module:
+    """The registry's cnn2d (two 3x3 conv blocks, 16 and 32 channels, GroupNorm, ReLU,
+    max-pool; a linear head) on flat rows of ``side x side`` grey images."""
+    spec = ModelSpec(arch="cnn2d", channels=[16, 32], kernel_size=3)
+    return build_model(spec, num_features=side * side, num_classes=10, input_shape=(1, side, side))
 
 
 # name -> (builder, input shape without the batch)
@@ -73,7 +68,8 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
         lambda: build_model(ModelSpec(arch="mlp", hidden_sizes=[256, 256]), **MNIST1D),
         (40,),
     ),
-    "cnn2d-28x28": (_cnn2d, (1, 28, 28)),
+    "cnn2d-8x8": (lambda: _cnn2d(8), (64,)),  # digits
+    "cnn2d-28x28": (lambda: _cnn2d(28), (784,)),  # MNIST-sized
     "logreg": (lambda: build_model(ModelSpec(arch="logreg"), **MNIST1D), (40,)),
     "mlp": (lambda: build_model(ModelSpec(arch="mlp"), **MNIST1D), (40,)),
     "cnn1d": (lambda: build_model(ModelSpec(arch="cnn1d"), **MNIST1D), (40,)),

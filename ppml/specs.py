@@ -40,15 +40,25 @@ class ModelSpec(_Spec):
     """Architecture of the model to train."""
 
     # One entry per name in ppml.architectures (count, validation); a test keeps them equal.
-    arch: Literal["logreg", "mlp", "cnn1d"] = Field(description="Model architecture.")
+    arch: Literal["logreg", "mlp", "cnn1d", "cnn2d"] = Field(
+        description="Model architecture. cnn2d needs a dataset that declares a 3-D "
+        "input_shape [channels, height, width] in its schema."
+    )
     hidden_sizes: list[PositiveSize] = Field(
         default=[128], max_length=8, description="Widths of the hidden layers (mlp)."
     )
     channels: list[PositiveSize] = Field(
-        default=[16, 32], min_length=1, max_length=6, description="Conv channels (cnn1d)."
+        default=[16, 32],
+        min_length=1,
+        max_length=6,
+        description="Output channels of each conv block (cnn1d, cnn2d).",
     )
     kernel_size: int = Field(
-        strict=True, default=5, ge=1, le=31, description="Conv kernel size (cnn1d)."
+        strict=True,
+        default=5,
+        ge=1,
+        le=31,
+        description="Conv kernel size (cnn1d; cnn2d: kernel_size x kernel_size).",
     )
 
 

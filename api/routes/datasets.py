@@ -100,6 +100,12 @@ def _problem(row: models.Dataset, *, owner: bool) -> DatasetProblem | None:
     return DatasetProblem.model_construct(type=f"/problems/{code}", **reason)
 
 
+def _shown_input_shape(row: models.Dataset, ready: bool) -> list[int] | None:
+    # Declared (or an NPZ image array's shape): public metadata, like the feature count.
+    shape = row.input_shape if ready else None
+    return None if shape is None else list(shape)
+
+
 def to_schema(row: models.Dataset, *, owner: bool = True) -> Dataset:
     """The dataset as a key of its tenant sees it (``owner``: an owner key)."""
     budget = None
@@ -122,7 +128,11 @@ def to_schema(row: models.Dataset, *, owner: bool = True) -> Dataset:
         num_test_clients=row.num_test_clients if ready else None,
         classes=classes,
         # Stored rows were validated when registered: no re-validation on reads.
-        schema=DatasetSchema.model_construct(classes=classes) if classes else None,
+        schema=DatasetSchema.model_construct(
+            classes=classes, input_shape=_shown_input_shape(row, ready)
+        )
+        if classes
+        else None,
         privacy_budget=budget,
         privacy_unit=row.privacy_unit,
         validation_dataset_id=row.validation_dataset_id,

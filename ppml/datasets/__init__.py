@@ -13,7 +13,7 @@ Where things live:
   its headers before anything decodes it (the decompression-bomb guard).
 * ``labels``: label and client-id encoding; ``split``: the keyed train/test split and the
   row and seed checks; ``keys``: the keyed hashes behind the split and the partitions;
-  ``schema``: :class:`DatasetSchema`, the owner's declared label set.
+  ``schema``: :class:`DatasetSchema`, the owner's declared label set and input shape.
 
 Privacy notes:
 
@@ -27,18 +27,20 @@ Privacy notes:
 from __future__ import annotations
 
 from ppml.datasets.arrays import DatasetArrays, UploadLimits, load_arrays, save_arrays
-from ppml.datasets.builtins import BUILTIN_CLASSES, BUILTINS, load_builtin
+from ppml.datasets.builtins import BUILTIN_CLASSES, BUILTIN_INPUT_SHAPES, BUILTINS, load_builtin
 from ppml.datasets.keys import new_secret, open_secret, partition_keys, record_keys, seal_secret
-from ppml.datasets.schema import DatasetSchema, parse_schema
+from ppml.datasets.schema import DatasetSchema, check_input_shape, parse_schema
 from ppml.datasets.uploads import FORMATS, detect_format, parse_upload
 
 __all__ = [
     "BUILTINS",
     "BUILTIN_CLASSES",
+    "BUILTIN_INPUT_SHAPES",
     "FORMATS",
     "DatasetArrays",
     "DatasetSchema",
     "UploadLimits",
+    "check_input_shape",
     "detect_format",
     "load_arrays",
     "load_builtin",

@@ -45,12 +45,18 @@ class UploadShape:
         rows: the rows it declares (CSV: an upper bound, its lines after the header).
         columns: its columns (NPZ: the features of ``x``).
         decoded_bytes: the bound on what decoding and validating it would hold in memory.
+        features: the feature values of a row (the columns but the target and client ones;
+            NPZ: the product of a row's shape in ``x``).
+        row_shape: an NPZ image's shape, ``(C, H, W)`` (``(1, H, W)`` for an ``(n, H, W)``
+            array); None for a flat ``x`` and for tables.
     """
 
     file_format: str
     rows: int
     columns: int
     decoded_bytes: int
+    features: int
+    row_shape: tuple[int, ...] | None = None
 
 
 def inspect_upload(
@@ -113,7 +119,7 @@ def _csv(path: Path, target: str, client_column: str | None, lim: UploadLimits) 
     text = 1 + (client_column is not None)
     features = len(header) - text
     per_row = features * (_CSV_CELL + _FLOAT32) + text * _TEXT_CELL
-    return UploadShape("csv", rows, len(header), rows * per_row)
+    return UploadShape("csv", rows, len(header), rows * per_row, features)
 
 
 def _data_lines(path: Path) -> int:
@@ -149,7 +155,8 @@ def _parquet(path: Path, target: str, client_column: str | None, lim: UploadLimi
         else:
             per_row += _parquet_feature_bytes(field, i, pa)
     rows = int(meta.num_rows)
-    return UploadShape("parquet", rows, len(names), rows * per_row)
+    features = len(names) - 1 - (client_column is not None)
+    return UploadShape("parquet", rows, len(names), rows * per_row, features)
 
 
 def _check_parquet_footer(path: Path) -> None:
@@ -180,6 +187,8 @@ def _parquet_feature_bytes(field: Any, index: int, pa: Any) -> int:
 
 def _npz(path: Path, client_column: str | None, lim: UploadLimits) -> UploadShape:
     headers = npz_headers(path, client_column, lim)
-    rows, columns = headers["x"][0]
+    rows, *row = headers["x"][0]
+    columns = math.prod(row)
     decoded = sum(math.prod(shape) * dtype.itemsize for shape, dtype in headers.values())
-    return UploadShape("npz", rows, columns, decoded + rows * columns * _FLOAT32)
+    image = tuple(row) if len(row) == 3 else (1, *row) if len(row) == 2 else None
+    return UploadShape("npz", rows, columns, decoded + rows * columns * _FLOAT32, columns, image)

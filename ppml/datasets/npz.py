@@ -1,4 +1,9 @@
-"""NPZ uploads: arrays ``x`` and ``y`` (and a client array), checked from headers before loading."""
+"""NPZ uploads: arrays ``x`` and ``y`` (and a client array), checked from headers before loading.
+
+``x`` is ``(n, d)`` features, or images ``(n, C, H, W)`` or ``(n, H, W)``: an image's pixels
+become one flat row in C order, and the image shape is the dataset's declared input shape
+(:func:`ppml.datasets.inspect.inspect_upload` reads it from the header).
+"""
 
 from __future__ import annotations
 
@@ -54,7 +59,7 @@ def read_npz(
             "the NPZ archive could not be loaded (object arrays and pickles are refused)",
             field="file",
         ) from None
-    x = _npz_features(arrays[0])
+    x = _npz_features(arrays[0].reshape(len(arrays[0]), -1))
     clients = arrays[2] if client_column is not None else None
     return x, arrays[1], clients, tuple(f"x{j}" for j in range(x.shape[1]))
 
@@ -101,13 +106,20 @@ def _npy_header(fp: IO[bytes]) -> tuple[tuple[int, ...], np.dtype[Any]]:
 
 def check_npz_shapes(headers: Headers, wanted: list[str], lim: UploadLimits) -> None:
     (x_shape, x_dtype), (y_shape, y_dtype) = headers["x"], headers["y"]
-    if len(x_shape) != 2 or x_dtype.kind not in _X_KINDS:
-        raise MalformedFile("array 'x' must be 2-D with numeric values", field="file")
+    if not 2 <= len(x_shape) <= 4 or x_dtype.kind not in _X_KINDS:
+        raise MalformedFile(
+            "array 'x' must be numeric, (n, d) features or (n, C, H, W) or (n, H, W) images",
+            field="file",
+        )
     if x_shape[0] > lim.max_rows:
         raise PayloadTooLarge(f"the file has more than {lim.max_rows} rows", field="rows")
-    if x_shape[1] > lim.max_columns:
-        raise PayloadTooLarge(f"the file has more than {lim.max_columns} columns", field="columns")
-    if x_shape[1] == 0:
+    features = math.prod(x_shape[1:])
+    if features > lim.max_columns:
+        raise PayloadTooLarge(
+            f"the file has more than {lim.max_columns} columns (features per row)",
+            field="columns",
+        )
+    if features == 0:
         raise InvalidInput("array 'x' has no feature columns", field="file")
     if y_shape != (x_shape[0],) or y_dtype.kind not in _LABEL_KINDS:
         raise MalformedFile(

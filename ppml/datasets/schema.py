@@ -2,7 +2,9 @@
 
 The label set is part of it: released class names must come from the owner's declaration,
 never from the distinct values of the private target column (PRIVACY.md, "Every release is
-a mechanism"). Later versions add the input shape, feature bounds and column names here.
+a mechanism"). So is the input shape of a row (``[1, 8, 8]`` for 8x8 grey images): public
+metadata the owner declares (or the shape of an NPZ upload's ``x`` array, which the owner
+chose), never inferred from the values. Later versions add feature bounds and column names.
 
 Pure pydantic; the API process imports this module.
 """
@@ -10,15 +12,25 @@ Pure pydantic; the API process imports this module.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import Annotated
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ppml.errors import InvalidInput
 
-__all__ = ["MAX_CLASS_NAME", "DatasetSchema", "canonical_label", "parse_schema"]
+__all__ = [
+    "MAX_CLASS_NAME",
+    "MAX_INPUT_SIZE",
+    "DatasetSchema",
+    "canonical_label",
+    "check_input_shape",
+    "parse_schema",
+]
 
 MAX_CLASS_NAME = 200
+MAX_INPUT_SIZE = 1_000_000  # one side of a declared input shape
 
 
 class DatasetSchema(BaseModel):
@@ -26,6 +38,8 @@ class DatasetSchema(BaseModel):
 
     Attributes:
         classes: The label set; class index ``i`` is the label at position ``i``.
+        input_shape: The shape of one row's features (their product is the feature
+            count; rows are stored flat, in C order), or None.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -36,6 +50,17 @@ class DatasetSchema(BaseModel):
         "is the name at position i. Numeric labels match their usual spelling (1.0 matches "
         '"1"). Released in place of the target column\'s values.',
         examples=[["benign", "malignant"]],
+    )
+    input_shape: list[Annotated[int, Field(strict=True, ge=1, le=MAX_INPUT_SIZE)]] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=3,
+        description="The shape of one row's features, e.g. [1, 8, 8] for 8x8 grey images "
+        "([channels, height, width]; cnn2d needs this form). Its product must equal the "
+        "number of features; rows are stored flat in C order. Public metadata. An NPZ "
+        "upload whose x is (n, C, H, W) or (n, H, W) declares [C, H, W] or [1, H, W] by "
+        "its shape.",
+        examples=[[1, 8, 8]],
     )
 
     @field_validator("classes")
@@ -68,15 +93,30 @@ def parse_schema(text: str, *, max_classes: int) -> DatasetSchema:
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(part) for part in first["loc"]) or "schema"
+        in_shape = first["loc"][:1] == ("input_shape",)
         raise InvalidInput(
             f'schema must be a JSON object like {{"classes": ["a", "b"]}}: {where}: {first["msg"]}',
-            field="schema",
+            field="schema.input_shape" if in_shape else "schema",
         ) from None
     if len(schema.classes) > max_classes:
         raise InvalidInput(
             f"schema.classes declares more than {max_classes} classes", field="schema"
         )
     return schema
+
+
+def check_input_shape(input_shape: Sequence[int] | None, num_features: int) -> None:
+    """A declared input shape must hold exactly the data's features.
+
+    Raises:
+        InvalidInput: ``field="schema.input_shape"``.
+    """
+    if input_shape is not None and math.prod(input_shape) != num_features:
+        raise InvalidInput(
+            f"schema.input_shape {list(input_shape)} holds {math.prod(input_shape)} values per "
+            f"row; the data has {num_features} features",
+            field="schema.input_shape",
+        )
 
 
 def canonical_label(value: object) -> str:

@@ -217,7 +217,8 @@ class Dataset(Base):
     num_clients: Mapped[int | None] = mapped_column(Integer)  # natural clients of the train rows
     num_test_clients: Mapped[int | None] = mapped_column(Integer)  # clients wholly held out
     classes: Mapped[dict[str, Any]]
-    # The declared schema ({"classes": [...]}): what is released about the data's shape.
+    # The declared schema ({"classes": [...], "input_shape": [...] or absent}): what is
+    # released about the data's shape.
     data_schema: Mapped[dict[str, Any] | None]
     # Secret key of the record-independent split and partitions; never released. Stored
     # sealed under the data key ("v1:<key id>:<base64>", ppml.datasets.keys.seal_secret);
@@ -257,6 +258,12 @@ class Dataset(Base):
         # Column defaults apply at INSERT; a row built in Python is ready unless told.
         kwargs.setdefault("status", DatasetStatus.READY)
         super().__init__(**kwargs)
+
+    @property
+    def input_shape(self) -> tuple[int, ...] | None:
+        """The shape of one row the schema declares (``[1, 8, 8]``), or None."""
+        shape = (self.data_schema or {}).get("input_shape")
+        return None if shape is None else tuple(int(size) for size in shape)
 
 
 class DatasetBudget(Base):

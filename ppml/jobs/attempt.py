@@ -65,6 +65,7 @@ def train_attempt(
         total_steps=schedule.total_steps if spec.federated is None else 1,
         eval_loss_clip=loss_clip,
         test_units=scoring["test_units"],
+        input_shape=dataset.input_shape,
     )
     private = job.privacy if spec.privacy is not None else None
     common: dict[str, Any] = {
@@ -169,6 +170,7 @@ def publish_model(
         model=job.spec.model,
         num_features=dataset.num_features,
         num_classes=dataset.num_classes,
+        input_shape=dataset.input_shape,
     )
     receipt = build_receipt(
         job,

@@ -80,12 +80,16 @@ def pate_job(
         num_classes=arrays.num_classes,
         model=job.spec.model,
         training=job.spec.training,
+        input_shape=dataset.input_shape,
         progress=lambda _done: not cancelled(),
     )
     if weights is None:
         return lifecycle.Ending(status=JobStatus.CANCELLED, steps=0, note="cancelled")
     shape = ModelShape(
-        model=job.spec.model, num_features=dataset.num_features, num_classes=dataset.num_classes
+        model=job.spec.model,
+        num_features=dataset.num_features,
+        num_classes=dataset.num_classes,
+        input_shape=dataset.input_shape,
     )
     receipt = build_receipt(
         job,
@@ -178,13 +182,23 @@ def _student(
     assert pate is not None and pate.student is not None and privacy is not None
     rows = np.concatenate([public.x_train, public.x_test])[: pate.student.queries]
     model, training = job.spec.model, job.spec.training
-    logits = teacher_logits(weights, model=model, num_classes=dataset.num_classes, x=rows)
+    shape = ModelShape(
+        model=model,
+        num_features=dataset.num_features,
+        num_classes=dataset.num_classes,
+        input_shape=dataset.input_shape,
+    )
+    logits = teacher_logits(
+        weights, model=model, num_classes=dataset.num_classes, x=rows, input_shape=shape.input_shape
+    )
     labels = noisy_argmax(vote_counts(logits, dataset.num_classes), privacy.noise_multiplier)
     state = train_student(
-        x=rows, labels=labels, num_classes=dataset.num_classes, model=model, training=training
-    )
-    shape = ModelShape(
-        model=model, num_features=dataset.num_features, num_classes=dataset.num_classes
+        x=rows,
+        labels=labels,
+        num_classes=dataset.num_classes,
+        model=model,
+        training=training,
+        input_shape=shape.input_shape,
     )
     # The student is an ordinary model: its files state its shape (what loads it), and its
     # receipt's privacy the answers it cost (mechanism gnmax, queries, rho, ε).

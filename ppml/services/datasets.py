@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ppml import datasets as data
 from ppml.config import Settings
-from ppml.datasets.inspect import inspect_upload
+from ppml.datasets.inspect import UploadShape, inspect_upload
 from ppml.db.models import Dataset, DatasetStatus, new_id, utcnow
 from ppml.db.repositories import Repositories
 from ppml.db.session import Database
@@ -83,6 +83,28 @@ def declared_classes(dataset: Dataset) -> list[str]:
     return [str(c) for c in schema.get("classes", dataset.classes.get("labels", []))]
 
 
+def _upload_input_shape(schema: data.DatasetSchema | None, upload: UploadShape) -> list[int] | None:
+    """The input shape an upload declares: its schema's, or an NPZ image array's shape.
+
+    Raises:
+        InvalidInput: the declared shape does not hold the row's features, or differs from
+            the image shape of the NPZ array ``x`` (``field="schema.input_shape"``).
+    """
+    declared = schema.input_shape if schema is not None else None
+    if upload.row_shape is None:
+        data.check_input_shape(declared, upload.features)
+        return declared
+    row_shape = list(upload.row_shape)
+    raw = row_shape[1:] if row_shape[0] == 1 else row_shape  # (n, H, W) declares [1, H, W]
+    if declared is not None and declared not in (row_shape, raw):
+        raise InvalidInput(
+            f"schema.input_shape {declared} differs from the shape of the images in array "
+            f"'x', {row_shape}",
+            field="schema.input_shape",
+        )
+    return row_shape
+
+
 def check_validation(
     repos: Repositories,
     validation_dataset_id: str | None,
@@ -139,6 +161,7 @@ def _store(
     keys: DataKeys,
     validation_dataset_id: str | None,
     fingerprint: str,
+    input_shape: tuple[int, ...] | None = None,
 ) -> Dataset:
     check_budget(budget, unit=unit, arrays=arrays)
     check_validation(repos, validation_dataset_id, tenant_id=tenant_id, arrays=arrays)
@@ -146,7 +169,11 @@ def _store(
     check_not_registered(
         repos, tenant_id=tenant_id, fingerprint=fingerprint, budgeted=budget is not None
     )
-    schema = data.DatasetSchema(classes=list(arrays.classes))
+    data.check_input_shape(input_shape, arrays.num_features)
+    schema = data.DatasetSchema(
+        classes=list(arrays.classes),
+        input_shape=None if input_shape is None else list(input_shape),
+    )
     dataset_id = new_id("ds")
     key = f"datasets/{dataset_id}.npz"
     artifact = store.write(key, lambda path: data.save_arrays(arrays, path))
@@ -229,6 +256,7 @@ def register_builtin(
         keys=DataKeys.from_settings(settings),
         validation_dataset_id=validation_dataset_id,
         fingerprint=fingerprint_of(settings, tenant_id, arrays),
+        input_shape=data.BUILTIN_INPUT_SHAPES.get(builtin),
     )
     detail = {"builtin": builtin, "budgeted": budget is not None, "privacy_unit": unit}
     audit.record(repos, by, "dataset.register", "dataset", dataset.id, detail, tenant_id=tenant_id)
@@ -272,7 +300,9 @@ def accept_upload(
 
     Checked here, before anything is stored and without decoding the file: its format, its
     declared columns (CSV header, Parquet footer, NPZ ``.npy`` headers), its decoded-size
-    bound (``limits.max_decoded_bytes``), the declared schema and the tenant's storage quota.
+    bound (``limits.max_decoded_bytes``), the declared schema (its input shape against the
+    columns, or against an NPZ image array's shape, which declares it when the schema does
+    not) and the tenant's storage quota.
     The file is then published as it came, and the caller enqueues the ingestion task once
     the row is committed. Budgeted data must declare its ``schema``: the released classes
     are the declared ones, never the distinct values of the private target column.
@@ -290,13 +320,16 @@ def accept_upload(
     with staged.open("rb") as handle:
         head = handle.read(8)
     file_format = data.detect_format(filename, head)
-    inspect_upload(
+    upload = inspect_upload(
         staged,
         file_format=file_format,
         target=target,
         client_column=client_column,
         limits=upload_limits(settings),
     )
+    input_shape = _upload_input_shape(schema, upload)
+    if schema is not None:
+        schema = schema.model_copy(update={"input_shape": input_shape})
     check_validation(repos, validation_dataset_id, tenant_id=tenant_id, arrays=None)
     size = staged.stat().st_size
     source: dict[str, object] = {"upload": {"format": file_format}}
@@ -325,7 +358,7 @@ def accept_upload(
         delta_total=budget.delta if budget else None,
         storage_key=f"datasets/{dataset_id}.npz",
         status=DatasetStatus.VALIDATING,
-        ingest={"target": target, "client_column": client_column},
+        ingest={"target": target, "client_column": client_column, "input_shape": input_shape},
         ingest_sent_at=utcnow(),
         stored_bytes=size,
     )

@@ -78,6 +78,7 @@ class _Claim:
     unit: str
     schema: data.DatasetSchema | None
     budget: BudgetRequest | None
+    input_shape: list[int] | None  # declared, or an NPZ image array's (accept_upload)
 
 
 def ingest_upload(db: Database, store: ArtifactStore, settings: Settings, dataset_id: str) -> str:
@@ -112,6 +113,7 @@ def ingest_upload(db: Database, store: ArtifactStore, settings: Settings, datase
                 schema=claim.schema,
             )
         check_budget(claim.budget, unit=claim.unit, arrays=arrays)
+        data.check_input_shape(claim.input_shape, arrays.num_features)
         fingerprint = fingerprint_of(settings, claim.tenant_id, arrays)
         artifact = store.write(claim.npz_key, lambda out: data.save_arrays(arrays, out))
         status = _ready(db, claim, arrays, artifact.size, fingerprint)
@@ -176,6 +178,7 @@ def _claim_of(row: Dataset) -> _Claim:
         unit=row.privacy_unit,
         schema=schema,
         budget=budget,
+        input_shape=ingest.get("input_shape"),
     )
 
 
@@ -213,7 +216,9 @@ def _ready(
         row.num_train, row.num_test = arrays.n_train, arrays.n_test
         row.num_clients, row.num_test_clients = arrays.num_clients, arrays.num_test_clients
         row.classes = {"labels": classes}  # kept for older readers
-        row.data_schema = data.DatasetSchema(classes=classes).model_dump()
+        row.data_schema = data.DatasetSchema(
+            classes=classes, input_shape=claim.input_shape
+        ).model_dump()
         row.stored_bytes = stored_bytes
         row.status = DatasetStatus.READY
         if claim.budget is not None:

@@ -110,11 +110,15 @@ def _check_limits(spec: JobSpec, dataset: Dataset, settings: Settings) -> int:
             field="federated.rounds" if fed else "training.epochs",
             limit=limits.max_sample_epochs,
         )
-    problem = model_problem(spec.model, num_features=dataset.num_features)
+    input_shape = dataset.input_shape
+    problem = model_problem(spec.model, num_features=dataset.num_features, input_shape=input_shape)
     if problem is not None:
         raise InvalidInput(problem.message, field=f"model.{problem.field}")
     params = count_parameters(
-        spec.model, num_features=dataset.num_features, num_classes=dataset.num_classes
+        spec.model,
+        num_features=dataset.num_features,
+        num_classes=dataset.num_classes,
+        input_shape=input_shape,
     )
     if params > limits.max_parameters:
         raise InvalidInput(

@@ -89,7 +89,12 @@ def initial_model(plan: TrainingPlan, num_features: int, num_classes: int) -> nn
     # on CPU so the same seed gives the same initial weights on every device.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(plan.seed)
-        return build_model(plan.model, num_features=num_features, num_classes=num_classes)
+        return build_model(
+            plan.model,
+            num_features=num_features,
+            num_classes=num_classes,
+            input_shape=plan.input_shape,
+        )
 
 
 def _dp_generator(device: torch.device, dp_seed: int | None) -> torch.Generator:

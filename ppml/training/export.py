@@ -70,7 +70,12 @@ def _shape(metadata: Mapping[str, str]) -> ModelShape:
 
 
 def _build(shape: ModelShape) -> nn.Module:
-    return build_model(shape.model, num_features=shape.num_features, num_classes=shape.num_classes)
+    return build_model(
+        shape.model,
+        num_features=shape.num_features,
+        num_classes=shape.num_classes,
+        input_shape=shape.input_shape,
+    )
 
 
 def build_from_metadata(metadata: Mapping[str, str]) -> nn.Module:

@@ -1,6 +1,7 @@
 """Model zoo: the torch modules of the architectures in ``ppml.architectures``.
 
-Every architecture maps a batch of ``(B, d)`` float features to ``(B, K)`` logits and
+Every architecture maps a batch of ``(B, d)`` float features to ``(B, K)`` logits (``cnn2d``
+first unflattens each row to the dataset's declared ``[C, H, W]``, in C order) and
 uses only layers that Opacus computes per-sample gradients for (no BatchNorm, no
 buffers), so the same module serves the private and the non-private path.
 """
@@ -12,7 +13,7 @@ from collections.abc import Callable
 
 from torch import nn
 
-from ppml.architectures import ModelShape, cnn1d_lengths
+from ppml.architectures import InputShape, ModelShape, cnn1d_lengths, cnn2d_sizes
 from ppml.specs import ModelSpec
 
 __all__ = ["build_model"]
@@ -21,6 +22,7 @@ _Builder = Callable[[ModelShape], nn.Module]
 
 
 def _group_count(channels: int, length: int) -> int:
+    """GroupNorm's group count for ``channels`` channels over ``length`` positions."""
     # GroupNorm needs the group count to divide the channels; gcd(4, c) equals
     # min(4, c) for the usual power-of-two widths and stays valid for odd ones. On a signal
     # of length 1 a group needs two channels, or it normalises a single value (which torch
@@ -63,15 +65,44 @@ def _build_cnn1d(shape: ModelShape) -> nn.Module:
     return nn.Sequential(*layers)
 
 
+def _build_cnn2d(shape: ModelShape) -> nn.Module:
+    assert shape.input_shape is not None  # ModelShape checked it is [C, H, W]
+    in_channels, height, width = shape.input_shape
+    channels, kernel = shape.model.channels, shape.model.kernel_size
+    sizes = cnn2d_sizes(height, width, len(channels))
+    layers: list[nn.Module] = [nn.Unflatten(1, (in_channels, height, width))]
+    for out_channels, (h, w) in zip(channels, sizes[:-1], strict=True):
+        # GroupNorm, not BatchNorm: per-sample gradients need no batch statistics.
+        layers += [
+            nn.Conv2d(in_channels, out_channels, kernel, padding="same"),
+            nn.GroupNorm(_group_count(out_channels, h * w), out_channels),
+            nn.ReLU(),
+        ]
+        pool = (2 if h >= 2 else 1, 2 if w >= 2 else 1)
+        if pool != (1, 1):
+            layers.append(nn.MaxPool2d(pool))
+        in_channels = out_channels
+    h, w = sizes[-1]
+    layers += [nn.Flatten(), nn.Linear(channels[-1] * h * w, shape.num_classes)]
+    return nn.Sequential(*layers)
+
+
 # The torch half of ppml.architectures.ARCHITECTURES, under the same names.
 _BUILDERS: dict[str, _Builder] = {
     "logreg": _build_logreg,
     "mlp": _build_mlp,
     "cnn1d": _build_cnn1d,
+    "cnn2d": _build_cnn2d,
 }
 
 
-def build_model(model: ModelSpec, *, num_features: int, num_classes: int) -> nn.Module:
+def build_model(
+    model: ModelSpec,
+    *,
+    num_features: int,
+    num_classes: int,
+    input_shape: InputShape | None = None,
+) -> nn.Module:
     """Builds a freshly initialised module of ``model``'s architecture.
 
     Initialisation draws from torch's global RNG; seed it (or fork it) first for
@@ -81,6 +112,8 @@ def build_model(model: ModelSpec, *, num_features: int, num_classes: int) -> nn.
         model: The architecture and its sizes.
         num_features: Input width ``d``.
         num_classes: Number of output logits ``K``.
+        input_shape: The dataset's declared shape of a row (``[C, H, W]`` for cnn2d), or
+            None.
 
     Returns:
         A module mapping ``(B, num_features)`` float inputs to ``(B, num_classes)`` logits.
@@ -88,5 +121,7 @@ def build_model(model: ModelSpec, *, num_features: int, num_classes: int) -> nn.
     Raises:
         ValueError: If the shape is invalid (see ``ppml.architectures.ModelShape``).
     """
-    shape = ModelShape(model=model, num_features=num_features, num_classes=num_classes)
+    shape = ModelShape(
+        model=model, num_features=num_features, num_classes=num_classes, input_shape=input_shape
+    )
     return _BUILDERS[model.arch](shape)

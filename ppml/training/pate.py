@@ -17,13 +17,16 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from ppml.architectures import InputShape
 from ppml.specs import ModelSpec, TrainingSpec
 from ppml.training.dp_sgd import TrainingPlan, initial_model, train
 
 __all__ = ["teacher_logits", "train_student", "train_teachers"]
 
 
-def _plan(model: ModelSpec, training: TrainingSpec, rows: int) -> TrainingPlan:
+def _plan(
+    model: ModelSpec, training: TrainingSpec, rows: int, input_shape: InputShape | None
+) -> TrainingPlan:
     per_epoch = max(1, math.ceil(rows / training.batch_size))
     return TrainingPlan(
         model=model,
@@ -35,6 +38,7 @@ def _plan(model: ModelSpec, training: TrainingSpec, rows: int) -> TrainingPlan:
         seed=training.seed,
         steps_per_epoch=per_epoch,
         total_steps=training.epochs * per_epoch,
+        input_shape=input_shape,
     )
 
 
@@ -46,6 +50,7 @@ def train_teachers(
     num_classes: int,
     model: ModelSpec,
     training: TrainingSpec,
+    input_shape: InputShape | None = None,
     progress: Callable[[int], bool] | None = None,
     device: str | None = "cpu",
 ) -> list[dict[str, torch.Tensor]] | None:
@@ -62,7 +67,7 @@ def train_teachers(
     for index, rows in enumerate(partitions):
         if progress is not None and not progress(index):
             return None
-        plan = _plan(model, training, len(rows))
+        plan = _plan(model, training, len(rows), input_shape)
         if len(rows) == 0:
             module = initial_model(plan, x.shape[1], num_classes)
             weights.append({k: v.detach().clone() for k, v in module.state_dict().items()})
@@ -89,6 +94,7 @@ def teacher_logits(
     model: ModelSpec,
     num_classes: int,
     x: npt.NDArray[np.float32],
+    input_shape: InputShape | None = None,
 ) -> npt.NDArray[np.float32]:
     """Every teacher's logits on ``x``: ``(n, k, K)``, as the exported graph computes them."""
     from ppml.training.models import build_model
@@ -97,7 +103,9 @@ def teacher_logits(
     out = []
     with torch.no_grad():
         for state in weights:
-            module = build_model(model, num_features=x.shape[1], num_classes=num_classes)
+            module = build_model(
+                model, num_features=x.shape[1], num_classes=num_classes, input_shape=input_shape
+            )
             module.load_state_dict(state)
             out.append(module.eval()(inputs).numpy())
     logits: npt.NDArray[np.float32] = np.stack(out, axis=1)
@@ -111,11 +119,12 @@ def train_student(
     num_classes: int,
     model: ModelSpec,
     training: TrainingSpec,
+    input_shape: InputShape | None = None,
     device: str | None = "cpu",
 ) -> dict[str, torch.Tensor]:
     """A student (no DP) on public rows and the teachers' noisy labels: post-processing of
     the answers. Not scored here (held-out rows are protected)."""
-    plan = _plan(model, training, len(labels))
+    plan = _plan(model, training, len(labels), input_shape)
     result = train(
         x_train=x,
         y_train=labels,

@@ -52,6 +52,8 @@ class TrainingPlan:
         eval_loss_clip: Per-example loss bound of the clipped sums ``evaluate`` returns.
         test_units: Privacy unit (e.g. client) of each held-out row, so scores are summed
             per unit; None when every row is its own unit.
+        input_shape: The dataset's declared shape of a row (``[C, H, W]`` for cnn2d), or
+            None.
     """
 
     model: ModelSpec
@@ -65,6 +67,7 @@ class TrainingPlan:
     total_steps: int
     eval_loss_clip: float = 4.0
     test_units: npt.NDArray[np.int64] | None = field(default=None, compare=False, hash=False)
+    input_shape: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:

@@ -100,7 +100,10 @@ def test_csv_upload_with_budget_registers_a_dataset(small_client: TestClient) ->
     assert response.status_code == 202, response.text
     body = response.json()
     assert body["num_features"] == 2 and body["num_classes"] == 2
-    assert body["classes"] == ["sick", "well"] and body["schema"] == {"classes": ["sick", "well"]}
+    assert body["classes"] == ["sick", "well"] and body["schema"] == {
+        "classes": ["sick", "well"],
+        "input_shape": None,
+    }
     assert body["num_train"] + body["num_test"] == 200 and body["num_test"] > 0
     assert body["privacy_budget"] == {"epsilon": 2.0, "delta": 1e-4}
     assert response.headers["location"] == f"/v1/datasets/{body['id']}"
@@ -253,7 +256,8 @@ def test_released_classes_are_the_declared_ones(small_client: TestClient) -> Non
     # assert: released as declared; the split's secret is never shown
     assert response.status_code == 202, response.text
     for body in (response.json(), shown.json()):
-        assert body["classes"] == declared and body["schema"] == {"classes": declared}
+        assert body["classes"] == declared
+        assert body["schema"] == {"classes": declared, "input_shape": None}
         assert body["num_classes"] == 3 and body["num_test_clients"] is None
         assert not any("secret" in key for key in body)
 
@@ -332,7 +336,7 @@ def test_public_upload_may_omit_the_schema(small_client: TestClient) -> None:
     response = _upload(small_client, tenant, "p.csv", _csv())
 
     assert response.status_code == 202, response.text
-    assert response.json()["schema"] == {"classes": ["sick", "well"]}
+    assert response.json()["schema"] == {"classes": ["sick", "well"], "input_shape": None}
 
 
 # --------------------------------------------------------------------- δ over every unit
@@ -471,10 +475,102 @@ def test_builtin_registration_takes_a_validation_dataset(small_client: TestClien
 
     # assert
     assert public["classes"] == [str(i) for i in range(10)]
-    assert public["schema"] == {"classes": public["classes"]}
+    assert public["schema"] == {"classes": public["classes"], "input_shape": [1, 8, 8]}
     assert accepted.status_code == 201, accepted.text
     assert accepted.json()["validation_dataset_id"] == public["id"]
     assert refused.status_code == 422 and refused.json()["field"] == "validation_dataset_id"
+
+
+# --------------------------------------------------------------------- input shape
+
+
+def _images(*image: int, rows: int = 120, seed: int = 2) -> bytes:
+    buffer = io.BytesIO()
+    rng = np.random.default_rng(seed)
+    np.savez(buffer, x=rng.random((rows, *image)), y=np.arange(rows) % 2)
+    return buffer.getvalue()
+
+
+def test_npz_images_declare_their_shape_and_cnn2d_jobs_are_quoted_on_them(
+    small_client: TestClient,
+) -> None:
+    # arrange
+    tenant = new_tenant(small_client)
+    budgeted = {"epsilon": 2.0, "delta": 1e-4}
+    schema = json.dumps({"classes": ["0", "1"], "input_shape": [1, 6, 6]})
+
+    # act: (n, C, H, W) and (n, H, W) arrays; a budgeted one declaring the shape it has
+    color = _upload(small_client, tenant, "c.npz", _images(3, 4, 5))
+    grey = _upload(small_client, tenant, "g.npz", _images(6, 6), schema=schema, **budgeted)
+    flat = _upload(small_client, tenant, "f.npz", _images(36, seed=3), schema=schema, **budgeted)
+
+    # assert
+    assert color.json()["schema"]["input_shape"] == [3, 4, 5]
+    assert color.json()["num_features"] == 60
+    for response in (grey, flat):
+        assert response.json()["status"] == "ready", response.text
+        assert response.json()["schema"] == {"classes": ["0", "1"], "input_shape": [1, 6, 6]}
+    job = {
+        "name": "cnn",
+        "dataset_id": grey.json()["id"],
+        "model": {"arch": "cnn2d", "channels": [4], "kernel_size": 3},
+        "training": {"epochs": 1, "batch_size": 16, "learning_rate": 0.1},
+        "privacy": {"target_epsilon": 1.0},
+    }
+    quote = small_client.post("/v1/jobs/quote", json=job, headers=tenant)
+    assert quote.status_code == 200, quote.text
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "input_shape"),
+    [
+        ("p.csv", _csv(), [1, 1, 3]),  # 2 feature columns
+        ("g.npz", _images(6, 6), [1, 4, 9]),  # the images are 6 x 6
+        ("f.npz", _images(36), [1, 6, 5]),
+        ("f.npz", _images(36), [1, 6, -6]),
+    ],
+    ids=["csv-count", "npz-image-shape", "npz-count", "negative"],
+)
+def test_an_input_shape_that_does_not_fit_the_file_is_a_422_at_once(
+    small_client: TestClient, tmp_path: Path, name: str, content: bytes, input_shape: list[int]
+) -> None:
+    # arrange
+    tenant = new_tenant(small_client)
+    schema = json.dumps({"classes": ["0", "1", "sick", "well"], "input_shape": input_shape})
+
+    # act
+    response = _upload(small_client, tenant, name, content, schema=schema)
+
+    # assert
+    assert _refused(response, 422)["field"] == "schema.input_shape"
+    _nothing_stored(small_client, tenant, tmp_path / "data")
+
+
+def test_cnn2d_on_data_without_an_image_shape_is_a_422_naming_the_field(
+    small_client: TestClient,
+) -> None:
+    # arrange: breast_cancer declares no input shape; digits declare [1, 8, 8]
+    tenant = new_tenant(small_client)
+
+    def job_on(builtin: str) -> httpx.Response:
+        body = {"name": builtin, "source": {"builtin": builtin}, "privacy_budget": None}
+        dataset = small_client.post("/v1/datasets", json=body, headers=tenant).json()
+        job = {
+            "name": "cnn",
+            "dataset_id": dataset["id"],
+            "model": {"arch": "cnn2d"},
+            "training": {"epochs": 1, "batch_size": 64, "learning_rate": 0.1},
+            "privacy": None,
+        }
+        return small_client.post("/v1/jobs/quote", json=job, headers=tenant)
+
+    # act
+    refused, quoted = job_on("breast_cancer"), job_on("digits")
+
+    # assert
+    assert _refused(refused, 422)["field"] == "model.arch"
+    assert "input_shape" in refused.json()["detail"]
+    assert quoted.status_code == 200, quoted.text
 
 
 # --------------------------------------------------------------------- ingestion

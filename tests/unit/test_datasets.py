@@ -31,6 +31,7 @@ from ppml.datasets import (
     parse_upload,
     save_arrays,
 )
+from ppml.datasets.inspect import inspect_upload
 from ppml.datasets.split import held_out
 from ppml.errors import InvalidInput, MalformedFile, PayloadTooLarge, PPMLError
 from ppml.storage import LocalStore
@@ -696,6 +697,67 @@ def test_npz_without_client_column_ignores_clients_and_target(tmp_path: Path) ->
     assert data.num_features == 2
 
 
+@pytest.mark.parametrize(
+    ("image", "row_shape"), [((2, 3, 4), (2, 3, 4)), ((3, 4), (1, 3, 4))], ids=["nchw", "nhw"]
+)
+def test_npz_images_become_flat_rows_in_c_order_and_declare_their_shape(
+    tmp_path: Path, image: tuple[int, ...], row_shape: tuple[int, ...]
+) -> None:
+    # arrange: each image numbered so that its flat row can be checked
+    n, size = 30, int(np.prod(image))
+    x = (np.arange(n * size, dtype=np.float32) / 1000).reshape(n, *image)
+    path = write_npz(tmp_path / "d.npz", x=x, y=np.arange(n) % 2)
+
+    # act
+    shape = inspect_upload(
+        path, file_format="npz", target=None, client_column=None, limits=UploadLimits()
+    )
+    data = parse_upload(path, file_format="npz", target=None, secret=KEY)
+
+    # assert
+    assert (shape.features, shape.row_shape) == (size, row_shape)
+    assert data.num_features == size and data.feature_names[-1] == f"x{size - 1}"
+    rows = np.concatenate([data.x_train, data.x_test])
+    flat = {tuple(row) for row in x.reshape(n, -1)}
+    assert {tuple(row) for row in rows} == flat
+
+
+def test_npz_images_count_their_pixels_against_the_column_limit(tmp_path: Path) -> None:
+    path = write_npz(tmp_path / "d.npz", x=np.zeros((20, 3, 8, 8)), y=np.arange(20) % 2)
+
+    with pytest.raises(PayloadTooLarge, match="more than 100 columns"):
+        parse_upload(path, file_format="npz", target=None, limits=UploadLimits(max_columns=100))
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
+        '{"classes": ["a", "b"], "input_shape": []}',
+        '{"classes": ["a", "b"], "input_shape": [1, 1, 8, 8]}',
+        '{"classes": ["a", "b"], "input_shape": [0, 8]}',
+        '{"classes": ["a", "b"], "input_shape": [8.5]}',
+        '{"classes": ["a", "b"], "input_shape": "8x8"}',
+    ],
+)
+def test_a_malformed_input_shape_is_refused_naming_it(schema: str) -> None:
+    with pytest.raises(InvalidInput) as exc:
+        datasets.parse_schema(schema, max_classes=10)
+
+    assert exc.value.field == "schema.input_shape"
+
+
+def test_an_input_shape_must_hold_exactly_the_features() -> None:
+    datasets.check_input_shape([1, 8, 8], 64)
+    datasets.check_input_shape(None, 5)
+    with pytest.raises(InvalidInput, match=r"holds 64 values per row; the data has 63") as exc:
+        datasets.check_input_shape([1, 8, 8], 63)
+    assert exc.value.field == "schema.input_shape"
+
+
+def test_digits_declare_their_8x8_images() -> None:
+    assert datasets.BUILTIN_INPUT_SHAPES == {"digits": (1, 8, 8)}
+
+
 def test_npz_missing_client_array_is_refused(tmp_path: Path) -> None:
     # arrange
     path = write_npz(tmp_path / "d.npz", x=np.ones((20, 2)), y=np.arange(20) % 2)
@@ -710,11 +772,12 @@ def test_npz_missing_client_array_is_refused(tmp_path: Path) -> None:
     "arrays",
     [
         {"x": np.ones(20), "y": np.arange(20) % 2},  # x not 2-D
+        {"x": np.ones((20, 1, 2, 2, 2)), "y": np.arange(20) % 2},  # x past (n, C, H, W)
         {"x": np.ones((20, 2)), "y": np.arange(19) % 2},  # length mismatch
         {"x": np.full((20, 2), "a"), "y": np.arange(20) % 2},  # non-numeric x
         {"x": np.ones((20, 2))},  # no y
     ],
-    ids=["x-1d", "length", "x-strings", "no-y"],
+    ids=["x-1d", "x-5d", "length", "x-strings", "no-y"],
 )
 def test_npz_bad_arrays_are_refused(tmp_path: Path, arrays: dict[str, np.ndarray]) -> None:
     # arrange

@@ -26,17 +26,26 @@ CASES: list[tuple[str, int, dict[str, Any]]] = [
     ("mlp", 30, {"hidden_sizes": [8]}),
     ("cnn1d", 64, {"channels": [8, 16], "kernel_size": 5}),
     ("cnn1d", 9, {"channels": [4, 8], "kernel_size": 4}),  # odd length, even kernel
+    # images: input_shape [C, H, W], rows flattened in C order
+    ("cnn2d", 64, {"channels": [8, 16], "kernel_size": 3, "input_shape": (1, 8, 8)}),
+    ("cnn2d", 105, {"channels": [4, 6], "kernel_size": 4, "input_shape": (3, 5, 7)}),
 ]
 
 
 def _model(arch: str, num_features: int, kwargs: dict[str, Any]) -> tuple[Any, dict[str, str]]:
     torch.manual_seed(0)
+    kwargs = dict(kwargs)
+    input_shape = kwargs.pop("input_shape", None)
     spec = ModelSpec(arch=arch, **kwargs)
-    module = build_model(spec, num_features=num_features, num_classes=5).eval()
+    module = build_model(
+        spec, num_features=num_features, num_classes=5, input_shape=input_shape
+    ).eval()
     with torch.no_grad():  # non-trivial weights everywhere, GroupNorm affine included
         for parameter in module.parameters():
             parameter.copy_(torch.randn_like(parameter) * 0.5)
-    shape = ModelShape(model=spec, num_features=num_features, num_classes=5)
+    shape = ModelShape(
+        model=spec, num_features=num_features, num_classes=5, input_shape=input_shape
+    )
     metadata = {
         "architecture": shape.to_metadata(),
         "classes": json.dumps(["a", "b", "c", "d", "e"]),

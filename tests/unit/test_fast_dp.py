@@ -39,8 +39,9 @@ from ppml.training import (  # noqa: E402
     train,
 )
 from ppml.training.fast_dp import FastDPEngine, unsupported_layers  # noqa: E402
-from ppml.training.fast_dp.bilinear import prefer_ghost  # noqa: E402
+from ppml.training.fast_dp.bilinear import _channel_minor, prefer_ghost  # noqa: E402
 from ppml.training.fast_dp.rules import GroupNormRule, Rule  # noqa: E402
+from tests.unit.shapes import input_shape_for  # noqa: E402
 
 RTOL = 1e-5
 HYPOTHESIS = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -149,6 +150,15 @@ def labels(batch_size: int, classes: int) -> Tensor:
     return torch.randint(0, classes, (batch_size,))
 
 
+def build(spec: ModelSpec, features: int, classes: int) -> nn.Module:
+    return build_model(
+        spec,
+        num_features=features,
+        num_classes=classes,
+        input_shape=input_shape_for(spec.arch, features),
+    )
+
+
 # --- every native layer type against Opacus ----------------------------------------
 
 
@@ -252,6 +262,39 @@ def test_group_norm_without_saved_statistics_recomputes_them(
     check(model, (torch.randn(9, 4, 5) * 3 - 1, labels(9, 3)), 0.5)
 
 
+@pytest.mark.parametrize(
+    "conv",
+    [
+        dict(kernel_size=3, padding="same"),
+        dict(kernel_size=4, padding="same", dilation=2),  # asymmetric "same"
+        dict(kernel_size=3, stride=2, padding=2),
+        dict(kernel_size=(2, 3), padding=1, bias=False),
+        dict(kernel_size=5, stride=5),  # one position: the ghost norm
+    ],
+)
+def test_wide_convolutions_on_small_maps_build_channel_minor_patches_and_match_opacus(
+    conv: dict[str, Any],
+) -> None:
+    # 16 input channels on a 5x6 map: patches in (offset, channel) order
+    torch.manual_seed(8)
+    layer = nn.Conv2d(16, 6, **conv)
+    with torch.no_grad():
+        flat = layer(torch.zeros(1, 16, 5, 6)).numel()
+    model = nn.Sequential(layer, nn.Tanh(), nn.Flatten(), nn.Linear(flat, 3))
+
+    assert _channel_minor(layer)
+    check(model, (torch.randn(13, 16, 5, 6), labels(13, 3)), 0.5)
+
+
+def test_channel_minor_patches_follow_non_zero_padding_modes() -> None:
+    torch.manual_seed(9)
+    model = nn.Sequential(
+        nn.Conv2d(16, 4, 3, padding=1, padding_mode="reflect"), nn.Flatten(), nn.Linear(64, 3)
+    )
+
+    check(model, (torch.randn(7, 16, 4, 4), labels(7, 3)), 0.5, reference=looped_grads)
+
+
 @pytest.mark.parametrize("groups", [1, 4])
 def test_ghost_norm_convolutions_match_opacus(groups: int) -> None:
     # a 2x2 stride-2 convolution on a 2x2 map has one position: the ghost path
@@ -275,11 +318,11 @@ def test_ghost_norm_convolutions_match_opacus(groups: int) -> None:
 def test_builtin_architectures_match_opacus(
     arch: str, batch: int, features: int, clip: float, seed: int
 ) -> None:
-    # a GroupNorm over one value cannot train: cnn1d on one feature needs two rows
-    assume(not (arch == "cnn1d" and features == 1 and batch == 1))
+    # a GroupNorm over one value cannot train: a CNN on one feature needs two rows
+    assume(not (arch.startswith("cnn") and features == 1 and batch == 1))
     torch.manual_seed(seed)
     spec = ModelSpec(arch=arch, hidden_sizes=[16, 8], channels=[4, 6])
-    model = build_model(spec, num_features=features, num_classes=10)
+    model = build(spec, features, 10)
     assert unsupported_layers(model) == []
     check(model, (torch.randn(batch, features), labels(batch, 10)), clip)
 
@@ -287,11 +330,56 @@ def test_builtin_architectures_match_opacus(
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
 def test_mnist1d_shaped_architectures_match_opacus(arch: str) -> None:
     torch.manual_seed(0)
-    model = build_model(
-        ModelSpec(arch=arch, hidden_sizes=[256, 256]), num_features=40, num_classes=10
-    )
+    model = build(ModelSpec(arch=arch, hidden_sizes=[256, 256]), 40, 10)
 
     check(model, (torch.randn(64, 40), labels(64, 10)), 1.0)
+
+
+@HYPOTHESIS
+@given(
+    batch=BATCHES,
+    image=st.tuples(st.integers(1, 3), st.integers(1, 9), st.integers(1, 9)),
+    channels=st.lists(st.integers(2, 6), min_size=1, max_size=3),
+    kernel=st.integers(1, 5),
+    clip=CLIPS,
+    seed=st.integers(0, 2**16),
+)
+def test_cnn2d_on_any_image_shape_matches_opacus(
+    batch: int,
+    image: tuple[int, int, int],
+    channels: list[int],
+    kernel: int,
+    clip: float,
+    seed: int,
+) -> None:
+    # odd sides, 1-wide maps, even kernels (asymmetric "same" padding), pooled to 1x1
+    assume(not (image[1] * image[2] == 1 and batch == 1))
+    torch.manual_seed(seed)
+    spec = ModelSpec(arch="cnn2d", channels=channels, kernel_size=kernel)
+    features = math.prod(image)
+    model = build_model(spec, num_features=features, num_classes=5, input_shape=image)
+    with torch.no_grad():  # move the GroupNorm affine parameters off their (1, 0) start
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+
+    assert unsupported_layers(model) == []
+    check(model, (torch.randn(batch, features), labels(batch, 5)), clip)
+
+
+@pytest.mark.parametrize(
+    ("image", "channels"),
+    [((1, 8, 8), [16, 32]), ((1, 28, 28), [16, 32])],  # digits; MNIST-sized
+)
+def test_image_shaped_cnn2d_matches_opacus(
+    image: tuple[int, int, int], channels: list[int]
+) -> None:
+    # 8x8: patches on every layer; 28x28: the grouped per-sample kernel on the first
+    torch.manual_seed(0)
+    features = math.prod(image)
+    spec = ModelSpec(arch="cnn2d", channels=channels, kernel_size=3)
+    model = build_model(spec, num_features=features, num_classes=10, input_shape=image)
+
+    check(model, (torch.rand(32, features), labels(32, 10)), 1.0)
 
 
 # --- where the true per-sample gradient is the reference -----------------------------
@@ -431,6 +519,7 @@ def test_tied_parameters_and_buffers_are_refused() -> None:
 
 
 def _tiny_run(arch: str, engine: str, dp_seed: int = 3) -> TrainResult:
+    # 12 features: cnn2d sees them as a 1 x 3 x 4 image
     rng = np.random.default_rng(0)
     x = rng.normal(size=(240, 12)).astype(np.float32)
     y = (x[:, 0] + x[:, 1] > 0).astype(np.int64) + 2 * (x[:, 2] > 0)
@@ -443,6 +532,7 @@ def _tiny_run(arch: str, engine: str, dp_seed: int = 3) -> TrainResult:
         momentum=0.5,
         steps_per_epoch=8,
         total_steps=24,
+        input_shape=input_shape_for(arch, 12),
     )
     dp = DPPlan(
         noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=32 / 240, delta=1e-4, engine=engine

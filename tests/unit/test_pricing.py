@@ -57,6 +57,49 @@ def test_two_channels_on_a_length_one_signal_are_priced() -> None:
     assert pricing.event is None  # non-private: priced, nothing to reserve
 
 
+def image_spec(arch: str = "cnn2d") -> JobSpec:
+    return JobSpec.model_validate(
+        {
+            "name": "images",
+            "dataset_id": "ds_one",
+            "model": {"arch": arch, "channels": [4, 8], "kernel_size": 3},
+            "training": {"epochs": 1, "batch_size": 10, "learning_rate": 0.1},
+            "privacy": None,
+        }
+    )
+
+
+def image_dataset(input_shape: list[int] | None) -> Dataset:
+    dataset = one_feature_dataset()
+    dataset.num_features = 64
+    dataset.data_schema = {"classes": ["0", "1"], "input_shape": input_shape}
+    return dataset
+
+
+@pytest.mark.parametrize("input_shape", [None, [64], [8, 8]])
+def test_cnn2d_without_a_3d_input_shape_is_a_422_naming_the_field(
+    input_shape: list[int] | None,
+) -> None:
+    with pytest.raises(InvalidInput, match="3-D input_shape") as refused:
+        price(image_spec(), image_dataset(input_shape), Settings())
+
+    assert refused.value.field == "model.arch"
+
+
+def test_cnn2d_on_a_declared_image_shape_is_priced_by_its_parameters() -> None:
+    pricing = price(image_spec(), image_dataset([1, 8, 8]), Settings())
+    flat = price(image_spec("cnn1d"), image_dataset([1, 8, 8]), Settings())
+
+    # cnn2d: 1->4 and 4->8 3x3 convs with GroupNorm, then 8 x 2 x 2 -> 2 logits
+    parameters = (9 * 4 + 12) + (4 * 9 * 8 + 24) + (32 + 1) * 2
+    assert pricing.compute == flat.compute // flat_parameters() * parameters
+
+
+def flat_parameters() -> int:
+    # cnn1d on 64 features: 1->4 and 4->8 convs of width 3 with GroupNorm, 8 x 16 -> 2
+    return (3 * 4 + 12) + (4 * 3 * 8 + 24) + (128 + 1) * 2
+
+
 def gpus_spec(gpus: int, *, private: bool = True) -> JobSpec:
     return JobSpec.model_validate(
         {

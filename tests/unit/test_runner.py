@@ -8,12 +8,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from ppml.config import Settings
+from ppml.datasets import load_builtin
 from ppml.db.models import Dataset, Job, JobStatus, LedgerKind
 from ppml.db.repositories import Repositories
 from ppml.db.session import UNAVAILABLE, Database
+from ppml.inference import load_model
 from ppml.jobs import lifecycle
 from ppml.jobs.heartbeat import Heartbeat
 from ppml.jobs.reaper import Reaper
@@ -411,3 +414,36 @@ def test_the_runner_beats_before_training_so_progress_is_known_from_the_start(
     row = seen["row"]
     assert row.status == JobStatus.RUNNING and row.heartbeat_at is not None
     assert row.steps_done == 0 and row.data_touched
+
+
+# ----------------------------------------------------------------------------- images
+
+
+def test_a_dp_cnn2d_job_on_digits_trains_on_its_8x8_images_and_serves_them_by_onnx(
+    world: RunnerWorld,
+) -> None:
+    # arrange: digits declare their [1, 8, 8] shape; the job names none
+    cnn2d = {"arch": "cnn2d", "channels": [8, 16], "kernel_size": 3}
+    job_id = world.submit(private=True, epochs=2, model=cnn2d, learning_rate=1.0)
+    runner = JobRunner(world.db, world.settings, owner="worker-a")
+
+    # act
+    outcome = runner.run(job_id)
+
+    # assert: the ONNX graph takes the flat 64-value rows the predict endpoint is sent, and
+    # the model learnt under DP (accuracy on all of digits, trained rows included: well
+    # above chance, 0.1)
+    job = world.job(job_id)
+    assert outcome == "succeeded", job.error
+    assert job.receipt is not None and job.receipt.architecture["input_shape"] == [1, 8, 8]
+    ref = job.artifacts.get("onnx") if job.artifacts else None
+    assert ref is not None
+    served = load_model(world.store.path(ref.key), sha256=ref.sha256)
+    assert (served.num_features, served.num_classes) == (64, 10)
+    digits = load_builtin("digits")
+    x, y = (
+        np.concatenate([digits.x_train, digits.x_test]),
+        np.concatenate([digits.y_train, digits.y_test]),
+    )
+    accuracy = float((served.predict(x).indices == y).mean())
+    assert accuracy > 0.5, accuracy

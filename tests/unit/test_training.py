@@ -33,6 +33,7 @@ from ppml.training import (  # noqa: E402
     save_model,
     train,
 )
+from tests.unit.shapes import input_shape_for  # noqa: E402
 
 # Documented defaults found by a sweep (5 seeds each, digits, eps=3): SGD lr=0.5 without
 # momentum averaged 0.93 test accuracy; Adam lr=0.01 was on par.
@@ -132,7 +133,8 @@ def dp_digits_run(digits: Digits) -> tuple[TrainResult, TrainingPlan, DPPlan, Re
 @pytest.mark.parametrize("num_features", [1, 7, 64])
 def test_every_architecture_builds_and_validates(arch: str, num_features: int) -> None:
     # arrange
-    model = build_model(spec_of(arch), num_features=num_features, num_classes=5)
+    image = input_shape_for(arch, num_features)
+    model = build_model(spec_of(arch), num_features=num_features, num_classes=5, input_shape=image)
 
     # act
     logits = model(torch.randn(3, num_features))
@@ -344,8 +346,9 @@ def test_invalid_inputs_are_value_errors_without_data(digits: Digits) -> None:
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
 def test_export_round_trip_through_the_store(tmp_path: Path, arch: str) -> None:
     # arrange
-    shape = ModelShape(model=spec_of(arch), num_features=10, num_classes=4)
-    model = build_model(shape.model, num_features=10, num_classes=4).eval()
+    image = input_shape_for(arch, 10)
+    shape = ModelShape(model=spec_of(arch), num_features=10, num_classes=4, input_shape=image)
+    model = build_model(shape.model, num_features=10, num_classes=4, input_shape=image).eval()
     metadata = {"architecture": shape.to_metadata(), "epsilon": "2.99", "delta": "1e-05"}
     store = LocalStore(tmp_path)
     x = torch.randn(5, 10)

@@ -67,16 +67,29 @@ class RunnerWorld(Reads):
             )
         return dataset.id
 
-    def submit(self, *, private: bool, epochs: int = 1, gpus: int = 1) -> str:
-        """A tiny logistic regression: on public digits, or DP on budgeted digits."""
+    def submit(
+        self,
+        *,
+        private: bool,
+        epochs: int = 1,
+        gpus: int = 1,
+        model: dict[str, Any] | None = None,
+        learning_rate: float = 0.1,
+    ) -> str:
+        """A tiny logistic regression (or ``model``): on public digits, or DP on budgeted
+        digits."""
         dataset_id = self.digits(epsilon=8.0 if private else None)
         privacy = {"target_epsilon": 2.0, "delta": 1e-5} if private else None
         spec = JobSpec.model_validate(
             {
                 "name": "tiny",
                 "dataset_id": dataset_id,
-                "model": {"arch": "logreg"},
-                "training": {"epochs": epochs, "batch_size": 64, "learning_rate": 0.1},
+                "model": model or {"arch": "logreg"},
+                "training": {
+                    "epochs": epochs,
+                    "batch_size": 64,
+                    "learning_rate": learning_rate,
+                },
                 "privacy": privacy,
                 "resources": {"gpus": gpus},
             }

@@ -18,19 +18,29 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ppml.training.fast_dp.rules import Call, Rule, join, row_norms
+from ppml.training.fast_dp.rules import Buffers, Call, Rule, join, row_norms
 
 __all__ = ["ConvRule", "LinearRule", "prefer_ghost"]
 
 ConvNd = nn.Conv1d | nn.Conv2d
 
 # Per-sample convolution gradients come from the convolution's own weight-gradient
-# kernel (batch folded into groups) from this many output positions on. Below it the
-# kernel's per-group overhead dominates on CPU (oneDNN) and patches times output
-# gradients in one batched product win. Measured at batch 256, one thread: 16->32
-# channels on 20 positions, 2.1 ms by patches vs 5.4 ms grouped; on 14x14 positions,
-# 12 ms by patches vs 7 ms grouped.
+# kernel (batch folded into groups) from this many output positions on, and for patches
+# of at least this many values. Below either the kernel's per-group overhead dominates on
+# CPU (oneDNN) and patches times output gradients in one batched product win. Measured at
+# batch 256, one thread: 16->32 channels on 20 positions, 2.1 ms by patches vs 5.4 ms
+# grouped; on 14x14 positions, 12 ms by patches vs 7 ms grouped; a 3x3 conv of 1 channel
+# (9 values a patch) on 8x8 and 28x28 positions, 0.4 and 4.1 ms by patches vs 0.5 and
+# 4.8 ms grouped.
 GROUPED_MIN_POSITIONS = 64
+GROUPED_MIN_WIDTH = 32
+
+# 2-D patches are built channel-minor (offsets, then channels) from this many input
+# channels on: the copy then moves runs of C contiguous values of a channels-last view
+# rather than runs of one output row, which on small maps are a few values long.
+# Measured at batch 256, one thread: 16 channels on 4x4, 0.7 ms vs 1.45 ms; 32 channels
+# on 7x7, 3.6 ms vs 4.0 ms; 1 channel on 8x8, 0.46 ms vs 0.14 ms.
+CHANNEL_MINOR_MIN_CHANNELS = 16
 
 
 def prefer_ghost(positions: int, d: int, k: int) -> bool:
@@ -51,9 +61,12 @@ class _Bilinear:
         g: Output gradients ``(B, T, groups·k)``.
         groups: Channel groups (convolutions); 1 for linear layers.
         ghost: Ghost norm, or per-sample gradients by batched products.
+        buffers: Where per-sample gradients are written, or None for a fresh tensor.
     """
 
-    def __init__(self, a: Tensor, g: Tensor, groups: int, ghost: bool) -> None:
+    def __init__(
+        self, a: Tensor, g: Tensor, groups: int, ghost: bool, buffers: Buffers | None = None
+    ) -> None:
         batch, positions = a.shape[:2]
         d, k = a.shape[2] // groups, g.shape[2] // groups
         if groups > 1:
@@ -61,6 +74,7 @@ class _Bilinear:
             a = a.reshape(batch, positions, groups, d).transpose(1, 2).reshape(-1, positions, d)
             g = g.reshape(batch, positions, groups, k).transpose(1, 2).reshape(-1, positions, k)
         self.a, self.g, self.groups, self.batch, self.ghost = a, g, groups, batch, ghost
+        self.buffers = buffers
         self.samples: Tensor | None = None
 
     def norm(self) -> Tensor:
@@ -70,7 +84,10 @@ class _Bilinear:
             # a sum of squares up to rounding, which may dip below zero
             squares: Tensor = torch.linalg.vecdot(gram_a, gram_g)
             return squares.clamp_min_(0.0).sqrt_()
-        self.samples = torch.bmm(self.g.transpose(1, 2), self.a).view(self.batch, -1)
+        g_t = self.g.transpose(1, 2)
+        shape = (g_t.shape[0], g_t.shape[1], self.a.shape[2])
+        out = None if self.buffers is None else self.buffers.take("samples", shape, self.a)
+        self.samples = torch.bmm(g_t, self.a, out=out).view(self.batch, -1)
         return row_norms(self.samples)
 
     def accumulate(self, weight: Tensor, scale: Tensor, alpha: float, beta: float) -> None:
@@ -145,7 +162,14 @@ def _conv_input(conv: ConvNd, x: Tensor) -> tuple[Tensor, list[int]]:
     return F.pad(x, reversed_pads, mode=mode), [0] * len(lefts)
 
 
-def _unfold(conv: ConvNd, x: Tensor) -> Tensor:
+def _materialise(view: Tensor, buffers: Buffers | None) -> Tensor:
+    """``view`` copied once into a contiguous tensor (a reused one with ``buffers``)."""
+    if buffers is None:
+        return view.contiguous()
+    return buffers.take("patches", view.shape, view).copy_(view)
+
+
+def _unfold(conv: ConvNd, x: Tensor, buffers: Buffers | None = None) -> Tensor:
     """Patches of ``x``, ``(B, C_in·∏kernel, positions)``, as ``conv`` sees them.
 
     Strided windows (``Tensor.unfold``) and one copy: several times faster on CPU
@@ -165,8 +189,38 @@ def _unfold(conv: ConvNd, x: Tensor) -> Tensor:
     # copy is explicit: a reshape could return a view whose windows overlap in memory,
     # which batched matrix products then copy once per sample.
     order = [0, 1, *range(2 + dims, 2 + 2 * dims), *range(2, 2 + dims)]
-    patches = x.permute(order).contiguous()
+    patches = _materialise(x.permute(order), buffers)
     return patches.view(batch, conv.in_channels * math.prod(conv.kernel_size), -1)
+
+
+def _channel_minor(conv: ConvNd) -> bool:
+    """Whether ``conv``'s patches are built channel-minor (:func:`_unfold_channel_minor`)."""
+    return (
+        isinstance(conv, nn.Conv2d)
+        and conv.groups == 1
+        and conv.in_channels >= CHANNEL_MINOR_MIN_CHANNELS
+    )
+
+
+def _unfold_channel_minor(conv: nn.Conv2d, x: Tensor, buffers: Buffers | None = None) -> Tensor:
+    """Patches of ``x``, ``(B, positions, kh·kw·C_in)``: offset-major, channel-minor.
+
+    The same values as :func:`_unfold` in another order; the weight's gradient in this
+    order is the weight permuted to ``(C_out, kh, kw, C_in)``.
+    """
+    x, padding = _conv_input(conv, x)
+    if any(padding):
+        x = F.pad(x, [p for p in reversed(padding) for _ in range(2)])
+    x = x.permute(0, 2, 3, 1)  # (B, H, W, C): channels innermost
+    for i, (size, step, dilation) in enumerate(
+        zip(conv.kernel_size, conv.stride, conv.dilation, strict=True)
+    ):
+        x = x.unfold(1 + i, dilation * (size - 1) + 1, step)
+        if dilation > 1:
+            x = x[..., ::dilation]
+    # (B, H', W', C, kh, kw) -> (B, H', W', kh, kw, C), copied once (see _unfold)
+    patches = _materialise(x.permute(0, 1, 2, 4, 5, 3), buffers)
+    return patches.view(x.shape[0], x.shape[1] * x.shape[2], -1)
 
 
 def _conv_per_sample(conv: ConvNd, x: Tensor, g: Tensor) -> Tensor:
@@ -207,6 +261,8 @@ class ConvRule(Rule):
         self._bilinear: _Bilinear | None = None
         self._samples = torch.empty(0)
         self._bias_samples = torch.empty(0)
+        self._channel_minor = False
+        self._buffers = Buffers()
 
     def norms(self, calls: Sequence[Call]) -> list[Tensor]:
         conv = self.conv
@@ -216,9 +272,17 @@ class ConvRule(Rule):
         positions, k = g.shape[2], conv.out_channels // conv.groups
         d = conv.in_channels // conv.groups * math.prod(conv.kernel_size)
         ghost = prefer_ghost(positions, d, k)
-        if ghost or positions < GROUPED_MIN_POSITIONS:
-            a = join([_unfold(conv, c.inputs[0]) for c in calls], 2)
-            self._bilinear = _Bilinear(a.transpose(1, 2), g.transpose(1, 2), conv.groups, ghost)
+        self._channel_minor = False
+        if ghost or positions < GROUPED_MIN_POSITIONS or d < GROUPED_MIN_WIDTH:
+            self._channel_minor = _channel_minor(conv)
+            # one buffer of patches: a module called several times joins fresh ones
+            buffers = self._buffers if len(calls) == 1 else None
+            if self._channel_minor:
+                assert isinstance(conv, nn.Conv2d)
+                a = join([_unfold_channel_minor(conv, c.inputs[0], buffers) for c in calls], 1)
+            else:
+                a = join([_unfold(conv, c.inputs[0], buffers) for c in calls], 2).transpose(1, 2)
+            self._bilinear = _Bilinear(a, g.transpose(1, 2), conv.groups, ghost, self._buffers)
             norms = [self._bilinear.norm()]
         else:
             samples = [_conv_per_sample(conv, c.inputs[0], c.grad_out) for c in calls]
@@ -230,7 +294,13 @@ class ConvRule(Rule):
         return norms
 
     def accumulate(self, scale: Tensor, alpha: float, beta: float) -> None:
-        if self._bilinear is not None:
+        if self._bilinear is not None and self._channel_minor:
+            # the clipped sum in (C_out, kh, kw, C_in) order, then into the weight's order
+            out_channels, in_channels, height, width = self._weight.shape
+            update = self._weight.new_empty(out_channels, height, width, in_channels)
+            self._bilinear.accumulate(update, scale, alpha, 0.0)
+            self._weight.mul_(beta).add_(update.permute(0, 3, 1, 2))
+        elif self._bilinear is not None:
             self._bilinear.accumulate(self._weight, scale, alpha, beta)
         else:
             self._weight.view(-1).addmv_(self._samples.t(), scale, beta=beta, alpha=alpha)

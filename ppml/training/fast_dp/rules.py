@@ -16,6 +16,7 @@ normalisation and embedding layers, the Opacus fallback and the registry.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -25,7 +26,7 @@ from opacus.grad_sample.functorch import ft_compute_per_sample_gradient
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-__all__ = ["Call", "Materialised", "Rule", "join", "row_norms"]
+__all__ = ["Buffers", "Call", "Materialised", "Rule", "join", "row_norms"]
 
 
 class Call(NamedTuple):
@@ -39,6 +40,37 @@ def row_norms(x: Tensor) -> Tensor:
     """L2 norm of each row of a ``(B, n)`` tensor."""
     norms: Tensor = torch.linalg.vector_norm(x, dim=1)
     return norms
+
+
+class Buffers:
+    """Scratch tensors a rule reuses from one step to the next.
+
+    A rule's per-step temporaries (patches, per-sample gradients) run to megabytes. glibc
+    serves blocks above its mmap threshold (128 KiB, raised when such a block is freed)
+    with freshly mapped pages that it unmaps on free, so depending on the process's
+    allocation history a fresh allocation every step pays a page fault per page it
+    writes. Reused buffers make the step's cost independent of that history: cnn2d on
+    8x8 images, batch 256, one thread, interleaved in one process with a non-private
+    step, went from 2.5x to 1.5x its time. What ``take`` returns is valid until the same
+    name is taken again: within one step.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, Tensor] = {}
+
+    def take(self, name: str, shape: Sequence[int], like: Tensor) -> Tensor:
+        """A contiguous tensor of ``shape`` with ``like``'s dtype and device (uninitialised)."""
+        size = math.prod(shape)
+        buffer = self._buffers.get(name)
+        if (
+            buffer is None
+            or buffer.numel() < size
+            or buffer.dtype != like.dtype
+            or buffer.device != like.device
+        ):
+            buffer = like.new_empty(size)
+            self._buffers[name] = buffer
+        return buffer[:size].view(*shape)
 
 
 def join(parts: list[Tensor], dim: int) -> Tensor:
