@@ -21,6 +21,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from ppml.cache import LRUCache
 from ppml.db.models import DatasetBudget, Job, LedgerEntry, LedgerKind, new_id, utcnow
 from ppml.db.repositories import Repositories
 from ppml.errors import (
@@ -31,17 +32,18 @@ from ppml.errors import (
     PrivacyUnitMismatch,
 )
 from ppml.privacy import accounting as acc
-from ppml.privacy import chain, heads
+from ppml.privacy import chain, filters, heads
 from ppml.privacy.zcdp import largest_fitting_zcdp
 
-__all__ = ["BudgetStatus", "Ledger", "budget_status"]
+__all__ = ["BudgetStatus", "Ledger", "budget_filter", "budget_status"]
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
 class BudgetStatus:
-    """A dataset's budget as users see it (ε figures at the dataset's δ)."""
+    """A dataset's budget as users see it: ε at the dataset's δ as its admission filter counts
+    it, so ``spent + reserved + remaining == total`` (up to float rounding)."""
 
     epsilon_total: float
     delta_total: float
@@ -49,6 +51,8 @@ class BudgetStatus:
     epsilon_reserved: float
     epsilon_remaining: float
     unit: str
+    admission_filter: str
+    filter_anchor: float | None
 
 
 def _units(curve: Sequence[int]) -> dict[str, object]:
@@ -61,24 +65,59 @@ def _curve(data: dict[str, object]) -> acc.Curve:
     return tuple(int(value) for value in units)
 
 
-def budget_status(budget: DatasetBudget) -> BudgetStatus:
-    """Spent, reserved and remaining ε of a budget row.
+def budget_filter(budget: DatasetBudget) -> filters.BudgetFilter:
+    """The admission filter a budget row was opened with (ppml.privacy.filters)."""
+    return filters.BudgetFilter(
+        version=budget.admission_filter,
+        anchor=budget.filter_anchor,
+        epsilon_total=budget.epsilon_total,
+        delta_total=budget.delta_total,
+    )
 
-    Spent is the tight conversion of the committed curve; remaining is what the admission
-    filter still allows (it splits δ across the orders, so it is slightly more cautious).
+
+def budget_status(budget: DatasetBudget) -> BudgetStatus:
+    """Spent, reserved and remaining ε of a budget row, in one unit: the filter's ε.
+
+    Spent is what the filter counts for the committed curve, reserved what the reservations
+    add to it, remaining what the filter still allows; the three add up to the total.
+    (The filter's ε of a curve is at least its tight (ε, δ) conversion: it converts at the
+    share of δ its filter gives each order.)
     """
+    check = budget_filter(budget)
     committed, reserved = _curve(budget.committed), _curve(budget.reserved)
-    used = acc.add(committed, reserved)
-    spent = acc.epsilon(committed, budget.delta_total)
-    held = acc.epsilon(used, budget.delta_total)
-    remaining = budget.epsilon_total - acc.filter_epsilon(used, budget.delta_total)
+    spent = min(check.epsilon(committed), budget.epsilon_total)
+    held = min(max(check.epsilon(acc.add(committed, reserved)), spent), budget.epsilon_total)
     return BudgetStatus(
         epsilon_total=budget.epsilon_total,
         delta_total=budget.delta_total,
         epsilon_spent=spent,
-        epsilon_reserved=max(0.0, held - spent),
-        epsilon_remaining=max(0.0, remaining),
+        epsilon_reserved=held - spent,
+        epsilon_remaining=budget.epsilon_total - held,
         unit=budget.unit,
+        admission_filter=budget.admission_filter,
+        filter_anchor=budget.filter_anchor,
+    )
+
+
+#: Answers of :meth:`Ledger.largest_fitting`, by (dataset, budget version, filter, event).
+_LARGEST: LRUCache[tuple[str, int, str, acc.MechanismEvent], tuple[float | None]] = LRUCache(4096)
+
+
+def _largest_fitting(budget: DatasetBudget, event: acc.MechanismEvent) -> float | None:
+    used = acc.add(_curve(budget.committed), _curve(budget.reserved))
+    budget_caps = budget_filter(budget).caps()
+    if event.zcdp_rho:  # a zCDP mechanism (MST): the largest rho that fits, as ε
+        return largest_fitting_zcdp(used=used, budget_caps=budget_caps, delta=budget.delta_total)
+    return acc.largest_fitting_epsilon(
+        used=used,
+        budget_caps=budget_caps,
+        sample_rate=event.sample_rate,
+        steps=event.steps,
+        delta=budget.delta_total,
+        unit=event.unit,
+        evaluation=acc.evaluation_curve(event.eval_noise_multiplier, event.eval_releases)
+        if event.eval_noise_multiplier is not None
+        else None,
     )
 
 
@@ -91,12 +130,15 @@ class Ledger:
     def open_budget(
         self, *, dataset_id: str, epsilon_total: float, delta_total: float, unit: str
     ) -> DatasetBudget:
+        check = filters.new_filter(epsilon_total, delta_total)
         budget = DatasetBudget(
             dataset_id=dataset_id,
             epsilon_total=epsilon_total,
             delta_total=delta_total,
             unit=unit,
             grid_version=acc.GRID_VERSION,
+            admission_filter=check.version,
+            filter_anchor=check.anchor,
             committed=_units(acc.zero()),
             reserved=_units(acc.zero()),
             version=0,
@@ -109,13 +151,21 @@ class Ledger:
 
     def admits(self, budget: DatasetBudget, job_curve: Sequence[int]) -> bool:
         used = acc.add(_curve(budget.committed), _curve(budget.reserved))
-        return acc.fits(used, job_curve, acc.caps(budget.epsilon_total, budget.delta_total))
+        return budget_filter(budget).fits(used, job_curve)
 
-    def refusal(self, budget: DatasetBudget, *, requested: float) -> BudgetExceeded:
-        """The 409 for a job that does not fit (cheap: it is built under the lock)."""
+    def refusal(
+        self, budget: DatasetBudget, *, requested: float, job_curve: Sequence[int]
+    ) -> BudgetExceeded:
+        """The 409 for a job that does not fit (cheap: it is built under the lock).
+
+        ``requested`` is the job's own ε; the detail also says what it would take of the
+        budget as its filter counts it, the unit of ``epsilon_remaining``.
+        """
         status = budget_status(budget)
+        taken = budget_filter(budget).epsilon(job_curve)
         return BudgetExceeded(
-            f"This job would spend ε={requested:.4g} but the dataset has "
+            f"This job would spend ε={requested:.4g} (ε={taken:.4g} of this dataset's budget "
+            f"as its admission filter counts it) but the dataset has "
             f"ε={status.epsilon_remaining:.4g} left of {status.epsilon_total:g}.",
             epsilon_remaining=status.epsilon_remaining,
             epsilon_requested=requested,
@@ -126,27 +176,16 @@ class Ledger:
         """The largest target ε of this job's shape that the filter would admit now.
 
         A bounded search over σ (at most 35 curves priced, about 0.15 s; see
-        :func:`ppml.privacy.accounting.largest_fitting_epsilon`): never call it while
-        holding the budget lock.
+        :func:`ppml.privacy.accounting.largest_fitting_epsilon`), cached per budget row
+        version (every ledger write bumps it) and job shape: never call it while holding the
+        budget lock.
         """
-        used = acc.add(_curve(budget.committed), _curve(budget.reserved))
-        if event.zcdp_rho:  # a zCDP mechanism (MST): the largest rho that fits, as ε
-            return largest_fitting_zcdp(
-                used=used,
-                budget_caps=acc.caps(budget.epsilon_total, budget.delta_total),
-                delta=budget.delta_total,
-            )
-        return acc.largest_fitting_epsilon(
-            used=used,
-            budget_caps=acc.caps(budget.epsilon_total, budget.delta_total),
-            sample_rate=event.sample_rate,
-            steps=event.steps,
-            delta=budget.delta_total,
-            unit=event.unit,
-            evaluation=acc.evaluation_curve(event.eval_noise_multiplier, event.eval_releases)
-            if event.eval_noise_multiplier is not None
-            else None,
-        )
+        key = (budget.dataset_id, budget.version, budget.admission_filter, event)
+        found = _LARGEST.get(key)
+        if found is None:
+            found = (_largest_fitting(budget, event),)
+            _LARGEST.put(key, found)
+        return found[0]
 
     def reserve(
         self, budget: DatasetBudget, job: Job, event: acc.MechanismEvent
@@ -167,7 +206,9 @@ class Ledger:
             )
         curve = acc.rdp_curve(event)
         if not self.admits(budget, curve):
-            raise self.refusal(budget, requested=acc.epsilon(curve, budget.delta_total))
+            raise self.refusal(
+                budget, requested=acc.epsilon(curve, budget.delta_total), job_curve=curve
+            )
         entry = self._append(budget, job.id, LedgerKind.RESERVE, curve, event)
         budget.reserved = _units(acc.add(_curve(budget.reserved), curve))
         self._touch(budget)

@@ -2,8 +2,8 @@
 
 A quote reserves nothing. Quotes are cached per tenant, job shape (the spec without its name)
 and the version of the dataset's budget row, which every ledger write bumps: a repeated quote
-costs one read of that version. The search for the largest affordable ε is bounded
-(``Ledger.largest_fitting``)."""
+costs one read of that version. The search for the largest affordable ε is bounded and
+cached per budget version (``Ledger.largest_fitting``); every quote on a budget carries it."""
 
 from __future__ import annotations
 
@@ -80,8 +80,8 @@ class Quotes:
                 version = budget.version
                 fits = ledger.admits(budget, acc.rdp_curve(pricing.event))
                 remaining = budget_status(budget).epsilon_remaining
-            if not fits:  # the bounded search, outside any session
-                largest = Ledger.largest_fitting(budget, pricing.event)
+            # The bounded, cached search, outside any session: in every quote, fitting or not.
+            largest = Ledger.largest_fitting(budget, pricing.event)
         event = pricing.event
         return version, Quote(
             epsilon=pricing.epsilon,
