@@ -14,11 +14,12 @@ candidate it prints:
 Job shapes (δ = 1e-5, logreg, 30 epochs unless stated): ``digits`` (1438 training rows,
 batch 256), ``mnist1d`` (4000, batch 512), ``breast`` (455, batch 128), ``full-batch`` (1438
 rows, batch 1438, 100 epochs), ``small-q`` (60000 rows, batch 256, 10 epochs: σ < 1 at ε ≥ 3,
-whose curves blow up past a low order). Candidates: ``uniform`` (today: δ/20 at each order),
-``first-job`` (all of δ at the first job's best order), ``budget-order`` (all of δ at the
-budget's anchor order), ``anchor-0.9`` (0.9 at the anchor, the rest evenly) and
-``anchored-v1`` (ppml's new default: 0.6 at the anchor, 0.15 at each neighbour, 0.1 evenly
-over the rest). Results go to ``bench/results/budget_filter.json``.
+whose curves blow up past a low order), ``tiny`` (1438 rows, batch 64, 2 epochs) and
+``mnist-1-epoch`` (60000 rows, batch 256, 1 epoch: σ far below 1). Candidates: ``uniform``
+(today: δ/20 at each order), ``first-job`` (all of δ at the first job's best order),
+``budget order`` (all of δ at the budget's anchor order), ``anchor 3/5, neighbours 3/20``
+(the rest evenly) and ``anchored-v1`` (ppml's new default: 2/5 at the anchor, 1/2 at the
+order below it, 1/10 evenly over the rest). Results go to ``bench/results/budget_filter.json``.
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ SHAPES = {
     "breast": (455, 114, 128, 30),
     "full-batch": (1438, 359, 1438, 100),
     "small-q": (60000, 10000, 256, 10),
+    "tiny": (1438, 359, 64, 2),
+    "mnist-1-epoch": (60000, 10000, 256, 1),
 }
 L = len(acc.ORDERS)
 
@@ -73,19 +76,20 @@ def _first_job(_eps: float, first: acc.Curve) -> list[Fraction]:
     return _only(min(range(L), key=offsets.__getitem__))
 
 
-def _anchor_share(share: Fraction) -> Weights:
-    def weights(eps: float, _first: acc.Curve) -> list[Fraction]:
-        index = _anchor_index(eps)
-        return [share if i == index else (1 - share) / (L - 1) for i in range(L)]
-
-    return weights
+def _window(eps: float, _first: acc.Curve) -> list[Fraction]:
+    """3/5 at the anchor, 3/20 at each neighbour, the rest evenly (an earlier draft)."""
+    index = _anchor_index(eps)
+    shares = {index: Fraction(3, 5), index - 1: Fraction(3, 20), index + 1: Fraction(3, 20)}
+    shares = {i: w for i, w in shares.items() if 0 <= i < L}
+    rest = (1 - sum(shares.values())) / (L - len(shares))
+    return [shares.get(i, rest) for i in range(L)]
 
 
 CANDIDATES: dict[str, Weights] = {
     "uniform (today)": lambda _e, _f: [Fraction(1, L)] * L,
     "first-job order": _first_job,
     "budget order": lambda e, _f: _only(_anchor_index(e)),
-    "anchor 0.9": _anchor_share(Fraction(9, 10)),
+    "anchor 3/5, neighbours 3/20": _window,
     "anchored-v1 (new)": lambda e, _f: filters.anchored_weights(filters.anchor_order(e, DELTA)),
 }
 

@@ -11,8 +11,8 @@ adaptive composition (docs/privacy.md, "The admission filter", has the proof). T
 
 * ``uniform-v1``: w_α = 1/|A| at every order (the filter before this module; budgets that
   were charged under it keep it).
-* ``anchored-v1``: most of δ at the budget's **anchor order** and its two grid neighbours,
-  the rest spread over the other orders. The anchor is the order at which a Gaussian-shaped
+* ``anchored-v1``: most of δ at the budget's **anchor order** and the grid order just below
+  it, the rest spread over the other orders. The anchor is the order at which a Gaussian-shaped
   curve (α·c) that exactly exhausts the budget converts best: a function of (ε_total,
   δ_total) alone, fixed when the budget is opened. Any sequence of jobs that nearly exhausts
   a budget composes to a curve whose best order is close to that anchor, so little ε is lost
@@ -49,10 +49,11 @@ FILTERS = (UNIFORM, ANCHORED)
 #: The filter of budgets opened from now on.
 DEFAULT = ANCHORED
 
-#: anchored-v1: shares of δ_total at the anchor and at each of its grid neighbours; the
-#: rest (1/10, or more at the grid's ends) is split evenly over every other order.
-ANCHOR_SHARE = Fraction(3, 5)
-NEIGHBOUR_SHARE = Fraction(3, 20)
+#: anchored-v1: shares of δ_total at the anchor and at the order just below it (where the
+#: curves of DP-SGD jobs with small σ convert best); the rest (1/10) is split evenly over
+#: every other order. At the grid's lowest order the anchor takes both shares.
+ANCHOR_SHARE = Fraction(2, 5)
+BELOW_SHARE = Fraction(1, 2)
 
 
 def offset(order: float, delta: float) -> float:
@@ -85,13 +86,12 @@ def anchor_order(epsilon_total: float, delta_total: float) -> float:
 def anchored_weights(anchor: float) -> tuple[Fraction, ...]:
     """anchored-v1's share of δ at each order of the grid (they sum to exactly 1)."""
     index = acc.ORDERS.index(anchor)
-    neighbours = {i for i in (index - 1, index + 1) if 0 <= i < len(acc.ORDERS)}
-    others = len(acc.ORDERS) - 1 - len(neighbours)
-    rest = (1 - ANCHOR_SHARE - NEIGHBOUR_SHARE * len(neighbours)) / others
-    return tuple(
-        ANCHOR_SHARE if i == index else NEIGHBOUR_SHARE if i in neighbours else rest
-        for i in range(len(acc.ORDERS))
-    )
+    if index == 0:
+        shares = {0: ANCHOR_SHARE + BELOW_SHARE}
+    else:
+        shares = {index: ANCHOR_SHARE, index - 1: BELOW_SHARE}
+    rest = (1 - sum(shares.values(), Fraction(0))) / (len(acc.ORDERS) - len(shares))
+    return tuple(shares.get(i, rest) for i in range(len(acc.ORDERS)))
 
 
 @lru_cache(maxsize=1024)

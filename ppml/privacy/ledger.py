@@ -35,7 +35,7 @@ from ppml.privacy import accounting as acc
 from ppml.privacy import chain, filters, heads
 from ppml.privacy.zcdp import largest_fitting_zcdp
 
-__all__ = ["BudgetStatus", "Ledger", "budget_filter", "budget_status"]
+__all__ = ["BudgetStatus", "Ledger", "budget_filter", "budget_status", "used_curve"]
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,11 @@ def budget_filter(budget: DatasetBudget) -> filters.BudgetFilter:
     )
 
 
+def used_curve(budget: DatasetBudget) -> acc.Curve:
+    """Committed plus reserved: the curve admission compares with the caps."""
+    return acc.add(_curve(budget.committed), _curve(budget.reserved))
+
+
 def budget_status(budget: DatasetBudget) -> BudgetStatus:
     """Spent, reserved and remaining ε of a budget row, in one unit: the filter's ε.
 
@@ -104,7 +109,7 @@ _LARGEST: LRUCache[tuple[str, int, str, acc.MechanismEvent], tuple[float | None]
 
 
 def _largest_fitting(budget: DatasetBudget, event: acc.MechanismEvent) -> float | None:
-    used = acc.add(_curve(budget.committed), _curve(budget.reserved))
+    used = used_curve(budget)
     budget_caps = budget_filter(budget).caps()
     if event.zcdp_rho:  # a zCDP mechanism (MST): the largest rho that fits, as ε
         return largest_fitting_zcdp(used=used, budget_caps=budget_caps, delta=budget.delta_total)
@@ -150,23 +155,23 @@ class Ledger:
         return self.repos.budget(dataset_id, lock=True)
 
     def admits(self, budget: DatasetBudget, job_curve: Sequence[int]) -> bool:
-        used = acc.add(_curve(budget.committed), _curve(budget.reserved))
-        return budget_filter(budget).fits(used, job_curve)
+        return budget_filter(budget).fits(used_curve(budget), job_curve)
 
     def refusal(
         self, budget: DatasetBudget, *, requested: float, job_curve: Sequence[int]
     ) -> BudgetExceeded:
         """The 409 for a job that does not fit (cheap: it is built under the lock).
 
-        ``requested`` is the job's own ε; the detail also says what it would take of the
-        budget as its filter counts it, the unit of ``epsilon_remaining``.
+        ``requested`` is the job's own ε. ε does not add up across jobs (curves compose), so
+        the detail says what the dataset's composed ε would become, in the unit of
+        ``epsilon_remaining`` (the filter's).
         """
         status = budget_status(budget)
-        taken = budget_filter(budget).epsilon(job_curve)
+        composed = budget_filter(budget).epsilon(acc.add(used_curve(budget), job_curve))
         return BudgetExceeded(
-            f"This job would spend ε={requested:.4g} (ε={taken:.4g} of this dataset's budget "
-            f"as its admission filter counts it) but the dataset has "
-            f"ε={status.epsilon_remaining:.4g} left of {status.epsilon_total:g}.",
+            f"This job would spend ε={requested:.4g}; composed with the dataset's earlier "
+            f"jobs that makes ε={composed:.4g} as its admission filter counts it, above its "
+            f"total of {status.epsilon_total:g} (ε={status.epsilon_remaining:.4g} is left).",
             epsilon_remaining=status.epsilon_remaining,
             epsilon_requested=requested,
         )

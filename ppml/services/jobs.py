@@ -51,6 +51,7 @@ from ppml.queue import enqueue_job
 from ppml.services import audit
 from ppml.services.datasets import require_live
 from ppml.services.grouping import GroupCommit, Pending
+from ppml.services.hints import largest_target
 from ppml.services.pricing import Pricing, price
 from ppml.services.quotes import Quote, Quotes
 from ppml.services.rooms import TenantRooms
@@ -151,14 +152,14 @@ class JobService:
         """Price a job and say whether it fits its dataset's budget now (ppml.services.quotes)."""
         return self.quotes.quote(tenant_id, self._cached_dataset(tenant_id, spec.dataset_id), spec)
 
-    def _largest_fitting(self, dataset: Dataset, pricing: Pricing) -> float | None:
+    def _largest_fitting(self, dataset: Dataset, spec: JobSpec, pricing: Pricing) -> float | None:
         """After a refusal, outside any lock: the largest target ε of this shape that fits."""
         if pricing.event is None:
             return None
         with self.db.read_one() as session:
             budget = Repositories(session).budget(dataset.id)
         assert budget is not None
-        return Ledger.largest_fitting(budget, pricing.event)
+        return largest_target(spec, dataset, budget, pricing, self.settings)
 
     def submit(
         self,
@@ -185,7 +186,7 @@ class JobService:
             else:
                 job, created = self._admit(admission, digest, idempotency_key)
         except BudgetExceeded as refusal:
-            refusal.extra["max_target_epsilon"] = self._largest_fitting(dataset, pricing)
+            refusal.extra["max_target_epsilon"] = self._largest_fitting(dataset, spec, pricing)
             raise
         except IntegrityError:
             # A concurrent request with the same Idempotency-Key won the insert.

@@ -90,7 +90,11 @@ def test_anchored_weights_split_exactly_the_whole_delta(anchor: float) -> None:
     weights = filters.anchored_weights(anchor)
     assert sum(weights, Fraction(0)) == 1
     assert all(weight > 0 for weight in weights)
-    assert max(weights) == weights[ORDERS.index(anchor)] == Fraction(3, 5)
+    index = ORDERS.index(anchor)
+    if index == 0:
+        assert weights[0] == Fraction(9, 10)
+    else:
+        assert weights[index] == Fraction(2, 5) and weights[index - 1] == Fraction(1, 2)
 
 
 def opacus_epsilon(events: list[MechanismEvent], delta: float) -> float:
@@ -211,13 +215,14 @@ def test_four_epsilon_3_jobs_compose_no_worse_than_today(world: World) -> None:
     curve = acc.rdp_curve(event)
     # act
     today, now = needed_total(uniform, curve, 4), needed_total(anchored, curve, 4)
-    # assert: no worse (in fact tighter: about 6.7 against 7.3)
+    # assert: no worse (in fact tighter: about 6.8 against 7.3)
     assert now <= today
-    # and on a budget of exactly that total (another tenant: the same rows may carry one
-    # budget per tenant), the service admits the four and refuses a fifth
+    # and on a budget of about that total, the service admits the four and refuses a fifth
+    # (another tenant: the same rows carry one budget per tenant; its keyed split differs,
+    # so its jobs' curves differ a little: hence the small margin)
     with world.db.session(write=True) as session:
         other = create_tenant(Repositories(session), name="tight").id
-    tight = world.digits(epsilon=now, tenant_id=other)
+    tight = world.digits(epsilon=now + 0.05, tenant_id=other)
     for _ in range(4):
         assert world.service.submit(other, digits_job(tight.id, 3.0))[1]
     with pytest.raises(BudgetExceeded):
