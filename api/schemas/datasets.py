@@ -127,6 +127,12 @@ class Budget(BaseModel):
     epsilon_remaining: float = Field(
         description="ε the admission filter can still grant, in the same unit."
     )
+    epsilon_spent_composed: float = Field(
+        default=0.0,
+        description="ε of the committed charges by the tightest conversion (the full δ at "
+        "the best order): what job receipts add up to; at most epsilon_spent, and not "
+        "additive with the figures above.",
+    )
     accounting: Literal["rdp"] = "rdp"
     admission: Literal["rdp-filter"] = "rdp-filter"
     admission_filter: Literal["uniform-v1", "anchored-v1"] = Field(

@@ -53,6 +53,7 @@ class BudgetStatus:
     unit: str
     admission_filter: str
     filter_anchor: float | None
+    epsilon_spent_composed: float  # the committed curve's tight conversion, at the full δ
 
 
 def _units(curve: Sequence[int]) -> dict[str, object]:
@@ -101,6 +102,7 @@ def budget_status(budget: DatasetBudget) -> BudgetStatus:
         unit=budget.unit,
         admission_filter=budget.admission_filter,
         filter_anchor=budget.filter_anchor,
+        epsilon_spent_composed=acc.epsilon(committed, budget.delta_total),
     )
 
 

@@ -5,9 +5,12 @@ held at the noise calibrated for the job's own target: fast, and nearly right. B
 submitted with that target calibrates its own training and metric noise, whose curve has a
 slightly different shape, and under a filter whose δ shares differ by order
 (``anchored-v1``) it may then miss the budget by a hair. So the hint is checked here by
-pricing the job at it, exactly as admission would, and lowered until it fits. The search is
-bounded (at most ``_LOWERINGS + _BISECTIONS + 1`` repricings, one in the common case) and
-cached per dataset, budget version and job shape.
+pricing the job at it, exactly as admission would, and lowered until it fits. When little
+budget is left, the metric releases priced at the job's own target may alone exceed it, and
+the σ search finds nothing although a smaller job (with less noisy metrics to pay for) would
+fit: the search then starts from the whole budget. The search is bounded (at most 13
+repricings, one in the common case, each about 0.05 s) and cached per dataset, budget
+version and job shape.
 """
 
 from __future__ import annotations
@@ -23,9 +26,10 @@ from ppml.specs import JobSpec, request_hash
 
 __all__ = ["largest_target"]
 
-#: Lowerings of the hint by 1%, 2%, 4%, ... before giving up, then bisections of the gap.
-_LOWERINGS = 6
-_BISECTIONS = 4
+#: Fractions of the hint tried, in turn, when the hint itself does not fit; then bisections
+#: between the first that fits and the one before it.
+_LOWERINGS = (0.98, 0.9, 0.7, 0.5, 0.25, 0.1, 0.03)
+_BISECTIONS = 5
 
 _CACHE: LRUCache[tuple[str, int, str], tuple[float | None]] = LRUCache(4096)
 
@@ -76,17 +80,17 @@ def _search(
     settings: Settings,
 ) -> float | None:
     hint = Ledger.largest_fitting(budget, event)
-    if hint is None:
-        return None
-    if _fits(spec, hint, dataset, budget, settings):
+    if hint is not None and _fits(spec, hint, dataset, budget, settings):
         return hint
-    high, low, step = hint, None, 0.01
-    for _ in range(_LOWERINGS):
-        candidate = hint * (1 - step)
-        if _fits(spec, candidate, dataset, budget, settings):
-            low = candidate
+    # The σ search missed (its metric releases may alone exceed a nearly spent budget):
+    # search down from the hint, or from the whole budget when it found nothing.
+    start = hint if hint is not None else budget.epsilon_total
+    high, low = start, None
+    for fraction in _LOWERINGS:
+        if _fits(spec, start * fraction, dataset, budget, settings):
+            low = start * fraction
             break
-        high, step = candidate, step * 2
+        high = start * fraction
     if low is None:
         return None
     for _ in range(_BISECTIONS):

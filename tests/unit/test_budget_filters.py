@@ -32,6 +32,7 @@ from ppml.services.pricing import price
 from ppml.services.tenants import create_tenant
 from ppml.specs import JobSpec
 from tests.unit.worlds import ServiceWorld as World
+from tests.unit.worlds import job_spec
 from tests.unit.worlds import make_service_world as make_world
 
 DELTA = 1e-5
@@ -286,3 +287,17 @@ def test_a_budget_charged_under_the_uniform_filter_keeps_it(world: World) -> Non
     assert 0 < refused.value.extra["max_target_epsilon"] < 8.0
     status = budget_status(budget_row(world, dataset.id))
     assert status.admission_filter == filters.UNIFORM and status.epsilon_remaining == 8.5
+
+
+def test_a_nearly_spent_budget_still_offers_a_target_that_is_admitted(world: World) -> None:
+    # arrange: jobs of ε = 1 until one is refused (the metric releases priced for ε = 1 then
+    # exceed what is left on their own, so a σ search at that shape finds nothing)
+    dataset = digits(world, 2.0)
+    with pytest.raises(BudgetExceeded) as refused:
+        for _ in range(10):
+            world.service.submit(world.tenant_id, job_spec(dataset.id, epsilon=1.0))
+    offered = refused.value.extra["max_target_epsilon"]
+    # act
+    job, created = world.service.submit(world.tenant_id, job_spec(dataset.id, epsilon=offered))
+    # assert
+    assert 0 < offered < 1.0 and created and job.privacy is not None
