@@ -21,7 +21,6 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ppml.cache import LRUCache
 from ppml.db.models import DatasetBudget, Job, LedgerEntry, LedgerKind, new_id, utcnow
 from ppml.db.repositories import Repositories
 from ppml.errors import (
@@ -33,7 +32,6 @@ from ppml.errors import (
 )
 from ppml.privacy import accounting as acc
 from ppml.privacy import chain, filters, heads
-from ppml.privacy.zcdp import largest_fitting_zcdp
 
 __all__ = ["BudgetStatus", "Ledger", "budget_filter", "budget_status", "used_curve"]
 
@@ -106,28 +104,6 @@ def budget_status(budget: DatasetBudget) -> BudgetStatus:
     )
 
 
-#: Answers of :meth:`Ledger.largest_fitting`, by (dataset, budget version, filter, event).
-_LARGEST: LRUCache[tuple[str, int, str, acc.MechanismEvent], tuple[float | None]] = LRUCache(4096)
-
-
-def _largest_fitting(budget: DatasetBudget, event: acc.MechanismEvent) -> float | None:
-    used = used_curve(budget)
-    budget_caps = budget_filter(budget).caps()
-    if event.zcdp_rho:  # a zCDP mechanism (MST): the largest rho that fits, as ε
-        return largest_fitting_zcdp(used=used, budget_caps=budget_caps, delta=budget.delta_total)
-    return acc.largest_fitting_epsilon(
-        used=used,
-        budget_caps=budget_caps,
-        sample_rate=event.sample_rate,
-        steps=event.steps,
-        delta=budget.delta_total,
-        unit=event.unit,
-        evaluation=acc.evaluation_curve(event.eval_noise_multiplier, event.eval_releases)
-        if event.eval_noise_multiplier is not None
-        else None,
-    )
-
-
 class Ledger:
     """Ledger operations over one unit of work (the caller commits the transaction)."""
 
@@ -177,22 +153,6 @@ class Ledger:
             epsilon_remaining=status.epsilon_remaining,
             epsilon_requested=requested,
         )
-
-    @staticmethod
-    def largest_fitting(budget: DatasetBudget, event: acc.MechanismEvent) -> float | None:
-        """The largest target ε of this job's shape that the filter would admit now.
-
-        A bounded search over σ (at most 35 curves priced, about 0.15 s; see
-        :func:`ppml.privacy.accounting.largest_fitting_epsilon`), cached per budget row
-        version (every ledger write bumps it) and job shape: never call it while holding the
-        budget lock.
-        """
-        key = (budget.dataset_id, budget.version, budget.admission_filter, event)
-        found = _LARGEST.get(key)
-        if found is None:
-            found = (_largest_fitting(budget, event),)
-            _LARGEST.put(key, found)
-        return found[0]
 
     def reserve(
         self, budget: DatasetBudget, job: Job, event: acc.MechanismEvent
