@@ -345,6 +345,9 @@ def get_dataset_budget(dataset: OwnedDataset, repos: ReposDep) -> Budget:
         epsilon_spent=status.epsilon_spent,
         epsilon_reserved=status.epsilon_reserved,
         epsilon_remaining=status.epsilon_remaining,
+        epsilon_spent_composed=status.epsilon_spent_composed,
+        admission_filter=status.admission_filter,
+        filter_anchor_order=status.filter_anchor,
         privacy_unit=status.unit,
         grid_version=budget.grid_version,
     )

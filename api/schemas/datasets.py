@@ -116,11 +116,34 @@ class Budget(BaseModel):
     dataset_id: str
     epsilon_total: float
     delta_total: float
-    epsilon_spent: float = Field(description="ε of the committed charges, composed by RDP.")
-    epsilon_reserved: float = Field(description="Extra ε held by queued and running jobs.")
-    epsilon_remaining: float = Field(description="ε the admission filter can still grant.")
+    epsilon_spent: float = Field(
+        description="ε of the committed charges, composed by RDP, as the dataset's admission "
+        "filter counts it (at the share of δ each order gets): spent + reserved + remaining "
+        "= total."
+    )
+    epsilon_reserved: float = Field(
+        description="Extra ε held by queued and running jobs, in the same unit."
+    )
+    epsilon_remaining: float = Field(
+        description="ε the admission filter can still grant, in the same unit."
+    )
+    epsilon_spent_composed: float = Field(
+        default=0.0,
+        description="ε of the committed charges by the tightest conversion (the full δ at "
+        "the best order): what job receipts add up to; at most epsilon_spent, and not "
+        "additive with the figures above.",
+    )
     accounting: Literal["rdp"] = "rdp"
     admission: Literal["rdp-filter"] = "rdp-filter"
+    admission_filter: Literal["uniform-v1", "anchored-v1"] = Field(
+        default="uniform-v1",
+        description="How the filter splits δ over the RDP orders (docs/privacy.md): "
+        "uniform-v1 evenly (budgets charged before filters were versioned), anchored-v1 "
+        "mostly at the budget's anchor order and its neighbours.",
+    )
+    filter_anchor_order: float | None = Field(
+        default=None, description="The anchor order of an anchored-v1 filter; else null."
+    )
     privacy_unit: str
     grid_version: str
 

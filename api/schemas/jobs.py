@@ -150,7 +150,8 @@ class Quote(BaseModel):
         description="ε the dataset's admission filter can still grant; null without a budget."
     )
     max_target_epsilon: float | None = Field(
-        description="When it does not fit: the largest target_epsilon of this shape that would."
+        description="The largest target_epsilon of this shape that the dataset's budget would "
+        "admit now (whether or not this one fits); null without a budget, or when none would."
     )
     compute: int = Field(
         description="Estimated work, in sample-gradients × model parameters: what the job "

@@ -264,5 +264,6 @@ def datasets_budget(
         print_json(budget)
         return
     keys = ["epsilon_total", "delta_total", "epsilon_spent", "epsilon_reserved"]
-    keys += ["epsilon_remaining", "accounting", "admission", "privacy_unit"]
+    keys += ["epsilon_remaining", "epsilon_spent_composed", "accounting", "admission"]
+    keys += ["admission_filter", "filter_anchor_order", "privacy_unit"]
     table(f"budget of {dataset_id}", ["", "value"], [[k, fmt(budget.get(k))] for k in keys])

@@ -276,6 +276,12 @@ class DatasetBudget(Base):
     delta_total: Mapped[float] = mapped_column(Float)
     unit: Mapped[str] = mapped_column(String(16))
     grid_version: Mapped[str] = mapped_column(String(16))
+    # The admission filter (ppml.privacy.filters), fixed when the budget is opened: budgets
+    # charged before filters were versioned keep "uniform-v1".
+    admission_filter: Mapped[str] = mapped_column(
+        String(32), default="uniform-v1", server_default="uniform-v1"
+    )
+    filter_anchor: Mapped[float | None] = mapped_column(Float, nullable=True)
     committed: Mapped[dict[str, Any]]  # {"rdp": [int, ...]} in accounting units
     reserved: Mapped[dict[str, Any]]
     version: Mapped[int] = mapped_column(BigInteger, default=0)

@@ -31,17 +31,17 @@ from ppml.errors import (
     PrivacyUnitMismatch,
 )
 from ppml.privacy import accounting as acc
-from ppml.privacy import chain, heads
-from ppml.privacy.zcdp import largest_fitting_zcdp
+from ppml.privacy import chain, filters, heads
 
-__all__ = ["BudgetStatus", "Ledger", "budget_status"]
+__all__ = ["BudgetStatus", "Ledger", "budget_filter", "budget_status", "used_curve"]
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
 class BudgetStatus:
-    """A dataset's budget as users see it (ε figures at the dataset's δ)."""
+    """A dataset's budget as users see it: ε at the dataset's δ as its admission filter counts
+    it, so ``spent + reserved + remaining == total`` (up to float rounding)."""
 
     epsilon_total: float
     delta_total: float
@@ -49,6 +49,9 @@ class BudgetStatus:
     epsilon_reserved: float
     epsilon_remaining: float
     unit: str
+    admission_filter: str
+    filter_anchor: float | None
+    epsilon_spent_composed: float  # the committed curve's tight conversion, at the full δ
 
 
 def _units(curve: Sequence[int]) -> dict[str, object]:
@@ -61,24 +64,43 @@ def _curve(data: dict[str, object]) -> acc.Curve:
     return tuple(int(value) for value in units)
 
 
-def budget_status(budget: DatasetBudget) -> BudgetStatus:
-    """Spent, reserved and remaining ε of a budget row.
+def budget_filter(budget: DatasetBudget) -> filters.BudgetFilter:
+    """The admission filter a budget row was opened with (ppml.privacy.filters)."""
+    return filters.BudgetFilter(
+        version=budget.admission_filter,
+        anchor=budget.filter_anchor,
+        epsilon_total=budget.epsilon_total,
+        delta_total=budget.delta_total,
+    )
 
-    Spent is the tight conversion of the committed curve; remaining is what the admission
-    filter still allows (it splits δ across the orders, so it is slightly more cautious).
+
+def used_curve(budget: DatasetBudget) -> acc.Curve:
+    """Committed plus reserved: the curve admission compares with the caps."""
+    return acc.add(_curve(budget.committed), _curve(budget.reserved))
+
+
+def budget_status(budget: DatasetBudget) -> BudgetStatus:
+    """Spent, reserved and remaining ε of a budget row, in one unit: the filter's ε.
+
+    Spent is what the filter counts for the committed curve, reserved what the reservations
+    add to it, remaining what the filter still allows; the three add up to the total.
+    (The filter's ε of a curve is at least its tight (ε, δ) conversion: it converts at the
+    share of δ its filter gives each order.)
     """
+    check = budget_filter(budget)
     committed, reserved = _curve(budget.committed), _curve(budget.reserved)
-    used = acc.add(committed, reserved)
-    spent = acc.epsilon(committed, budget.delta_total)
-    held = acc.epsilon(used, budget.delta_total)
-    remaining = budget.epsilon_total - acc.filter_epsilon(used, budget.delta_total)
+    spent = min(check.epsilon(committed), budget.epsilon_total)
+    held = min(max(check.epsilon(acc.add(committed, reserved)), spent), budget.epsilon_total)
     return BudgetStatus(
         epsilon_total=budget.epsilon_total,
         delta_total=budget.delta_total,
         epsilon_spent=spent,
-        epsilon_reserved=max(0.0, held - spent),
-        epsilon_remaining=max(0.0, remaining),
+        epsilon_reserved=held - spent,
+        epsilon_remaining=budget.epsilon_total - held,
         unit=budget.unit,
+        admission_filter=budget.admission_filter,
+        filter_anchor=budget.filter_anchor,
+        epsilon_spent_composed=acc.epsilon(committed, budget.delta_total),
     )
 
 
@@ -91,12 +113,15 @@ class Ledger:
     def open_budget(
         self, *, dataset_id: str, epsilon_total: float, delta_total: float, unit: str
     ) -> DatasetBudget:
+        check = filters.new_filter(epsilon_total, delta_total)
         budget = DatasetBudget(
             dataset_id=dataset_id,
             epsilon_total=epsilon_total,
             delta_total=delta_total,
             unit=unit,
             grid_version=acc.GRID_VERSION,
+            admission_filter=check.version,
+            filter_anchor=check.anchor,
             committed=_units(acc.zero()),
             reserved=_units(acc.zero()),
             version=0,
@@ -108,46 +133,25 @@ class Ledger:
         return self.repos.budget(dataset_id, lock=True)
 
     def admits(self, budget: DatasetBudget, job_curve: Sequence[int]) -> bool:
-        used = acc.add(_curve(budget.committed), _curve(budget.reserved))
-        return acc.fits(used, job_curve, acc.caps(budget.epsilon_total, budget.delta_total))
+        return budget_filter(budget).fits(used_curve(budget), job_curve)
 
-    def refusal(self, budget: DatasetBudget, *, requested: float) -> BudgetExceeded:
-        """The 409 for a job that does not fit (cheap: it is built under the lock)."""
+    def refusal(
+        self, budget: DatasetBudget, *, requested: float, job_curve: Sequence[int]
+    ) -> BudgetExceeded:
+        """The 409 for a job that does not fit (cheap: it is built under the lock).
+
+        ``requested`` is the job's own ε. ε does not add up across jobs (curves compose), so
+        the detail says what the dataset's composed ε would become, in the unit of
+        ``epsilon_remaining`` (the filter's).
+        """
         status = budget_status(budget)
+        composed = budget_filter(budget).epsilon(acc.add(used_curve(budget), job_curve))
         return BudgetExceeded(
-            f"This job would spend ε={requested:.4g} but the dataset has "
-            f"ε={status.epsilon_remaining:.4g} left of {status.epsilon_total:g}.",
+            f"This job would spend ε={requested:.4g}; composed with the dataset's earlier "
+            f"jobs that makes ε={composed:.4g} as its admission filter counts it, above its "
+            f"total of {status.epsilon_total:g} (ε={status.epsilon_remaining:.4g} is left).",
             epsilon_remaining=status.epsilon_remaining,
             epsilon_requested=requested,
-        )
-
-    @staticmethod
-    def largest_fitting(budget: DatasetBudget, event: acc.MechanismEvent) -> float | None:
-        """The largest target ε of this job's shape that the filter would admit now.
-
-        A bounded search over σ (at most 35 curves priced, about 0.15 s; see
-        :func:`ppml.privacy.accounting.largest_fitting_epsilon`): never call it while
-        holding the budget lock.
-        """
-        used = acc.add(_curve(budget.committed), _curve(budget.reserved))
-        if not (event.steps or event.zcdp_rho or event.eval_releases):
-            return None  # a job that costs nothing (pate: its answers are charged apart)
-        if event.zcdp_rho:  # a zCDP mechanism (MST): the largest rho that fits, as ε
-            return largest_fitting_zcdp(
-                used=used,
-                budget_caps=acc.caps(budget.epsilon_total, budget.delta_total),
-                delta=budget.delta_total,
-            )
-        return acc.largest_fitting_epsilon(
-            used=used,
-            budget_caps=acc.caps(budget.epsilon_total, budget.delta_total),
-            sample_rate=event.sample_rate,
-            steps=event.steps,
-            delta=budget.delta_total,
-            unit=event.unit,
-            evaluation=acc.evaluation_curve(event.eval_noise_multiplier, event.eval_releases)
-            if event.eval_noise_multiplier is not None
-            else None,
         )
 
     def reserve(
@@ -169,7 +173,9 @@ class Ledger:
             )
         curve = acc.rdp_curve(event)
         if not self.admits(budget, curve):
-            raise self.refusal(budget, requested=acc.epsilon(curve, budget.delta_total))
+            raise self.refusal(
+                budget, requested=acc.epsilon(curve, budget.delta_total), job_curve=curve
+            )
         entry = self._append(budget, job.id, LedgerKind.RESERVE, curve, event)
         budget.reserved = _units(acc.add(_curve(budget.reserved), curve))
         self._touch(budget)
@@ -191,7 +197,8 @@ class Ledger:
             )
         curve = acc.rdp_curve(event)
         if not self.admits(budget, curve):
-            raise self.refusal(budget, requested=acc.epsilon(curve, budget.delta_total))
+            requested = acc.epsilon(curve, budget.delta_total)
+            raise self.refusal(budget, requested=requested, job_curve=curve)
         key = f"{job_id}:{batch}"
         self._append(budget, job_id, LedgerKind.RESERVE, curve, event, key=key)
         commit = self._append(budget, job_id, LedgerKind.COMMIT, curve, event, key=key)

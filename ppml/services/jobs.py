@@ -52,6 +52,7 @@ from ppml.queue import enqueue_job
 from ppml.services import audit
 from ppml.services.datasets import require_live
 from ppml.services.grouping import GroupCommit, Pending
+from ppml.services.hints import largest_target
 from ppml.services.pate import check_student
 from ppml.services.pricing import Pricing, price
 from ppml.services.quotes import Quote, Quotes
@@ -171,14 +172,14 @@ class JobService:
         self._check_student(tenant_id, spec, dataset)
         return self.quotes.quote(tenant_id, dataset, spec)
 
-    def _largest_fitting(self, dataset: Dataset, pricing: Pricing) -> float | None:
+    def _largest_fitting(self, dataset: Dataset, spec: JobSpec, pricing: Pricing) -> float | None:
         """After a refusal, outside any lock: the largest target ε of this shape that fits."""
         if pricing.event is None:
             return None
         with self.db.read_one() as session:
             budget = Repositories(session).budget(dataset.id)
         assert budget is not None
-        return Ledger.largest_fitting(budget, pricing.event)
+        return largest_target(spec, dataset, budget, pricing, self.settings)
 
     def submit(
         self,
@@ -205,7 +206,7 @@ class JobService:
             else:
                 job, created = self._admit(admission, digest, idempotency_key)
         except BudgetExceeded as refusal:
-            refusal.extra["max_target_epsilon"] = self._largest_fitting(dataset, pricing)
+            refusal.extra["max_target_epsilon"] = self._largest_fitting(dataset, spec, pricing)
             raise
         except IntegrityError:
             # A concurrent request with the same Idempotency-Key won the insert.

@@ -2,8 +2,8 @@
 
 A quote reserves nothing. Quotes are cached per tenant, job shape (the spec without its name)
 and the version of the dataset's budget row, which every ledger write bumps: a repeated quote
-costs one read of that version. The search for the largest affordable ε is bounded
-(``Ledger.largest_fitting``)."""
+costs one read of that version. The search for the largest affordable ε is bounded and
+cached per budget version (``ppml.services.hints``); every quote on a budget carries it."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from ppml.db.repositories import Repositories
 from ppml.db.session import Database
 from ppml.privacy import accounting as acc
 from ppml.privacy.ledger import Ledger, budget_status
+from ppml.services.hints import largest_target
 from ppml.services.pricing import Pricing, price
 from ppml.specs import JobSpec, request_hash
 
@@ -64,11 +65,11 @@ class Quotes:
             with self.db.read_one() as session:
                 if Repositories(session).budget_version(dataset.id) == version:
                     return quote
-        version, quote = self._fresh(dataset, price(spec, dataset, self.settings))
+        version, quote = self._fresh(spec, dataset, price(spec, dataset, self.settings))
         self._cache.put(key, (version, quote))
         return quote
 
-    def _fresh(self, dataset: Dataset, pricing: Pricing) -> tuple[int | None, Quote]:
+    def _fresh(self, spec: JobSpec, dataset: Dataset, pricing: Pricing) -> tuple[int | None, Quote]:
         """The quote of a priced job on the budget as it is now, and that budget's version
         (None when nothing is charged to a budget)."""
         fits, remaining, largest, version = True, None, None, None
@@ -80,8 +81,8 @@ class Quotes:
                 version = budget.version
                 fits = ledger.admits(budget, acc.rdp_curve(pricing.event))
                 remaining = budget_status(budget).epsilon_remaining
-            if not fits:  # the bounded search, outside any session
-                largest = Ledger.largest_fitting(budget, pricing.event)
+            # The bounded, cached search, outside any session: in every quote, fitting or not.
+            largest = largest_target(spec, dataset, budget, pricing, self.settings)
         event = pricing.event
         return version, Quote(
             epsilon=pricing.epsilon,

@@ -220,3 +220,24 @@ def test_unknown_routes_and_methods_answer_problems(
 ) -> None:
     _assert_problem(client.get("/v1/nothing", headers=tenant), 404)
     _assert_problem(client.delete("/v1/jobs", headers=tenant), 405)
+
+
+def test_a_budget_adds_up_and_every_quote_says_the_largest_target(
+    client: TestClient, tenant: dict[str, str]
+) -> None:
+    # arrange: one job admitted (reserved, or spent if a worker already ran it)
+    dataset_id = register_digits(client, tenant, epsilon=4.0)
+    submitted = client.post("/v1/jobs", json=dp_job_spec(dataset_id, epsilon=1.0), headers=tenant)
+    assert submitted.status_code == 202
+    # act
+    budget = client.get(f"/v1/datasets/{dataset_id}/budget", headers=tenant).json()
+    quote = client.post(
+        "/v1/jobs/quote", json=dp_job_spec(dataset_id, epsilon=0.5), headers=tenant
+    ).json()
+    # assert: the three figures are in one unit and add up to the total
+    parts = budget["epsilon_spent"] + budget["epsilon_reserved"] + budget["epsilon_remaining"]
+    assert parts == pytest.approx(budget["epsilon_total"], abs=1e-12)
+    assert budget["epsilon_spent"] + budget["epsilon_reserved"] > 0.99
+    assert budget["admission_filter"] == "anchored-v1" and budget["filter_anchor_order"] > 1
+    # a quote that fits still carries the largest target of its shape, above its own ε
+    assert quote["fits_budget"] is True and quote["max_target_epsilon"] > 1.0

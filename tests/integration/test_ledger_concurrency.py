@@ -32,7 +32,8 @@ from ppml.db.repositories import Repositories
 from ppml.db.session import Database
 from ppml.errors import BudgetExceeded
 from ppml.privacy import accounting as acc
-from ppml.privacy.ledger import Ledger
+from ppml.privacy import filters
+from ppml.privacy.ledger import Ledger, budget_filter
 from ppml.queue import make_celery
 from ppml.services.jobs import JobService
 from ppml.services.pricing import price
@@ -158,7 +159,7 @@ def test_concurrent_admissions_equal_a_serial_replay(
     specs = random_specs(raced.id, seed=repeat)
     for spec in specs:  # calibrate σ outside the race, as a warm server would have
         price(spec, raced, service.settings)
-    caps = acc.caps(BUDGET_EPSILON, DELTA)
+    caps = filters.new_filter(BUDGET_EPSILON, DELTA).caps()
 
     # act
     with Monitor(database, raced.id, caps) as monitor:
@@ -184,7 +185,7 @@ def test_concurrent_admissions_equal_a_serial_replay(
     assert raced_used == replayed_used == acc.add(committed, reserved)
     assert all(value >= 0 for value in reserved)
     assert within_filter(raced_used, caps)
-    assert BUDGET_EPSILON - acc.filter_epsilon(raced_used, DELTA) >= 0
+    assert BUDGET_EPSILON - filters.new_filter(BUDGET_EPSILON, DELTA).epsilon(raced_used) >= 0
     assert monitor.samples > 0 and not monitor.violations
 
 
@@ -217,7 +218,7 @@ def naive_admit(
         assert budget is not None
         reserved = tuple(budget.reserved["units"])
         used = acc.add(tuple(budget.committed["units"]), reserved)
-        caps = acc.caps(budget.epsilon_total, budget.delta_total)
+        caps = budget_filter(budget).caps()
     if not acc.fits(used, curve, caps):
         return False
     time.sleep(pause)
@@ -269,7 +270,7 @@ def test_naive_admission_overspends_without_the_lock(pg_database_url: str, tmp_p
         data_dir=tmp_path / "data", database_url=pg_database_url, broker_url="memory://"
     )
     tenant_id = make_tenant(db)
-    caps = acc.caps(BUDGET_EPSILON, DELTA)
+    caps = filters.new_filter(BUDGET_EPSILON, DELTA).caps()
     broken = []
     try:
         for attempt in range(3):

@@ -48,6 +48,7 @@ from ppml.jobs.reaper import Reaper
 from ppml.jobs.records import Progress
 from ppml.jobs.runner import JobRunner
 from ppml.privacy import accounting as acc
+from ppml.privacy import filters
 from ppml.privacy.heads import HeadFile, flush_all
 from ppml.privacy.ledger import Ledger, budget_status
 from ppml.queue import make_celery
@@ -161,7 +162,7 @@ def machine_class(h: Harness) -> type[RuleBasedStateMachine]:
             # a fresh tenant too: queued jobs of earlier examples count against its job cap
             self.tenant_id = make_tenant(db)
             self.dataset = make_dataset(db, self.tenant_id, epsilon=epsilon)
-            self.caps = acc.caps(epsilon, DELTA)
+            self.caps = filters.new_filter(epsilon, DELTA).caps()
 
         # --- model helpers ----------------------------------------------------------
         def model_totals(self) -> tuple[acc.Curve, acc.Curve]:

@@ -20,12 +20,13 @@ from ppml.jobs import lifecycle
 from ppml.jobs.records import PrivacyRecord, Progress
 from ppml.privacy import accounting as acc
 from ppml.privacy import gnmax
-from ppml.privacy.ledger import Ledger
+from ppml.privacy.filters import BudgetFilter
+from ppml.privacy.ledger import Ledger, budget_filter
 from ppml.services.pate import charge_answers
 from ppml.services.tenants import Principal
 from ppml.specs import JobSpec
 from ppml.trust.keys import SigningKeys
-from tests.integration.ledger_helpers import DELTA, make_dataset, make_tenant, within_filter
+from tests.integration.ledger_helpers import DELTA, make_dataset, make_tenant
 
 SIGMA = 15.0
 BATCH = 3
@@ -78,13 +79,20 @@ def _succeeded_pate_job(db: Database, tenant_id: str, dataset: Dataset) -> str:
     return job.id
 
 
-def _fitting_batches(epsilon_total: float) -> int:
-    """How many batches the filter admits when they come one by one."""
+def _fitting_batches(check: BudgetFilter) -> int:
+    """How many batches the budget's filter admits when they come one by one."""
     batch = acc.rdp_curve(gnmax.gnmax_event(BATCH, SIGMA))
-    caps, used, count = acc.caps(epsilon_total, DELTA), acc.zero(), 0
-    while within_filter(acc.add(used, batch), caps):
+    used, count = acc.zero(), 0
+    while check.fits(used, batch):
         used, count = acc.add(used, batch), count + 1
     return count
+
+
+def _filter(database: Database, dataset_id: str) -> BudgetFilter:
+    with database.session() as session:
+        budget = Repositories(session).budget(dataset_id)
+    assert budget is not None
+    return budget_filter(budget)
 
 
 def test_concurrent_batches_charge_exactly_what_fits(
@@ -96,7 +104,8 @@ def test_concurrent_batches_charge_exactly_what_fits(
     job_id = _succeeded_pate_job(database, tenant_id, dataset)
     by = Principal(tenant_id=tenant_id, role="analyst")
     keys = SigningKeys.for_settings(settings)
-    expected = _fitting_batches(2.0)
+    check = _filter(database, dataset.id)
+    expected = _fitting_batches(check)
     assert 0 < expected < REQUESTS
 
     def ask(_: int) -> bool:
@@ -120,6 +129,6 @@ def test_concurrent_batches_charge_exactly_what_fits(
         job = repos.job_by_id(job_id)
     assert sorted(e.kind for e in entries) == ["commit"] * expected + ["reserve"] * expected
     committed = acc.add(*[tuple(e.rdp["units"]) for e in entries if e.kind == "commit"])
-    assert within_filter(committed, acc.caps(2.0, DELTA))
+    assert check.fits(acc.zero(), committed)
     assert job is not None and job.privacy is not None
     assert job.privacy.queries == BATCH * expected

@@ -114,7 +114,7 @@ def _scenario(base: str, tmp_path: Path) -> dict[str, Any]:
     assert float(receipt["epsilon"]) == job["privacy"]["epsilon_spent"]
 
     budget = client.get(f"/v1/datasets/{dataset_id}/budget").json()
-    assert budget["epsilon_spent"] == pytest.approx(job["privacy"]["epsilon_spent"])
+    assert budget["epsilon_spent_composed"] == pytest.approx(job["privacy"]["epsilon_spent"])
     assert budget["epsilon_reserved"] == 0
     assert 0 < budget["epsilon_remaining"] < 8.0 - 3.0 + 1.5  # RDP composes below the sum
 
@@ -162,4 +162,4 @@ def test_running_job_cancels_and_is_charged_for_steps_run(production: str) -> No
     budget = client.get(f"/v1/datasets/{dataset_id}/budget").json()
     assert budget["epsilon_reserved"] == 0
     assert 0 < budget["epsilon_spent"] < 10.0
-    assert np.isclose(budget["epsilon_spent"], job["privacy"]["epsilon_spent"])
+    assert np.isclose(budget["epsilon_spent_composed"], job["privacy"]["epsilon_spent"])

@@ -25,6 +25,7 @@ from ppml.errors import (
 )
 from ppml.jobs.runner import JobRunner
 from ppml.privacy import accounting as acc
+from ppml.privacy import filters
 from ppml.privacy.ledger import budget_status
 from ppml.services.grouping import Pending
 from ppml.services.jobs import JobService
@@ -64,7 +65,8 @@ def test_a_quote_prices_the_job_as_admission_would_and_writes_nothing(world: Wor
     quote = world.service.quote(world.tenant_id, job)
     # assert
     assert priced.event is not None
-    assert quote.fits_budget is True and quote.max_target_epsilon is None
+    assert quote.fits_budget is True and quote.max_target_epsilon is not None
+    assert quote.max_target_epsilon >= quote.epsilon  # always offered, fitting or not
     assert quote.epsilon == priced.epsilon and 0.99 < quote.epsilon <= 1.0
     assert quote.noise_multiplier == priced.event.noise_multiplier
     assert quote.sample_rate == priced.event.sample_rate
@@ -201,7 +203,7 @@ def test_the_largest_target_offered_in_a_refusal_is_admitted(world: World) -> No
     dataset = world.digits(epsilon=2.0)
     world.service.submit(world.tenant_id, spec(dataset.id, epsilon=1.0))
     with pytest.raises(BudgetExceeded) as refused:
-        world.service.submit(world.tenant_id, spec(dataset.id, epsilon=1.5))
+        world.service.submit(world.tenant_id, spec(dataset.id, epsilon=1.8))
     offered = refused.value.extra["max_target_epsilon"]
     # act
     job, created = world.service.submit(world.tenant_id, spec(dataset.id, epsilon=offered))
@@ -241,7 +243,7 @@ def test_admissions_decided_together_equal_a_serial_replay_in_arrival_order(
     # arrange: one admission holds the dataset's batch open while five more queue, in order
     dataset = world.digits(epsilon=2.0)
     specs = [spec(dataset.id, epsilon=1.0) for _ in range(6)]
-    caps, used, expected = acc.caps(2.0, 1e-5), acc.zero(), []
+    caps, used, expected = filters.new_filter(2.0, 1e-5).caps(), acc.zero(), []
     for job_spec in specs:  # the filter, in arrival order (σ calibrated here, outside the race)
         event = price(job_spec, dataset, world.settings).event
         assert event is not None

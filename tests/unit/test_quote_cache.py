@@ -77,7 +77,7 @@ def test_an_admission_changes_the_budget_and_the_next_quote_reflects_it(
 ) -> None:
     # arrange: a quote cached on the empty budget
     dataset = world.digits(epsilon=3.0)
-    job = spec(dataset.id, epsilon=2.0)
+    job = spec(dataset.id, epsilon=2.5)
     before = world.service.quote(world.tenant_id, job)
     assert before.fits_budget is True
     # act: a job admitted (a RESERVE bumps the budget's version), then the same quote
@@ -94,7 +94,7 @@ def test_an_admission_changes_the_budget_and_the_next_quote_reflects_it(
 def test_a_cancellation_also_makes_the_next_quote_fresh(world: World) -> None:
     # arrange
     dataset = world.digits(epsilon=3.0)
-    job = spec(dataset.id, epsilon=2.0)
+    job = spec(dataset.id, epsilon=2.5)
     admitted, _ = world.service.submit(world.tenant_id, job)
     full = world.service.quote(world.tenant_id, job)
     # act: the release bumps the version again
