@@ -51,7 +51,7 @@ def test_a_repeated_quote_changes_once_a_job_is_admitted(
 ) -> None:
     # arrange
     dataset_id = register_digits(client, tenant, epsilon=3.0)
-    spec = dp_job_spec(dataset_id, epsilon=2.0, epochs=2)
+    spec = dp_job_spec(dataset_id, epsilon=2.5, epochs=2)
     first = client.post("/v1/jobs/quote", json=spec, headers=tenant).json()
     again = client.post("/v1/jobs/quote", json=spec, headers=tenant).json()
     # act
