@@ -43,6 +43,7 @@ from bench.harness import print_table, save
 from ppml.datasets import DatasetArrays, load_builtin
 from ppml.jobs.pate import teacher_partitions
 from ppml.privacy import accounting as acc
+from ppml.privacy import calibration as cal
 from ppml.privacy import gnmax
 from ppml.privacy.zcdp import calibrate_zcdp
 from ppml.specs import ModelSpec, TrainingSpec
@@ -95,8 +96,8 @@ def dp_sgd_accuracy(
     x: np.ndarray, y: np.ndarray, arrays: DatasetArrays, epsilon: float, seed: int
 ) -> tuple[float, float]:
     """DP-SGD at ``epsilon`` on ``(x, y)``: held-out accuracy and σ."""
-    q, per_epoch, total = acc.plan_dp_sgd(num_records=len(y), batch_size=DP_BATCH, epochs=DP_EPOCHS)
-    sigma = acc.calibrate_noise(target_epsilon=epsilon, delta=DELTA, sample_rate=q, steps=total)
+    q, per_epoch, total = cal.plan_dp_sgd(num_records=len(y), batch_size=DP_BATCH, epochs=DP_EPOCHS)
+    sigma = cal.calibrate_noise(target_epsilon=epsilon, delta=DELTA, sample_rate=q, steps=total)
     plan = TrainingPlan(
         model=MODEL,
         epochs=DP_EPOCHS,

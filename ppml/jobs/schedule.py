@@ -26,6 +26,7 @@ from ppml.db.models import Dataset, Job
 from ppml.errors import InvalidInput
 from ppml.jobs.records import PrivacyRecord
 from ppml.privacy import accounting as acc
+from ppml.privacy import calibration as cal
 from ppml.privacy.evaluation import (
     DEFAULT_LOSS_CLIP,
     MAX_METRIC_RELEASES,
@@ -59,7 +60,7 @@ def schedule(spec: JobSpec, dataset: Dataset) -> Schedule:
         return Schedule(sample_rate=1.0, steps_per_epoch=1, total_steps=0, unit="record")
     fed = spec.federated
     if fed is None:
-        q, per_epoch, total = acc.plan_dp_sgd(
+        q, per_epoch, total = cal.plan_dp_sgd(
             num_records=dataset.num_train,
             batch_size=spec.training.batch_size,
             epochs=spec.training.epochs,
@@ -68,7 +69,7 @@ def schedule(spec: JobSpec, dataset: Dataset) -> Schedule:
     if spec.privacy is not None and spec.privacy.level == "sample":
         shard = dataset.num_train / fed.num_clients
         q = min(1.0, spec.training.batch_size / shard)
-        per_round = fed.local_epochs * acc.steps_per_epoch(q)
+        per_round = fed.local_epochs * cal.steps_per_epoch(q)
         return Schedule(
             sample_rate=q,
             steps_per_epoch=per_round,

@@ -1,6 +1,6 @@
 """``max_target_epsilon``: the largest target ε a job of a given shape can still get.
 
-A first search over σ (:func:`ppml.privacy.accounting.largest_fitting_epsilon`, at most 35
+A first search over σ (:func:`ppml.privacy.calibration.largest_fitting_epsilon`, at most 35
 curves, about 0.15 s) holds the job's metric releases at the noise calibrated for the job's
 own target: fast, and nearly right. But a job
 submitted with that target calibrates its own training and metric noise, whose curve has a
@@ -21,6 +21,7 @@ from ppml.config import Settings
 from ppml.db.models import Dataset, DatasetBudget
 from ppml.errors import PPMLError
 from ppml.privacy import accounting as acc
+from ppml.privacy import calibration as cal
 from ppml.privacy.ledger import budget_filter, used_curve
 from ppml.privacy.zcdp import largest_fitting_zcdp
 from ppml.services.pricing import Pricing, price
@@ -83,7 +84,7 @@ def _sigma_hint(budget: DatasetBudget, event: acc.MechanismEvent) -> float | Non
     used, budget_caps = used_curve(budget), budget_filter(budget).caps()
     if event.zcdp_rho:
         return largest_fitting_zcdp(used=used, budget_caps=budget_caps, delta=budget.delta_total)
-    return acc.largest_fitting_epsilon(
+    return cal.largest_fitting_epsilon(
         used=used,
         budget_caps=budget_caps,
         sample_rate=event.sample_rate,

@@ -29,6 +29,7 @@ from ppml.errors import DatasetNotReady, InvalidInput, PrivacyRequired
 from ppml.jobs.records import PrivacyRecord
 from ppml.jobs.schedule import Schedule, evaluation_plan, schedule
 from ppml.privacy import accounting as acc
+from ppml.privacy import calibration as cal
 from ppml.privacy.evaluation import WITHHELD, EvaluationPlan
 from ppml.services.pate import pate_event, price_compute
 from ppml.services.synthesis import plan_synthesis
@@ -368,12 +369,12 @@ def _calibrate(
     """σ of training (and of the metric releases) for a job that spends ``target``."""
     q, steps, unit = plan.sample_rate, plan.total_steps, plan.unit
     if evaluation.mechanism != "gaussian":
-        sigma = acc.calibrate_noise(
+        sigma = cal.calibrate_noise(
             target_epsilon=target, delta=delta, sample_rate=q, steps=steps, unit=unit
         )
         event = acc.MechanismEvent(sample_rate=q, noise_multiplier=sigma, steps=steps, unit=unit)
         return event, evaluation
-    sigma, z = acc.calibrate_with_evaluation(
+    sigma, z = cal.calibrate_with_evaluation(
         target_epsilon=target,
         delta=delta,
         sample_rate=q,

@@ -14,6 +14,7 @@ from ppml.db.session import Database
 from ppml.jobs.records import PrivacyRecord
 from ppml.jobs.runner import JobRunner
 from ppml.privacy import accounting as acc
+from ppml.privacy import calibration as cal
 from tests.conftest import register_digits
 from tests.integration import ingest_helpers
 
@@ -93,7 +94,7 @@ def test_federated_dp_job_runs_and_charges_its_mechanism(
         shard = dataset["num_train"] / 10  # the keyed split's size (released metadata)
         q = 16 / shard
         assert plan["unit"] == "record" and plan["sample_rate"] == pytest.approx(q)
-        assert plan["steps_planned"] == 4 * acc.steps_per_epoch(q)
+        assert plan["steps_planned"] == 4 * cal.steps_per_epoch(q)
         scored_units = dataset["num_test"]
     assert outcome == "succeeded" and job["status"] == "succeeded"
     assert job["progress"]["round"] == 4 and job["progress"]["fraction"] == 1.0

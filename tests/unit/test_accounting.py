@@ -19,6 +19,7 @@ from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 from opacus.accountants.utils import get_noise_multiplier
 
 from ppml.privacy import accounting as acc
+from ppml.privacy import calibration as cal
 from ppml.privacy.accounting import ORDERS, UNITS_PER_NAT, MechanismEvent
 
 DELTA = 1e-5
@@ -81,7 +82,7 @@ def raw_cap(order: float, epsilon_total: float, delta_total: float) -> float:
 
 
 def calibrated(target: float, q: float, steps: int, delta: float = DELTA) -> acc.Curve:
-    sigma = acc.calibrate_noise(target_epsilon=target, delta=delta, sample_rate=q, steps=steps)
+    sigma = cal.calibrate_noise(target_epsilon=target, delta=delta, sample_rate=q, steps=steps)
     return acc.rdp_curve(event(q, sigma, steps))
 
 
@@ -164,7 +165,7 @@ def test_calibrated_sigma_agrees_with_opacus_and_meets_target(
     target: float, q: float, steps: int
 ) -> None:
     # act
-    sigma = acc.calibrate_noise(target_epsilon=target, delta=DELTA, sample_rate=q, steps=steps)
+    sigma = cal.calibrate_noise(target_epsilon=target, delta=DELTA, sample_rate=q, steps=steps)
     theirs = get_noise_multiplier(
         target_epsilon=target,
         target_delta=DELTA,
@@ -199,7 +200,7 @@ def reference_pld_epsilon(evs: list[MechanismEvent], rdp_eps: float) -> float:
             break
         accountant = dp_accounting.pld.PLDAccountant(value_discretization_interval=interval)
         for ev in evs:
-            accountant.compose(acc._dp_event(ev))
+            accountant.compose(acc.dp_event(ev))
         value = min(value, float(accountant.get_epsilon(DELTA)))
     return value
 
@@ -377,7 +378,7 @@ def test_largest_fitting_epsilon_fits_and_is_nearly_the_largest(
     caps = acc.caps(budget, DELTA)
     used_curve = _used_by(*used)
     # act
-    largest = acc.largest_fitting_epsilon(
+    largest = cal.largest_fitting_epsilon(
         used=used_curve, budget_caps=caps, sample_rate=q, steps=steps, delta=DELTA
     )
     # assert: a job asking for exactly that ε (priced the way admission prices it) fits
@@ -391,7 +392,7 @@ def test_largest_fitting_epsilon_is_none_when_the_budget_is_spent() -> None:
     caps = acc.caps(1.0, DELTA)
     used = tuple(cap + 1 for cap in caps)
     # act
-    largest = acc.largest_fitting_epsilon(
+    largest = cal.largest_fitting_epsilon(
         used=used, budget_caps=caps, sample_rate=0.01, steps=100, delta=DELTA
     )
     # assert

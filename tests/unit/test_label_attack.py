@@ -23,6 +23,7 @@ from sklearn.datasets import load_digits
 from torch.nn import functional as F
 
 from ppml.privacy import accounting as acc
+from ppml.privacy import calibration as cal
 from ppml.privacy.evaluation import EvaluationPlan, release_metrics
 from ppml.specs import ModelSpec
 from ppml.training.dp_sgd import TrainingPlan, evaluate, initial_model, train
@@ -65,7 +66,7 @@ def trained_digits_model() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]
 
 def production_noise() -> float:
     """The evaluation σ pricing gives a typical job: ε = 3 on digits, default 3% share."""
-    _sigma, z = acc.calibrate_with_evaluation(
+    _sigma, z = cal.calibrate_with_evaluation(
         target_epsilon=3.0,
         delta=DELTA,
         sample_rate=128 / 1437,

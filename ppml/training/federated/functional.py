@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ppml.privacy import accounting
+from ppml.privacy import calibration
 
 __all__ = [
     "ParamLayout",
@@ -35,7 +35,7 @@ ADAM_EPS = 1e-8
 
 def local_steps_per_epoch(sample_rate: float) -> int:
     """Local DP-SGD steps per local epoch at Poisson rate ``q``: the ledger's expression."""
-    return accounting.steps_per_epoch(sample_rate)
+    return calibration.steps_per_epoch(sample_rate)
 
 
 def round_seed_sequence(base_seed: int, round_index: int) -> np.random.SeedSequence:
