@@ -1,34 +1,26 @@
-"""SQLAlchemy 2.0 typed models. All SQL lives in ``ppml.db.repositories``."""
+"""SQLAlchemy 2.0 typed models (their base and column types: ``ppml.db.base``). All SQL lives
+in ``ppml.db.repositories``."""
 
 from __future__ import annotations
 
-import secrets
-import time
-from datetime import UTC, datetime
+from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from pydantic import TypeAdapter
 from sqlalchemy import (
-    JSON,
     BigInteger,
     Boolean,
-    DateTime,
     Float,
     ForeignKey,
     Index,
     Integer,
-    MetaData,
     String,
     Text,
-    TypeDecorator,
     UniqueConstraint,
 )
-from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.engine import Dialect
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, validates
-from sqlalchemy.types import TypeEngine
+from sqlalchemy.orm import Mapped, mapped_column, validates
 
+from ppml.db.base import Base, Typed, new_id, utcnow
 from ppml.jobs.records import Artifacts, JobError, PrivacyRecord, Progress, Receipt
 from ppml.privacy.evaluation import ExactMetrics, Metrics
 from ppml.specs import JobSpec
@@ -52,87 +44,6 @@ __all__ = [
     "new_id",
     "utcnow",
 ]
-
-NAMING_CONVENTION = {
-    "ix": "ix_%(column_0_label)s",
-    "uq": "uq_%(table_name)s_%(column_0_name)s",
-    "ck": "ck_%(table_name)s_%(constraint_name)s",
-    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
-    "pk": "pk_%(table_name)s",
-}
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
-def new_id(prefix: str) -> str:
-    """Opaque id that sorts by creation time (48-bit ms clock + 64 random bits)."""
-    return f"{prefix}_{int(time.time() * 1000):012x}{secrets.token_hex(8)}"
-
-
-class UTCDateTime(TypeDecorator[datetime]):
-    """Timezone-aware UTC datetimes on every backend (SQLite drops the zone)."""
-
-    impl = DateTime(timezone=True)
-    cache_ok = True
-
-    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
-        if value is None:
-            return None
-        if value.tzinfo is None:
-            raise ValueError("naive datetime")
-        return value.astimezone(UTC)
-
-    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
-        if value is None:
-            return None
-        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-
-
-JSONType = JSON().with_variant(JSONB(), "postgresql")
-
-
-class Typed(TypeDecorator[Any]):
-    """A JSON column holding one pydantic shape: validated on the way in and out.
-
-    Plain dicts are accepted when binding (and coerced on assignment by the models'
-    validators), so a wrong shape fails where it is written, not where it is read.
-    """
-
-    impl = JSON
-    cache_ok = True
-
-    def __init__(self, shape: Any) -> None:
-        super().__init__()
-        self.shape = shape
-        self.adapter: TypeAdapter[Any] = TypeAdapter(shape)
-
-    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
-        return dialect.type_descriptor(JSONB() if dialect.name == "postgresql" else JSON())
-
-    def coerce(self, value: Any) -> Any:
-        return None if value is None else self.adapter.validate_python(value)
-
-    def process_bind_param(self, value: Any, dialect: Dialect) -> Any:
-        if value is None:
-            return None
-        return self.adapter.dump_python(self.coerce(value), mode="json")
-
-    def process_result_value(self, value: Any, dialect: Dialect) -> Any:
-        return self.coerce(value)
-
-    def __repr__(self) -> str:  # what Alembic renders: the JSON column it is
-        return "JSON()"
-
-
-class Base(DeclarativeBase):
-    metadata = MetaData(naming_convention=NAMING_CONVENTION)
-    type_annotation_map = {
-        datetime: UTCDateTime(),
-        dict[str, Any]: JSONType,
-        list[dict[str, Any]]: JSONType,
-    }
 
 
 class JobStatus(StrEnum):

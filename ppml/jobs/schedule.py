@@ -25,7 +25,6 @@ from typing import Literal
 from ppml.db.models import Dataset, Job
 from ppml.errors import InvalidInput
 from ppml.jobs.records import PrivacyRecord
-from ppml.privacy import accounting as acc
 from ppml.privacy import calibration as cal
 from ppml.privacy.evaluation import (
     DEFAULT_LOSS_CLIP,
