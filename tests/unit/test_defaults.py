@@ -63,13 +63,22 @@ def test_the_rule_is_a_pure_function_of_public_metadata_alone() -> None:
 
 
 @pytest.mark.parametrize(
-    ("shape", "features", "arch"),
-    [((1, 8, 8), 64, "cnn2d"), ((1, 40), 40, "cnn1d"), ((40,), 40, "cnn1d"), (None, 30, "logreg")],
+    ("shape", "features", "epsilon", "arch"),
+    [
+        ((1, 8, 8), 64, 1.0, "logreg"),
+        ((1, 8, 8), 64, 8.0, "mlp"),
+        ((1, 8, 8), 64, None, "cnn2d"),
+        ((1, 40), 40, 1.0, "cnn1d"),
+        ((40,), 40, 8.0, "cnn1d"),
+        ((1, 40), 40, None, "cnn1d"),
+        (None, 30, 1.0, "logreg"),
+        (None, 30, None, "logreg"),
+    ],
 )
-def test_images_signals_and_tables_get_their_architectures(
-    shape: tuple[int, ...] | None, features: int, arch: str
+def test_images_signals_and_tables_get_the_studys_architectures(
+    shape: tuple[int, ...] | None, features: int, epsilon: float | None, arch: str
 ) -> None:
-    choice = choose(meta(input_shape=shape, num_features=features))
+    choice = choose(meta(input_shape=shape, num_features=features, epsilon=epsilon))
 
     assert choice.model.arch == arch
     assert choice.training.optimizer == "sgd" and choice.training.momentum == 0.9
@@ -106,11 +115,11 @@ def test_pate_teachers_are_not_chosen_for() -> None:
 
 def test_a_spec_naming_neither_is_valid_and_fill_lists_what_was_chosen() -> None:
     spec = bare_spec()
-    filled = defaults.fill(spec, meta(input_shape=(1, 8, 8)))
+    filled = defaults.fill(spec, meta(input_shape=(1, 40), num_features=40))
 
     assert defaults.omitted(spec) == ["model", "training"]
     assert filled.defaults_applied == ["model", "training"]
-    assert filled.model.arch == "cnn2d"
+    assert filled.model.arch == "cnn1d"
     # A spec that names both keeps them, and nothing is listed.
     named = bare_spec(
         model={"arch": "mlp"}, training={"epochs": 2, "batch_size": 8, "learning_rate": 0.1}
@@ -213,7 +222,7 @@ def test_a_job_with_only_name_dataset_and_privacy_succeeds_on_every_builtin(
     # assert: the stored spec (what GET /v1/jobs/{id} shows) holds the choice
     stored = world.job(job.id)
     assert created and outcome == "succeeded" and stored.status == JobStatus.SUCCEEDED
-    arch = {"digits": "cnn2d", "mnist1d": "cnn1d", "breast_cancer": "logreg"}[builtin]
+    arch = {"digits": "logreg", "mnist1d": "cnn1d", "breast_cancer": "logreg"}[builtin]
     assert stored.spec.defaults_applied == ["model", "training"]
     assert stored.spec.model.arch == arch and stored.spec.training.epochs == 1
     assert quote.model == stored.spec.model and quote.training == stored.spec.training
