@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from api.routes.jobs import to_schema
 from ppml import defaults
 from ppml.config import Settings
 from ppml.datasets import BUILTINS
@@ -150,7 +151,7 @@ def test_the_service_passes_only_metadata_and_never_reads_rows(
         storage_key="nowhere/at/all.npz",
     )
     seen: list[tuple[Any, ...]] = []
-    real_fill = service_defaults.fill
+    real_fill = defaults.fill
 
     def spy(*args: Any) -> JobSpec:
         seen.append(args)
@@ -228,3 +229,7 @@ def test_a_job_with_only_name_dataset_and_privacy_succeeds_on_every_builtin(
     assert quote.model == stored.spec.model and quote.training == stored.spec.training
     assert quote.defaults_applied == ["model", "training"]
     assert stored.metrics is not None
+    # GET /v1/jobs/{id} answers with its route's view of the row: the choice is in it.
+    shown = to_schema(stored).model_dump(mode="json")["spec"]
+    assert shown["defaults_applied"] == ["model", "training"]
+    assert shown["model"]["arch"] == arch and shown["training"]["epochs"] == 1
