@@ -317,11 +317,22 @@ class JobSpec(_Spec):
     )
     model: ModelSpec = Field(
         default=_NO_MODEL,
-        description="Required for kinds 'train' and 'pate' (each teacher's); unused otherwise.",
+        description="The model. Optional for kind 'train': left out, ppml chooses it from "
+        "public metadata only (rows, features or input shape, classes, ε, δ; docs/defaults.md) "
+        "and lists it in defaults_applied. Required for kind 'pate' (each teacher's); unused "
+        "otherwise.",
     )
     training: TrainingSpec = Field(
         default=_NO_TRAINING,
-        description="Required for kinds 'train' and 'pate' (each teacher's); unused otherwise.",
+        description="Optimisation settings. Optional for kind 'train', chosen like 'model' "
+        "when left out. Required for kind 'pate' (each teacher's); unused otherwise.",
+    )
+    defaults_applied: list[Literal["model", "training"]] = Field(
+        default_factory=list,
+        max_length=2,
+        description="Set by ppml, ignored in requests: the fields ppml chose because the "
+        "request left them out (docs/defaults.md). The job resource's spec holds what was "
+        "chosen.",
     )
     synthesize: SynthesizeSpec | None = Field(
         default=None, description="The synthetic table (kind 'synthesize')."
@@ -364,13 +375,13 @@ class JobSpec(_Spec):
             raise ValueError("'synthesize' applies to kind 'synthesize'")
         if self.kind != "pate" and self.pate is not None:
             raise ValueError("'pate' applies to kind 'pate'")
-        if self.kind in ("train", "pate"):
+        if self.kind == "train":  # left-out model and training are chosen (ppml.defaults)
+            return self
+        if self.kind == "pate":
             missing = [f for f in ("model", "training") if f not in given]
             if missing:
                 raise ValueError(f"a {self.kind} job needs {' and '.join(missing)}")
-            if self.kind == "pate":
-                return self._pate()
-            return self
+            return self._pate()
         # Compared with the placeholders, not the fields set: a stored spec holds them all.
         extra = self.model != _NO_MODEL or self.training != _NO_TRAINING
         if extra or self.federated is not None or self.resources != ResourcesSpec():
@@ -398,6 +409,8 @@ def request_hash(spec: JobSpec) -> str:
     """Canonical hash of a job request, for ``Idempotency-Key`` comparisons (a spec without a
     webhook or resources hashes as it did before the field existed)."""
     later = {"webhook_url"} if not spec.webhook_url else set()
+    if not spec.defaults_applied:
+        later.add("defaults_applied")
     if spec.resources == ResourcesSpec():
         later.add("resources")
     if spec.pate is None:

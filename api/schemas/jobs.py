@@ -10,7 +10,7 @@ from pydantic import BaseModel, Field
 
 from ppml.jobs.records import JobError, PrivacyRecord, Progress
 from ppml.privacy.evaluation import ExactScores, Metrics
-from ppml.specs import JobSpec
+from ppml.specs import JobSpec, ModelSpec, TrainingSpec
 
 
 class JobStatusFilter(StrEnum):
@@ -40,7 +40,10 @@ class Job(BaseModel):
     status: Literal["queued", "running", "succeeded", "failed", "cancelled"] = Field(
         description="Where the job stands; succeeded, failed and cancelled are final."
     )
-    spec: JobSpec = Field(description="The spec as submitted.")
+    spec: JobSpec = Field(
+        description="The spec as admitted: as submitted, with the model and training ppml "
+        "chose where it left them out (listed in spec.defaults_applied; docs/defaults.md)."
+    )
     progress: Progress = Field(description="How far it came, as its worker last reported.")
     metrics: Metrics | None = Field(
         description="Held-out metrics with the mechanism that released them; null until the "
@@ -156,4 +159,13 @@ class Quote(BaseModel):
     compute: int = Field(
         description="Estimated work, in sample-gradients × model parameters: what the job "
         "counts against the server's per-job and per-tenant compute limits."
+    )
+    model: ModelSpec = Field(
+        description="The model priced: the spec's, or the one ppml chose (docs/defaults.md)."
+    )
+    training: TrainingSpec = Field(
+        description="The training priced: the spec's, or the one ppml chose."
+    )
+    defaults_applied: list[Literal["model", "training"]] = Field(
+        description="The fields ppml chose because the spec left them out."
     )

@@ -23,9 +23,10 @@ BUILTIN_CLASSES: dict[str, tuple[str, ...]] = {
     "mnist1d": tuple(str(i) for i in range(10)),
 }
 
-# The input shapes the built-ins declare: digits are 8x8 grey images (public metadata,
-# fixed by scikit-learn's description of the data, not read from it).
-BUILTIN_INPUT_SHAPES: dict[str, tuple[int, ...]] = {"digits": (1, 8, 8)}
+# The input shapes the built-ins declare: digits are 8x8 grey images, mnist1d rows are
+# signals of length 40 on one channel (public metadata, fixed by each generator's
+# description of the data, not read from it; ppml.defaults chooses models by them).
+BUILTIN_INPUT_SHAPES: dict[str, tuple[int, ...]] = {"digits": (1, 8, 8), "mnist1d": (1, 40)}
 
 _BUILTIN_TEST_FRACTION = 0.2
 _MNIST1D_SAMPLES = 10_000

@@ -51,6 +51,7 @@ from ppml.privacy.ledger import Ledger
 from ppml.queue import enqueue_job
 from ppml.services import audit
 from ppml.services.datasets import require_live
+from ppml.services.defaults import with_defaults
 from ppml.services.grouping import GroupCommit, Pending
 from ppml.services.hints import largest_target
 from ppml.services.pate import check_student
@@ -146,11 +147,13 @@ class JobService:
                 dataset = self._dataset(Repositories(session), tenant_id, dataset_id)
         return dataset
 
-    def _priced(self, tenant_id: str, spec: JobSpec) -> tuple[Dataset, Pricing]:
+    def _priced(self, tenant_id: str, spec: JobSpec) -> tuple[Dataset, JobSpec, Pricing]:
+        """The dataset, the spec with its defaults filled in (ppml.defaults), its price."""
         dataset = self._cached_dataset(tenant_id, spec.dataset_id)
+        spec = with_defaults(spec, dataset, self.settings.limits)
         pricing = price(spec, dataset, self.settings)
         self._check_student(tenant_id, spec, dataset)
-        return dataset, pricing
+        return dataset, spec, pricing
 
     def _check_student(self, tenant_id: str, spec: JobSpec, dataset: Dataset) -> None:
         """A pate job's student reads a public dataset of the tenant (422 otherwise)."""
@@ -169,6 +172,7 @@ class JobService:
     def quote(self, tenant_id: str, spec: JobSpec) -> Quote:
         """Price a job and say whether it fits its dataset's budget now (ppml.services.quotes)."""
         dataset = self._cached_dataset(tenant_id, spec.dataset_id)
+        spec = with_defaults(spec, dataset, self.settings.limits)
         self._check_student(tenant_id, spec, dataset)
         return self.quotes.quote(tenant_id, dataset, spec)
 
@@ -195,8 +199,9 @@ class JobService:
         it; a replay records nothing."""
         if idempotency_key is None:  # a replay is answered even at the limit
             self.rooms.refuse_if_full(self.rooms.early(tenant_id))
-        dataset, pricing = self._priced(tenant_id, spec)
+        # The digest is of the request as sent: a replay of it matches, defaults or not.
         digest = request_hash(spec)
+        dataset, spec, pricing = self._priced(tenant_id, spec)
         admission = _Admission(
             tenant_id=tenant_id, dataset=dataset, spec=spec, pricing=pricing, by=by
         )

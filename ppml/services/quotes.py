@@ -18,7 +18,7 @@ from ppml.privacy import accounting as acc
 from ppml.privacy.ledger import Ledger, budget_status
 from ppml.services.hints import largest_target
 from ppml.services.pricing import Pricing, price
-from ppml.specs import JobSpec, request_hash
+from ppml.specs import JobSpec, ModelSpec, TrainingSpec, request_hash
 
 __all__ = ["Quote", "Quotes"]
 
@@ -34,6 +34,10 @@ class Quote:
     epsilon_remaining: float | None
     max_target_epsilon: float | None
     compute: int
+    # The model and training priced: the spec's, or those ppml chose (defaults_applied).
+    model: ModelSpec
+    training: TrainingSpec
+    defaults_applied: list[str]
 
 
 def _shape(spec: JobSpec) -> str:
@@ -94,4 +98,7 @@ class Quotes:
             epsilon_remaining=remaining,
             max_target_epsilon=largest,
             compute=pricing.compute,
+            model=spec.model,
+            training=spec.training,
+            defaults_applied=list(spec.defaults_applied),
         )

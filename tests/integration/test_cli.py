@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import select
 import signal
 import subprocess
@@ -24,6 +25,10 @@ import yaml
 from typer.testing import CliRunner, Result
 
 from ppml.cli import app
+from ppml.config import Settings
+from ppml.datasets import BUILTIN_CLASSES, BUILTIN_INPUT_SHAPES
+from ppml.db.models import Dataset
+from ppml.services.pricing import price
 from ppml.specs import JobSpec
 from tests.integration.stack import (
     BIN,
@@ -267,15 +272,44 @@ def test_submit_needs_a_dataset_id(env: dict[str, str]) -> None:
     assert "--dataset" in result.stderr
 
 
-@pytest.mark.parametrize("name", ["dp_digits.yaml", "federated_mnist1d.yaml"])
+# Rows and features of the built-ins (scikit-learn's digits and breast_cancer, mnist1d as
+# generated).
+BUILTIN_SIZES = {"digits": (1797, 64), "breast_cancer": (569, 30), "mnist1d": (10_000, 40)}
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in EXAMPLES.glob("*.yaml")))
 def test_examples_are_valid_job_specs(name: str) -> None:
-    spec: dict[str, Any] = yaml.safe_load((EXAMPLES / name).read_text())
+    # Every example is a valid spec that the service admits on the built-in its comment
+    # registers, as that command registers it (priced as admission prices it).
+    text = (EXAMPLES / name).read_text()
+    spec: dict[str, Any] = yaml.safe_load(text)
+    match = re.search(r"--builtin (\w+) --epsilon ([\d.]+) --delta ([\de.-]+)(.*)", text)
+    assert match is not None, "the example says which built-in it runs on"
+    builtin, epsilon, delta, rest = match.groups()
 
     assert "dataset_id" not in spec  # filled in by `--dataset`
     parsed = JobSpec.model_validate({**spec, "dataset_id": "ds_example"})
     assert parsed.privacy is not None
-    if name.startswith("federated"):
-        assert parsed.federated is not None and parsed.privacy.level == "client"
+    rows, features = BUILTIN_SIZES[builtin]
+    shape = BUILTIN_INPUT_SHAPES.get(builtin)
+    dataset = Dataset(
+        id="ds_example",
+        tenant_id="t",
+        name=builtin,
+        source={},
+        storage_key="nowhere",
+        num_features=features,
+        num_classes=len(BUILTIN_CLASSES[builtin]),
+        num_train=int(rows * 0.8),  # about 20% held out
+        num_test=rows - int(rows * 0.8),
+        classes={},
+        data_schema=None if shape is None else {"input_shape": list(shape)},
+        privacy_unit="client" if "--privacy-unit client" in rest else "record",
+        epsilon_total=float(epsilon),
+        delta_total=float(delta),
+    )
+    pricing = price(parsed, dataset, Settings())
+    assert pricing.event is not None and pricing.epsilon <= parsed.privacy.target_epsilon
 
 
 def test_cli_never_touches_the_database(env: dict[str, str], tmp_path: Path) -> None:

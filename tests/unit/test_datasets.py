@@ -754,8 +754,8 @@ def test_an_input_shape_must_hold_exactly_the_features() -> None:
     assert exc.value.field == "schema.input_shape"
 
 
-def test_digits_declare_their_8x8_images() -> None:
-    assert datasets.BUILTIN_INPUT_SHAPES == {"digits": (1, 8, 8)}
+def test_digits_declare_their_8x8_images_and_mnist1d_its_signals() -> None:
+    assert datasets.BUILTIN_INPUT_SHAPES == {"digits": (1, 8, 8), "mnist1d": (1, 40)}
 
 
 def test_npz_missing_client_array_is_refused(tmp_path: Path) -> None:

@@ -168,7 +168,7 @@ def test_pricing_charges_the_calibrated_rho_and_refuses_client_unit_budgets() ->
         price(synthesize_spec(features=[30]), dataset(), settings)
 
 
-def test_synthesize_specs_take_no_training_fields_and_train_specs_need_them() -> None:
+def test_synthesize_specs_take_no_training_fields_and_train_specs_may_leave_them_out() -> None:
     # arrange
     base = {"name": "s", "dataset_id": "d", "privacy": {"target_epsilon": 1.0}}
     # act / assert
@@ -176,8 +176,8 @@ def test_synthesize_specs_take_no_training_fields_and_train_specs_need_them() ->
         JobSpec.model_validate({**base, "kind": "synthesize", "model": {"arch": "mlp"}})
     with pytest.raises(ValidationError):
         JobSpec.model_validate({**base, "kind": "synthesize", "privacy": None})
-    with pytest.raises(ValidationError):
-        JobSpec.model_validate(base)  # kind train without model and training
+    # kind train without model and training: ppml chooses them (ppml.defaults)
+    assert JobSpec.model_validate(base).model_fields_set == {"name", "dataset_id", "privacy"}
     stored = synthesize_spec().model_dump(mode="json")
     assert JobSpec.model_validate(stored).kind == "synthesize"
 

@@ -1,0 +1,166 @@
+"""The model and training ppml chooses when a job spec leaves them out.
+
+The choice is a pure function of public metadata (:class:`PublicMetadata`): the number of
+training rows, the feature count and declared input shape, the number of classes, the job's
+ε and δ, its privacy unit and kind. It never sees a row: looking at the private data to
+choose would itself be a release (docs/privacy.md). The service builds the metadata from
+the dataset's registered counts and schema and the spec (``ppml.services.defaults``).
+
+The rules come from a study on public proxy data, never on the built-ins the service ships
+(``bench/defaults_study.py``; its tables are in docs/defaults.md). Rows are the training rows
+n; "signals" are data that declare a 1-D or ``[1, L]`` input shape with L ≥ 16, "images" a
+3-D one, anything else is tabular:
+
+=========  ==============================  ==============================  ==============
+data       DP, small ε                     DP, large ε                     non-private
+=========  ==============================  ==============================  ==============
+signal     ε < 3: cnn1d [32,32,32],        ε ≥ 3: the same, 40 epochs      cnn1d, b 64,
+           b 512, lr 0.2                                                   lr 0.02
+image      ε < 8: logreg, b 256, lr 0.5    ε ≥ 8: mlp [128], b 256, lr 0.5  cnn2d [16,32],
+                                                                           b 64, lr 0.02
+tabular    ε < 3: logreg, b n/8, lr 0.1    ε ≥ 3: logreg, b n/4, lr 0.2    logreg, b 256,
+                                                                           lr 0.1
+=========  ==============================  ==============================  ==============
+
+always SGD with momentum 0.9, 30 epochs unless stated, batches at most n/4. Federated jobs
+get the same model and local batches of 32 at lr 0.1 (not studied). The
+``standardised`` flag of the metadata is the hook for DP-standardised features (issue #17,
+part 3); the rule does not use it yet.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from ppml.specs import JobSpec, ModelSpec, TrainingSpec
+
+__all__ = ["CHOOSABLE", "Choice", "PublicMetadata", "choose", "fill", "omitted"]
+
+#: The spec fields ppml may choose.
+CHOOSABLE: tuple[Literal["model", "training"], ...] = ("model", "training")
+
+_MOMENTUM = 0.9
+
+_CONV: dict[str, ModelSpec] = {
+    "signal": ModelSpec(arch="cnn1d", channels=[32, 32, 32], kernel_size=5),
+    "image": ModelSpec(arch="cnn2d", channels=[16, 32], kernel_size=3),
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class PublicMetadata:
+    """What the defaults may depend on: public facts of the dataset and the job.
+
+    Attributes:
+        num_train: Training rows (the dataset's registered count).
+        num_features: Values per row.
+        num_classes: Declared classes.
+        input_shape: The declared shape of a row, or None.
+        epsilon: The job's target ε; None for a non-private job.
+        delta: The job's δ, or None.
+        unit: The privacy unit (``"record"`` or ``"client"``).
+        kind: The job's kind (only ``"train"`` is chosen for).
+        federated: Whether the job is a federated simulation.
+        standardised: Whether DP-standardised features are available for the dataset
+            (published once, charged to the dataset); the tabular rule then uses a larger
+            step. Always False until DP standardisation exists.
+    """
+
+    num_train: int
+    num_features: int
+    num_classes: int
+    input_shape: tuple[int, ...] | None
+    epsilon: float | None
+    delta: float | None
+    unit: str = "record"
+    kind: str = "train"
+    federated: bool = False
+    standardised: bool = False
+
+
+@dataclass(frozen=True)
+class Choice:
+    """A chosen model and training."""
+
+    model: ModelSpec
+    training: TrainingSpec
+
+
+def _data_kind(meta: PublicMetadata) -> str:
+    shape = meta.input_shape
+    if shape is not None and len(shape) == 3:
+        return "image"
+    one_channel = shape is not None and (len(shape) == 1 or (len(shape) == 2 and shape[0] == 1))
+    if shape is not None and one_channel and shape[-1] >= 16:
+        return "signal"
+    return "tabular"
+
+
+def _batch(meta: PublicMetadata, wanted: int) -> int:
+    # Never more than a quarter of the rows (so an epoch is at least 4 noisy steps), never
+    # more than the rows (pricing's limit).
+    return max(1, min(wanted, meta.num_train // 4 or 1, meta.num_train))
+
+
+def choose(meta: PublicMetadata) -> Choice:
+    """The model and training for a job on data described by ``meta`` (a pure function).
+
+    Raises:
+        ValueError: for a kind other than ``"train"`` (pate teachers are named by hand).
+    """
+    if meta.kind != "train":
+        raise ValueError(f"ppml chooses no model for kind {meta.kind!r}")
+    kind, eps, n = _data_kind(meta), meta.epsilon, meta.num_train
+    model: ModelSpec
+    if eps is None:  # non-private: the best architecture of the kind, small steps
+        if kind == "tabular":
+            model, batch, lr = ModelSpec(arch="logreg"), min(256, n // 4), 0.1
+        else:
+            model, batch, lr = _CONV[kind], 64, 0.02
+        epochs = 30
+    elif kind == "signal":
+        model, batch, lr, epochs = _CONV["signal"], 512, 0.2, 30 if eps < 3 else 40
+    elif kind == "image":
+        # A linear model wins below ε = 8 on the proxies; an MLP at ε = 8.
+        arch = ModelSpec(arch="mlp", hidden_sizes=[128]) if eps >= 8 else ModelSpec(arch="logreg")
+        model, batch, lr, epochs = arch, 256, 0.5, 30
+    else:
+        # meta.standardised is not used yet: part 3 of issue #17 brings its own study.
+        model, epochs = ModelSpec(arch="logreg"), 30
+        batch, lr = (n // 8, 0.1) if eps < 3 else (n // 4, 0.2)
+    if meta.federated:
+        # Local training of each client's rows in a round: small batches, one pass.
+        batch, lr, epochs = 32, 0.1, 1
+    training = TrainingSpec(
+        epochs=epochs,
+        batch_size=_batch(meta, batch),
+        learning_rate=lr,
+        optimizer="sgd",
+        momentum=_MOMENTUM,
+    )
+    return Choice(model=model, training=training)
+
+
+def omitted(spec: JobSpec) -> list[Literal["model", "training"]]:
+    """The choosable fields a submitted train job left out (none for other kinds)."""
+    if spec.kind != "train":
+        return []
+    return [name for name in CHOOSABLE if name not in spec.model_fields_set]
+
+
+def fill(spec: JobSpec, meta: PublicMetadata) -> JobSpec:
+    """``spec`` with the fields it left out chosen from ``meta``, listed in
+    ``defaults_applied`` (an empty list when the spec named them all)."""
+    missing = omitted(spec)
+    update: dict[str, object] = {"defaults_applied": missing}
+    if missing:
+        choice = choose(meta)
+        if "model" in missing:
+            update["model"] = choice.model
+        if "training" in missing:
+            update["training"] = choice.training
+    filled = spec.model_copy(update=update)
+    # model_copy keeps the fields-set of the original: mark the chosen ones as set.
+    filled.model_fields_set.update(update)
+    return filled
