@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ppml.privacy import accounting as acc
+from ppml.privacy import calibration as cal
 from ppml.specs import ModelSpec
 from ppml.training import DPPlan, TrainingPlan, train
 
@@ -176,7 +176,7 @@ def public_candidates(kind: str) -> list[Candidate]:
 def run(proxy: Proxy, cand: Candidate, epsilon: float | None, seed: int = 0) -> float:
     n = len(proxy.y_train)
     batch = cand.batch_size(n)
-    q, per_epoch, total = acc.plan_dp_sgd(num_records=n, batch_size=batch, epochs=cand.epochs)
+    q, per_epoch, total = cal.plan_dp_sgd(num_records=n, batch_size=batch, epochs=cand.epochs)
     plan = TrainingPlan(
         model=cand.model,
         epochs=cand.epochs,
@@ -191,7 +191,7 @@ def run(proxy: Proxy, cand: Candidate, epsilon: float | None, seed: int = 0) -> 
     )
     dp = None
     if epsilon is not None:
-        sigma = acc.calibrate_noise(
+        sigma = cal.calibrate_noise(
             target_epsilon=epsilon * (1 - EVAL_SHARE), delta=DELTA, sample_rate=q, steps=total
         )
         dp = DPPlan(noise_multiplier=sigma, max_grad_norm=1.0, sample_rate=q, delta=DELTA)
