@@ -21,6 +21,7 @@ __all__ = [
     "ModelSpec",
     "PartitionSpec",
     "PateSpec",
+    "PreprocessingSpec",
     "PrivacySpec",
     "ResourcesSpec",
     "StudentSpec",
@@ -190,6 +191,20 @@ class ResourcesSpec(_Spec):
     )
 
 
+class PreprocessingSpec(_Spec):
+    """What is done to each row before the model sees it, in training and in the exported
+    model alike."""
+
+    standardize: bool = Field(
+        default=False,
+        description="Clip every feature to the dataset's released bounds, subtract its "
+        "released mean and divide by its released standard deviation: the dataset's DP "
+        "statistics (POST /v1/datasets/{id}/statistics), charged once and reused by every "
+        "job at no further cost. The downloaded and served models apply the same transform "
+        "to their inputs. Kind 'train' only.",
+    )
+
+
 class SynthesizeSpec(_Spec):
     """A DP synthetic table of the dataset (``kind: synthesize``): MST over binned features
     and the label (docs/mechanisms.md)."""
@@ -335,6 +350,7 @@ class JobSpec(_Spec):
     )
     federated: FederatedSpec | None = None
     resources: ResourcesSpec = ResourcesSpec()
+    preprocessing: PreprocessingSpec = PreprocessingSpec()
     webhook_url: str | None = Field(
         default=None,
         max_length=2048,
@@ -364,6 +380,8 @@ class JobSpec(_Spec):
             raise ValueError("'synthesize' applies to kind 'synthesize'")
         if self.kind != "pate" and self.pate is not None:
             raise ValueError("'pate' applies to kind 'pate'")
+        if self.kind != "train" and self.preprocessing != PreprocessingSpec():
+            raise ValueError("'preprocessing' applies to kind 'train'")
         if self.kind in ("train", "pate"):
             missing = [f for f in ("model", "training") if f not in given]
             if missing:
@@ -402,6 +420,8 @@ def request_hash(spec: JobSpec) -> str:
         later.add("resources")
     if spec.pate is None:
         later.add("pate")
+    if spec.preprocessing == PreprocessingSpec():
+        later.add("preprocessing")
     if spec.kind == "train":
         later |= {"kind", "synthesize"}
     body = spec.model_dump(mode="json", exclude=later or None)

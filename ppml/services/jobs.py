@@ -57,6 +57,7 @@ from ppml.services.pate import check_student
 from ppml.services.pricing import Pricing, price
 from ppml.services.quotes import Quote, Quotes
 from ppml.services.rooms import TenantRooms
+from ppml.services.statistics import require_statistics
 from ppml.services.tenants import Principal
 from ppml.specs import JobSpec, request_hash
 from ppml.storage import ArtifactStore
@@ -196,6 +197,8 @@ class JobService:
         if idempotency_key is None:  # a replay is answered even at the limit
             self.rooms.refuse_if_full(self.rooms.early(tenant_id))
         dataset, pricing = self._priced(tenant_id, spec)
+        if spec.preprocessing.standardize:  # read afresh: the cached row may predate them
+            require_statistics(self.db, dataset.id)
         digest = request_hash(spec)
         admission = _Admission(
             tenant_id=tenant_id, dataset=dataset, spec=spec, pricing=pricing, by=by
