@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from typing import Annotated
+
+from fastapi import APIRouter, Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.deps import CurrentPrincipal, DatabaseDep, OwnedDataset
 from api.routes.common import errors
 from ppml.datasets.statistics import DatasetStatistics
 from ppml.errors import NotFound
-from ppml.services import datasets as datasets_service
 from ppml.services.statistics import release_statistics, statistics_of
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
@@ -46,7 +47,7 @@ class StatisticsRequest(BaseModel):
 )
 def release_dataset_statistics(
     body: StatisticsRequest,
-    dataset: OwnedDataset,
+    dataset_id: Annotated[str, Path(max_length=64)],
     principal: CurrentPrincipal,
     db: DatabaseDep,
 ) -> DatasetStatistics:
@@ -58,11 +59,12 @@ def release_dataset_statistics(
     were released before); the values are drawn by the first job that standardises
     (``preprocessing.standardize``) and reused by every later one at no further cost.
     """
-    datasets_service.require_ready(dataset)
+    # No request session: the charge takes the budget lock in a writer transaction of its
+    # own (on SQLite a second writer would wait on the request's).
     return release_statistics(
         db,
         tenant_id=principal.tenant_id,
-        dataset_id=dataset.id,
+        dataset_id=dataset_id,
         epsilon=body.epsilon,
         bounds=body.bounds,
         by=principal,

@@ -131,7 +131,10 @@ def release_moments(
     noisy = sums + (rng.normal(0.0, sigma, 2 * d) if sigma > 0 else 0.0)
     mean_z = np.clip(noisy[:d] / n, -1.0, 1.0)
     var_z = noisy[d:] / n - mean_z**2
-    std_z = np.sqrt(np.clip(var_z, MIN_STD_FRACTION**2, 1.0))
+    # Floored at the noise's own scale in the variance (σ/n): below it the estimate says
+    # nothing, and dividing by it would blow the feature up (post-processing: σ, n public).
+    floor = max(MIN_STD_FRACTION**2, sigma / n)
+    std_z = np.sqrt(np.clip(var_z, min(floor, 1.0), 1.0))
     centre, half = (edges[:, 0] + edges[:, 1]) / 2, (edges[:, 1] - edges[:, 0]) / 2
     return (centre + half * mean_z).tolist(), (half * std_z).tolist()
 

@@ -23,6 +23,7 @@ from ppml.privacy import accounting as acc
 from ppml.privacy.ledger import Ledger
 from ppml.privacy.zcdp import calibrate_zcdp
 from ppml.services import audit
+from ppml.services.datasets import require_live, require_ready
 from ppml.services.tenants import Principal, require_owner
 
 __all__ = [
@@ -132,9 +133,9 @@ def release_statistics(
         budget = ledger.lock(dataset_id)  # first, as every charge: the budget, then rows
         dataset = repos.dataset_by_id(dataset_id)
         if dataset is None or dataset.tenant_id != tenant_id:
-            raise NotFound("no such dataset")
-        if dataset.status != "ready":
-            raise Conflict("the dataset is not ready")
+            raise NotFound("dataset not found")
+        require_live(dataset)
+        require_ready(dataset)
         if dataset.statistics is not None:
             raise Conflict("this dataset's statistics were released already; jobs reuse them")
         known, source = _declared_bounds(dataset, bounds)
