@@ -4,7 +4,8 @@ The label set is part of it: released class names must come from the owner's dec
 never from the distinct values of the private target column (PRIVACY.md, "Every release is
 a mechanism"). So is the input shape of a row (``[1, 8, 8]`` for 8x8 grey images): public
 metadata the owner declares (or the shape of an NPZ upload's ``x`` array, which the owner
-chose), never inferred from the values. Later versions add feature bounds and column names.
+chose), never inferred from the values. So are per-feature clipping bounds (``bounds``), which
+the dataset's DP standardisation statistics clip to. Later versions add column names.
 
 Pure pydantic; the API process imports this module.
 """
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Annotated
+from typing import Annotated, Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -185,7 +186,7 @@ def _canonical_float(number: float) -> str:
     return str(int(number)) if number.is_integer() else repr(number)
 
 
-def declared_bounds(data_schema: dict[str, object] | None) -> list[list[float]] | None:
+def declared_bounds(data_schema: dict[str, Any] | None) -> list[tuple[float, float]] | None:
     """The per-feature bounds a stored schema declares, or None."""
     found = (data_schema or {}).get("bounds")
-    return None if found is None else [[float(lo), float(hi)] for lo, hi in found]  # type: ignore[attr-defined]
+    return None if found is None else [(float(lo), float(hi)) for lo, hi in found]

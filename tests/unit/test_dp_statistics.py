@@ -159,3 +159,17 @@ def test_the_exported_and_downloaded_models_standardise_inputs_as_training_did(
     # and without the transform the network answers differently (the test has teeth)
     with torch.no_grad():
         assert not np.allclose(net(torch.from_numpy(raw)).numpy(), trained, atol=1e-3)
+
+
+def test_an_uploads_schema_refuses_bounds_that_are_not_ranges_or_miss_features() -> None:
+    from ppml.datasets.schema import check_bounds, parse_schema
+    from ppml.errors import InvalidInput
+
+    with pytest.raises(InvalidInput) as reversed_pair:
+        parse_schema('{"classes": ["a", "b"], "bounds": [[1, 0]]}', max_classes=10)
+    assert reversed_pair.value.field == "schema.bounds"
+    schema = parse_schema('{"classes": ["a", "b"], "bounds": [[0, 1], [2, 3]]}', max_classes=10)
+    with pytest.raises(InvalidInput) as too_few:
+        check_bounds(schema, 3)
+    assert too_few.value.field == "schema.bounds"
+    check_bounds(schema, 2)
