@@ -14,6 +14,7 @@ from fastapi.testclient import TestClient
 
 from ppml.config import Settings
 from ppml.datasets import load_builtin
+from ppml.datasets import statistics as st
 from ppml.datasets.statistics import DatasetStatistics, standardize
 from ppml.db.models import JobStatus, LedgerKind
 from ppml.db.repositories import Repositories
@@ -22,7 +23,7 @@ from ppml.inference import load_model as load_onnx
 from ppml.jobs.runner import JobRunner
 from ppml.privacy.ledger import Ledger
 from ppml.services.datasets import BudgetRequest, register_builtin
-from ppml.services.statistics import release_statistics, statistics_of
+from ppml.services.statistics import ensure_released, release_statistics, statistics_of
 from ppml.services.tenants import Principal
 from ppml.specs import JobSpec
 from ppml.training.export import load_model
@@ -191,3 +192,36 @@ def test_the_api_releases_statistics_to_owners_and_refuses_what_it_cannot_pay(
     # a job may now standardise; the filter sees the statistics' charge
     admitted = client.post("/v1/jobs", json=job, headers=analyst)
     assert admitted.status_code == 202, admitted.text
+
+
+def test_without_public_bounds_the_worker_estimates_them_under_dp_and_draws_only_once(
+    world: RunnerWorld,
+) -> None:
+    # arrange: a pending release whose bounds are to be estimated (a quarter of its rho)
+    dataset_id = breast_cancer(world)
+    x = load_builtin("breast_cancer").x_train
+    d = x.shape[1]
+    pending = DatasetStatistics(
+        status="pending", epsilon=0.5, rho=0.004, rho_bounds=0.001,
+        noise_std=st.moments_sigma(d, 0.003), sensitivity=(2.0 * d) ** 0.5,
+        bounds_source="dp", bounds=None,
+    )  # fmt: skip
+    with world.db.session(write=True) as session:
+        row = Repositories(session).lock_dataset(dataset_id)
+        assert row is not None
+        row.statistics = pending.model_dump(mode="json")
+    reads = []
+
+    def rows() -> np.ndarray:
+        reads.append(1)
+        return x
+
+    # act
+    first = ensure_released(world.db, dataset_id, rows)
+    again = ensure_released(world.db, dataset_id, rows)
+    # assert: bounds found, one draw kept, the data read once
+    assert first.status == "ready" and first.bounds is not None and len(first.bounds) == d
+    assert all(low < high for low, high in first.bounds)
+    assert again == first == stats_of(world, dataset_id) and reads == [1]
+    scaled = standardize(x, first)
+    assert np.isfinite(scaled).all()
