@@ -136,6 +136,13 @@ def release_statistics(
             raise NotFound("dataset not found")
         require_live(dataset)
         require_ready(dataset)
+        if dataset.privacy_unit != "record":
+            # One client holds many rows: the sums' sensitivity of sqrt(2d) is per record.
+            raise InvalidInput(
+                "dataset statistics protect single records, but this dataset's budget "
+                "protects whole clients",
+                field="dataset_id",
+            )
         if dataset.statistics is not None:
             raise Conflict("this dataset's statistics were released already; jobs reuse them")
         known, source = _declared_bounds(dataset, bounds)
