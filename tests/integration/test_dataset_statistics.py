@@ -128,7 +128,7 @@ def test_statistics_are_charged_once_and_reused_by_later_jobs_and_models(
     plain = downloaded.net  # the trained network behind its standardisation
     with torch.no_grad():
         expected = plain(torch.from_numpy(standardize(raw, released))).numpy()
-    assert np.allclose(served_logits, expected, rtol=1e-5, atol=1e-4)
+    assert np.allclose(served_logits, expected, rtol=1e-4, atol=1e-3)
 
 
 # ----------------------------------------------------------------------------- the API
