@@ -36,6 +36,7 @@ from bench.harness import print_table, save
 from ppml.datasets import load_builtin
 from ppml.datasets import statistics as st
 from ppml.privacy import accounting as acc
+from ppml.privacy import calibration as cal
 from ppml.privacy.zcdp import calibrate_zcdp
 from ppml.services.statistics import statistics_event
 from ppml.specs import ModelSpec
@@ -86,7 +87,7 @@ def _typed(parts: list[Any]) -> Split:
 
 def dp_logreg(split: Split, sigma: float, seed: int) -> float:
     x_train, y_train, x_test, y_test = split
-    q, per_epoch, total = acc.plan_dp_sgd(num_records=len(y_train), batch_size=BATCH, epochs=EPOCHS)
+    q, per_epoch, total = cal.plan_dp_sgd(num_records=len(y_train), batch_size=BATCH, epochs=EPOCHS)
     plan = TrainingPlan(
         model=ModelSpec(arch="logreg"), epochs=EPOCHS, batch_size=BATCH, learning_rate=LR,
         optimizer="sgd", momentum=MOMENTUM, seed=seed, steps_per_epoch=per_epoch,
@@ -104,10 +105,10 @@ def dp_logreg(split: Split, sigma: float, seed: int) -> float:
 def job_sigma(rows: int, epsilon: float, before: acc.Curve) -> float:
     """Smallest σ (bisection on the job's own target) whose curve, added to ``before``,
     converts to at most ``epsilon`` at δ."""
-    q, _, total = acc.plan_dp_sgd(num_records=rows, batch_size=BATCH, epochs=EPOCHS)
+    q, _, total = cal.plan_dp_sgd(num_records=rows, batch_size=BATCH, epochs=EPOCHS)
 
     def composed(target: float) -> tuple[float, float]:
-        sigma = acc.calibrate_noise(target_epsilon=target, delta=DELTA, sample_rate=q, steps=total)
+        sigma = cal.calibrate_noise(target_epsilon=target, delta=DELTA, sample_rate=q, steps=total)
         event = acc.MechanismEvent(sample_rate=q, noise_multiplier=sigma, steps=total)
         return acc.epsilon(acc.add(before, acc.rdp_curve(event)), DELTA), sigma
 
