@@ -19,7 +19,18 @@ from api.heap import FrozenHeap
 from api.limits import MULTIPART_SLACK, BodySizeLimit, NoSniff, NulGuard, RouteLimit
 from api.observe import RequestTelemetry
 from api.rates import TokenBuckets
-from api.routes import audit, datasets, health, jobs, keys, models, receipts, synthetic, tenants
+from api.routes import (
+    audit,
+    datasets,
+    health,
+    jobs,
+    keys,
+    models,
+    receipts,
+    statistics,
+    synthetic,
+    tenants,
+)
 from ppml.config import Limits, Settings, get_settings
 from ppml.db.reads import AsyncReads
 from ppml.db.session import Database
@@ -101,7 +112,18 @@ def create_app(settings: Settings | None = None, db: Database | None = None) -> 
     app.state.quotes = TokenBuckets(rate=limits.quotes_per_second, burst=limits.quote_burst)
     app.state.jobs = JobService(db, settings, make_celery(settings))
     install_error_handlers(app)
-    for module in (tenants, keys, datasets, jobs, models, synthetic, receipts, audit, health):
+    for module in (
+        tenants,
+        keys,
+        datasets,
+        statistics,
+        jobs,
+        models,
+        synthetic,
+        receipts,
+        audit,
+        health,
+    ):
         app.include_router(module.router)
     app.include_router(receipts.well_known)
     ui.install(app)

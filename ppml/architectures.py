@@ -79,10 +79,20 @@ class ModelShape:
     num_features: int
     num_classes: int
     input_shape: InputShape | None = None
+    # Per feature (low, high, mean, std): inputs are clipped to [low, high], centred and
+    # scaled before the network (the dataset's released statistics); None: used as given.
+    standardize: tuple[tuple[float, float, float, float], ...] | None = None
 
     def __post_init__(self) -> None:
         if self.num_features < 1 or self.num_classes < 1:
             raise ValueError("feature and class counts must be positive")
+        if self.standardize is not None:
+            rows = tuple(tuple(float(v) for v in row) for row in self.standardize)
+            if len(rows) != self.num_features or any(
+                len(row) != 4 or not row[0] < row[1] or not row[3] > 0 for row in rows
+            ):
+                raise ValueError("standardize needs (low < high, mean, std > 0) per feature")
+            object.__setattr__(self, "standardize", rows)
         if self.input_shape is not None:
             object.__setattr__(self, "input_shape", tuple(int(s) for s in self.input_shape))
         shape_problem = input_shape_problem(self.input_shape, self.num_features)
@@ -106,6 +116,8 @@ class ModelShape:
         fields.update(num_features=self.num_features, num_classes=self.num_classes)
         if self.input_shape is not None:
             fields["input_shape"] = list(self.input_shape)
+        if self.standardize is not None:
+            fields["standardize"] = [list(row) for row in self.standardize]
         return fields
 
     def to_metadata(self) -> str:
@@ -124,12 +136,14 @@ class ModelShape:
             num_features, num_classes = fields.pop("num_features"), fields.pop("num_classes")
             raw_shape = fields.pop("input_shape", None)
             input_shape = None if raw_shape is None else tuple(int(s) for s in raw_shape)
+            scaling = fields.pop("standardize", None)
             model = ModelSpec.model_validate(fields)
             return cls(
                 model=model,
                 num_features=int(num_features),
                 num_classes=int(num_classes),
                 input_shape=input_shape,
+                standardize=None if scaling is None else tuple(tuple(row) for row in scaling),
             )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ValueError("artefact architecture metadata is malformed") from exc

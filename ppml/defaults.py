@@ -24,8 +24,12 @@ tabular    ε < 3: logreg, b n/8, lr 0.1    ε ≥ 3: logreg, b n/4, lr 0.2    l
 
 always SGD with momentum 0.9, 30 epochs unless stated, batches at most n/4. Federated jobs
 get the same model and local batches of 32 at lr 0.1 (not studied). The
-``standardised`` flag of the metadata is the hook for DP-standardised features (issue #17,
-part 3); the rule does not use it yet.
+``standardised`` flag of the metadata says the dataset's owner released DP standardisation
+statistics (charged once to the dataset, docs/privacy.md, "Dataset statistics"): a private
+tabular job that leaves ``preprocessing`` out then standardises its features with them, at no
+further cost. On the proxies of ``bench/standardize.py`` (wine, ``make_classification``)
+standardising never lost to raw features at the same total ε; the model and steps above are
+kept as they are.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from ppml.specs import JobSpec, ModelSpec, TrainingSpec
+from ppml.specs import JobSpec, ModelSpec, PreprocessingSpec, TrainingSpec
 
 __all__ = ["CHOOSABLE", "Choice", "PublicMetadata", "choose", "fill", "omitted"]
 
@@ -62,9 +66,8 @@ class PublicMetadata:
         unit: The privacy unit (``"record"`` or ``"client"``).
         kind: The job's kind (only ``"train"`` is chosen for).
         federated: Whether the job is a federated simulation.
-        standardised: Whether DP-standardised features are available for the dataset
-            (published once, charged to the dataset); the tabular rule then uses a larger
-            step. Always False until DP standardisation exists.
+        standardised: Whether the dataset's DP standardisation statistics were released
+            (once, charged to the dataset); a private tabular job then standardises.
     """
 
     num_train: int
@@ -126,7 +129,6 @@ def choose(meta: PublicMetadata) -> Choice:
         arch = ModelSpec(arch="mlp", hidden_sizes=[128]) if eps >= 8 else ModelSpec(arch="logreg")
         model, batch, lr, epochs = arch, 256, 0.5, 30
     else:
-        # meta.standardised is not used yet: part 3 of issue #17 brings its own study.
         model, epochs = ModelSpec(arch="logreg"), 30
         batch, lr = (n // 8, 0.1) if eps < 3 else (n // 4, 0.2)
     if meta.federated:
@@ -149,6 +151,19 @@ def omitted(spec: JobSpec) -> list[Literal["model", "training"]]:
     return [name for name in CHOOSABLE if name not in spec.model_fields_set]
 
 
+def _standardises(spec: JobSpec, meta: PublicMetadata) -> bool:
+    """Whether a job that left ``preprocessing`` out standardises by default: a private,
+    centralised, tabular train job on a dataset whose statistics were released."""
+    return (
+        spec.kind == "train"
+        and "preprocessing" not in spec.model_fields_set
+        and meta.standardised
+        and meta.epsilon is not None
+        and not meta.federated
+        and _data_kind(meta) == "tabular"
+    )
+
+
 def fill(spec: JobSpec, meta: PublicMetadata) -> JobSpec:
     """``spec`` with the fields it left out chosen from ``meta``, listed in
     ``defaults_applied`` (an empty list when the spec named them all)."""
@@ -160,6 +175,9 @@ def fill(spec: JobSpec, meta: PublicMetadata) -> JobSpec:
             update["model"] = choice.model
         if "training" in missing:
             update["training"] = choice.training
+    if _standardises(spec, meta):
+        update["preprocessing"] = PreprocessingSpec(standardize=True)
+        update["defaults_applied"] = [*missing, "preprocessing"]
     filled = spec.model_copy(update=update)
     # model_copy keeps the fields-set of the original: mark the chosen ones as set.
     filled.model_fields_set.update(update)

@@ -21,6 +21,7 @@ __all__ = [
     "ModelSpec",
     "PartitionSpec",
     "PateSpec",
+    "PreprocessingSpec",
     "PrivacySpec",
     "ResourcesSpec",
     "StudentSpec",
@@ -190,6 +191,20 @@ class ResourcesSpec(_Spec):
     )
 
 
+class PreprocessingSpec(_Spec):
+    """What is done to each row before the model sees it, in training and in the exported
+    model alike."""
+
+    standardize: bool = Field(
+        default=False,
+        description="Clip every feature to the dataset's released bounds, subtract its "
+        "released mean and divide by its released standard deviation: the dataset's DP "
+        "statistics (POST /v1/datasets/{id}/statistics), charged once and reused by every "
+        "job at no further cost. The downloaded and served models apply the same transform "
+        "to their inputs. Kind 'train' only.",
+    )
+
+
 class SynthesizeSpec(_Spec):
     """A DP synthetic table of the dataset (``kind: synthesize``): MST over binned features
     and the label (docs/mechanisms.md)."""
@@ -327,9 +342,9 @@ class JobSpec(_Spec):
         description="Optimisation settings. Optional for kind 'train', chosen like 'model' "
         "when left out. Required for kind 'pate' (each teacher's); unused otherwise.",
     )
-    defaults_applied: list[Literal["model", "training"]] = Field(
+    defaults_applied: list[Literal["model", "training", "preprocessing"]] = Field(
         default_factory=list,
-        max_length=2,
+        max_length=3,
         description="Set by ppml, ignored in requests: the fields ppml chose because the "
         "request left them out (docs/defaults.md). The job resource's spec holds what was "
         "chosen.",
@@ -346,6 +361,7 @@ class JobSpec(_Spec):
     )
     federated: FederatedSpec | None = None
     resources: ResourcesSpec = ResourcesSpec()
+    preprocessing: PreprocessingSpec = PreprocessingSpec()
     webhook_url: str | None = Field(
         default=None,
         max_length=2048,
@@ -375,6 +391,8 @@ class JobSpec(_Spec):
             raise ValueError("'synthesize' applies to kind 'synthesize'")
         if self.kind != "pate" and self.pate is not None:
             raise ValueError("'pate' applies to kind 'pate'")
+        if self.kind != "train" and self.preprocessing != PreprocessingSpec():
+            raise ValueError("'preprocessing' applies to kind 'train'")
         if self.kind == "train":  # left-out model and training are chosen (ppml.defaults)
             return self
         if self.kind == "pate":
@@ -415,6 +433,8 @@ def request_hash(spec: JobSpec) -> str:
         later.add("resources")
     if spec.pate is None:
         later.add("pate")
+    if spec.preprocessing == PreprocessingSpec():
+        later.add("preprocessing")
     if spec.kind == "train":
         later |= {"kind", "synthesize"}
     body = spec.model_dump(mode="json", exclude=later or None)

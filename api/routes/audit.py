@@ -37,6 +37,7 @@ class AuditActionFilter(StrEnum):
     DATASET_REGISTER = "dataset.register"
     DATASET_UPLOAD = "dataset.upload"
     DATASET_DELETE = "dataset.delete"
+    DATASET_STATISTICS = "dataset.statistics"
     JOB_SUBMIT = "job.submit"
     JOB_CANCEL = "job.cancel"
     MODEL_DOWNLOAD = "model.download"

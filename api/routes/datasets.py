@@ -29,7 +29,7 @@ from api.schemas import (
     PrivacyBudget,
 )
 from api.schemas.datasets import VALIDATION_DATASET_DESCRIPTION
-from ppml.datasets.schema import parse_schema
+from ppml.datasets.schema import declared_bounds, parse_schema
 from ppml.db import models
 from ppml.errors import InvalidInput, NotFound, PayloadTooLarge
 from ppml.privacy.ledger import budget_status
@@ -129,7 +129,9 @@ def to_schema(row: models.Dataset, *, owner: bool = True) -> Dataset:
         classes=classes,
         # Stored rows were validated when registered: no re-validation on reads.
         schema=DatasetSchema.model_construct(
-            classes=classes, input_shape=_shown_input_shape(row, ready)
+            classes=classes,
+            input_shape=_shown_input_shape(row, ready),
+            bounds=declared_bounds(row.data_schema),  # public metadata the owner declared
         )
         if classes
         else None,

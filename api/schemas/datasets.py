@@ -150,7 +150,10 @@ class Budget(BaseModel):
 
 class LedgerEntry(BaseModel):
     id: str
-    job_id: str
+    job_id: str | None = Field(
+        description="The job charged; null for a dataset-level charge (its standardisation "
+        "statistics, POST /v1/datasets/{id}/statistics)."
+    )
     kind: Literal["reserve", "commit", "release"]
     epsilon: float = Field(description="ε of this entry alone, at the dataset's δ.")
     event: dict[str, Any] = Field(description="The mechanism event that was priced.")

@@ -4,7 +4,8 @@ The label set is part of it: released class names must come from the owner's dec
 never from the distinct values of the private target column (PRIVACY.md, "Every release is
 a mechanism"). So is the input shape of a row (``[1, 8, 8]`` for 8x8 grey images): public
 metadata the owner declares (or the shape of an NPZ upload's ``x`` array, which the owner
-chose), never inferred from the values. Later versions add feature bounds and column names.
+chose), never inferred from the values. So are per-feature clipping bounds (``bounds``), which
+the dataset's DP standardisation statistics clip to. Later versions add column names.
 
 Pure pydantic; the API process imports this module.
 """
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Annotated
+from typing import Annotated, Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -25,7 +26,9 @@ __all__ = [
     "MAX_INPUT_SIZE",
     "DatasetSchema",
     "canonical_label",
+    "check_bounds",
     "check_input_shape",
+    "declared_bounds",
     "parse_schema",
 ]
 
@@ -63,6 +66,27 @@ class DatasetSchema(BaseModel):
         examples=[[1, 8, 8]],
     )
 
+    bounds: list[tuple[float, float]] | None = Field(
+        default=None,
+        description="Each feature's clipping bounds [low, high], in feature order: public "
+        "metadata the owner declares (never read off the data). The dataset's DP "
+        "standardisation statistics clip to them (POST /v1/datasets/{id}/statistics); without "
+        "them, bounds are estimated under DP there.",
+        examples=[[[0.0, 1.0], [0.0, 8.0]]],
+    )
+
+    @field_validator("bounds")
+    @classmethod
+    def _bounds_are_ranges(
+        cls, bounds: list[tuple[float, float]] | None
+    ) -> list[tuple[float, float]] | None:
+        from ppml.datasets.statistics import bounds_problem
+
+        problem = None if bounds is None else bounds_problem(bounds, len(bounds))
+        if problem is not None:
+            raise ValueError(problem)
+        return bounds
+
     @field_validator("classes")
     @classmethod
     def _names_are_distinct_labels(cls, classes: list[str]) -> list[str]:
@@ -93,10 +117,10 @@ def parse_schema(text: str, *, max_classes: int) -> DatasetSchema:
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(part) for part in first["loc"]) or "schema"
-        in_shape = first["loc"][:1] == ("input_shape",)
+        named = first["loc"][:1]
         raise InvalidInput(
             f'schema must be a JSON object like {{"classes": ["a", "b"]}}: {where}: {first["msg"]}',
-            field="schema.input_shape" if in_shape else "schema",
+            field=f"schema.{named[0]}" if named in (("input_shape",), ("bounds",)) else "schema",
         ) from None
     if len(schema.classes) > max_classes:
         raise InvalidInput(
@@ -116,6 +140,20 @@ def check_input_shape(input_shape: Sequence[int] | None, num_features: int) -> N
             f"schema.input_shape {list(input_shape)} holds {math.prod(input_shape)} values per "
             f"row; the data has {num_features} features",
             field="schema.input_shape",
+        )
+
+
+def check_bounds(schema: DatasetSchema | None, num_features: int) -> None:
+    """Declared bounds must give one pair per feature.
+
+    Raises:
+        InvalidInput: ``field="schema.bounds"``.
+    """
+    if schema is not None and schema.bounds is not None and len(schema.bounds) != num_features:
+        raise InvalidInput(
+            f"schema.bounds declares {len(schema.bounds)} pairs; the data has {num_features} "
+            "features",
+            field="schema.bounds",
         )
 
 
@@ -146,3 +184,9 @@ def _canonical_float(number: float) -> str:
     if not math.isfinite(number):
         return repr(number)
     return str(int(number)) if number.is_integer() else repr(number)
+
+
+def declared_bounds(data_schema: dict[str, Any] | None) -> list[tuple[float, float]] | None:
+    """The per-feature bounds a stored schema declares, or None."""
+    found = (data_schema or {}).get("bounds")
+    return None if found is None else [(float(lo), float(hi)) for lo, hi in found]

@@ -131,6 +131,9 @@ class Dataset(Base):
     # The declared schema ({"classes": [...], "input_shape": [...] or absent}): what is
     # released about the data's shape.
     data_schema: Mapped[dict[str, Any] | None]
+    # DP standardisation statistics (ppml.datasets.statistics.DatasetStatistics): charged
+    # once on the ledger as a dataset-level entry, released to every role, reused by jobs.
+    statistics: Mapped[dict[str, Any] | None]
     # Secret key of the record-independent split and partitions; never released. Stored
     # sealed under the data key ("v1:<key id>:<base64>", ppml.datasets.keys.seal_secret);
     # rows written before sealing hold the plain hex until the next start seals them.
@@ -285,7 +288,8 @@ class LedgerEntry(Base):
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     dataset_id: Mapped[str] = mapped_column(ForeignKey("datasets.id"), index=True)
-    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), index=True)
+    # None: a dataset-level charge (its standardisation statistics), tied to no job.
+    job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id"), index=True)
     kind: Mapped[str] = mapped_column(String(16))
     idempotency_key: Mapped[str] = mapped_column(String(80), unique=True)
     rdp: Mapped[dict[str, Any]]  # {"grid": version, "units": [int, ...]}

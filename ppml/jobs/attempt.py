@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ppml import datasets as data
+from ppml.datasets.statistics import DatasetStatistics, standardize
 from ppml.db.models import Dataset, Job
 from ppml.jobs.heartbeat import Heartbeat
 from ppml.jobs.inputs import JobInputs
@@ -52,6 +53,10 @@ def train_attempt(
     spec = job.spec
     arrays = inputs.arrays(dataset)
     scoring = inputs.scoring(dataset, arrays)
+    x_train, x_test = arrays.x_train, scoring["x_test"]
+    if spec.preprocessing.standardize:  # the exported model applies the same transform
+        stats = inputs.statistics(dataset, arrays.x_train)
+        x_train, x_test = standardize(x_train, stats), standardize(x_test, stats)
     loss_clip = spec.privacy.evaluation.loss_clip if spec.privacy else DEFAULT_LOSS_CLIP
     plan = TrainingPlan(
         model=spec.model,
@@ -69,9 +74,9 @@ def train_attempt(
     )
     private = job.privacy if spec.privacy is not None else None
     common: dict[str, Any] = {
-        "x_train": arrays.x_train,
+        "x_train": x_train,
         "y_train": arrays.y_train,
-        "x_test": scoring["x_test"],
+        "x_test": x_test,
         "y_test": scoring["y_test"],
         "num_classes": arrays.num_classes,
         "plan": plan,
@@ -157,8 +162,10 @@ def publish_model(
     result: Outcome,
     privacy: PrivacyRecord | None,
     released: ReleasedMetrics,
+    statistics: DatasetStatistics | None = None,
 ) -> tuple[Artifacts, Receipt]:
     """Publish this attempt's model files, with their receipt, under keys of their own.
+    ``statistics``: the standardisation the job trained with, baked into both files' graph.
 
     They become the job's artefacts only in ``JobRunner._finish``, under the ownership check:
     a worker that lost its lease meanwhile never replaces another attempt's model.
@@ -171,6 +178,7 @@ def publish_model(
         num_features=dataset.num_features,
         num_classes=dataset.num_classes,
         input_shape=dataset.input_shape,
+        standardize=_scaling(statistics),
     )
     receipt = build_receipt(
         job,
@@ -197,3 +205,19 @@ def publish_model(
     else:
         files["onnx"] = ArtifactRef(key=graph.key, sha256=graph.sha256)
     return Artifacts(files), receipt
+
+
+def _scaling(
+    statistics: DatasetStatistics | None,
+) -> tuple[tuple[float, float, float, float], ...] | None:
+    """Per feature (low, high, mean, std) of released statistics (ModelShape.standardize)."""
+    if statistics is None:
+        return None
+    assert statistics.bounds is not None and statistics.mean is not None
+    assert statistics.std is not None
+    return tuple(
+        (low, high, mean, std)
+        for (low, high), mean, std in zip(
+            statistics.bounds, statistics.mean, statistics.std, strict=True
+        )
+    )

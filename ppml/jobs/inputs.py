@@ -9,10 +9,12 @@ import numpy as np
 
 from ppml import datasets as data
 from ppml.datasets.keys import open_secret
+from ppml.datasets.statistics import DatasetStatistics
 from ppml.db.models import Dataset
 from ppml.db.repositories import Repositories
 from ppml.db.session import Database
 from ppml.errors import MalformedFile
+from ppml.services.statistics import ensure_released
 from ppml.storage import ArtifactStore
 from ppml.trust.sealing import DataKeys, TamperedData
 
@@ -59,6 +61,19 @@ class JobInputs:
         x = np.ascontiguousarray(np.concatenate([scoring.x_train, scoring.x_test]))
         y = np.concatenate([scoring.y_train, scoring.y_test])
         return {"x_test": x, "y_test": y, "test_units": None}
+
+    def statistics(self, dataset: Dataset, x_train: np.ndarray | None = None) -> DatasetStatistics:
+        """The dataset's released standardisation statistics, drawn from ``x_train`` (the
+        training rows, as stored) by the first job that needs them.
+
+        Raises:
+            ppml.services.statistics.StatisticsMissing: none were charged.
+        """
+
+        def rows() -> np.ndarray:
+            return self.arrays(dataset).x_train if x_train is None else x_train
+
+        return ensure_released(self.db, dataset.id, rows)
 
     def secret(self, dataset: Dataset) -> str | None:
         """The dataset's split secret, opened (the key of its record-keyed partitions)."""

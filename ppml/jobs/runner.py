@@ -291,7 +291,10 @@ class JobRunner:
         privacy = job.privacy.finished(result.steps_done, None) if job.privacy else None
         # A keyring that cannot sign fails here, as a failed publish, not at the finish.
         self.keys.active()
-        artifacts, receipt = publish_model(self.store, job, dataset, result, privacy, released)
+        statistics = self.inputs.statistics(dataset) if job.spec.preprocessing.standardize else None
+        artifacts, receipt = publish_model(
+            self.store, job, dataset, result, privacy, released, statistics
+        )
         return replace(ending, artifacts=artifacts, receipt=receipt)
 
     @staticmethod

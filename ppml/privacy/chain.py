@@ -73,7 +73,7 @@ def _instant(value: datetime) -> str:
 def entry_hash(
     *,
     dataset_id: str,
-    job_id: str,
+    job_id: str | None,
     kind: str,
     idempotency_key: str,
     rdp: Any,

@@ -182,10 +182,12 @@ class Ledger:
         return entry
 
     def charge(
-        self, budget: DatasetBudget, job_id: str, batch: str, event: acc.MechanismEvent
+        self, budget: DatasetBudget, job_id: str | None, batch: str, event: acc.MechanismEvent
     ) -> LedgerEntry:
         """Charge a mechanism run now, on a locked budget: a RESERVE and its COMMIT entry
         (keys ``job_id:batch:kind``), so the fold and the chain treat it as any settled job.
+        ``job_id`` None charges the dataset itself (keys ``dataset_id:batch:kind``), for a
+        release that no job owns (its standardisation statistics).
         Raises BudgetExceeded, writing nothing, when the filter refuses. Returns the COMMIT.
         """
         if event.unit != budget.unit:
@@ -199,7 +201,7 @@ class Ledger:
         if not self.admits(budget, curve):
             requested = acc.epsilon(curve, budget.delta_total)
             raise self.refusal(budget, requested=requested, job_curve=curve)
-        key = f"{job_id}:{batch}"
+        key = f"{job_id or budget.dataset_id}:{batch}"
         self._append(budget, job_id, LedgerKind.RESERVE, curve, event, key=key)
         commit = self._append(budget, job_id, LedgerKind.COMMIT, curve, event, key=key)
         budget.committed = _units(acc.add(_curve(budget.committed), curve))
@@ -324,7 +326,7 @@ class Ledger:
     def _append(
         self,
         budget: DatasetBudget,
-        job_id: str,
+        job_id: str | None,
         kind: LedgerKind,
         curve: Sequence[int],
         event: acc.MechanismEvent,
@@ -340,7 +342,7 @@ class Ledger:
             dataset_id=budget.dataset_id,
             job_id=job_id,
             kind=kind,
-            idempotency_key=f"{key or job_id}:{kind}",
+            idempotency_key=f"{key or job_id or budget.dataset_id}:{kind}",
             rdp=_units(curve),
             event=event.to_dict(),
             epsilon=float(acc.epsilon(curve, budget.delta_total)),

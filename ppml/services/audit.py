@@ -44,6 +44,7 @@ AuditAction = Literal[
     "dataset.register",
     "dataset.upload",
     "dataset.delete",
+    "dataset.statistics",
     "job.submit",
     "job.cancel",
     "model.download",

@@ -20,6 +20,7 @@ from pathlib import Path
 from ppml import datasets as data
 from ppml.config import Settings
 from ppml.datasets.inspect import UploadShape, inspect_upload
+from ppml.datasets.schema import check_bounds
 from ppml.db.models import Dataset, DatasetStatus, new_id, utcnow
 from ppml.db.repositories import Repositories
 from ppml.db.session import Database
@@ -328,6 +329,7 @@ def accept_upload(
         limits=upload_limits(settings),
     )
     input_shape = _upload_input_shape(schema, upload)
+    check_bounds(schema, upload.features)
     if schema is not None:
         schema = schema.model_copy(update={"input_shape": input_shape})
     check_validation(repos, validation_dataset_id, tenant_id=tenant_id, arrays=None)

@@ -1,7 +1,8 @@
 """A submitted spec with its left-out model and training chosen (ppml.defaults).
 
 Only the dataset's registered, public facts reach the rule: its training-row count, feature
-count, declared input shape, class count and privacy unit, with the spec's ε, δ and kind.
+count, declared input shape, class count, privacy unit and whether its standardisation
+statistics were released, with the spec's ε, δ and kind.
 The rows themselves are never read here (the API process does not load them).
 """
 
@@ -28,8 +29,8 @@ def public_metadata(spec: JobSpec, dataset: Dataset) -> PublicMetadata:
         unit=dataset.privacy_unit,
         kind=spec.kind,
         federated=spec.federated is not None,
-        # DP-standardised features do not exist yet (issue #17, part 3).
-        standardised=False,
+        # Released by the owner (a DP release or public bounds): public from then on.
+        standardised=dataset.statistics is not None,
     )
 
 

@@ -24,6 +24,7 @@ from typing import Any
 from ppml import datasets as data
 from ppml.config import Settings
 from ppml.datasets.keys import open_secret
+from ppml.datasets.schema import check_bounds
 from ppml.db.models import Dataset, DatasetStatus, utcnow
 from ppml.db.repositories import Repositories
 from ppml.db.session import UNAVAILABLE, Database
@@ -114,6 +115,7 @@ def ingest_upload(db: Database, store: ArtifactStore, settings: Settings, datase
             )
         check_budget(claim.budget, unit=claim.unit, arrays=arrays)
         data.check_input_shape(claim.input_shape, arrays.num_features)
+        check_bounds(claim.schema, arrays.num_features)
         fingerprint = fingerprint_of(settings, claim.tenant_id, arrays)
         artifact = store.write(claim.npz_key, lambda out: data.save_arrays(arrays, out))
         status = _ready(db, claim, arrays, artifact.size, fingerprint)

@@ -58,6 +58,7 @@ from ppml.services.pate import check_student
 from ppml.services.pricing import Pricing, price
 from ppml.services.quotes import Quote, Quotes
 from ppml.services.rooms import TenantRooms
+from ppml.services.statistics import require_statistics
 from ppml.services.tenants import Principal
 from ppml.specs import JobSpec, request_hash
 from ppml.storage import ArtifactStore
@@ -202,6 +203,8 @@ class JobService:
         # The digest is of the request as sent: a replay of it matches, defaults or not.
         digest = request_hash(spec)
         dataset, spec, pricing = self._priced(tenant_id, spec)
+        if spec.preprocessing.standardize:  # read afresh: the cached row may predate them
+            require_statistics(self.db, dataset.id)
         admission = _Admission(
             tenant_id=tenant_id, dataset=dataset, spec=spec, pricing=pricing, by=by
         )

@@ -27,6 +27,7 @@ __all__ = [
     "ONNX_INPUT",
     "ONNX_OPSET",
     "ONNX_OUTPUT",
+    "Standardized",
     "build_from_metadata",
     "export_ensemble",
     "export_onnx",
@@ -78,8 +79,39 @@ def _build(shape: ModelShape) -> nn.Module:
     )
 
 
+class Standardized(nn.Module):
+    """A trained network behind the standardisation it was trained with: inputs clipped to
+    the released bounds, centred by the released means, divided by the released standard
+    deviations (``ppml.datasets.statistics.standardize``, op for op in float32)."""
+
+    low: torch.Tensor
+    high: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def __init__(
+        self, net: nn.Module, scaling: Sequence[tuple[float, float, float, float]]
+    ) -> None:
+        super().__init__()
+        self.net = net
+        columns = torch.tensor(scaling, dtype=torch.float32).T.contiguous()
+        # Not persistent: the weights file holds the network's tensors only; the scaling
+        # travels in the architecture metadata, beside the receipt.
+        for name, values in zip(("low", "high", "mean", "std"), columns, strict=True):
+            self.register_buffer(name, values.clone(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        clipped = torch.minimum(torch.maximum(x, self.low), self.high)
+        return self.net((clipped - self.mean) / self.std)  # type: ignore[no-any-return]
+
+
+def _with_scaling(shape: ModelShape, module: nn.Module) -> nn.Module:
+    return module if shape.standardize is None else Standardized(module, shape.standardize)
+
+
 def build_from_metadata(metadata: Mapping[str, str]) -> nn.Module:
-    """A freshly initialised module of the architecture in ``metadata["architecture"]``.
+    """A freshly initialised network of the architecture in ``metadata["architecture"]``
+    (without its input standardisation: weights load into it; see :func:`load_model`).
 
     Raises:
         ValueError: If the architecture metadata is missing or malformed.
@@ -133,7 +165,7 @@ def export_onnx(
     module = _build(shape)
     weights = {name: t.detach().cpu() for name, t in state_dict.items()}
     module.load_state_dict(weights, strict=True)
-    module.eval()
+    module = _with_scaling(shape, module).eval()
     with torch.no_grad():
         model = onnx.load_from_string(_onnx_bytes(module, shape.num_features))
     model.producer_name = "ppml"
@@ -189,7 +221,8 @@ def load_model(path: Path) -> tuple[nn.Module, dict[str, str]]:
         path: A file written by ``save_model`` with ``metadata["architecture"]`` set.
 
     Returns:
-        The module (in eval mode, on CPU) and the file's metadata.
+        The module (in eval mode, on CPU; behind its input standardisation when the
+        architecture records one, as in the ONNX graph) and the file's metadata.
 
     Raises:
         ValueError: If the architecture metadata is missing or malformed.
@@ -198,4 +231,4 @@ def load_model(path: Path) -> tuple[nn.Module, dict[str, str]]:
         metadata: dict[str, str] = dict(handle.metadata() or {})
     module = build_from_metadata(metadata)
     module.load_state_dict(load_file(str(path), device="cpu"), strict=True)
-    return module.eval(), metadata
+    return _with_scaling(_shape(metadata), module).eval(), metadata

@@ -130,6 +130,26 @@ def test_a_spec_naming_neither_is_valid_and_fill_lists_what_was_chosen() -> None
     assert kept.training == named.training
 
 
+def test_released_statistics_make_a_private_tabular_job_standardise_unless_it_says_otherwise() -> (
+    None
+):
+    tabular = meta(num_features=30, num_classes=2, num_train=450, standardised=True)
+    # act
+    filled = defaults.fill(bare_spec(), tabular)
+    declined = defaults.fill(bare_spec(preprocessing={"standardize": False}), tabular)
+    unreleased = defaults.fill(bare_spec(), dataclasses.replace(tabular, standardised=False))
+    image = defaults.fill(bare_spec(), meta(input_shape=(1, 8, 8), standardised=True))
+    public = defaults.fill(bare_spec(privacy=None), dataclasses.replace(tabular, epsilon=None))
+    # assert
+    assert filled.preprocessing.standardize is True
+    assert filled.defaults_applied == ["model", "training", "preprocessing"]
+    assert declined.preprocessing.standardize is False
+    assert "preprocessing" not in declined.defaults_applied
+    assert unreleased.preprocessing.standardize is False
+    assert image.preprocessing.standardize is False
+    assert public.preprocessing.standardize is False
+
+
 def test_the_service_passes_only_metadata_and_never_reads_rows(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
