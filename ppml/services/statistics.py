@@ -126,14 +126,14 @@ def release_statistics(
     InvalidInput (bad bounds or epsilon), BudgetExceeded (the filter refuses); all write
     nothing.
     """
-    require_owner(by, "only an owner key releases a dataset's statistics")
     with db.session(write=True) as session:
         repos = Repositories(session)
         ledger = Ledger(repos)
         budget = ledger.lock(dataset_id)  # first, as every charge: the budget, then rows
         dataset = repos.dataset_by_id(dataset_id)
         if dataset is None or dataset.tenant_id != tenant_id:
-            raise NotFound("dataset not found")
+            raise NotFound("dataset not found")  # before the role: 404 across tenants
+        require_owner(by, "only an owner key releases a dataset's statistics")
         require_live(dataset)
         require_ready(dataset)
         if dataset.privacy_unit != "record":

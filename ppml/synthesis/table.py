@@ -101,7 +101,8 @@ def dp_bounds(
     record adds one count to one cell of each of the ``k`` columns, so the histograms' joint
     L2 sensitivity is sqrt(k) and sigma = sqrt(k / (2 rho)). A column's bounds are the outer
     edges of its cells whose noisy count reaches 3 sigma (post-processing); with none, the
-    edges of its largest noisy cell."""
+    edges of its largest noisy cell. An unbounded outer cell alone gives its grid
+    neighbour's edges, so low < high always."""
     if not columns:
         return {}
     sigma = math.sqrt(len(columns) / (2 * rho))
@@ -115,5 +116,7 @@ def dp_bounds(
         first, last = (kept[0], kept[-1]) if kept.size else (int(noisy.argmax()),) * 2
         low = edges[first] if np.isfinite(edges[first]) else _GRID[0]
         high = edges[last + 1] if np.isfinite(edges[last + 1]) else _GRID[-1]
+        if high <= low:  # only an outer, unbounded cell kept: widen to its grid neighbour
+            low, high = (_GRID[-2], _GRID[-1]) if low >= _GRID[-1] else (_GRID[0], _GRID[1])
         found[j] = (float(low), float(high))
     return found

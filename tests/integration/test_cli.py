@@ -153,7 +153,7 @@ def test_datasets_upload_list_and_public_data(env: dict[str, str], tmp_path: Pat
     body = json.loads(private.stdout)
     assert body["privacy_budget"] == {"epsilon": 2.0, "delta": 1e-4} and body["num_features"] == 3
     assert body["classes"] == ["1", "0"]
-    assert body["schema"] == {"classes": ["1", "0"], "input_shape": None}
+    assert body["schema"] == {"classes": ["1", "0"], "input_shape": None, "bounds": None}
     assert public.stdout.strip() in listing.stdout and body["id"] in listing.stdout
     assert "--public" in refused.stderr
     assert "--classes" in undeclared.stderr

@@ -16,6 +16,7 @@ from tests.conftest import dp_job_spec, new_tenant, register_digits
 # Body to send for each (method, path template); routes not listed send no body.
 BODIES: dict[tuple[str, str], dict[str, Any]] = {
     ("POST", "/v1/jobs/{job_id}/predict"): {"inputs": [[0.0] * 64]},
+    ("POST", "/v1/datasets/{dataset_id}/statistics"): {"epsilon": 0.1},
 }
 # Admin routes (under /v1/tenants) are scoped by the admin token, not by tenant.
 ADMIN_PREFIX = "/v1/tenants/"

@@ -103,6 +103,7 @@ def test_csv_upload_with_budget_registers_a_dataset(small_client: TestClient) ->
     assert body["classes"] == ["sick", "well"] and body["schema"] == {
         "classes": ["sick", "well"],
         "input_shape": None,
+        "bounds": None,
     }
     assert body["num_train"] + body["num_test"] == 200 and body["num_test"] > 0
     assert body["privacy_budget"] == {"epsilon": 2.0, "delta": 1e-4}
@@ -257,7 +258,7 @@ def test_released_classes_are_the_declared_ones(small_client: TestClient) -> Non
     assert response.status_code == 202, response.text
     for body in (response.json(), shown.json()):
         assert body["classes"] == declared
-        assert body["schema"] == {"classes": declared, "input_shape": None}
+        assert body["schema"] == {"classes": declared, "input_shape": None, "bounds": None}
         assert body["num_classes"] == 3 and body["num_test_clients"] is None
         assert not any("secret" in key for key in body)
 
@@ -336,7 +337,11 @@ def test_public_upload_may_omit_the_schema(small_client: TestClient) -> None:
     response = _upload(small_client, tenant, "p.csv", _csv())
 
     assert response.status_code == 202, response.text
-    assert response.json()["schema"] == {"classes": ["sick", "well"], "input_shape": None}
+    assert response.json()["schema"] == {
+        "classes": ["sick", "well"],
+        "input_shape": None,
+        "bounds": None,
+    }
 
 
 # --------------------------------------------------------------------- δ over every unit
@@ -475,7 +480,11 @@ def test_builtin_registration_takes_a_validation_dataset(small_client: TestClien
 
     # assert
     assert public["classes"] == [str(i) for i in range(10)]
-    assert public["schema"] == {"classes": public["classes"], "input_shape": [1, 8, 8]}
+    assert public["schema"] == {
+        "classes": public["classes"],
+        "input_shape": [1, 8, 8],
+        "bounds": None,
+    }
     assert accepted.status_code == 201, accepted.text
     assert accepted.json()["validation_dataset_id"] == public["id"]
     assert refused.status_code == 422 and refused.json()["field"] == "validation_dataset_id"
@@ -509,7 +518,11 @@ def test_npz_images_declare_their_shape_and_cnn2d_jobs_are_quoted_on_them(
     assert color.json()["num_features"] == 60
     for response in (grey, flat):
         assert response.json()["status"] == "ready", response.text
-        assert response.json()["schema"] == {"classes": ["0", "1"], "input_shape": [1, 6, 6]}
+        assert response.json()["schema"] == {
+            "classes": ["0", "1"],
+            "input_shape": [1, 6, 6],
+            "bounds": None,
+        }
     job = {
         "name": "cnn",
         "dataset_id": grey.json()["id"],

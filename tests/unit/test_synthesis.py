@@ -19,7 +19,7 @@ from ppml.privacy import accounting as acc
 from ppml.privacy.zcdp import calibrate_zcdp
 from ppml.services.pricing import price
 from ppml.specs import JobSpec
-from ppml.synthesis.table import LABEL, Table, builtin_bounds
+from ppml.synthesis.table import LABEL, Table, builtin_bounds, dp_bounds
 
 DELTA = 1e-5
 
@@ -223,3 +223,14 @@ def test_dp_bounds_with_little_rho_stay_on_the_grid_and_ordered() -> None:
     found = dp_bounds(x, [0, 1, 2], rho=1e-4, rng=rng)
     # assert
     assert all(-1e6 <= lo < hi <= 1e6 for lo, hi in found.values())
+
+
+def test_dp_bounds_are_never_empty_when_only_an_outer_cell_holds_the_rows() -> None:
+    # arrange: every value beyond the grid's ends, below and above
+    rng = np.random.default_rng(0)
+    x = np.column_stack([np.full(500, -1e9), np.full(500, 1e9)])
+    # act
+    found = dp_bounds(x, [0, 1], rho=50.0, rng=rng)
+    # assert
+    assert all(low < high for low, high in found.values())
+    assert found[0][0] <= -1e5 and found[1][1] >= 1e5
