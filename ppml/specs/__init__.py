@@ -1,18 +1,21 @@
 """Job specifications: what a user asks for, validated before anything is stored.
 
 Pure pydantic (no torch): the API validates and prices jobs with these, the worker reads the
-stored spec back with the same models.
+stored spec back with the same models. The specs of the mechanisms that train no model by
+DP-SGD (synthetic data, PATE) live in :mod:`ppml.specs.mechanisms`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
+
+from ppml.specs.base import Spec
+from ppml.specs.mechanisms import PateSpec, StudentSpec, SynthesizeSpec
 
 __all__ = [
     "EvaluationSpec",
@@ -33,11 +36,7 @@ __all__ = [
 PositiveSize = Annotated[int, Field(strict=True, ge=1, le=4096)]
 
 
-class _Spec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class ModelSpec(_Spec):
+class ModelSpec(Spec):
     """Architecture of the model to train."""
 
     # One entry per name in ppml.architectures (count, validation); a test keeps them equal.
@@ -63,7 +62,7 @@ class ModelSpec(_Spec):
     )
 
 
-class TrainingSpec(_Spec):
+class TrainingSpec(Spec):
     """Optimisation settings."""
 
     epochs: int = Field(
@@ -84,7 +83,7 @@ class TrainingSpec(_Spec):
     )
 
 
-class EvaluationSpec(_Spec):
+class EvaluationSpec(Spec):
     """How the held-out metrics analysts see are released (PRIVACY.md: held-out rows are
     protected rows). Owners always see the exact figures."""
 
@@ -107,7 +106,7 @@ class EvaluationSpec(_Spec):
     )
 
 
-class PrivacySpec(_Spec):
+class PrivacySpec(Spec):
     """Differential privacy of the job. σ is calibrated so the job spends ``target_epsilon``."""
 
     target_epsilon: float = Field(strict=True, ge=1e-3, le=100, description="ε this job may spend.")
@@ -132,14 +131,14 @@ class PrivacySpec(_Spec):
     evaluation: EvaluationSpec = EvaluationSpec()
 
 
-class PartitionSpec(_Spec):
+class PartitionSpec(Spec):
     scheme: Literal["iid", "dirichlet", "column"] = "iid"
     alpha: float = Field(
         strict=True, default=0.5, ge=1e-4, le=1e4, description="Dirichlet concentration."
     )
 
 
-class FederatedSpec(_Spec):
+class FederatedSpec(Spec):
     """Federated simulation over clients carved out of the dataset."""
 
     num_clients: int = Field(strict=True, ge=1, le=100_000)
@@ -176,7 +175,7 @@ class FederatedSpec(_Spec):
         return self
 
 
-class ResourcesSpec(_Spec):
+class ResourcesSpec(Spec):
     """What one job runs on."""
 
     gpus: int = Field(
@@ -191,7 +190,7 @@ class ResourcesSpec(_Spec):
     )
 
 
-class PreprocessingSpec(_Spec):
+class PreprocessingSpec(Spec):
     """What is done to each row before the model sees it, in training and in the exported
     model alike."""
 
@@ -203,100 +202,6 @@ class PreprocessingSpec(_Spec):
         "job at no further cost. The downloaded and served models apply the same transform "
         "to their inputs. Kind 'train' only.",
     )
-
-
-class SynthesizeSpec(_Spec):
-    """A DP synthetic table of the dataset (``kind: synthesize``): MST over binned features
-    and the label (docs/mechanisms.md)."""
-
-    rows: int | None = Field(
-        strict=True,
-        default=None,
-        ge=1,
-        le=1_000_000,
-        description="Synthetic rows to produce; default: as many as the training rows.",
-    )
-    bins: int = Field(
-        strict=True, default=8, ge=2, le=64, description="Equal-width bins per feature."
-    )
-    features: list[Annotated[int, Field(strict=True, ge=0)]] | None = Field(
-        default=None,
-        min_length=1,
-        max_length=256,
-        description="Indices of the features to synthesize (the label always is); default all.",
-    )
-    bounds: dict[int, tuple[float, float]] = Field(
-        default_factory=dict,
-        description="[low, high] of a feature, by index, to bin it on (values are clipped). "
-        "Features without bounds here use the built-in dataset's documented range, or bounds "
-        "estimated under DP (charged with the job).",
-    )
-
-    @model_validator(mode="after")
-    def _valid(self) -> SynthesizeSpec:
-        if self.features is not None and len(set(self.features)) != len(self.features):
-            raise ValueError("features must not repeat")
-        for index, (low, high) in (self.bounds or {}).items():
-            if not (math.isfinite(low) and math.isfinite(high) and low < high):
-                raise ValueError(f"bounds of feature {index} must be finite with low < high")
-        return self
-
-
-class StudentSpec(_Spec):
-    """A student model trained by a pate job on public rows its teachers label (GNMax)."""
-
-    public_dataset_id: str = Field(
-        min_length=1,
-        max_length=40,
-        description="A public dataset (no budget) of the tenant with the same features: its "
-        "rows, in order, are the student's inputs; its labels are never read.",
-    )
-    queries: int = Field(
-        strict=True,
-        ge=1,
-        le=100_000,
-        description="How many of those rows the teachers label (the first ones, train split "
-        "then test split): the student's cost is this many answers, reserved at admission.",
-    )
-
-
-class PateSpec(_Spec):
-    """Private prediction with PATE (``kind: pate``): ``teachers`` models trained without DP
-    on disjoint partitions of the training records, answering through the Gaussian noisy
-    argmax of their votes (GNMax), each answer charged (docs/mechanisms.md). Name the noise
-    either as ``sigma`` or as the ε of one answer (``query_epsilon``, at the dataset's δ)."""
-
-    teachers: int = Field(
-        strict=True, ge=2, le=1000, description="Teachers k: disjoint partitions, one model each."
-    )
-    sigma: float | None = Field(
-        strict=True,
-        default=None,
-        ge=0.5,
-        le=1e6,
-        description="Standard deviation of the Gaussian noise added to each class's vote count "
-        "(GNMax). One answer costs the RDP curve α/sigma² (zCDP rho = 1/sigma²).",
-    )
-    query_epsilon: float | None = Field(
-        strict=True,
-        default=None,
-        ge=1e-3,
-        le=100,
-        description="Instead of sigma: the ε of one answer at the dataset's δ; sigma is the "
-        "smallest whose one-answer curve converts to at most this ε.",
-    )
-
-    student: StudentSpec | None = Field(
-        default=None,
-        description="Train and release a student model on public rows labelled by the "
-        "teachers; null: the teachers only answer POST /v1/jobs/{id}/predict.",
-    )
-
-    @model_validator(mode="after")
-    def _one_noise(self) -> PateSpec:
-        if (self.sigma is None) == (self.query_epsilon is None):
-            raise ValueError("set exactly one of sigma and query_epsilon")
-        return self
 
 
 #: Placeholders of the training fields for jobs that train nothing (kind synthesize).
@@ -315,7 +220,7 @@ JOB_SPEC_EXAMPLE: dict[str, Any] = {
 }
 
 
-class JobSpec(_Spec):
+class JobSpec(Spec):
     """A job on one dataset: training a model (``kind: train``) or synthesizing a table."""
 
     model_config = ConfigDict(json_schema_extra={"examples": [JOB_SPEC_EXAMPLE]})
