@@ -35,6 +35,7 @@ from ppml.errors import InvalidInput, NotFound, PayloadTooLarge
 from ppml.privacy.ledger import budget_status
 from ppml.queue import enqueue_ingestion
 from ppml.services import datasets as service
+from ppml.services import uploads
 from ppml.services.deletion import delete_dataset as delete_dataset_files
 from ppml.services.tenants import require_owner
 
@@ -241,7 +242,7 @@ def upload_dataset(
         budget = None
         if form.epsilon is not None and form.delta is not None:
             budget = service.BudgetRequest(epsilon=form.epsilon, delta=form.delta)
-        row = service.accept_upload(
+        row = uploads.accept_upload(
             repos,
             store,
             settings,

@@ -25,8 +25,8 @@ from ppml.db.repositories import Repositories
 from ppml.errors import DatasetInUse, NotFound
 from ppml.jobs.checkpoints import JobCheckpoints
 from ppml.services import audit
-from ppml.services.datasets import raw_upload_key
 from ppml.services.tenants import Principal, require_owner
+from ppml.services.uploads import raw_upload_key
 from ppml.storage import ArtifactStore
 
 __all__ = ["Deletion", "delete_dataset"]

@@ -1,6 +1,6 @@
 """Ingestion: a worker decodes a validating upload and makes its dataset ready or invalid.
 
-The API stored the upload as it came (:func:`ppml.services.datasets.accept_upload`); here,
+The API stored the upload as it came (:func:`ppml.services.uploads.accept_upload`); here,
 outside the API process, the file is parsed and validated, split with the dataset's secret,
 and published as the dataset's ``.npz``; the counts are filled in and the budget is opened,
 and the dataset is ``ready``. A user error (anything :class:`~ppml.errors.PPMLError`) makes
@@ -30,14 +30,9 @@ from ppml.db.repositories import Repositories
 from ppml.db.session import UNAVAILABLE, Database
 from ppml.errors import PPMLError
 from ppml.privacy.ledger import Ledger
-from ppml.services.datasets import (
-    BudgetRequest,
-    check_budget,
-    check_validation,
-    raw_upload_key,
-    upload_limits,
-)
+from ppml.services.datasets import BudgetRequest, check_budget, check_validation
 from ppml.services.fingerprints import check_not_registered, fingerprint_of
+from ppml.services.uploads import raw_upload_key, upload_limits
 from ppml.storage import ArtifactStore
 from ppml.trust.sealing import DataKeys, UnknownKey
 
