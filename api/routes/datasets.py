@@ -32,7 +32,7 @@ from api.schemas.datasets import VALIDATION_DATASET_DESCRIPTION
 from ppml.datasets.schema import declared_bounds, parse_schema
 from ppml.db import models
 from ppml.errors import InvalidInput, NotFound, PayloadTooLarge
-from ppml.privacy.ledger import budget_status
+from ppml.privacy.budgets import budget_status
 from ppml.queue import enqueue_ingestion
 from ppml.services import datasets as service
 from ppml.services import uploads

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from ppml.db.models import DatasetBudget, Job, LedgerEntry, LedgerKind, new_id, utcnow
 from ppml.db.repositories import Repositories
@@ -32,76 +31,11 @@ from ppml.errors import (
 )
 from ppml.privacy import accounting as acc
 from ppml.privacy import chain, filters, heads
+from ppml.privacy.budgets import budget_filter, budget_status, curve_of, units_of, used_curve
 
-__all__ = ["BudgetStatus", "Ledger", "budget_filter", "budget_status", "used_curve"]
+__all__ = ["Ledger"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, kw_only=True)
-class BudgetStatus:
-    """A dataset's budget as users see it: ε at the dataset's δ as its admission filter counts
-    it, so ``spent + reserved + remaining == total`` (up to float rounding)."""
-
-    epsilon_total: float
-    delta_total: float
-    epsilon_spent: float
-    epsilon_reserved: float
-    epsilon_remaining: float
-    unit: str
-    admission_filter: str
-    filter_anchor: float | None
-    epsilon_spent_composed: float  # the committed curve's tight conversion, at the full δ
-
-
-def _units(curve: Sequence[int]) -> dict[str, object]:
-    return {"grid": acc.GRID_VERSION, "units": list(curve)}
-
-
-def _curve(data: dict[str, object]) -> acc.Curve:
-    units = data["units"]
-    assert isinstance(units, list)
-    return tuple(int(value) for value in units)
-
-
-def budget_filter(budget: DatasetBudget) -> filters.BudgetFilter:
-    """The admission filter a budget row was opened with (ppml.privacy.filters)."""
-    return filters.BudgetFilter(
-        version=budget.admission_filter,
-        anchor=budget.filter_anchor,
-        epsilon_total=budget.epsilon_total,
-        delta_total=budget.delta_total,
-    )
-
-
-def used_curve(budget: DatasetBudget) -> acc.Curve:
-    """Committed plus reserved: the curve admission compares with the caps."""
-    return acc.add(_curve(budget.committed), _curve(budget.reserved))
-
-
-def budget_status(budget: DatasetBudget) -> BudgetStatus:
-    """Spent, reserved and remaining ε of a budget row, in one unit: the filter's ε.
-
-    Spent is what the filter counts for the committed curve, reserved what the reservations
-    add to it, remaining what the filter still allows; the three add up to the total.
-    (The filter's ε of a curve is at least its tight (ε, δ) conversion: it converts at the
-    share of δ its filter gives each order.)
-    """
-    check = budget_filter(budget)
-    committed, reserved = _curve(budget.committed), _curve(budget.reserved)
-    spent = min(check.epsilon(committed), budget.epsilon_total)
-    held = min(max(check.epsilon(acc.add(committed, reserved)), spent), budget.epsilon_total)
-    return BudgetStatus(
-        epsilon_total=budget.epsilon_total,
-        delta_total=budget.delta_total,
-        epsilon_spent=spent,
-        epsilon_reserved=held - spent,
-        epsilon_remaining=budget.epsilon_total - held,
-        unit=budget.unit,
-        admission_filter=budget.admission_filter,
-        filter_anchor=budget.filter_anchor,
-        epsilon_spent_composed=acc.epsilon(committed, budget.delta_total),
-    )
 
 
 class Ledger:
@@ -122,8 +56,8 @@ class Ledger:
             grid_version=acc.GRID_VERSION,
             admission_filter=check.version,
             filter_anchor=check.anchor,
-            committed=_units(acc.zero()),
-            reserved=_units(acc.zero()),
+            committed=units_of(acc.zero()),
+            reserved=units_of(acc.zero()),
             version=0,
         )
         self.repos.add(budget)
@@ -177,7 +111,7 @@ class Ledger:
                 budget, requested=acc.epsilon(curve, budget.delta_total), job_curve=curve
             )
         entry = self._append(budget, job.id, LedgerKind.RESERVE, curve, event)
-        budget.reserved = _units(acc.add(_curve(budget.reserved), curve))
+        budget.reserved = units_of(acc.add(curve_of(budget.reserved), curve))
         self._touch(budget)
         return entry
 
@@ -204,7 +138,7 @@ class Ledger:
         key = f"{job_id or budget.dataset_id}:{batch}"
         self._append(budget, job_id, LedgerKind.RESERVE, curve, event, key=key)
         commit = self._append(budget, job_id, LedgerKind.COMMIT, curve, event, key=key)
-        budget.committed = _units(acc.add(_curve(budget.committed), curve))
+        budget.committed = units_of(acc.add(curve_of(budget.committed), curve))
         self._touch(budget)
         return commit
 
@@ -224,7 +158,7 @@ class Ledger:
         existing_release = self.repos.ledger_entry(f"{job_id}:{LedgerKind.RELEASE}")
         if existing_commit is not None or existing_release is not None:
             return existing_commit, existing_release
-        reserved_curve = _curve(reserve.rdp)
+        reserved_curve = curve_of(reserve.rdp)
         planned = acc.MechanismEvent.from_dict(reserve.event)
         commit_entry = None
         committed = acc.zero()
@@ -238,10 +172,10 @@ class Ledger:
                 min(a, b) for a, b in zip(acc.rdp_curve(used_event), reserved_curve, strict=True)
             )
             commit_entry = self._append(budget, job_id, LedgerKind.COMMIT, committed, used_event)
-            budget.committed = _units(acc.add(_curve(budget.committed), committed))
+            budget.committed = units_of(acc.add(curve_of(budget.committed), committed))
         rest = acc.subtract(reserved_curve, committed)
         release_entry = self._append(budget, job_id, LedgerKind.RELEASE, rest, planned, note=note)
-        budget.reserved = _units(acc.subtract(_curve(budget.reserved), reserved_curve))
+        budget.reserved = units_of(acc.subtract(curve_of(budget.reserved), reserved_curve))
         self._touch(budget)
         return commit_entry, release_entry
 
@@ -249,7 +183,7 @@ class Ledger:
         """Recompute ``(committed, reserved)`` from the entries alone."""
         committed, reserved = acc.zero(), acc.zero()
         for entry in self.repos.ledger_entries(dataset_id):
-            curve = _curve(entry.rdp)
+            curve = curve_of(entry.rdp)
             if entry.kind == LedgerKind.RESERVE:
                 reserved = acc.add(reserved, curve)
             elif entry.kind == LedgerKind.COMMIT:
@@ -315,11 +249,11 @@ class Ledger:
         mismatched = []
         for budget in self.repos.all_budgets():
             committed, reserved = self.fold(budget.dataset_id)
-            if committed != _curve(budget.committed) or reserved != _curve(budget.reserved):
+            if committed != curve_of(budget.committed) or reserved != curve_of(budget.reserved):
                 mismatched.append(budget.dataset_id)
                 log.error("ledger cache of dataset %s differs from its entries", budget.dataset_id)
                 if repair:
-                    budget.committed, budget.reserved = _units(committed), _units(reserved)
+                    budget.committed, budget.reserved = units_of(committed), units_of(reserved)
                     self._touch(budget)
         return mismatched
 
@@ -343,7 +277,7 @@ class Ledger:
             job_id=job_id,
             kind=kind,
             idempotency_key=f"{key or job_id or budget.dataset_id}:{kind}",
-            rdp=_units(curve),
+            rdp=units_of(curve),
             event=event.to_dict(),
             epsilon=float(acc.epsilon(curve, budget.delta_total)),
             note=note,

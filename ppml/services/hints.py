@@ -22,7 +22,7 @@ from ppml.db.models import Dataset, DatasetBudget
 from ppml.errors import PPMLError
 from ppml.privacy import accounting as acc
 from ppml.privacy import calibration as cal
-from ppml.privacy.ledger import budget_filter, used_curve
+from ppml.privacy.budgets import budget_filter, used_curve
 from ppml.privacy.zcdp import largest_fitting_zcdp
 from ppml.services.pricing import Pricing, price
 from ppml.specs import JobSpec, request_hash

@@ -28,7 +28,8 @@ from ppml.jobs.receipts import sign_release
 from ppml.jobs.records import PRIVATE_ARTIFACTS
 from ppml.privacy import accounting as acc
 from ppml.privacy import gnmax
-from ppml.privacy.ledger import Ledger, budget_status
+from ppml.privacy.budgets import budget_status
+from ppml.privacy.ledger import Ledger
 from ppml.services import audit
 from ppml.services.tenants import Principal
 from ppml.specs import JobSpec, PateSpec

@@ -15,7 +15,8 @@ from ppml.db.models import Dataset
 from ppml.db.repositories import Repositories
 from ppml.db.session import Database
 from ppml.privacy import accounting as acc
-from ppml.privacy.ledger import Ledger, budget_status
+from ppml.privacy.budgets import budget_status
+from ppml.privacy.ledger import Ledger
 from ppml.services.hints import largest_target
 from ppml.services.pricing import Pricing, price
 from ppml.specs import JobSpec, ModelSpec, TrainingSpec, request_hash

@@ -33,7 +33,8 @@ from ppml.db.session import Database
 from ppml.errors import BudgetExceeded
 from ppml.privacy import accounting as acc
 from ppml.privacy import filters
-from ppml.privacy.ledger import Ledger, budget_filter
+from ppml.privacy.budgets import budget_filter
+from ppml.privacy.ledger import Ledger
 from ppml.queue import make_celery
 from ppml.services.jobs import JobService
 from ppml.services.pricing import price

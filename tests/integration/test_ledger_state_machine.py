@@ -49,8 +49,9 @@ from ppml.jobs.records import Progress
 from ppml.jobs.runner import JobRunner
 from ppml.privacy import accounting as acc
 from ppml.privacy import filters
+from ppml.privacy.budgets import budget_status
 from ppml.privacy.heads import HeadFile, flush_all
-from ppml.privacy.ledger import Ledger, budget_status
+from ppml.privacy.ledger import Ledger
 from ppml.queue import make_celery
 from ppml.services.jobs import JobService
 from ppml.services.pricing import price

@@ -20,8 +20,9 @@ from ppml.jobs import lifecycle
 from ppml.jobs.records import PrivacyRecord, Progress
 from ppml.privacy import accounting as acc
 from ppml.privacy import gnmax
+from ppml.privacy.budgets import budget_filter
 from ppml.privacy.filters import BudgetFilter
-from ppml.privacy.ledger import Ledger, budget_filter
+from ppml.privacy.ledger import Ledger
 from ppml.services.pate import charge_answers
 from ppml.services.tenants import Principal
 from ppml.specs import JobSpec

@@ -27,7 +27,8 @@ from ppml.errors import BudgetExceeded
 from ppml.privacy import accounting as acc
 from ppml.privacy import filters
 from ppml.privacy.accounting import ORDERS, MechanismEvent
-from ppml.privacy.ledger import Ledger, budget_status
+from ppml.privacy.budgets import budget_status
+from ppml.privacy.ledger import Ledger
 from ppml.services.pricing import price
 from ppml.services.tenants import create_tenant
 from ppml.specs import JobSpec

@@ -26,7 +26,7 @@ from ppml.errors import (
 from ppml.jobs.runner import JobRunner
 from ppml.privacy import accounting as acc
 from ppml.privacy import filters
-from ppml.privacy.ledger import budget_status
+from ppml.privacy.budgets import budget_status
 from ppml.services.grouping import Pending
 from ppml.services.jobs import JobService
 from ppml.services.pricing import price

@@ -24,8 +24,8 @@ from ppml.jobs.records import ArtifactRef, Artifacts, Progress
 from ppml.jobs.runner import ClaimUnavailable, JobRunner
 from ppml.jobs.schedule import Schedule, unreported_steps
 from ppml.privacy import accounting as acc
+from ppml.privacy.budgets import budget_status
 from ppml.privacy.evaluation import ExactScores
-from ppml.privacy.ledger import budget_status
 from ppml.queue import make_celery
 from ppml.storage import ArtifactStore
 from tests.unit.worlds import REPORT_EVERY, RunnerWorld, make_world, worker_settings
