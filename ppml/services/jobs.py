@@ -20,20 +20,18 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass
 
 from celery import Celery
 from sqlalchemy.exc import IntegrityError
 
 from ppml.cache import LRUCache
 from ppml.config import Settings
-from ppml.db.models import Dataset, DatasetStatus, Job, JobStatus, new_id, utcnow
+from ppml.db.models import Dataset, DatasetStatus, Job, JobStatus, utcnow
 from ppml.db.repositories import Repositories
 from ppml.db.session import Database
 from ppml.errors import (
     BudgetExceeded,
     DatasetDeleted,
-    IdempotencyMismatch,
     InvalidInput,
     JobNotCancellable,
     LedgerHeadsInvalid,
@@ -44,12 +42,12 @@ from ppml.errors import (
 )
 from ppml.jobs import lifecycle
 from ppml.jobs.checkpoints import JobCheckpoints
-from ppml.jobs.records import Progress
 from ppml.jobs.schedule import steps_to_charge
 from ppml.privacy import heads
 from ppml.privacy.ledger import Ledger
 from ppml.queue import enqueue_job
 from ppml.services import audit
+from ppml.services.admissions import Admission, check_same_request, new_job, record_submit
 from ppml.services.datasets import require_live
 from ppml.services.defaults import with_defaults
 from ppml.services.grouping import GroupCommit, Pending
@@ -71,47 +69,7 @@ log = logging.getLogger(__name__)
 ADMISSION_BATCH = 64
 
 
-@dataclass(frozen=True, kw_only=True)
-class _Admission:
-    """A priced job waiting for its admission decision."""
-
-    tenant_id: str
-    dataset: Dataset
-    spec: JobSpec
-    pricing: Pricing
-    by: Principal | None = None  # who submits it, for the audit trail (None: the admin)
-
-
-_Queued = Pending[tuple[_Admission, str], Job]
-
-
-def _new_job(admission: _Admission, digest: str, idempotency_key: str | None) -> Job:
-    spec = admission.spec
-    # A federated job reports rounds from 0, as its worker will.
-    progress = Progress(fraction=0.0, epoch=0, round=None if spec.federated is None else 0, steps=0)
-    return lifecycle.new_job(
-        id=new_id("job"),
-        tenant_id=admission.tenant_id,
-        dataset_id=admission.dataset.id,
-        name=spec.name,
-        spec=spec,
-        progress=progress,
-        metrics=None,
-        privacy=admission.pricing.privacy_plan(spec),
-        error=None,
-        idempotency_key=idempotency_key,
-        request_hash=digest,
-        compute=admission.pricing.compute,
-        # Marked sent now, saving a write after the send; a failed send clears it.
-        enqueued_at=utcnow(),
-    )
-
-
-def _check_same_request(job: Job, digest: str) -> None:
-    if job.request_hash != digest:
-        raise IdempotencyMismatch(
-            "this Idempotency-Key was used with another request body", field="Idempotency-Key"
-        )
+_Queued = Pending[tuple[Admission, str], Job]
 
 
 class JobService:
@@ -126,7 +84,7 @@ class JobService:
         self.rooms = TenantRooms(db, settings)
         self.quotes = Quotes(db, settings)
         # Concurrent admissions to one dataset share one budget lock and one commit.
-        self._admissions: GroupCommit[tuple[_Admission, str], Job] = GroupCommit(
+        self._admissions: GroupCommit[tuple[Admission, str], Job] = GroupCommit(
             self._admit_batch, max_batch=ADMISSION_BATCH
         )
 
@@ -205,7 +163,7 @@ class JobService:
         dataset, spec, pricing = self._priced(tenant_id, spec)
         if spec.preprocessing.standardize:  # read afresh: the cached row may predate them
             require_statistics(self.db, dataset.id)
-        admission = _Admission(
+        admission = Admission(
             tenant_id=tenant_id, dataset=dataset, spec=spec, pricing=pricing, by=by
         )
         try:
@@ -228,11 +186,11 @@ class JobService:
         with self.db.read_one() as session:
             job = Repositories(session).job_by_idempotency_key(tenant_id, key)
         assert job is not None
-        _check_same_request(job, digest)
+        check_same_request(job, digest)
         return job
 
     def _admit(
-        self, admission: _Admission, digest: str, idempotency_key: str | None
+        self, admission: Admission, digest: str, idempotency_key: str | None
     ) -> tuple[Job, bool]:
         """Admit one job in its own transaction (replays, non-private jobs, fallbacks)."""
         tenant_id, dataset, pricing = admission.tenant_id, admission.dataset, admission.pricing
@@ -247,17 +205,17 @@ class JobService:
             if idempotency_key is not None:
                 existing = repos.job_by_idempotency_key(tenant_id, idempotency_key)
                 if existing is not None:
-                    _check_same_request(existing, digest)
+                    check_same_request(existing, digest)
                     return existing, False
             if budget is not None:
                 ledger.require_current(dataset.id)  # 409 on a rolled-back ledger
             self._refuse_if_deleted(repos, dataset.id)
             self.rooms.refuse_if_no_room(room, pricing.compute)  # only for a new job, not a replay
-            job = _new_job(admission, digest, idempotency_key)
+            job = new_job(admission, digest, idempotency_key)
             # Staged, not flushed: the commit writes the job, its entry and the totals in one
             # flush, while the lock is held for as short a time as possible.
             repos.stage(job)
-            _record_submit(repos, admission, job)
+            record_submit(repos, admission, job)
             if budget is not None and pricing.event is not None:
                 ledger.reserve(budget, job, pricing.event)
         self.rooms.admitted(tenant_id)
@@ -285,7 +243,7 @@ class JobService:
                 pending.fail(exc)
 
     def _decide_together(
-        self, dataset_id: str, items: Sequence[tuple[_Admission, str]]
+        self, dataset_id: str, items: Sequence[tuple[Admission, str]]
     ) -> list[Job | PPMLError]:
         """One transaction under the tenant's lock and one budget lock: each item is decided
         on the totals and job counts that include the items before it (a serial replay in
@@ -308,7 +266,7 @@ class JobService:
             except DatasetDeleted as refusal:  # nothing written
                 return [DatasetDeleted(refusal.detail, **refusal.extra) for _ in items]
             for admission, digest in items:
-                job = _new_job(admission, digest, None)
+                job = new_job(admission, digest, None)
                 try:
                     self.rooms.refuse_if_no_room(
                         room[admission.tenant_id], admission.pricing.compute
@@ -319,7 +277,7 @@ class JobService:
                     decided.append(refusal)
                     continue
                 repos.stage(job)
-                _record_submit(repos, admission, job)
+                record_submit(repos, admission, job)
                 room[admission.tenant_id].admit(admission.pricing.compute)
                 decided.append(job)
         for outcome in decided:
@@ -389,15 +347,3 @@ class JobService:
                 f"dataset {dataset_id} was deleted; its ledger, budget and audit trail are kept",
                 field="dataset_id",
             )
-
-
-def _record_submit(repos: Repositories, admission: _Admission, job: Job) -> None:
-    """The created job's audit event, staged with it (replays are not recorded)."""
-    privacy = admission.spec.privacy
-    detail = {
-        "dataset_id": job.dataset_id,
-        "target_epsilon": privacy.target_epsilon if privacy is not None else None,
-    }
-    audit.record(
-        repos, admission.by, "job.submit", "job", job.id, detail, tenant_id=admission.tenant_id
-    )

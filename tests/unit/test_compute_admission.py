@@ -13,7 +13,8 @@ from ppml.db.models import Job, JobStatus
 from ppml.db.repositories import Repositories
 from ppml.db.session import Database
 from ppml.errors import TooManyRequests
-from ppml.services.jobs import JobService, _Admission
+from ppml.services.admissions import Admission
+from ppml.services.jobs import JobService
 from ppml.services.pricing import price
 from ppml.specs import request_hash
 from tests.unit.worlds import ServiceWorld as World
@@ -43,7 +44,7 @@ def test_a_batch_counts_the_compute_admitted_before_each_decision(world: World) 
     service = limited(world, 3 * size)
     service.submit(world.tenant_id, job_spec)
     pricing = price(job_spec, dataset, service.settings)
-    admission = _Admission(
+    admission = Admission(
         tenant_id=world.tenant_id, dataset=dataset, spec=job_spec, pricing=pricing
     )
     # act: five admissions decided together in one transaction
