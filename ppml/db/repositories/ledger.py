@@ -24,8 +24,10 @@ class LedgerQueries(Queries):
         )
 
     def ledger_entries(self, dataset_id: str) -> Sequence[LedgerEntry]:
+        """The dataset's entries in chain order (``seq``): ids made in the same millisecond
+        do not sort by time."""
         stmt = select(LedgerEntry).where(LedgerEntry.dataset_id == dataset_id)
-        return self.session.scalars(stmt.order_by(LedgerEntry.id)).all()
+        return self.session.scalars(stmt.order_by(LedgerEntry.seq)).all()
 
     def job_ledger_entries(self, job_id: str) -> Sequence[LedgerEntry]:
         stmt = select(LedgerEntry).where(LedgerEntry.job_id == job_id)
