@@ -325,24 +325,28 @@ def test_cli_never_touches_the_database(env: dict[str, str], tmp_path: Path) -> 
 def test_quote_then_watch_reattach_ledger_and_predict(
     env: dict[str, str], digits: str, tmp_path: Path
 ) -> None:
-    # arrange: a job long enough to interrupt its follower
-    spec = yaml.safe_load((EXAMPLES / "dp_digits.yaml").read_text())
-    spec["training"]["epochs"] = 120
-    path = tmp_path / "watched.yaml"
-    path.write_text(yaml.safe_dump(spec))
+    # arrange: a job far too long to end while its follower is interrupted (it is cancelled
+    # once the follower has re-attached), and the example job, which runs to the end
+    example = yaml.safe_load((EXAMPLES / "dp_digits.yaml").read_text())
+    path = tmp_path / "example.yaml"
+    path.write_text(yaml.safe_dump(example))
+    long_path = tmp_path / "long.yaml"
+    long_path.write_text(
+        yaml.safe_dump({**example, "training": {**example["training"], "epochs": 1000}})
+    )
     # act: quote (nothing reserved), then submit without waiting
     quote = json.loads(
         _run(["jobs", "quote", str(path), "--dataset", digits, "--json"], env).stdout
     )
     shown = _run(["jobs", "quote", str(path), "--dataset", digits], env).stdout
-    job_id = _run(["jobs", "submit", str(path), "--dataset", digits], env).stdout.strip()
+    long_id = _run(["jobs", "submit", str(long_path), "--dataset", digits], env).stdout.strip()
     auth = {"Authorization": f"Bearer {env['PPML_API_KEY']}"}
     with httpx.Client(base_url=env["PPML_URL"], headers=auth) as http:
-        wait_for_status(http, job_id, {"running"})  # it has events to resume after
+        wait_for_status(http, long_id, {"running"})  # it has events to resume after
     # a follower interrupted by Ctrl-C tells how to re-attach after the last event it saw
     full_env = {**service_env(Path("/nonexistent")), **env}
     watcher = subprocess.Popen(
-        [str(BIN / "ppml"), "jobs", "watch", job_id],
+        [str(BIN / "ppml"), "jobs", "watch", long_id],
         env=full_env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -357,7 +361,10 @@ def test_quote_then_watch_reattach_ledger_and_predict(
     interrupted = seen + rest
     assert "--after " in interrupted, interrupted
     after = interrupted.rsplit("--after ", 1)[1].split(")")[0].strip()
-    resumed = _run(["jobs", "watch", job_id, "--after", after], env)
+    _run(["jobs", "cancel", long_id], env)
+    resumed = _run(["jobs", "watch", long_id, "--after", after], env, code=1)
+    finished = _run(["jobs", "submit", str(path), "--dataset", digits, "--wait"], env)
+    job_id = finished.stdout.strip().splitlines()[-1]
     ledger = json.loads(_run(["datasets", "ledger", digits, "--json"], env).stdout)
     ledger_table = _run(["datasets", "ledger", digits], env).stdout
     dataset = json.loads(_run(["datasets", "get", digits], env).stdout)
@@ -365,10 +372,11 @@ def test_quote_then_watch_reattach_ledger_and_predict(
     assert quote["fits_budget"] is True and quote["epsilon"] <= 2.0 and quote["steps"] > 0
     assert "noise_multiplier" in shown and "fits_budget" in shown
     assert watcher.returncode == 130, interrupted
-    assert f"re-attach: ppml jobs watch {job_id} --after {after}" in interrupted
+    assert f"re-attach: ppml jobs watch {long_id} --after {after}" in interrupted
     assert int(after) >= 1
-    assert f"job {job_id} succeeded" in resumed.stderr and "epoch 120/120" in resumed.stderr
-    assert "loss " in resumed.stderr and "acc " in resumed.stderr  # the released metrics
+    assert f"job {long_id} cancelled" in resumed.stderr, resumed.stderr
+    assert f"job {job_id} succeeded" in finished.stderr and "epoch 15/15" in finished.stderr
+    assert "loss " in finished.stderr and "acc " in finished.stderr  # the released metrics
     kinds = [e["kind"] for e in ledger if e["job_id"] == job_id]
     assert kinds[0] == "reserve" and "commit" in kinds
     assert job_id in ledger_table and "reserve" in ledger_table
