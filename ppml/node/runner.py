@@ -118,6 +118,7 @@ class NodeRunner:
             privacy_unit=got.get("privacy_unit", body.get("privacy_unit")),
         )
         save_config(self.options.data_dir, config)
+        self.api.credential = config.credential
         log.info("enrolled as node %s of federation %s", config.node_id, config.federation_id)
         return config
 
