@@ -22,10 +22,12 @@ from api.rates import TokenBuckets
 from api.routes import (
     audit,
     datasets,
+    federations,
     health,
     jobs,
     keys,
     models,
+    node,
     receipts,
     statistics,
     synthetic,
@@ -83,6 +85,16 @@ def create_app(settings: Settings | None = None, db: Database | None = None) -> 
             {"name": "keys", "description": "Owners: their tenant's API keys."},
             {"name": "datasets", "description": "Datasets, budgets and ledgers."},
             {"name": "jobs", "description": "Training jobs."},
+            {
+                "name": "federations",
+                "description": "Owners: federations of remote data-owner nodes, their "
+                "schema, budget and nodes.",
+            },
+            {
+                "name": "node",
+                "description": "Remote nodes (node credentials only): enrol, poll for "
+                "tasks, download weights, upload updates.",
+            },
             {"name": "models", "description": "Trained models and their privacy receipts."},
             {
                 "name": "synthetic",
@@ -117,6 +129,8 @@ def create_app(settings: Settings | None = None, db: Database | None = None) -> 
         keys,
         datasets,
         statistics,
+        federations,
+        node,
         jobs,
         models,
         synthetic,
@@ -142,4 +156,8 @@ def _body_limits(limits: Limits) -> list[RouteLimit]:
     return [
         RouteLimit("POST", "/v1/datasets/upload", upload, media_type="multipart/form-data"),
         RouteLimit("POST", "/v1/jobs/[^/]+/predict", limits.max_predict_bytes),
+        # Checked exactly against the model's size by the route (ppml.services.nodes).
+        RouteLimit("POST", "/v1/node/tasks/[^/]+/update", 4 * limits.max_parameters + (1 << 20)),
+        # Unauthenticated until the body's token is checked: small bodies only.
+        RouteLimit("POST", "/v1/node/(schema|enrol)", 16 * 1024),
     ]

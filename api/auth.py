@@ -21,21 +21,29 @@ from ppml.db.models import utcnow
 from ppml.db.repositories import Repositories
 from ppml.db.session import UNAVAILABLE, Database
 from ppml.errors import Unauthorized
+from ppml.services.nodes import CREDENTIAL_PREFIX, NodePrincipal, check_credential
 from ppml.services.tenants import Principal, ValidKey, check_key, hash_key, record_key_use
 
 __all__ = [
+    "ENROLMENT_PATHS",
     "KEY_CACHE_TTL_S",
+    "NODE_SCOPE_KEY",
     "PRINCIPAL_SCOPE_KEY",
     "Authenticate",
     "bearer_token",
     "is_admin_path",
     "is_admin_token",
+    "is_node_path",
+    "node_for_credential",
     "principal_for_token",
 ]
 
 log = logging.getLogger(__name__)
 
 PRINCIPAL_SCOPE_KEY = "ppml.principal"
+NODE_SCOPE_KEY = "ppml.node"
+# Node routes whose caller has no credential yet: the enrolment token is in the small body.
+ENROLMENT_PATHS = frozenset({"/v1/node/schema", "/v1/node/enrol"})
 
 # Valid keys, so most requests skip the key lookup. Only valid keys are cached (a guessed
 # key always reaches the database), and an entry lives half a second: a revoked key is
@@ -100,6 +108,24 @@ def is_admin_path(path: str) -> bool:
     return path == "/v1/tenants" or path.startswith("/v1/tenants/")
 
 
+def is_node_path(path: str) -> bool:
+    """Routes of federation nodes: node credentials only (API keys are refused there)."""
+    return path.startswith("/v1/node/")
+
+
+def _node_look_up(db: Database, credential: str) -> NodePrincipal | None:
+    with db.read_one() as session:
+        return check_credential(Repositories(session), credential)
+
+
+async def node_for_credential(db: Database, credential: str) -> NodePrincipal | None:
+    """The active node behind a credential, or None. Not cached: a revoked node is refused
+    at its next request."""
+    if not credential.startswith(CREDENTIAL_PREFIX):
+        return None
+    return await run_in_threadpool(_node_look_up, db, credential)
+
+
 def _guarded(path: str) -> bool:
     return path == "/v1" or path.startswith("/v1/")
 
@@ -114,8 +140,10 @@ def _has_body(scope: Scope) -> bool:
 class Authenticate:
     """401 for a ``/v1`` request without a valid bearer token, before its body is read.
 
-    Routes under ``/v1/tenants`` need the admin token, all others an API key; the principal
-    of a key is left in the scope for :data:`api.deps.CurrentPrincipal`. A refused request
+    Routes under ``/v1/tenants`` need the admin token, those under ``/v1/node/`` a node
+    credential (but enrolment, which carries its token in the body), all others an API key;
+    the principal of a key is left in the scope for :data:`api.deps.CurrentPrincipal`, a
+    node's for :data:`api.deps.CurrentNode`. A refused request
     whose body is still on its way gets ``Connection: close``, so the server stops reading.
     """
 
@@ -142,12 +170,27 @@ class Authenticate:
     async def _check(self, scope: Scope) -> str | None:
         """None when the request may pass, else why not."""
         token = bearer_token(scope)
+        if is_node_path(scope["path"]):
+            return await self._check_node(scope, token)
         if token is None:
             return "missing bearer token"
+        if token.startswith(CREDENTIAL_PREFIX):
+            return "node credentials are accepted only on /v1/node/ routes"
         if is_admin_path(scope["path"]):
             return None if is_admin_token(self.settings, token) else "invalid admin token"
         principal = await principal_for_token(self.db, token)
         if principal is None:
             return "invalid API key"
         scope[PRINCIPAL_SCOPE_KEY] = principal
+        return None
+
+    async def _check_node(self, scope: Scope, token: str | None) -> str | None:
+        if scope["path"] in ENROLMENT_PATHS:
+            return None
+        if token is None:
+            return "missing bearer token"
+        node = await node_for_credential(self.db, token)
+        if node is None:
+            return "invalid node credential (API keys are not accepted on /v1/node/ routes)"
+        scope[NODE_SCOPE_KEY] = node
         return None

@@ -15,7 +15,13 @@ from fastapi import Depends, Path, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
-from api.auth import PRINCIPAL_SCOPE_KEY, is_admin_token, principal_for_token
+from api.auth import (
+    NODE_SCOPE_KEY,
+    PRINCIPAL_SCOPE_KEY,
+    is_admin_token,
+    node_for_credential,
+    principal_for_token,
+)
 from ppml.config import Settings
 from ppml.db.models import Dataset, Job
 from ppml.db.reads import AsyncReads
@@ -24,11 +30,13 @@ from ppml.db.session import Database
 from ppml.errors import InvalidInput, NotFound, Unauthorized
 from ppml.services.datasets import require_live
 from ppml.services.jobs import JobService
+from ppml.services.nodes import CREDENTIAL_PREFIX, NodePrincipal
 from ppml.services.tenants import Principal, require_owner
 from ppml.storage import ArtifactStore
 
 __all__ = [
     "AdminAuth",
+    "CurrentNode",
     "CurrentPrincipal",
     "CurrentTenant",
     "DatabaseDep",
@@ -103,6 +111,8 @@ async def _principal(request: Request, credentials: Credentials, db: DatabaseDep
         return found
     if credentials is None:
         raise Unauthorized("missing bearer token")
+    if credentials.credentials.startswith(CREDENTIAL_PREFIX):
+        raise Unauthorized("node credentials are accepted only on /v1/node/ routes")
     principal = await principal_for_token(db, credentials.credentials)
     if principal is None:
         raise Unauthorized("invalid API key")
@@ -110,6 +120,21 @@ async def _principal(request: Request, credentials: Credentials, db: DatabaseDep
 
 
 CurrentPrincipal = Annotated[Principal, Depends(_principal)]
+
+
+async def _node(request: Request, credentials: Credentials, db: DatabaseDep) -> NodePrincipal:
+    found: NodePrincipal | None = request.scope.get(NODE_SCOPE_KEY)
+    if found is not None:
+        return found
+    if credentials is None:
+        raise Unauthorized("missing bearer token")
+    node = await node_for_credential(db, credentials.credentials)
+    if node is None:
+        raise Unauthorized("invalid node credential")
+    return node
+
+
+CurrentNode = Annotated[NodePrincipal, Depends(_node)]
 
 
 async def _tenant(principal: CurrentPrincipal) -> str:

@@ -152,3 +152,18 @@ class Forbidden(PPMLError):
 class TooManyRequests(PPMLError):
     code = "too-many-requests"
     title = "Too many requests"
+
+
+class SchemaMismatch(InvalidInput):
+    """A federation node whose data does not match the federation's schema (it is refused)."""
+
+    code = "schema-mismatch"
+    title = "Schema mismatch"
+
+
+class StaleUpdate(Conflict):
+    """An update or a weights download for a task that is no longer open (its round closed,
+    the node was revoked, or it was answered already)."""
+
+    code = "stale-task"
+    title = "Task no longer open"

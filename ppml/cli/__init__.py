@@ -10,7 +10,8 @@ talk to the HTTP API only (``--url``/``PPML_URL``, ``--api-key``/``PPML_API_KEY`
 reads local files only, and ``receipts rotate-key`` is for operators, on the data dir.
 Server modules are imported inside the server commands, so the client starts fast.
 
-Where things live: ``server`` (serve, worker, db), ``datasets``, ``jobs`` (``follow``: the
+Where things live: ``server`` (serve, worker, db), ``node`` (a federation's data-owner
+node: ``ppml.node``), ``datasets``, ``jobs`` (``follow``: the
 live bar over the event stream), ``models``, ``receipts`` (fetch, verify offline, rotate the
 signing key), ``admin`` (tenants, keys), and ``common`` (shared options, the API client,
 printing).
@@ -24,6 +25,7 @@ from ppml.cli.admin import keys_app, tenants_app
 from ppml.cli.datasets import datasets_app
 from ppml.cli.jobs import jobs_app
 from ppml.cli.models import models_app
+from ppml.cli.node import node_app
 from ppml.cli.receipts import receipts_app
 from ppml.cli.server import db_app, serve, worker_command
 
@@ -40,5 +42,6 @@ for _name, _sub in (
     ("receipts", receipts_app),
     ("tenants", tenants_app),
     ("keys", keys_app),
+    ("node", node_app),
 ):
     app.add_typer(_sub, name=_name)

@@ -21,6 +21,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import Mapped, mapped_column, validates
 
 from ppml.db.base import Base, Typed, new_id, utcnow
+from ppml.db.federations import Federation, FederationNode, FederationTask
 from ppml.jobs.records import Artifacts, JobError, PrivacyRecord, Progress, Receipt
 from ppml.privacy.evaluation import ExactMetrics, Metrics
 from ppml.specs import JobSpec
@@ -32,6 +33,9 @@ __all__ = [
     "Dataset",
     "DatasetBudget",
     "DatasetStatus",
+    "Federation",
+    "FederationNode",
+    "FederationTask",
     "Job",
     "JobEvent",
     "JobEventKind",
@@ -167,6 +171,8 @@ class Dataset(Base):
     # Deleted by its owner (ppml.services.deletion): files gone, no longer listed or usable;
     # its budget row, ledger entries, jobs and audit events are kept.
     deleted_at: Mapped[datetime | None]
+    # A federation's backing dataset (ppml.db.federations): no files, never listed.
+    federation_backing: Mapped[bool] = mapped_column(Boolean, default=False, server_default="false")
 
     def __init__(self, **kwargs: Any) -> None:
         # Column defaults apply at INSERT; a row built in Python is ready unless told.

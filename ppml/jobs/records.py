@@ -103,6 +103,12 @@ class PrivacyRecord(_Record):
     level: Literal["sample", "client"] = "sample"
     accountant: str = "rdp"
     grid_version: str
+    charged_at: Literal["service", "nodes"] = Field(
+        default="service",
+        description="Where the charge is kept: the service's ledger, or each federation "
+        "node's own ledger (sample-level jobs on a record-unit federation: every node "
+        "computes and charges its own ε; nothing is charged here).",
+    )
     evaluation: EvaluationPlan | None = Field(
         default=None, description="How the held-out metrics are released and charged."
     )

@@ -95,6 +95,8 @@ def evaluation_plan(spec: JobSpec, dataset: Dataset) -> EvaluationPlan:
             field="federated.evaluate_every",
             limit=MAX_METRIC_RELEASES,
         )
+    if dataset.federation_backing:  # no evaluation at the nodes yet (#16)
+        return EvaluationPlan(mechanism="withheld", releases=0)
     if dataset.validation_dataset_id is not None:
         return EvaluationPlan(
             mechanism="exact-public-validation",

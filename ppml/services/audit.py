@@ -49,9 +49,12 @@ AuditAction = Literal[
     "job.cancel",
     "model.download",
     "model.predict",
+    "federation.create",
+    "node.invite",
+    "node.revoke",
 ]
 ACTIONS: tuple[str, ...] = get_args(AuditAction)
-ObjectType = Literal["tenant", "api_key", "dataset", "job"]
+ObjectType = Literal["tenant", "api_key", "dataset", "job", "federation", "node"]
 
 ADMIN_ROLE = "admin"
 EXPORT_BATCH = 500  # events per read while a JSON-lines export streams

@@ -50,6 +50,7 @@ from ppml.services import audit
 from ppml.services.admissions import Admission, check_same_request, new_job, record_submit
 from ppml.services.datasets import require_live
 from ppml.services.defaults import with_defaults
+from ppml.services.federation_jobs import federation_target
 from ppml.services.grouping import GroupCommit, Pending
 from ppml.services.hints import largest_target
 from ppml.services.pate import check_student
@@ -106,9 +107,18 @@ class JobService:
                 dataset = self._dataset(Repositories(session), tenant_id, dataset_id)
         return dataset
 
+    def _target(self, tenant_id: str, spec: JobSpec) -> tuple[Dataset, JobSpec]:
+        """The dataset a job is priced on, and its spec (a federation's job: its backing
+        dataset, read afresh as its nodes change; ppml.services.federation_jobs)."""
+        if spec.federation_id is None:
+            assert spec.dataset_id is not None  # JobSpec requires one of the two
+            return self._cached_dataset(tenant_id, spec.dataset_id), spec
+        with self.db.read_one() as session:
+            return federation_target(Repositories(session), tenant_id, spec)
+
     def _priced(self, tenant_id: str, spec: JobSpec) -> tuple[Dataset, JobSpec, Pricing]:
         """The dataset, the spec with its defaults filled in (ppml.defaults), its price."""
-        dataset = self._cached_dataset(tenant_id, spec.dataset_id)
+        dataset, spec = self._target(tenant_id, spec)
         spec = with_defaults(spec, dataset, self.settings.limits)
         pricing = price(spec, dataset, self.settings)
         self._check_student(tenant_id, spec, dataset)
@@ -130,7 +140,7 @@ class JobService:
 
     def quote(self, tenant_id: str, spec: JobSpec) -> Quote:
         """Price a job and say whether it fits its dataset's budget now (ppml.services.quotes)."""
-        dataset = self._cached_dataset(tenant_id, spec.dataset_id)
+        dataset, spec = self._target(tenant_id, spec)
         spec = with_defaults(spec, dataset, self.settings.limits)
         self._check_student(tenant_id, spec, dataset)
         return self.quotes.quote(tenant_id, dataset, spec)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 from ppml.architectures import count_parameters, model_problem
 from ppml.config import Limits, Settings
@@ -48,6 +49,8 @@ class Pricing:
     delta: float | None
     evaluation: EvaluationPlan
     compute: int  # estimated work: sample-gradients × model parameters (estimate_compute)
+    # "nodes": a sample-level job on a record-unit federation, charged at each node.
+    charged_at: Literal["service", "nodes"] = "service"
 
     def privacy_plan(self, spec: JobSpec) -> PrivacyRecord | None:
         """The job's privacy record at admission."""
@@ -84,6 +87,7 @@ class Pricing:
             steps=0,
             steps_planned=self.event.steps,
             charge_interval=self.schedule.charge_interval,
+            charged_at=self.charged_at,
             unit="client" if self.event.unit == "client" else "record",
             level=spec.privacy.level,
             accountant="rdp",
@@ -261,7 +265,7 @@ def _check_unit(spec: JobSpec, dataset: Dataset) -> None:
             "privacy_unit 'client'",
             field="privacy.level",
         )
-    if fed is None or fed.partition.scheme != "column":
+    if fed is None or (fed.partition.scheme != "column" and not dataset.federation_backing):
         raise InvalidInput(
             "client-level privacy protects a client only where clients are the data's natural "
             "clients: use partition 'column' (iid and dirichlet spread one client's rows over "
@@ -298,7 +302,7 @@ def price(spec: JobSpec, dataset: Dataset, settings: Settings) -> Pricing:
             field="training.batch_size",
         )
     parameters = _check_limits(spec, dataset, settings)
-    if spec.federated is not None:
+    if spec.federated is not None and not dataset.federation_backing:
         _check_federated(spec.federated, dataset)
     _check_privacy(spec, dataset)
     plan = schedule(spec, dataset)
@@ -323,6 +327,7 @@ def price(spec: JobSpec, dataset: Dataset, settings: Settings) -> Pricing:
             "no noise level reaches this target_epsilon for this job",
             field="privacy.target_epsilon",
         ) from exc
+    at_nodes = dataset.federation_backing and dataset.epsilon_total is None
     return Pricing(
         schedule=plan,
         event=event,
@@ -330,6 +335,7 @@ def price(spec: JobSpec, dataset: Dataset, settings: Settings) -> Pricing:
         delta=delta,
         evaluation=evaluation,
         compute=compute,
+        charged_at="nodes" if at_nodes else "service",
     )
 
 

@@ -139,10 +139,33 @@ class PartitionSpec(Spec):
 
 
 class FederatedSpec(Spec):
-    """Federated simulation over clients carved out of the dataset."""
+    """Federated training: simulated clients carved out of the dataset, or the remote nodes
+    of a federation (``federation_id``)."""
 
-    num_clients: int = Field(strict=True, ge=1, le=100_000)
-    clients_per_round: int = Field(strict=True, ge=1, le=100_000)
+    federation_id: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=40,
+        description="Train on the active nodes of this federation (POST /v1/federations) "
+        "instead of simulated clients: the job then names no dataset_id, and takes no "
+        "num_clients, partition or dropout.",
+    )
+    num_clients: int = Field(
+        strict=True,
+        default=0,
+        ge=0,
+        le=100_000,
+        description="Simulated clients (required without federation_id). With a federation, "
+        "set by ppml: its active nodes at admission.",
+    )
+    clients_per_round: int = Field(
+        strict=True,
+        default=0,
+        ge=0,
+        le=100_000,
+        description="Clients (nodes) per round (required without federation_id). With a "
+        "federation, 0 or absent means every active node.",
+    )
     rounds: int = Field(strict=True, ge=1, le=100_000)
     local_epochs: int = Field(strict=True, default=1, ge=1, le=1_000)
     partition: PartitionSpec = PartitionSpec()
@@ -167,10 +190,30 @@ class FederatedSpec(Spec):
         "each score is a release (charged on budgeted data). Default: at most 20 scores. "
         "At most 50 scores per job.",
     )
+    round_timeout_s: int = Field(
+        strict=True,
+        default=120,
+        ge=5,
+        le=86_400,
+        description="Federation jobs: how long a round waits for the nodes' updates.",
+    )
+    quorum: int = Field(
+        strict=True,
+        default=1,
+        ge=1,
+        le=100_000,
+        description="Federation jobs: accepted updates a round needs (else it is repeated, "
+        "at most 3 times).",
+    )
 
     @model_validator(mode="after")
     def _clients_per_round(self) -> FederatedSpec:
-        if self.clients_per_round > self.num_clients:
+        if self.federation_id is None:
+            if self.num_clients < 1:
+                raise ValueError("num_clients is required (at least 1) without federation_id")
+            if self.clients_per_round < 1:
+                raise ValueError("clients_per_round is required (at least 1)")
+        if self.clients_per_round > self.num_clients and self.num_clients:
             raise ValueError("clients_per_round must not exceed num_clients")
         return self
 
@@ -226,8 +269,12 @@ class JobSpec(Spec):
     model_config = ConfigDict(json_schema_extra={"examples": [JOB_SPEC_EXAMPLE]})
 
     name: str = Field(min_length=1, max_length=200, description="A name for people to read.")
-    dataset_id: str = Field(
-        min_length=1, max_length=40, description="The dataset to train on (and charge)."
+    dataset_id: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=40,
+        description="The dataset to train on (and charge). Absent for a job on a federation "
+        "(federated.federation_id): ppml then sets it to the federation's backing dataset.",
     )
     kind: Literal["train", "synthesize", "pate"] = Field(
         default="train",
@@ -289,9 +336,15 @@ class JobSpec(Spec):
             raise ValueError("webhook_url must not have a fragment")
         return value
 
+    @property
+    def federation_id(self) -> str | None:
+        return None if self.federated is None else self.federated.federation_id
+
     @model_validator(mode="after")
     def _kind(self) -> JobSpec:
         given = self.model_fields_set
+        if self.dataset_id is None and self.federation_id is None:
+            raise ValueError("dataset_id is required (or federated.federation_id)")
         if self.kind != "synthesize" and self.synthesize is not None:
             raise ValueError("'synthesize' applies to kind 'synthesize'")
         if self.kind != "pate" and self.pate is not None:

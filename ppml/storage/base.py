@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 __all__ = ["CHUNK", "SEALED_KINDS", "Artifact", "ArtifactStore", "IntegrityError", "digest_of"]
 
 #: Kinds whose files hold protected data, sealed at rest by a store that has the data keys.
-SEALED_KINDS = frozenset({"datasets", "uploads", "checkpoints", "keys"})
+SEALED_KINDS = frozenset({"datasets", "uploads", "checkpoints", "keys", "federations"})
 
 _KEY = re.compile(r"^[a-z]+/[A-Za-z0-9_.-]+$")
 CHUNK = 1 << 20

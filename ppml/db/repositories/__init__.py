@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from ppml.db.repositories.base import TERMINAL, Page
 from ppml.db.repositories.datasets import DatasetQueries
+from ppml.db.repositories.federations import FederationQueries
 from ppml.db.repositories.jobs import JobQueries
 from ppml.db.repositories.ledger import LedgerQueries
 from ppml.db.repositories.tenants import TenantQueries
@@ -17,5 +18,7 @@ from ppml.db.repositories.webhooks import WebhookQueries
 __all__ = ["TERMINAL", "Page", "Repositories"]
 
 
-class Repositories(TenantQueries, DatasetQueries, JobQueries, LedgerQueries, WebhookQueries):
+class Repositories(
+    TenantQueries, DatasetQueries, FederationQueries, JobQueries, LedgerQueries, WebhookQueries
+):
     """Typed queries over one session."""

@@ -89,8 +89,12 @@ class DatasetQueries(Queries):
         return bool(getattr(result, "rowcount", 0) == 1)
 
     def list_datasets(self, tenant_id: str, *, page_size: int, page_token: str | None) -> Page:
-        """The tenant's datasets, deleted ones left out."""
-        stmt = select(Dataset).where(Dataset.tenant_id == tenant_id, Dataset.deleted_at.is_(None))
+        """The tenant's datasets, deleted ones and federations' backing rows left out."""
+        stmt = select(Dataset).where(
+            Dataset.tenant_id == tenant_id,
+            Dataset.deleted_at.is_(None),
+            Dataset.federation_backing.is_(False),
+        )
         return self._page(stmt, Dataset.id, page_size, page_token)
 
     def budgeted_dataset_with_fingerprint(
