@@ -95,4 +95,6 @@ class FederationTask(Base):
     update_key: Mapped[str | None] = mapped_column(String(200))
     rows: Mapped[int | None] = mapped_column(Integer)  # the node's rows (FedAvg weights)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # The node's first fetch of the round's weights (a sample-level node charges then).
+    started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]

@@ -24,10 +24,11 @@ from ppml.specs import JobSpec
 from ppml.storage import ArtifactStore
 
 if TYPE_CHECKING:
+    from ppml.jobs.federation import FederationOutcome
     from ppml.training.dp_sgd import TrainResult
     from ppml.training.federated import FederatedResult
 
-    Outcome = TrainResult | FederatedResult
+    Outcome = TrainResult | FederatedResult | FederationOutcome
 
 __all__ = ["publish_model", "train_attempt", "train_federated_job"]
 
@@ -186,6 +187,7 @@ def publish_model(
         privacy=privacy,
         metrics=released.metrics,
         architecture=shape.as_dict(),
+        nodes=getattr(result, "nodes", None),
     )
     metadata = file_metadata(receipt)
     stem = f"models/{job.id}.attempt-{job.attempts}"

@@ -21,7 +21,7 @@ from typing import Any
 
 from ppml.db.models import Dataset, Job, LedgerEntry
 from ppml.db.repositories import Repositories
-from ppml.jobs.records import PrivacyRecord, Receipt
+from ppml.jobs.records import NodeCharge, PrivacyRecord, Receipt
 from ppml.privacy import accounting as acc
 from ppml.privacy.evaluation import Metrics
 from ppml.trust.keys import SigningKeys
@@ -57,6 +57,7 @@ def build_receipt(
     privacy: PrivacyRecord | None,
     metrics: Metrics | None,
     architecture: dict[str, Any],
+    nodes: list[NodeCharge] | None = None,
 ) -> Receipt:
     """The receipt of ``job``'s model; ``privacy`` is its final record (steps run, ε spent).
 
@@ -75,6 +76,7 @@ def build_receipt(
         classes=[str(label) for label in dataset.classes.get("labels", [])],
         metrics=metrics,
         rounds_planned=federated.rounds if federated is not None else None,
+        nodes=nodes or None,
     )
 
 

@@ -19,6 +19,7 @@ __all__ = [
     "ArtifactRef",
     "Artifacts",
     "JobError",
+    "NodeCharge",
     "PrivacyRecord",
     "Progress",
     "Receipt",
@@ -163,6 +164,18 @@ class PrivacyRecord(_Record):
         )
 
 
+class NodeCharge(_Record):
+    """What one node of a federation spent on a sample-level job: its own ledger holds the
+    charge; ε is its plan's mechanism over the rounds it started (never less than what it
+    charged)."""
+
+    node_id: str
+    name: str
+    rounds: int = Field(ge=0, description="Rounds the node started (fetched the weights of).")
+    epsilon: float = Field(ge=0)
+    delta: float = Field(gt=0, lt=1)
+
+
 class Receipt(_Record):
     """The privacy receipt of a trained model, stored once on the job; the model files'
     metadata and the model card are renderings of it."""
@@ -178,6 +191,11 @@ class Receipt(_Record):
     classes: list[str]
     metrics: Metrics | None = Field(description="The released held-out metrics.")
     rounds_planned: int | None = None
+    nodes: list[NodeCharge] | None = Field(
+        default=None,
+        description="A sample-level job on a federation's nodes: what each node spent, "
+        "charged on its own ledger (nothing is charged on the service's).",
+    )
     signed: SignedReceipt | None = Field(
         default=None,
         description="The receipt as the service signed it when the job ended (this record "

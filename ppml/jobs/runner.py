@@ -24,6 +24,7 @@ from ppml.db.session import UNAVAILABLE, Database
 from ppml.jobs import lifecycle
 from ppml.jobs.attempt import publish_model, train_attempt
 from ppml.jobs.checkpoints import JobCheckpoints
+from ppml.jobs.federation import train_federation_job
 from ppml.jobs.heartbeat import Heartbeat, progress_at
 from ppml.jobs.inputs import JobInputs
 from ppml.jobs.pate import pate_ending
@@ -47,10 +48,7 @@ from ppml.trust.keys import SigningKeys
 from ppml.trust.sealing import DataKeys
 
 if TYPE_CHECKING:
-    from ppml.training.dp_sgd import TrainResult
-    from ppml.training.federated import FederatedResult
-
-    Outcome = TrainResult | FederatedResult
+    from ppml.jobs.attempt import Outcome
 
 __all__ = ["ClaimUnavailable", "JobRunner", "worker_identity"]
 
@@ -314,6 +312,10 @@ class JobRunner:
         resume: dict[str, Any] | None,
     ) -> Outcome:
         """Train one attempt (``ppml.jobs.attempt``); a seam the runner's tests wrap."""
+        if job.spec.federation_id is not None:  # rounds over remote nodes (#16)
+            return train_federation_job(
+                job, dataset, self.db, self.store, beat=beat, checkpoint=checkpoint, resume=resume
+            )
         report_every = self.settings.worker.report_every_steps
         return train_attempt(
             job,

@@ -201,8 +201,12 @@ def open_task(db: Database, node: NodePrincipal, task_id: str) -> tuple[str, int
 
 
 def weights_key(db: Database, node: NodePrincipal, task_id: str) -> str:
-    """The store key of the global weights an open task trains from."""
+    """The store key of the global weights an open task trains from. The first fetch marks
+    the task started: a sample-level node charges the round right after it, so the server
+    counts the round as spent by the node from then on (the receipt's per-node ε)."""
     job_id, round_, _ = open_task(db, node, task_id)
+    with db.session(write=True) as session:
+        Repositories(session).mark_task_started(task_id, now=utcnow())
     return global_key(job_id, round_)
 
 

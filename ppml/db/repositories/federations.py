@@ -137,6 +137,24 @@ class FederationQueries(Queries):
         )
         return bool(getattr(result, "rowcount", 0) == 1)
 
+    def mark_task_started(self, task_id: str, *, now: datetime) -> None:
+        """Record the first fetch of an open task's weights (later fetches keep it)."""
+        self.session.execute(
+            update(FederationTask)
+            .where(FederationTask.id == task_id, FederationTask.started_at.is_(None))
+            .values(started_at=now)
+            .execution_options(synchronize_session=False)
+        )
+
+    def reject_accepted(self, task_id: str, *, now: datetime, detail: str) -> None:
+        """An accepted update that failed the server loop's own checks."""
+        self.session.execute(
+            update(FederationTask)
+            .where(FederationTask.id == task_id, FederationTask.status == TaskStatus.ACCEPTED)
+            .values(status=TaskStatus.REJECTED, finished_at=now, detail=detail)
+            .execution_options(synchronize_session=False)
+        )
+
     def close_open_tasks(
         self,
         status: TaskStatus,
