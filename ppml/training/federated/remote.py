@@ -237,7 +237,7 @@ class _Loop:
             if answer.status == "refused":
                 self.refused[answer.node_id] = answer.detail or "refused"
             if answer.status != "accepted" or answer.update is None:
-                ended[answer.status] += 1
+                ended.update([answer.status])
                 continue
             try:
                 updates.append(check_update(self.layout, answer.update, self.plan.norm_bound))
