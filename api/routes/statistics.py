@@ -26,8 +26,9 @@ class StatisticsRequest(BaseModel):
         gt=0,
         le=100,
         description="ε of the release alone at the dataset's δ, charged once to its budget "
-        "as a dataset-level ledger entry. Required on budgeted data; ignored on public data "
-        "(exact statistics, no charge).",
+        "as a dataset-level ledger entry. Absent on budgeted data: 30% of the budget's "
+        "ε (docs/defaults.md, 'Standardisation'); ignored on public data (exact statistics, "
+        "no charge).",
     )
     bounds: list[tuple[float, float]] | None = Field(
         default=None,

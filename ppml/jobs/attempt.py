@@ -66,6 +66,7 @@ def train_attempt(
         learning_rate=spec.training.learning_rate,
         optimizer=spec.training.optimizer,
         momentum=spec.training.momentum,
+        ema_decay=spec.training.ema_decay,
         seed=spec.training.seed,
         steps_per_epoch=schedule.steps_per_epoch if spec.federated is None else 1,
         total_steps=schedule.total_steps if spec.federated is None else 1,

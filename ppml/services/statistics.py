@@ -18,6 +18,7 @@ from ppml.datasets import statistics as st
 from ppml.db.models import Dataset
 from ppml.db.repositories import Repositories
 from ppml.db.session import Database
+from ppml.defaults import statistics_epsilon
 from ppml.errors import Conflict, InvalidInput, NotFound
 from ppml.privacy import accounting as acc
 from ppml.privacy.ledger import Ledger
@@ -95,8 +96,8 @@ def _plan(
             status="pending", epsilon=None, rho=0.0, rho_bounds=0.0, noise_std=0.0,
             sensitivity=sensitivity, bounds_source=source, bounds=bounds,
         )  # fmt: skip
-    if epsilon is None:
-        raise InvalidInput("give the release's epsilon", field="epsilon")
+    if epsilon is None:  # the share the defaults' study chose (docs/defaults.md)
+        epsilon = statistics_epsilon(dataset.epsilon_total)
     assert dataset.delta_total is not None
     try:
         rho = calibrate_zcdp(target_epsilon=epsilon, delta=dataset.delta_total)

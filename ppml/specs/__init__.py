@@ -75,6 +75,15 @@ class TrainingSpec(Spec):
     optimizer: Literal["sgd", "adam"] = "sgd"
     momentum: float = Field(strict=True, default=0.0, ge=0, lt=1, description="SGD momentum.")
     seed: int = Field(strict=True, default=0, ge=0, le=2**31 - 1)
+    ema_decay: float = Field(
+        strict=True,
+        default=0.0,
+        ge=0,
+        lt=1,
+        description="Decay of an exponential moving average of the weights, which becomes "
+        "the model (free post-processing: σ and the charge do not change); 0: the last "
+        "weights. Centralised jobs on one GPU only.",
+    )
     max_runtime_s: int | None = Field(
         strict=True,
         default=None,
@@ -352,6 +361,9 @@ class JobSpec(Spec):
         if self.kind != "train" and self.preprocessing != PreprocessingSpec():
             raise ValueError("'preprocessing' applies to kind 'train'")
         if self.kind == "train":  # left-out model and training are chosen (ppml.defaults)
+            averaged = self.training.ema_decay > 0
+            if averaged and (self.federated is not None or self.resources.gpus > 1):
+                raise ValueError("training.ema_decay applies to centralised jobs on one GPU")
             return self
         if self.kind == "pate":
             missing = [f for f in ("model", "training") if f not in given]
@@ -395,6 +407,9 @@ def request_hash(spec: JobSpec) -> str:
         later.add("preprocessing")
     if spec.kind == "train":
         later |= {"kind", "synthesize"}
-    body = spec.model_dump(mode="json", exclude=later or None)
+    exclude: dict[str, Any] = dict.fromkeys(later, True)
+    if spec.training.ema_decay == 0:
+        exclude["training"] = {"ema_decay"}
+    body = spec.model_dump(mode="json", exclude=exclude or None)
     canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()

@@ -46,7 +46,7 @@ from ppml.training.plans import (
     TrainingPlan,
     TrainResult,
 )
-from ppml.training.steppers import PlainStepper, PrivateStepper, Stepper
+from ppml.training.steppers import AveragedStepper, PlainStepper, PrivateStepper, Stepper
 
 __all__ = [
     "DP_ENGINES",
@@ -285,11 +285,12 @@ def train(
         raise ValueError("train and test must have the same number of features")
     module = initial_model(plan, train_data[0].shape[1], num_classes).to(dev)
     module.train()
-    stepper: PlainStepper | PrivateStepper
+    inner: PlainStepper | PrivateStepper
     if dp is None:
-        stepper = PlainStepper(module, train_data, plan)
+        inner = PlainStepper(module, train_data, plan)
     else:
-        stepper = PrivateStepper(module, train_data, plan, dp, _dp_generator(dev, dp_seed))
+        inner = PrivateStepper(module, train_data, plan, dp, _dp_generator(dev, dp_seed))
+    stepper: Stepper = inner if plan.ema_decay == 0 else AveragedStepper(inner, plan.ema_decay)
     if resume is not None:
         stepper.load_state(resume, start)
     with warnings.catch_warnings():
@@ -304,8 +305,10 @@ def train(
             checkpoint=checkpoint,
             scorer=lambda: _score_and_resume(module, x_te, y_te, plan),
         )
-    if isinstance(stepper, PrivateStepper):
-        stepper.close()
+    if isinstance(inner, PrivateStepper):
+        inner.close()
+    if isinstance(stepper, AveragedStepper):
+        stepper.average.copy_to_module()  # the average is the model (post-processing)
     weights = module.state_dict()
     return TrainResult(
         state_dict={k: v.detach().cpu().contiguous().clone() for k, v in weights.items()},

@@ -35,6 +35,7 @@ def _plan(
         learning_rate=training.learning_rate,
         optimizer=training.optimizer,
         momentum=training.momentum,
+        ema_decay=training.ema_decay,
         seed=training.seed,
         steps_per_epoch=per_epoch,
         total_steps=training.epochs * per_epoch,

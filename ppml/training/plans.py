@@ -54,6 +54,8 @@ class TrainingPlan:
             per unit; None when every row is its own unit.
         input_shape: The dataset's declared shape of a row (``[C, H, W]`` for cnn2d), or
             None.
+        ema_decay: Decay of an exponential moving average of the weights, which the run
+            returns instead of the last iterate (``ppml.training.averaging``); 0: none.
     """
 
     model: ModelSpec
@@ -68,6 +70,7 @@ class TrainingPlan:
     eval_loss_clip: float = 4.0
     test_units: npt.NDArray[np.int64] | None = field(default=None, compare=False, hash=False)
     input_shape: tuple[int, ...] | None = None
+    ema_decay: float = 0.0
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -78,6 +81,8 @@ class TrainingPlan:
             raise ValueError("total_steps must equal epochs * steps_per_epoch")
         if not self.learning_rate > 0 or not 0 <= self.momentum < 1:
             raise ValueError("learning_rate must be > 0 and momentum in [0, 1)")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError("ema_decay must be in [0, 1)")
 
 
 @dataclass(frozen=True, kw_only=True)

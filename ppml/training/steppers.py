@@ -15,10 +15,11 @@ from opacus.optimizers import DPOptimizer
 from torch import nn
 from torch.nn import functional as F
 
+from ppml.training.averaging import WeightAverage
 from ppml.training.fast_dp import FastDPEngine, unsupported_layers
 from ppml.training.plans import OPTIMIZERS, DPPlan, TrainingPlan
 
-__all__ = ["PlainStepper", "PrivateStepper", "Stepper"]
+__all__ = ["AveragedStepper", "PlainStepper", "PrivateStepper", "Stepper"]
 
 
 class Stepper(Protocol):
@@ -162,3 +163,24 @@ class PrivateStepper:
             self._gsm.to_standard_module()
         if self._engine is not None:
             self._engine.close()
+
+
+class AveragedStepper:
+    """Another stepper whose weights are averaged after every step (``WeightAverage``):
+    the same steps, the same noise, and an average kept beside them (post-processing)."""
+
+    def __init__(self, inner: PlainStepper | PrivateStepper, decay: float) -> None:
+        self.inner = inner
+        self.module = inner.module
+        self.average = WeightAverage(inner.module, decay)
+
+    def step(self, step_index: int) -> None:
+        self.inner.step(step_index)
+        self.average.update()
+
+    def state(self) -> dict[str, Any]:
+        return {**self.inner.state(), **self.average.state()}
+
+    def load_state(self, state: Mapping[str, Any], steps_done: int) -> None:
+        self.inner.load_state(state, steps_done)
+        self.average.load_state(state)
