@@ -42,6 +42,9 @@ class AuditActionFilter(StrEnum):
     JOB_CANCEL = "job.cancel"
     MODEL_DOWNLOAD = "model.download"
     MODEL_PREDICT = "model.predict"
+    FEDERATION_CREATE = "federation.create"
+    NODE_INVITE = "node.invite"
+    NODE_REVOKE = "node.revoke"
 
 
 class AuditFormat(StrEnum):

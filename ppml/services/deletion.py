@@ -95,6 +95,11 @@ def delete_dataset(
 
 
 def _refuse_in_use(repos: Repositories, dataset: Dataset, jobs: Sequence[Job]) -> None:
+    if dataset.federation_backing:
+        raise DatasetInUse(
+            "this dataset backs a federation (its jobs, budget and ledger): it is not deleted "
+            "on its own"
+        )
     active = [j.id for j in jobs if j.status in (JobStatus.QUEUED, JobStatus.RUNNING)]
     if active:
         raise DatasetInUse(

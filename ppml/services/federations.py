@@ -240,8 +240,12 @@ def open_tasks(
     weights_sha256: str,
     attempt: int = 0,
 ) -> list[FederationTask]:
-    """Open one task per chosen node for ``round_`` (the global weights must be stored at
-    ``ppml.federation.keys.global_key(job_id, round_)`` first)."""
+    """Open one task per chosen node for ``round_``.
+
+    The global weights must be stored at ``ppml.federation.keys.global_key(job_id, round_)``
+    first; ``weights_sha256`` is the SHA-256 of their plain bytes, which nodes download and
+    check (not ``Artifact.sha256``: the store seals the ``federations`` kind at rest).
+    """
     if deadline.tzinfo is None:
         raise ValueError("naive deadline")
     schema = FederationSchema.model_validate(federation.data_schema)

@@ -3,6 +3,7 @@ its global weights in the store and a round's tasks opened as the server loop op
 
 from __future__ import annotations
 
+import hashlib
 from datetime import timedelta
 from typing import Any
 
@@ -105,9 +106,8 @@ def open_round(
 ) -> list[FederationTask]:
     """What the server loop does: store the global weights, open a task per active node."""
     store = ArtifactStore.for_settings(settings)
-    artifact = store.write(
-        global_key(job_id, round_), lambda path: path.write_bytes(tensors_bytes(zeros()))
-    )
+    weights = tensors_bytes(zeros())
+    store.write(global_key(job_id, round_), lambda path: path.write_bytes(weights))
     with db.session(write=True) as session:
         repos = Repositories(session)
         job = repos.job_by_id(job_id)
@@ -121,7 +121,8 @@ def open_round(
             round_=round_,
             nodes=repos.active_nodes(federation.id),
             deadline=utcnow() + timedelta(seconds=timeout_s),
-            weights_sha256=artifact.sha256,
+            # Of the plain bytes the node downloads (the store seals this kind at rest).
+            weights_sha256=hashlib.sha256(weights).hexdigest(),
         )
 
 

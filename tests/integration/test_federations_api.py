@@ -31,6 +31,8 @@ def test_an_owner_creates_lists_and_reads_a_federation(client: TestClient) -> No
     assert read == created
     datasets = client.get("/v1/datasets", headers=owner).json()["items"]
     assert datasets == []  # the backing dataset is never listed
+    backing = f"/v1/datasets/{created['dataset_id']}"
+    assert client.delete(backing, headers=owner).status_code == 409
 
 
 def test_a_client_unit_federation_shows_its_budget(client: TestClient) -> None:

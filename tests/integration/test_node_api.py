@@ -3,6 +3,7 @@ update checks (rejected and recorded, stale), refusals."""
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 
@@ -119,6 +120,8 @@ def test_a_long_poll_returns_a_task_opened_while_it_waits(
     privacy = sent["privacy"]
     assert privacy["sample_rate"] == 32 / 400 and privacy["steps"] == 13
     assert privacy["noise_multiplier"] > 0 and privacy["delta"] == 1e-5
+    weights = client.get(f"/v1/node/tasks/{task.id}/weights", headers=node).content
+    assert hashlib.sha256(weights).hexdigest() == sent["weights_sha256"]
     seen = client.get(f"/v1/federations/{federation['id']}", headers=owner).json()["nodes"]
     assert seen[0]["id"] == node_id and seen[0]["online"] is True
 
