@@ -189,8 +189,8 @@ def test_a_worker_killed_mid_job_is_resumed_elsewhere_and_charged_once(stack: St
     for index in (0, 1):
         stack.worker()
         _wait_ready(stack, index)
-    # ~1,300 steps: seconds of training, long enough to be killed mid-job
-    job_id = client.post("/v1/jobs", json=dp_job_spec(dataset_id, epsilon=10.0, epochs=150)).json()[
+    # ~520 steps: seconds of training, long enough to be killed mid-job (at step >= 100)
+    job_id = client.post("/v1/jobs", json=dp_job_spec(dataset_id, epsilon=10.0, epochs=60)).json()[
         "id"
     ]
     first = _claimed_by(stack, job_id, attempt=1)
@@ -281,7 +281,7 @@ def test_broker_restart_without_persistence_loses_no_job(stack: Stack) -> None:
     client = tenant_client(stack.base, ADMIN)
     dataset_id = _dataset(client)
     stack.worker()
-    running = client.post("/v1/jobs", json=dp_job_spec(dataset_id, epsilon=2.0, epochs=100)).json()[
+    running = client.post("/v1/jobs", json=dp_job_spec(dataset_id, epsilon=2.0, epochs=60)).json()[
         "id"
     ]
     queued = [
