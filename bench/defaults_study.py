@@ -21,6 +21,8 @@ per (kind, ε) is what ``ppml/defaults.py`` encodes. The committed table is in
 Usage::
 
     .venv/bin/python bench/defaults_study.py [--quick] [--out bench/results/defaults_study.json]
+    .venv/bin/python bench/defaults_study.py --part averaging        # second round, 3 seeds
+    .venv/bin/python bench/defaults_study.py --part learning-rates   # third round, images
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ class Candidate:
     epochs: int
     momentum: float = 0.9
     ema: float = 0.0  # decay of the weights' moving average; 0: the last weights
+    clip: float = 1.0  # the clipping norm C (σ is relative to it, the charge does not move)
 
     def batch_size(self, n: int) -> int:
         if isinstance(self.batch, float):
@@ -193,6 +196,53 @@ def averaging_candidates(kind: str) -> list[Candidate]:
     ]
 
 
+def learning_rate_cells() -> list[tuple[Candidate, tuple[float, ...]]]:
+    """Part ``learning-rates`` (issue #17's third round, images): the CNN with the average
+    at small steps against the logistic regression, each candidate at the ε it was run at;
+    at ε = 3 also the logistic regression's steps, batches and clipping norms."""
+    logreg = ModelSpec(arch="logreg")
+    cnn = ModelSpec(arch="cnn2d", channels=[16, 32], kernel_size=3)
+
+    def conv(lr: float) -> Candidate:
+        return Candidate(f"cnn2d[16,32] b256 lr{lr:g} e30 ema.95", cnn, 256, lr, 30, ema=0.95)
+
+    at3 = (3.0,)
+    return [
+        (Candidate("logreg b256 lr0.5 e30", logreg, 256, 0.5, 30), (1.0, 2.0, 3.0, 5.0)),
+        (Candidate("logreg b256 lr0.3 e30", logreg, 256, 0.3, 30), at3),
+        (Candidate("logreg b256 lr1.0 e30", logreg, 256, 1.0, 30), at3),
+        (Candidate("logreg b256 lr0.5 e20", logreg, 256, 0.5, 20), at3),
+        (Candidate("logreg b256 lr0.5 e45", logreg, 256, 0.5, 45), at3),
+        (Candidate("logreg b128 lr0.5 e30", logreg, 128, 0.5, 30), at3),
+        (Candidate("logreg b=n/4 lr0.75 e30", logreg, 0.25, 0.75, 30), at3),
+        (Candidate("logreg b=n/4 lr1.0 e60", logreg, 0.25, 1.0, 60), at3),
+        (Candidate("logreg b256 C0.1 lr5 e30", logreg, 256, 5.0, 30, clip=0.1), at3),
+        (Candidate("logreg b256 C0.5 lr1.0 e30", logreg, 256, 1.0, 30, clip=0.5), at3),
+        (Candidate("logreg b256 C2 lr0.25 e30", logreg, 256, 0.25, 30, clip=2.0), at3),
+        (conv(0.05), (1.0, 2.0)),
+        (conv(0.1), (1.0, 2.0, 3.0, 5.0, 8.0)),
+        (conv(0.15), (3.0, 5.0, 8.0)),
+        (conv(0.2), (3.0, 5.0)),
+        (conv(0.3), (5.0, 8.0)),
+    ]
+
+
+def learning_rates(out: str) -> None:
+    """The third round: mean test accuracy of seeds 0, 1, 2 on both image proxies."""
+    epsilons = (1.0, 2.0, 3.0, 5.0, 8.0)
+    rows: list[dict[str, Any]] = []
+    print("| proxy | candidate | " + " | ".join(f"ε={e:g}" for e in epsilons) + " |")
+    print("|" + "---|" * (2 + len(epsilons)))
+    for proxy in (clean_image_proxy(), image_proxy()):
+        for cand, at in learning_rate_cells():
+            accs = {e: float(np.mean([run(proxy, cand, e, seed) for seed in range(3)])) for e in at}
+            rows.append({"proxy": proxy.name, "candidate": cand.label, "accuracy": accs})
+            cells = " | ".join(f"{accs[e]:.3f}" if e in accs else "—" for e in epsilons)
+            print(f"| {proxy.name} | {cand.label} | {cells} |", flush=True)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps({"delta": DELTA, "seeds": 3, "rows": rows}, indent=2))
+
+
 def public_candidates(kind: str) -> list[Candidate]:
     """Non-private candidates: the private choice's architecture, smaller batches."""
     model = {
@@ -232,7 +282,7 @@ def run(proxy: Proxy, cand: Candidate, epsilon: float | None, seed: int = 0) -> 
         sigma = cal.calibrate_noise(
             target_epsilon=epsilon * (1 - EVAL_SHARE), delta=DELTA, sample_rate=q, steps=total
         )
-        dp = DPPlan(noise_multiplier=sigma, max_grad_norm=1.0, sample_rate=q, delta=DELTA)
+        dp = DPPlan(noise_multiplier=sigma, max_grad_norm=cand.clip, sample_rate=q, delta=DELTA)
     result = train(
         x_train=proxy.x_train,
         y_train=proxy.y_train,
@@ -270,9 +320,10 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="one ε (3) only")
     parser.add_argument(
         "--part",
-        choices=("all", "private", "public", "averaging"),
+        choices=("all", "private", "public", "averaging", "learning-rates"),
         default="all",
-        help="which table (averaging: the second round, 3 seeds, not part of all)",
+        help="which table (averaging, learning-rates: the second and third rounds, 3 seeds, "
+        "not part of all)",
     )
     parser.add_argument("--out", default="bench/results/defaults_study.json")
     args = parser.parse_args()
@@ -280,6 +331,9 @@ def main() -> None:
     epsilons = (3.0,) if args.quick else EPSILONS
     if args.part == "averaging":
         averaging(epsilons, args.out)
+        return
+    if args.part == "learning-rates":
+        learning_rates(args.out)
         return
     proxies = [signal_proxy(), image_proxy(), *tabular_proxies()]
     rows: list[dict[str, Any]] = []

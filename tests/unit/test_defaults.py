@@ -67,6 +67,8 @@ def test_the_rule_is_a_pure_function_of_public_metadata_alone() -> None:
     ("shape", "features", "epsilon", "arch"),
     [
         ((1, 8, 8), 64, 1.0, "logreg"),
+        ((1, 8, 8), 64, 2.99, "logreg"),
+        ((1, 8, 8), 64, 3.0, "cnn2d"),
         ((1, 8, 8), 64, 8.0, "cnn2d"),
         ((1, 8, 8), 64, None, "cnn2d"),
         ((1, 40), 40, 1.0, "cnn1d"),
@@ -85,20 +87,30 @@ def test_images_signals_and_tables_get_the_studys_architectures(
     assert choice.training.optimizer == "sgd" and choice.training.momentum == 0.9
 
 
-def test_private_tables_and_images_at_large_epsilon_average_their_weights() -> None:
+def test_private_tables_and_images_from_epsilon_3_average_their_weights() -> None:
     image = {"input_shape": (1, 8, 8), "num_features": 64}
 
-    averaged = choose(meta(epsilon=8.0, **image)).training
     federated = choose(meta(epsilon=8.0, federated=True, **image)).training
 
-    assert averaged.ema_decay == 0.95
+    for epsilon in (3.0, 5.0, 8.0):
+        assert choose(meta(epsilon=epsilon, **image)).training.ema_decay == 0.95
     assert federated.ema_decay == 0.0
-    for epsilon in (None, 1.0, 3.0):
+    for epsilon in (None, 1.0, 2.99):
         assert choose(meta(epsilon=epsilon, **image)).training.ema_decay == 0.0
     assert choose(meta(epsilon=1.0)).training.ema_decay == 0.9
     assert choose(meta(epsilon=None)).training.ema_decay == 0.0
     signal = choose(meta(epsilon=8.0, input_shape=(1, 40), num_features=40)).training
     assert signal.ema_decay == 0.0
+
+
+@pytest.mark.parametrize(("epsilon", "lr"), [(3.0, 0.1), (5.0, 0.1), (7.99, 0.1), (8.0, 0.15)])
+def test_private_image_cnns_take_small_steps_and_larger_ones_from_epsilon_8(
+    epsilon: float, lr: float
+) -> None:
+    training = choose(meta(epsilon=epsilon, input_shape=(1, 8, 8), num_features=64)).training
+
+    assert training.learning_rate == lr
+    assert training.batch_size == 256 and training.epochs == 30
 
 
 @pytest.mark.parametrize("rows", [1, 3, 10, 455, 100_000])
