@@ -78,6 +78,8 @@ def run(
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True
     )
+    for chatty in ("httpx", "alembic"):  # every request is logged by the node itself
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     options = NodeOptions(
         server=server,
         data=data,
