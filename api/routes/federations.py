@@ -62,6 +62,7 @@ def _views(repos: Repositories, rows: list[models.Federation]) -> list[Federatio
                 epsilon_spent=status.epsilon_spent,
                 epsilon_reserved=status.epsilon_reserved,
                 epsilon_remaining=status.epsilon_remaining,
+                epsilon_spent_composed=status.epsilon_spent_composed,
             )
         views.append(
             Federation.model_validate(

@@ -55,6 +55,11 @@ class FederationBudget(BaseModel):
     epsilon_spent: float
     epsilon_reserved: float
     epsilon_remaining: float
+    epsilon_spent_composed: float = Field(
+        default=0.0,
+        description="ε of the committed charges by the tightest conversion (the full δ at the "
+        "best order): what the receipts of client-level jobs add up to; at most epsilon_spent.",
+    )
 
 
 class Federation(BaseModel):

@@ -73,7 +73,13 @@ def run(
     """Enrol (once, with --enrol) or come back, then train the federation's rounds."""
     from ppml.node.runner import NodeError, NodeOptions, NodeRunner
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    # force: importing opacus (under ppml.node.runner) already configured the root logger at
+    # WARNING, which would hide the node's record of its rounds and of what it sent
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True
+    )
+    for chatty in ("httpx", "alembic"):  # every request is logged by the node itself
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     options = NodeOptions(
         server=server,
         data=data,

@@ -28,6 +28,7 @@ from ppml.federation.keys import global_key
 from ppml.federation.privacy import node_sample_plan
 from ppml.jobs.heartbeat import Heartbeat
 from ppml.jobs.records import NodeCharge
+from ppml.jobs.schedule import schedule
 from ppml.privacy import accounting as acc
 from ppml.services import federations
 from ppml.storage import ArtifactStore
@@ -45,7 +46,7 @@ class FederationOutcome:
     """What the runner needs of a federation attempt (as of ``TrainResult``)."""
 
     state_dict: dict[str, torch.Tensor]
-    steps_done: int  # rounds run: the unit the job was scheduled (and charged) in
+    steps_done: int  # rounds run × steps per round: the unit the job was scheduled in
     stopped: bool
     nodes: list[NodeCharge]
     history: list[dict[str, float]]
@@ -131,20 +132,35 @@ class StoreChannel:
 
 
 def node_charges(
-    job: Job, started: dict[str, int], names: dict[str, tuple[str, int]]
+    job: Job,
+    started: dict[str, int],
+    names: dict[str, tuple[str, int]],
+    refused: dict[str, str] | None = None,
 ) -> list[NodeCharge]:
     """Each node's ε under sample-level DP: its plan's mechanism over the rounds it started
-    (``names``: node id → its name and enrolled rows)."""
+    (``names``: node id → its name and enrolled rows), and why a node refused the job."""
     spec = job.spec
     if spec.privacy is None or spec.privacy.level != "sample":
         return []
+    refused = refused or {}
     charges = []
-    for node_id, rounds in sorted(started.items()):
+    for node_id in sorted(set(started) | set(refused)):
+        rounds = started.get(node_id, 0)
         name, rows = names.get(node_id, (node_id, 0))
         plan = node_sample_plan(spec, rows)
-        epsilon = acc.epsilon(acc.rdp_curve(plan.event(rounds)), plan.delta) if rounds else 0.0
+        # composed round by round, as the node's ledger composes its charges (a curve is
+        # rounded up in the ledger's units, so this is what the node holds, not less)
+        curve = acc.add(*([acc.rdp_curve(plan.event(1))] * rounds)) if rounds else None
+        epsilon = acc.epsilon(curve, plan.delta) if curve is not None else 0.0
         charges.append(
-            NodeCharge(node_id=node_id, name=name, rounds=rounds, epsilon=epsilon, delta=plan.delta)
+            NodeCharge(
+                node_id=node_id,
+                name=name,
+                rounds=rounds,
+                epsilon=epsilon,
+                delta=plan.delta,
+                refused=refused.get(node_id),
+            )
         )
     return charges
 
@@ -179,13 +195,16 @@ def train_federation_job(
         input_shape=dataset.input_shape,
     )
     module = initial_model(plan, dataset.num_features, dataset.num_classes)
+    # A round in the unit the job was priced and is reported in: a node's local DP-SGD steps
+    # per round (sample level), or 1 (client level, non-private).
+    steps_per_round = schedule(spec, dataset).steps_per_epoch
     channel = StoreChannel(db, store, job)
     with db.session(write=True) as session:  # an earlier attempt's tasks are void now
         federations.mark_stale(Repositories(session), job.id)
     nodes = {n.id: (n.name, n.rows or 0) for n in channel._active()}
     result = train_remote(
         module=module,
-        plan=_remote_plan(job, sum(p.numel() for p in module.parameters()), nodes),
+        plan=_remote_plan(job, sum(p.numel() for p in module.parameters()), nodes, steps_per_round),
         dp=_remote_dp(job),
         channel=channel,
         callbacks=beat,
@@ -197,9 +216,9 @@ def train_federation_job(
     nodes |= {n.id: (n.name, n.rows or 0) for n in channel._active()}
     return FederationOutcome(
         state_dict=result.state_dict,
-        steps_done=result.rounds_done,
+        steps_done=result.rounds_done * steps_per_round,
         stopped=result.stopped,
-        nodes=node_charges(job, result.started, nodes),
+        nodes=node_charges(job, result.started, nodes, result.refused),
         history=result.history,
     )
 
@@ -221,7 +240,9 @@ def _remote_dp(job: Job) -> RemoteDP | None:
     return RemoteDP(level="sample", clip_norm=spec.privacy.max_grad_norm)
 
 
-def _remote_plan(job: Job, num_params: int, nodes: dict[str, tuple[str, int]]) -> RemotePlan:
+def _remote_plan(
+    job: Job, num_params: int, nodes: dict[str, tuple[str, int]], steps_per_round: int
+) -> RemotePlan:
     from ppml.training.federated.remote import RemotePlan, client_norm_bound, sample_norm_bound
 
     spec = job.spec
@@ -254,4 +275,5 @@ def _remote_plan(job: Job, num_params: int, nodes: dict[str, tuple[str, int]]) -
         round_timeout_s=float(fed.round_timeout_s),
         quorum=fed.quorum,
         norm_bound=bound,
+        steps_per_round=steps_per_round,
     )

@@ -174,6 +174,11 @@ class NodeCharge(_Record):
     rounds: int = Field(ge=0, description="Rounds the node started (fetched the weights of).")
     epsilon: float = Field(ge=0)
     delta: float = Field(gt=0, lt=1)
+    refused: str | None = Field(
+        default=None,
+        description="Why the node refused the job (e.g. 'budget: would spend ε=… but this node "
+        "has ε=… left'): it was asked nothing more.",
+    )
 
 
 class Receipt(_Record):

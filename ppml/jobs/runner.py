@@ -39,7 +39,9 @@ from ppml.privacy import heads
 from ppml.privacy.evaluation import (
     WITHHELD,
     EvaluationPlan,
+    ExactMetrics,
     ExactScores,
+    ReleasedMetrics,
     release_outcome,
 )
 from ppml.privacy.ledger import Ledger
@@ -269,9 +271,12 @@ class JobRunner:
         elif result.stopped and beat.timed_out:
             status, note = JobStatus.FAILED, "failed"
             error = JobError(code="time_limit", message=f"stopped after {limit} s")
-        released = release_outcome(
-            result.metrics, getattr(result, "history", None), self._evaluation(job, dataset)
-        )
+        if job.spec.federation_id is not None:  # no evaluation at the nodes yet (#16)
+            released = ReleasedMetrics(metrics=None, history=None, exact=ExactMetrics())
+        else:
+            released = release_outcome(
+                result.metrics, getattr(result, "history", None), self._evaluation(job, dataset)
+            )
         fed = job.spec.federated
         progress = progress_at(
             result.steps_done, plan, local_epochs=fed.local_epochs if fed else None

@@ -6,6 +6,8 @@ restart or a network outage and carries on where it was. Any other answer is ret
 caller, which decides (a 401 ends the node, a 409 drops a task).
 
 Requests carry the node's credential, the schema check, refusals and updates: never a row.
+Every request the node sends is written to its log with the size of its body ("sent POST
+/v1/node/tasks/…/update: 2716 bytes"), so its operator can see all that left the machine.
 """
 
 from __future__ import annotations
@@ -65,7 +67,10 @@ class NodeApi:
         self.backoff = backoff or Backoff()
         self._sleep = sleep
         self._http = httpx.Client(
-            base_url=self.server, timeout=httpx.Timeout(timeout_s), transport=transport
+            base_url=self.server,
+            timeout=httpx.Timeout(timeout_s),
+            transport=transport,
+            event_hooks={"request": [_log_sent]},
         )
 
     def close(self) -> None:
@@ -146,6 +151,11 @@ class NodeApi:
             delay = min(max(delay, retry_after), self.backoff.cap)
         log.warning("%s; retrying in %.1f s", what, delay)
         self._sleep(delay)
+
+
+def _log_sent(request: httpx.Request) -> None:
+    """The node's record of what it sends: each request's method, path and body size."""
+    log.info("sent %s %s: %d bytes", request.method, request.url.path, len(request.content))
 
 
 def _retry_after(response: httpx.Response | None) -> float | None:

@@ -137,6 +137,16 @@ class LocalLedger:
         with self.db.session() as session:
             return self._events(Repositories(session), job_id, None)
 
+    def fits(self, *, job_id: str, rounds: int, event: acc.MechanismEvent) -> Refusal | None:
+        """Whether a job's first charge would be admitted (the whole job must fit): None,
+        or the refusal :meth:`charge_round` would give. Writes nothing; the node asks
+        before it fetches a round's weights, which the server counts as a round started."""
+        with self.db.session() as session:
+            repos = Repositories(session)
+            budget = repos.budget(self.dataset_id)
+            assert budget is not None
+            return self._refusal(repos, Ledger(repos), budget, job_id, acc.rdp_curve(event), rounds)
+
     # --- writes -----------------------------------------------------------------------
     def charge_round(
         self,

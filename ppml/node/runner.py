@@ -276,6 +276,14 @@ class NodeRunner:
                 f"node's data has {self.data.num_features} and "
                 f"{len(self.data.classes)}",
             )
+        if task.mode == "sample":  # refuse before the download, which counts as a start
+            assert self.ledger is not None
+            sample = task.sample
+            return self.ledger.fits(
+                job_id=task.job_id,
+                rounds=max(sample.rounds, task.rounds),
+                event=sample.round_event(),
+            )
         return None
 
     def _charge(self, task: Task) -> Charge | Refusal:

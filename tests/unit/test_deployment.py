@@ -74,8 +74,15 @@ def test_compose_has_the_production_services_and_profiles() -> None:
         "worker-gpu0": ["gpu"],
         "worker-gpu1": ["gpu"],
     }
+    # a data owner's node (docs/federation.md) is opt-in too, and takes none of the
+    # service's settings or secrets
+    assert services["node"]["profiles"] == ["node"]
+    assert not any(
+        k.startswith("PPML_") and k != "PPML_SERVER" and k != "PPML_ENROL_TOKEN"
+        for k in services["node"]["environment"]
+    )
     # the rest of the stack runs under either profile
-    for name in services.keys() - workers.keys():
+    for name in services.keys() - workers.keys() - {"node"}:
         assert "profiles" not in services[name], name
 
 

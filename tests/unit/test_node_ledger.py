@@ -81,6 +81,19 @@ def test_a_job_that_would_overspend_is_refused_and_nothing_is_written(tmp_path: 
     ledger.close()
 
 
+def test_whether_a_job_fits_is_asked_without_writing_anything(tmp_path: Path) -> None:
+    # arrange: a budget that holds two rounds (see below), not 50
+    ledger = open_ledger(tmp_path, local_data(tmp_path), epsilon=2.5)
+    # act
+    small = ledger.fits(job_id="job_a", rounds=2, event=ROUND)
+    big = ledger.fits(job_id="job_big", rounds=50, event=ROUND)
+    # assert: the refusal charge_round would give, and nothing written either way
+    assert small is None
+    assert big == _charge(ledger, "job_big", "tsk_1", rounds=50)
+    assert _entries(ledger) == [] and ledger.job_events("job_big") == []
+    ledger.close()
+
+
 def test_the_whole_job_is_checked_once_then_each_round_is_charged(tmp_path: Path) -> None:
     # arrange: two rounds fit, three do not
     ledger = open_ledger(tmp_path, local_data(tmp_path), epsilon=2.5)

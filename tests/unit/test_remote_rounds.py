@@ -15,6 +15,7 @@ from safetensors.torch import save as save_tensors
 from torch import nn
 
 from ppml.training.federated.functional import ParamLayout
+from ppml.training.federated.plans import RoundProgress
 from ppml.training.federated.remote import (
     NodeAnswer,
     RemoteDP,
@@ -141,6 +142,35 @@ def test_rounds_over_honest_nodes_learn_and_count_each_nodes_rounds() -> None:
     assert result.started == {"nod_0": 6, "nod_1": 6, "nod_2": 6}
     assert _accuracy(result.state_dict, nodes) > max(before, 0.8)
     assert result.history[-1] == {"round": 6.0, "updates_accepted": 3.0}
+
+
+def test_progress_and_checkpoints_count_rounds_in_the_mechanisms_steps() -> None:
+    # arrange: sample level, 13 local DP-SGD steps a round (the job's schedule)
+    channel = _Channel(_world(["honest"] * 2))
+    reports: list[tuple[int, int]] = []
+    saved: list[int] = []
+
+    class _Follow:
+        def on_progress(self, progress: RoundProgress) -> None:  # type: ignore[override]
+            reports.append((progress.round, progress.steps_done))
+
+        def should_stop(self) -> bool:
+            return False
+
+    # act
+    result = train_remote(
+        module=_model(),
+        plan=RemotePlan(rounds=3, clients_per_round=None, steps_per_round=13),
+        dp=RemoteDP(level="sample", clip_norm=1.0),
+        channel=channel,
+        callbacks=_Follow(),
+        checkpoint=lambda state: saved.append(int(state["steps"])),
+        sleep=_no_wait,
+    )
+    # assert: the runner's schedule counts 13 steps a round (its ε and its resumption)
+    assert result.rounds_done == 3
+    assert reports == [(1, 13), (2, 26), (3, 39)]
+    assert saved == [13, 26]
 
 
 @pytest.mark.parametrize("behaviour", ["nan", "wide", "shape"])

@@ -113,6 +113,9 @@ class RemotePlan:
         round_timeout_s: How long a round waits for its nodes.
         quorum: Accepted updates a round needs (fewer chosen nodes: all of them).
         norm_bound: An update whose L2 norm exceeds it is rejected (None: no bound).
+        steps_per_round: A round in the DP mechanism's unit (``RoundProgress.steps_done``):
+            1 (client level, non-private), or a node's local DP-SGD steps per round of the
+            job's schedule (sample level).
     """
 
     rounds: int
@@ -126,6 +129,7 @@ class RemotePlan:
     max_round_retries: int = 3
     poll_s: float = 0.5
     norm_bound: float | None = None
+    steps_per_round: int = 1
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -364,7 +368,7 @@ def train_remote(
         if callbacks is not None:
             callbacks.on_progress(
                 RoundProgress(
-                    steps_done=rounds_done,
+                    steps_done=rounds_done * plan.steps_per_round,
                     epoch=rounds_done * plan.local_epochs,
                     fraction=rounds_done / plan.rounds,
                     round=rounds_done,
@@ -389,7 +393,7 @@ def _state(
     return {
         "kind": "federated-remote",
         "rounds": rounds_done,
-        "steps": rounds_done,
+        "steps": rounds_done * loop.plan.steps_per_round,  # the runner resumes its beat here
         "params": params,
         "server": loop.strategy.server_state(),
         "started": dict(loop.started),
