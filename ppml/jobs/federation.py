@@ -243,7 +243,8 @@ def _remote_dp(job: Job) -> RemoteDP | None:
 def _remote_plan(
     job: Job, num_params: int, nodes: dict[str, tuple[str, int]], steps_per_round: int
 ) -> RemotePlan:
-    from ppml.training.federated.remote import RemotePlan, client_norm_bound, sample_norm_bound
+    from ppml.training.federated.remote import RemotePlan
+    from ppml.training.federated.updates import client_norm_bound, sample_norm_bound
 
     spec = job.spec
     fed = spec.federated

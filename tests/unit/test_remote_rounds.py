@@ -21,10 +21,9 @@ from ppml.training.federated.remote import (
     RemoteDP,
     RemotePlan,
     RoundFailed,
-    check_update,
-    client_norm_bound,
     train_remote,
 )
+from ppml.training.federated.updates import check_update, client_norm_bound
 
 
 def _model() -> nn.Module:

@@ -26,7 +26,6 @@ opened again, at most ``max_round_retries`` more times.
 
 from __future__ import annotations
 
-import math
 import secrets
 import time
 from collections import Counter
@@ -36,8 +35,6 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
-from safetensors.torch import load as load_tensors
-from safetensors.torch import save as save_tensors
 from torch import nn
 from torch.nn.utils import parameters_to_vector
 
@@ -46,6 +43,7 @@ from ppml.training.dp_sgd import TrainingCallbacks
 from ppml.training.federated.functional import ParamLayout, server_noise_seed
 from ppml.training.federated.plans import RoundProgress
 from ppml.training.federated.strategies import DPFedAvgClientLevel, Strategy, build_strategy
+from ppml.training.federated.updates import check_update, weights_bytes
 
 __all__ = [
     "NodeAnswer",
@@ -54,11 +52,7 @@ __all__ = [
     "RemoteResult",
     "RoundChannel",
     "RoundFailed",
-    "check_update",
-    "client_norm_bound",
-    "sample_norm_bound",
     "train_remote",
-    "weights_bytes",
 ]
 
 TaskStatus = Literal["open", "accepted", "rejected", "refused", "expired", "stale"]
@@ -157,39 +151,6 @@ class RemoteResult:
 
 class RoundFailed(RuntimeError):
     """A round stayed short of its quorum on every try."""
-
-
-def weights_bytes(layout: ParamLayout, params: torch.Tensor, round_index: int) -> bytes:
-    """The global parameters as safetensors (float32, the module's parameter names)."""
-    tensors = {
-        k: v.detach().float().cpu().contiguous() for k, v in layout.unflatten(params).items()
-    }
-    return save_tensors(tensors, metadata={"round": str(round_index)})
-
-
-def check_update(layout: ParamLayout, blob: bytes, norm_bound: float | None) -> torch.Tensor:
-    """An update as a flat ``(P,)`` vector, or ValueError saying what is wrong with it."""
-    try:
-        tensors = load_tensors(blob)
-    except Exception as exc:  # safetensors raises its own error types
-        raise ValueError(f"not a safetensors file: {exc}") from None
-    expected = dict(zip(layout.names, layout.shapes, strict=True))
-    if set(tensors) != set(expected):
-        missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-        raise ValueError(f"wrong tensors: missing {missing}, unexpected {extra}")
-    for name, shape in expected.items():
-        tensor = tensors[name]
-        if tensor.dtype != torch.float32 or tensor.shape != shape:
-            raise ValueError(
-                f"{name}: expected float32 {list(shape)}, got {tensor.dtype} {list(tensor.shape)}"
-            )
-    flat = layout.flatten(tensors)
-    if not bool(torch.isfinite(flat).all()):
-        raise ValueError("the update holds NaN or infinite values")
-    norm = float(flat.norm())
-    if norm_bound is not None and norm > norm_bound:
-        raise ValueError(f"update norm {norm:.4g} exceeds the bound {norm_bound:.4g}")
-    return flat
 
 
 @dataclass
@@ -400,24 +361,3 @@ def _state(
         "refused": dict(loop.refused),
         "history": [dict(entry) for entry in history],
     }
-
-
-def client_norm_bound(clip_norm: float) -> float:
-    """Client level: nodes clip to ``C``; a little slack for float rounding."""
-    return clip_norm * (1 + 1e-3)
-
-
-def sample_norm_bound(
-    *,
-    learning_rate: float,
-    momentum: float,
-    steps: int,
-    clip_norm: float,
-    sigma: float,
-    expected_batch: float,
-    num_params: int,
-) -> float:
-    """Sample level: ten times the largest norm honest local DP-SGD can plausibly reach
-    (every step's clipped mean plus its noise, amplified by momentum)."""
-    per_step = clip_norm + sigma * clip_norm * math.sqrt(num_params) / max(expected_batch, 1.0)
-    return 10 * learning_rate / max(1 - momentum, 1e-3) * steps * per_step
