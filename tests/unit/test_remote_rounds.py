@@ -314,3 +314,35 @@ def test_check_update_names_what_is_wrong() -> None:
         )
     with pytest.raises(ValueError, match="exceeds"):
         check_update(layout, save_tensors({**good, "bias": torch.ones(2)}), 1.0)
+
+
+def test_a_cancel_while_a_round_waits_closes_it_and_stops_with_the_rounds_done() -> None:
+    # arrange: node 1 never answers, so round 2 waits; the job is cancelled meanwhile
+    channel = _Channel(_world(["honest", "silent"]))
+    polls = {"n": 0}
+
+    class _CancelDuringRoundTwo:
+        def on_progress(self, progress: RoundProgress) -> None:  # type: ignore[override]
+            return None
+
+        def should_stop(self) -> bool:
+            polls["n"] += 1
+            return len(channel.opened) == 2 and polls["n"] > 3
+
+    clock = iter(range(0, 10_000))
+    plan = RemotePlan(rounds=4, clients_per_round=None, round_timeout_s=5, quorum=1)
+    # act
+    result = train_remote(
+        module=_model(),
+        plan=plan,
+        dp=None,
+        channel=channel,
+        callbacks=_CancelDuringRoundTwo(),
+        sleep=_no_wait,
+        clock=lambda: float(next(clock)),
+    )
+    # assert: round 1 counted, round 2 closed (its silent task expired) and not aggregated
+    assert result.stopped and result.rounds_done == 1
+    assert [r for r, _ in channel.opened] == [0, 1]
+    assert {a.status for a in channel.answers(1)} == {"accepted", "expired"}
+    assert result.started == {"nod_0": 2, "nod_1": 2}  # both fetched round 2: both spent it
