@@ -23,6 +23,9 @@ Usage::
     .venv/bin/python bench/defaults_study.py [--quick] [--out bench/results/defaults_study.json]
     .venv/bin/python bench/defaults_study.py --part averaging        # second round, 3 seeds
     .venv/bin/python bench/defaults_study.py --part learning-rates   # third round, images
+    .venv/bin/python bench/defaults_study.py --part kernels          # fourth round, images
+
+The later rounds (``--part``) live in ``bench/defaults_rounds.py``.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from ppml.training import DPPlan, TrainingPlan, train
 EPSILONS = (1.0, 3.0, 8.0)
 DELTA = 1e-5
 EVAL_SHARE = 0.03  # the default evaluation share: what training gets of ε is 97%
+ROUNDS = ("averaging", "learning-rates", "kernels")  # bench/defaults_rounds.py
 
 
 @dataclass(frozen=True)
@@ -168,81 +172,6 @@ def candidates(kind: str) -> list[Candidate]:
     ]
 
 
-def averaging_candidates(kind: str) -> list[Candidate]:
-    """Part ``averaging`` (issue #17's second round): the weights' moving average (EMA),
-    learning rates and the CNN at ε = 8, three seeds each."""
-    logreg = ModelSpec(arch="logreg")
-    if kind == "tabular":
-        return [
-            Candidate("logreg b=n/4 lr0.2 e30", logreg, 0.25, 0.2, 30),
-            Candidate("logreg b=n/4 lr0.2 e30 ema.9", logreg, 0.25, 0.2, 30, ema=0.9),
-            Candidate("logreg b=n/8 lr0.1 e30", logreg, 0.125, 0.1, 30),
-            Candidate("logreg b=n/8 lr0.1 e30 ema.9", logreg, 0.125, 0.1, 30, ema=0.9),
-        ]
-    cnn, mlp = (
-        ModelSpec(arch="cnn2d", channels=[16, 32], kernel_size=3),
-        ModelSpec(arch="mlp", hidden_sizes=[128]),
-    )
-    return [
-        Candidate("logreg b256 lr0.5 e30", logreg, 256, 0.5, 30),
-        Candidate("logreg b256 lr0.5 e30 ema.9", logreg, 256, 0.5, 30, ema=0.9),
-        Candidate("logreg b256 lr0.5 e60 ema.95", logreg, 256, 0.5, 60, ema=0.95),
-        Candidate("mlp[128] b256 lr0.5 e30", mlp, 256, 0.5, 30),
-        Candidate("mlp[128] b256 lr0.5 e30 ema.95", mlp, 256, 0.5, 30, ema=0.95),
-        Candidate("cnn2d[16,32] b256 lr0.5 e30", cnn, 256, 0.5, 30),
-        Candidate("cnn2d[16,32] b256 lr0.5 e30 ema.95", cnn, 256, 0.5, 30, ema=0.95),
-        Candidate("cnn2d[16,32] b256 lr0.3 e30 ema.95", cnn, 256, 0.3, 30, ema=0.95),
-        Candidate("cnn2d[16,32] b128 lr0.25 e30 ema.95", cnn, 128, 0.25, 30, ema=0.95),
-    ]
-
-
-def learning_rate_cells() -> list[tuple[Candidate, tuple[float, ...]]]:
-    """Part ``learning-rates`` (issue #17's third round, images): the CNN with the average
-    at small steps against the logistic regression, each candidate at the ε it was run at;
-    at ε = 3 also the logistic regression's steps, batches and clipping norms."""
-    logreg = ModelSpec(arch="logreg")
-    cnn = ModelSpec(arch="cnn2d", channels=[16, 32], kernel_size=3)
-
-    def conv(lr: float) -> Candidate:
-        return Candidate(f"cnn2d[16,32] b256 lr{lr:g} e30 ema.95", cnn, 256, lr, 30, ema=0.95)
-
-    at3 = (3.0,)
-    return [
-        (Candidate("logreg b256 lr0.5 e30", logreg, 256, 0.5, 30), (1.0, 2.0, 3.0, 5.0)),
-        (Candidate("logreg b256 lr0.3 e30", logreg, 256, 0.3, 30), at3),
-        (Candidate("logreg b256 lr1.0 e30", logreg, 256, 1.0, 30), at3),
-        (Candidate("logreg b256 lr0.5 e20", logreg, 256, 0.5, 20), at3),
-        (Candidate("logreg b256 lr0.5 e45", logreg, 256, 0.5, 45), at3),
-        (Candidate("logreg b128 lr0.5 e30", logreg, 128, 0.5, 30), at3),
-        (Candidate("logreg b=n/4 lr0.75 e30", logreg, 0.25, 0.75, 30), at3),
-        (Candidate("logreg b=n/4 lr1.0 e60", logreg, 0.25, 1.0, 60), at3),
-        (Candidate("logreg b256 C0.1 lr5 e30", logreg, 256, 5.0, 30, clip=0.1), at3),
-        (Candidate("logreg b256 C0.5 lr1.0 e30", logreg, 256, 1.0, 30, clip=0.5), at3),
-        (Candidate("logreg b256 C2 lr0.25 e30", logreg, 256, 0.25, 30, clip=2.0), at3),
-        (conv(0.05), (1.0, 2.0)),
-        (conv(0.1), (1.0, 2.0, 3.0, 5.0, 8.0)),
-        (conv(0.15), (3.0, 5.0, 8.0)),
-        (conv(0.2), (3.0, 5.0)),
-        (conv(0.3), (5.0, 8.0)),
-    ]
-
-
-def learning_rates(out: str) -> None:
-    """The third round: mean test accuracy of seeds 0, 1, 2 on both image proxies."""
-    epsilons = (1.0, 2.0, 3.0, 5.0, 8.0)
-    rows: list[dict[str, Any]] = []
-    print("| proxy | candidate | " + " | ".join(f"ε={e:g}" for e in epsilons) + " |")
-    print("|" + "---|" * (2 + len(epsilons)))
-    for proxy in (clean_image_proxy(), image_proxy()):
-        for cand, at in learning_rate_cells():
-            accs = {e: float(np.mean([run(proxy, cand, e, seed) for seed in range(3)])) for e in at}
-            rows.append({"proxy": proxy.name, "candidate": cand.label, "accuracy": accs})
-            cells = " | ".join(f"{accs[e]:.3f}" if e in accs else "—" for e in epsilons)
-            print(f"| {proxy.name} | {cand.label} | {cells} |", flush=True)
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(json.dumps({"delta": DELTA, "seeds": 3, "rows": rows}, indent=2))
-
-
 def public_candidates(kind: str) -> list[Candidate]:
     """Non-private candidates: the private choice's architecture, smaller batches."""
     model = {
@@ -298,42 +227,29 @@ def run(proxy: Proxy, cand: Candidate, epsilon: float | None, seed: int = 0) -> 
     return float(result.metrics["test_accuracy"])
 
 
-def averaging(epsilons: tuple[float, ...], out: str) -> None:
-    """The second round: mean test accuracy of seeds 0, 1, 2 per cell."""
-    proxies = [clean_image_proxy(), image_proxy(), *tabular_proxies()]
-    rows: list[dict[str, Any]] = []
-    print("| proxy | candidate | " + " | ".join(f"ε={e:g}" for e in epsilons) + " |")
-    print("|" + "---|" * (2 + len(epsilons)))
-    for proxy in proxies:
-        for cand in averaging_candidates(proxy.kind):
-            accs = [
-                float(np.mean([run(proxy, cand, e, seed) for seed in range(3)])) for e in epsilons
-            ]
-            rows.append({"proxy": proxy.name, "candidate": cand.label, "accuracy": accs})
-            print(f"| {proxy.name} | {cand.label} | {' | '.join(f'{a:.3f}' for a in accs)} |")
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(json.dumps({"delta": DELTA, "seeds": 3, "rows": rows}, indent=2))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one ε (3) only")
     parser.add_argument(
         "--part",
-        choices=("all", "private", "public", "averaging", "learning-rates"),
+        choices=("all", "private", "public", *ROUNDS),
         default="all",
-        help="which table (averaging, learning-rates: the second and third rounds, 3 seeds, "
-        "not part of all)",
+        help="which table (averaging, learning-rates, kernels: the second to fourth rounds, "
+        "several seeds, not part of all)",
     )
     parser.add_argument("--out", default="bench/results/defaults_study.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
     epsilons = (3.0,) if args.quick else EPSILONS
-    if args.part == "averaging":
-        averaging(epsilons, args.out)
-        return
-    if args.part == "learning-rates":
-        learning_rates(args.out)
+    if args.part in ROUNDS:
+        import defaults_rounds  # the later rounds import this module's proxies and runs
+
+        rounds = {
+            "averaging": lambda: defaults_rounds.averaging(epsilons, args.out),
+            "learning-rates": lambda: defaults_rounds.learning_rates(args.out),
+            "kernels": lambda: defaults_rounds.kernels(args.out),
+        }
+        rounds[args.part]()
         return
     proxies = [signal_proxy(), image_proxy(), *tabular_proxies()]
     rows: list[dict[str, Any]] = []

@@ -113,6 +113,16 @@ def test_private_image_cnns_take_small_steps_and_larger_ones_from_epsilon_8(
     assert training.batch_size == 256 and training.epochs == 30
 
 
+@pytest.mark.parametrize(("epsilon", "kernel"), [(3.0, 5), (5.0, 5), (8.0, 5), (None, 3)])
+def test_private_image_cnns_have_5x5_kernels_and_the_non_private_one_3x3(
+    epsilon: float | None, kernel: int
+) -> None:
+    model = choose(meta(epsilon=epsilon, input_shape=(1, 8, 8), num_features=64)).model
+
+    assert model.arch == "cnn2d" and model.channels == [16, 32]
+    assert model.kernel_size == kernel
+
+
 @pytest.mark.parametrize("rows", [1, 3, 10, 455, 100_000])
 @pytest.mark.parametrize("epsilon", [None, 0.5, 1.0, 8.0])
 def test_the_batch_never_exceeds_the_rows(rows: int, epsilon: float | None) -> None:
