@@ -55,10 +55,10 @@ MNIST1D = {"num_features": 40, "num_classes": 10}
 Step = Callable[[], None]
 
 
-def _cnn2d(side: int) -> nn.Module:
-    """The registry's cnn2d (two 3x3 conv blocks, 16 and 32 channels, GroupNorm, ReLU,
-    max-pool; a linear head) on flat rows of ``side x side`` grey images."""
-    spec = ModelSpec(arch="cnn2d", channels=[16, 32], kernel_size=3)
+def _cnn2d(side: int, kernel: int = 3) -> nn.Module:
+    """The registry's cnn2d (two ``kernel x kernel`` conv blocks, 16 and 32 channels,
+    GroupNorm, ReLU, max-pool; a linear head) on flat rows of ``side x side`` grey images."""
+    spec = ModelSpec(arch="cnn2d", channels=[16, 32], kernel_size=kernel)
     return build_model(spec, num_features=side * side, num_classes=10, input_shape=(1, side, side))
 
 
@@ -69,6 +69,7 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
         (40,),
     ),
     "cnn2d-8x8": (lambda: _cnn2d(8), (64,)),  # digits
+    "cnn2d-8x8-k5": (lambda: _cnn2d(8, 5), (64,)),  # the private default for images, ε ≥ 3
     "cnn2d-28x28": (lambda: _cnn2d(28), (784,)),  # MNIST-sized
     "logreg": (lambda: build_model(ModelSpec(arch="logreg"), **MNIST1D), (40,)),
     "mlp": (lambda: build_model(ModelSpec(arch="mlp"), **MNIST1D), (40,)),
