@@ -201,7 +201,9 @@ class JobService:
             # Lock first (tenant, then budget): a duplicate with the same key is then
             # serialised behind us, and so is every other admission of the tenant.
             room = self.rooms.locked(repos, [tenant_id])[tenant_id]
-            budget = ledger.lock(dataset.id) if pricing.event is not None else None
+            budget, deleted = None, None
+            if pricing.event is not None:
+                budget, deleted = repos.lock_budget_of_live(dataset.id)
             if idempotency_key is not None:
                 existing = repos.job_by_idempotency_key(tenant_id, idempotency_key)
                 if existing is not None:
@@ -209,7 +211,7 @@ class JobService:
                     return existing, False
             if budget is not None:
                 ledger.require_current(dataset.id)  # 409 on a rolled-back ledger
-            self._refuse_if_deleted(repos, dataset.id)
+            self._refuse_if_deleted(repos, dataset.id, deleted)
             self.rooms.refuse_if_no_room(room, pricing.compute)  # only for a new job, not a replay
             job = new_job(admission, digest, idempotency_key)
             # Staged, not flushed: the commit writes the job, its entry and the totals in one
@@ -255,14 +257,14 @@ class JobService:
             ledger = Ledger(repos)
             # A dataset has one tenant, so this is one more lock per batch, not per item.
             room = self.rooms.locked(repos, [a.tenant_id for a, _ in items])
-            budget = ledger.lock(dataset_id)
+            budget, deleted = repos.lock_budget_of_live(dataset_id)
             if budget is not None:
                 try:
                     ledger.require_current(dataset_id)
                 except (LedgerRollback, LedgerHeadsInvalid) as refusal:  # nothing written
                     return [type(refusal)(refusal.detail, **refusal.extra) for _ in items]
             try:
-                self._refuse_if_deleted(repos, dataset_id)
+                self._refuse_if_deleted(repos, dataset_id, deleted)
             except DatasetDeleted as refusal:  # nothing written
                 return [DatasetDeleted(refusal.detail, **refusal.extra) for _ in items]
             for admission, digest in items:
@@ -339,10 +341,13 @@ class JobService:
         self._datasets.pop((tenant_id, dataset_id))
 
     @staticmethod
-    def _refuse_if_deleted(repos: Repositories, dataset_id: str) -> None:
+    def _refuse_if_deleted(repos: Repositories, dataset_id: str, deleted: bool | None) -> None:
         """Under the tenant's lock, which a deletion holds too: the cached dataset may have
-        been deleted since it was read."""
-        if repos.dataset_deleted(dataset_id):
+        been deleted since it was read. ``deleted``: what the budget's lock read under that
+        lock already (None: ask)."""
+        if deleted is None:
+            deleted = repos.dataset_deleted(dataset_id)
+        if deleted:
             raise DatasetDeleted(
                 f"dataset {dataset_id} was deleted; its ledger, budget and audit trail are kept",
                 field="dataset_id",
