@@ -19,7 +19,7 @@ that version, and is priced again only after the budget changed.
 from __future__ import annotations
 
 import logging
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Iterable, Sequence
 
 from celery import Celery
 from sqlalchemy.exc import IntegrityError
@@ -200,7 +200,8 @@ class JobService:
             ledger = Ledger(repos)
             # Lock first (tenant, then budget): a duplicate with the same key is then
             # serialised behind us, and so is every other admission of the tenant.
-            room = self.rooms.locked(repos, [tenant_id])[tenant_id]
+            demand = {tenant_id: (1, pricing.compute)}
+            room = self.rooms.locked(repos, demand)[tenant_id]
             budget, deleted = None, None
             if pricing.event is not None:
                 budget, deleted = repos.lock_budget_of_live(dataset.id)
@@ -256,7 +257,7 @@ class JobService:
             repos = Repositories(session)
             ledger = Ledger(repos)
             # A dataset has one tenant, so this is one more lock per batch, not per item.
-            room = self.rooms.locked(repos, [a.tenant_id for a, _ in items])
+            room = self.rooms.locked(repos, _demands(a for a, _ in items))
             budget, deleted = repos.lock_budget_of_live(dataset_id)
             if budget is not None:
                 try:
@@ -352,3 +353,12 @@ class JobService:
                 f"dataset {dataset_id} was deleted; its ledger, budget and audit trail are kept",
                 field="dataset_id",
             )
+
+
+def _demands(admissions: Iterable[Admission]) -> dict[str, tuple[int, int]]:
+    """Per tenant, the jobs and compute that admissions may add at most."""
+    demands: dict[str, tuple[int, int]] = {}
+    for admission in admissions:
+        jobs, compute = demands.get(admission.tenant_id, (0, 0))
+        demands[admission.tenant_id] = (jobs + 1, compute + admission.pricing.compute)
+    return demands
