@@ -20,6 +20,7 @@ __all__ = ["RETRY_WHEN_FULL_S", "ActiveJobs", "Room", "TenantRooms"]
 
 # What a 429 for a tenant at its active-job or compute limit asks clients to wait.
 RETRY_WHEN_FULL_S = 30
+_STRIPES = 64
 
 
 @dataclass
@@ -50,16 +51,32 @@ class ActiveJobs:
         # tenant → (count, fresh until); the least recently used tenants are forgotten first
         self._counts: LRUCache[str, tuple[int, float]] = LRUCache(10_000)
         self._lock = threading.Lock()  # makes admitted()'s read-modify-write atomic
+        # One read at a time per stripe of tenants: when a busy tenant's count expires, the
+        # requests that find it stale wait for one read (a scan of its active jobs) and
+        # take its answer, instead of each scanning
+        self._reading = [threading.Lock() for _ in range(_STRIPES)]
 
     def count(self, tenant_id: str, read: Callable[[], int], *, limit: int) -> int:
-        cached = self._counts.get(tenant_id)
-        now = time.monotonic()
-        if cached is not None and cached[1] > now and cached[0] < limit:
-            return cached[0]
-        fresh = read()
-        with self._lock:
-            self._counts.put(tenant_id, (fresh, now + self.ttl))
+        found = self._fresh(tenant_id, limit)
+        if found is not None:
+            return found
+        with self._reading[hash(tenant_id) % _STRIPES]:
+            found = self._fresh(tenant_id, limit)  # read meanwhile by another request
+            if found is not None:
+                return found
+            now = time.monotonic()
+            fresh = read()
+            with self._lock:
+                self._counts.put(tenant_id, (fresh, now + self.ttl))
         return fresh
+
+    def _fresh(self, tenant_id: str, limit: int) -> int | None:
+        """The cached count while it is fresh and under ``limit`` (a count at the limit is
+        always read again before a refusal), else None."""
+        cached = self._counts.get(tenant_id)
+        if cached is not None and cached[1] > time.monotonic() and cached[0] < limit:
+            return cached[0]
+        return None
 
     def admitted(self, tenant_id: str) -> None:
         with self._lock:
