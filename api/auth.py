@@ -8,6 +8,7 @@ route (or parser) runs; it hands the principal it found to the dependencies in t
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 
@@ -83,7 +84,7 @@ async def principal_for_token(db: Database, token: str) -> Principal | None:
     digest = hash_key(token)
     valid = _keys.get(digest)
     if valid is None:
-        valid = await run_in_threadpool(_look_up, db, token)
+        valid = await _shared_look_up(db, token, digest)
         if valid is None:
             return None
         _keys.put(digest, valid)
@@ -91,6 +92,30 @@ async def principal_for_token(db: Database, token: str) -> Principal | None:
         _keys.pop(digest)
         return None
     return valid.principal
+
+
+# Lookups under way, by event loop and key hash: when a busy key's entry expires, the
+# requests that find it gone share one lookup instead of each making its own (and its own
+# thread-pool hop and connection). A waiter gets the answer of a lookup that started after
+# the entry expired, as if it had made it.
+_inflight: dict[tuple[int, str], asyncio.Future[ValidKey | None]] = {}
+
+
+async def _shared_look_up(db: Database, token: str, digest: str) -> ValidKey | None:
+    key = (id(asyncio.get_running_loop()), digest)
+    lookup = _inflight.get(key)
+    if lookup is None:
+        lookup = asyncio.ensure_future(run_in_threadpool(_look_up, db, token))
+        lookup.add_done_callback(_settled)
+        _inflight[key] = lookup
+        lookup.add_done_callback(lambda _done: _inflight.pop(key, None))
+    # shield: a waiter that goes away (a closed connection) does not cancel the others' lookup
+    return await asyncio.shield(lookup)
+
+
+def _settled(lookup: asyncio.Future[ValidKey | None]) -> None:
+    if not lookup.cancelled():
+        lookup.exception()  # retrieved: an error with no waiter left is not logged as lost
 
 
 def bearer_token(scope: Scope) -> str | None:

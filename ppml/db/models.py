@@ -94,6 +94,15 @@ class Tenant(Base):
     # When a worker last claimed one of its jobs: the tenant served longest ago goes first
     # (ppml.jobs.lifecycle.claim_next).
     last_claim_at: Mapped[datetime | None]
+    # Jobs ever admitted for it and their summed compute estimates, or more: each admission
+    # adds its batch's under the row's lock, before deciding (ppml.services.rooms). How much
+    # its queued and running jobs can have grown since they were last counted. The compute
+    # sum stops at ADMITTED_COMPUTE_CAP (from there on, every admission counts afresh).
+    admitted_jobs: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    admitted_compute: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+
+
+ADMITTED_COMPUTE_CAP = 2**61
 
 
 class ApiKey(Base):

@@ -84,6 +84,10 @@ def move(repos: Repositories, job: Job, to: JobStatus, *, now: datetime | None =
 
 def new_job(*, spec: JobSpec, progress: Progress, **fields: object) -> Job:
     """A job row in its first status, ``queued``."""
+    # The columns with server defaults get their values here, as their Python defaults would:
+    # a row that leaves one to the server makes the ORM insert a batch of jobs with RETURNING,
+    # as one long multi-row statement that is rendered, and parsed by psycopg, anew each time.
+    fields = {"preemptions": 0, "last_event_seq": 0, **fields}
     return Job(status=QUEUED, spec=spec, progress=progress, **fields)
 
 

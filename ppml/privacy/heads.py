@@ -80,6 +80,9 @@ class HeadFile:
         # (inode, mtime, ctime, size) of the file as last read → its heads, or why it is
         # invalid
         self._cache: tuple[tuple[int, ...], dict[str, Link] | str] | None = None
+        # The identity of the file as this process last wrote it (under the file lock): its
+        # heads are the ones it signed, so reading them back needs no verifying
+        self._own: tuple[int, ...] | None = None
         # Heads committed but not yet written, and the writer thread that writes them
         self._pending: dict[str, Link] = {}
         self._writing = False
@@ -98,15 +101,16 @@ class HeadFile:
         """The verified heads ({} when there is no file yet); raises LedgerHeadsInvalid.
 
         Cheap when the file did not change: one ``stat`` (``fresh`` reads and verifies it
-        regardless, as writers do under the lock).
+        regardless, as writers do under the lock, unless it is still the file this process
+        wrote last: the heads it signed itself).
         """
         try:
             stat = os.stat(self.path)
         except FileNotFoundError:
             return {}
-        key = (stat.st_ino, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_size)
+        key = _identity(stat)
         cached = self._cache
-        if fresh or cached is None or cached[0] != key:
+        if cached is None or cached[0] != key or (fresh and key != self._own):
             known = cached
             cached = (key, self._verified(self.path.read_text()))
             self._cache = cached
@@ -215,6 +219,11 @@ class HeadFile:
             handle.flush()
             os.fsync(handle.fileno())  # never a renamed empty file after a crash
         os.replace(staged, self.path)
+        # Under the file lock: no other writer replaced it since. The next read (admission
+        # checks it under every budget lock) then costs a stat, not a signature check.
+        own = _identity(os.stat(self.path))
+        self._cache = (own, dict(heads))
+        self._own = own
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
@@ -225,6 +234,11 @@ class HeadFile:
                 yield
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _identity(stat: os.stat_result) -> tuple[int, ...]:
+    """What tells one version of the file from another: inode, times and size."""
+    return (stat.st_ino, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_size)
 
 
 _NONE = Link(-1, "")

@@ -19,7 +19,7 @@ that version, and is priced again only after the budget changed.
 from __future__ import annotations
 
 import logging
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Iterable, Sequence
 
 from celery import Celery
 from sqlalchemy.exc import IntegrityError
@@ -210,8 +210,11 @@ class JobService:
             ledger = Ledger(repos)
             # Lock first (tenant, then budget): a duplicate with the same key is then
             # serialised behind us, and so is every other admission of the tenant.
-            room = self.rooms.locked(repos, [tenant_id])[tenant_id]
-            budget = ledger.lock(dataset.id) if pricing.event is not None else None
+            demand = {tenant_id: (1, pricing.compute)}
+            room = self.rooms.locked(repos, demand)[tenant_id]
+            budget, deleted = None, None
+            if pricing.event is not None:
+                budget, deleted = repos.lock_budget_of_live(dataset.id)
             if idempotency_key is not None:
                 existing = repos.job_by_idempotency_key(tenant_id, idempotency_key)
                 if existing is not None:
@@ -219,7 +222,7 @@ class JobService:
                     return existing, False
             if budget is not None:
                 ledger.require_current(dataset.id)  # 409 on a rolled-back ledger
-            self._refuse_if_deleted(repos, dataset.id)
+            self._refuse_if_deleted(repos, dataset.id, deleted)
             self.rooms.refuse_if_no_room(room, pricing.compute)  # only for a new job, not a replay
             job = new_job(admission, digest, idempotency_key)
             # Staged, not flushed: the commit writes the job, its entry and the totals in one
@@ -264,15 +267,15 @@ class JobService:
             repos = Repositories(session)
             ledger = Ledger(repos)
             # A dataset has one tenant, so this is one more lock per batch, not per item.
-            room = self.rooms.locked(repos, [a.tenant_id for a, _ in items])
-            budget = ledger.lock(dataset_id)
+            room = self.rooms.locked(repos, _demands(a for a, _ in items))
+            budget, deleted = repos.lock_budget_of_live(dataset_id)
             if budget is not None:
                 try:
                     ledger.require_current(dataset_id)
                 except (LedgerRollback, LedgerHeadsInvalid) as refusal:  # nothing written
                     return [type(refusal)(refusal.detail, **refusal.extra) for _ in items]
             try:
-                self._refuse_if_deleted(repos, dataset_id)
+                self._refuse_if_deleted(repos, dataset_id, deleted)
             except DatasetDeleted as refusal:  # nothing written
                 return [DatasetDeleted(refusal.detail, **refusal.extra) for _ in items]
             for admission, digest in items:
@@ -349,11 +352,23 @@ class JobService:
         self._datasets.pop((tenant_id, dataset_id))
 
     @staticmethod
-    def _refuse_if_deleted(repos: Repositories, dataset_id: str) -> None:
+    def _refuse_if_deleted(repos: Repositories, dataset_id: str, deleted: bool | None) -> None:
         """Under the tenant's lock, which a deletion holds too: the cached dataset may have
-        been deleted since it was read."""
-        if repos.dataset_deleted(dataset_id):
+        been deleted since it was read. ``deleted``: what the budget's lock read under that
+        lock already (None: ask)."""
+        if deleted is None:
+            deleted = repos.dataset_deleted(dataset_id)
+        if deleted:
             raise DatasetDeleted(
                 f"dataset {dataset_id} was deleted; its ledger, budget and audit trail are kept",
                 field="dataset_id",
             )
+
+
+def _demands(admissions: Iterable[Admission]) -> dict[str, tuple[int, int]]:
+    """Per tenant, the jobs and compute that admissions may add at most."""
+    demands: dict[str, tuple[int, int]] = {}
+    for admission in admissions:
+        jobs, compute = demands.get(admission.tenant_id, (0, 0))
+        demands[admission.tenant_id] = (jobs + 1, compute + admission.pricing.compute)
+    return demands

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from ppml.cache import LRUCache
@@ -20,6 +20,7 @@ __all__ = ["RETRY_WHEN_FULL_S", "ActiveJobs", "Room", "TenantRooms"]
 
 # What a 429 for a tenant at its active-job or compute limit asks clients to wait.
 RETRY_WHEN_FULL_S = 30
+_STRIPES = 64
 
 
 @dataclass
@@ -50,22 +51,68 @@ class ActiveJobs:
         # tenant → (count, fresh until); the least recently used tenants are forgotten first
         self._counts: LRUCache[str, tuple[int, float]] = LRUCache(10_000)
         self._lock = threading.Lock()  # makes admitted()'s read-modify-write atomic
+        # One read at a time per stripe of tenants: when a busy tenant's count expires, the
+        # requests that find it stale wait for one read (a scan of its active jobs) and
+        # take its answer, instead of each scanning
+        self._reading = [threading.Lock() for _ in range(_STRIPES)]
 
     def count(self, tenant_id: str, read: Callable[[], int], *, limit: int) -> int:
-        cached = self._counts.get(tenant_id)
-        now = time.monotonic()
-        if cached is not None and cached[1] > now and cached[0] < limit:
-            return cached[0]
-        fresh = read()
-        with self._lock:
-            self._counts.put(tenant_id, (fresh, now + self.ttl))
+        found = self._fresh(tenant_id, limit)
+        if found is not None:
+            return found
+        with self._reading[hash(tenant_id) % _STRIPES]:
+            found = self._fresh(tenant_id, limit)  # read meanwhile by another request
+            if found is not None:
+                return found
+            now = time.monotonic()
+            fresh = read()
+            with self._lock:
+                self._counts.put(tenant_id, (fresh, now + self.ttl))
         return fresh
+
+    def _fresh(self, tenant_id: str, limit: int) -> int | None:
+        """The cached count while it is fresh and under ``limit`` (a count at the limit is
+        always read again before a refusal), else None."""
+        cached = self._counts.get(tenant_id)
+        if cached is not None and cached[1] > time.monotonic() and cached[0] < limit:
+            return cached[0]
+        return None
 
     def admitted(self, tenant_id: str) -> None:
         with self._lock:
             cached = self._counts.get(tenant_id)
             if cached is not None:
                 self._counts.put(tenant_id, (cached[0] + 1, cached[1]))
+
+
+class CountedRooms:
+    """Each tenant's last exact count (as a :class:`Room`) with its admission counters at
+    the time, for :meth:`TenantRooms.locked` to bound the room from above without a scan.
+
+    Jobs become active only by admission, which adds to the counters first, so the count
+    plus the counters' growth bounds the active jobs from above. A counter that went back
+    (an older copy of the database restored) voids the entry; entries also expire after
+    ``ttl`` seconds, which keeps the bound close and limits what such a restore can hide.
+    """
+
+    def __init__(self, ttl: float = 5.0) -> None:
+        self._rooms: LRUCache[str, tuple[tuple[int, int], Room]] = LRUCache(10_000, ttl=ttl)
+
+    def put(self, tenant_id: str, counters: tuple[int, int] | None, room: Room) -> None:
+        if counters is not None:
+            self._rooms.put(tenant_id, (counters, Room(room.jobs, room.compute)))
+
+    def bound(self, tenant_id: str, counters: tuple[int, int] | None) -> Room | None:
+        """The room at most left now, given the counters before this transaction's demand
+        (None: not usable)."""
+        found = self._rooms.get(tenant_id) if counters is not None else None
+        if found is None or counters is None:
+            return None
+        (jobs_then, compute_then), room = found
+        more_jobs, more_compute = counters[0] - jobs_then, counters[1] - compute_then
+        if more_jobs < 0 or more_compute < 0:
+            return None
+        return Room(jobs=room.jobs - more_jobs, compute=room.compute + more_compute)
 
 
 class TenantRooms:
@@ -75,6 +122,7 @@ class TenantRooms:
     def __init__(self, db: Database, settings: Settings) -> None:
         self.db, self.settings = db, settings
         self._active = ActiveJobs()
+        self._counted = CountedRooms()
 
     def admitted(self, tenant_id: str) -> None:
         """Count a job this process admitted in the early counts."""
@@ -92,23 +140,45 @@ class TenantRooms:
 
         return limit - self._active.count(tenant_id, count, limit=limit)
 
-    def locked(self, repos: Repositories, tenant_ids: Sequence[str]) -> dict[str, Room]:
+    def locked(
+        self, repos: Repositories, demands: Mapping[str, tuple[int, int]]
+    ) -> dict[str, Room]:
         """Lock the tenants' rows, in id order, then count their active jobs and sum their
-        compute: the exact room.
+        compute: the exact room. ``demands``: per tenant, how many jobs (and how much
+        compute) the transaction may admit at most.
 
         Take it before any budget row (lock order: tenant, then budget). Admissions of one
         tenant then take turns, in every API process, so none can count before another's
         commit and overshoot a limit.
+
+        The count scans every queued and running job of the tenant, so it is skipped when
+        it cannot change a decision: the lock adds the demand to the tenant's admission
+        counters, and the last count plus what was admitted since (by the counters) bounds
+        the active jobs and their compute from above. When that bound leaves room for the
+        whole demand, every job of the transaction would pass the exact check too; the
+        room returned then holds the bound. Otherwise the jobs are counted, as always.
         """
         limit = self.settings.limits.max_active_jobs_per_tenant
-        for tenant_id in sorted(set(tenant_ids)):
-            repos.lock_tenant(tenant_id)
+        before = {
+            tenant_id: repos.lock_tenant_admitting(tenant_id, *demands[tenant_id])
+            for tenant_id in sorted(demands)
+        }
         rooms = {}
-        for tenant_id in set(tenant_ids):
-            # One scan gives both: the compute sum needs every active job anyway.
-            count, compute = repos.active_load(tenant_id)
-            rooms[tenant_id] = Room(jobs=limit - count, compute=compute)
+        for tenant_id, (jobs, compute) in demands.items():
+            room = self._counted.bound(tenant_id, before[tenant_id])
+            if room is None or not self._fits(room, jobs, compute):
+                # One scan gives both: the compute sum needs every active job anyway.
+                count, used = repos.active_load(tenant_id)
+                room = Room(jobs=limit - count, compute=used)
+                self._counted.put(tenant_id, before[tenant_id], room)
+            rooms[tenant_id] = room
         return rooms
+
+    def _fits(self, room: Room, jobs: int, compute: int) -> bool:
+        """Whether ``jobs`` more jobs of ``compute`` in all all pass :meth:`refuse_if_no_room`."""
+        return (
+            jobs <= room.jobs and room.compute + compute <= self.settings.limits.max_tenant_compute
+        )
 
     def refuse_if_full(self, room: int) -> None:
         if room <= 0:

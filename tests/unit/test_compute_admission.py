@@ -16,6 +16,7 @@ from ppml.errors import TooManyRequests
 from ppml.services.admissions import Admission
 from ppml.services.jobs import JobService
 from ppml.services.pricing import price
+from ppml.services.rooms import CountedRooms, Room
 from ppml.specs import request_hash
 from tests.unit.worlds import ServiceWorld as World
 from tests.unit.worlds import job_spec as spec
@@ -100,3 +101,30 @@ def test_the_limit_is_per_tenant(world: World) -> None:
     # assert
     assert created and neighbour.status == JobStatus.QUEUED
     other.sent()
+
+
+def test_a_bound_that_cannot_prove_room_counts_again(world: World) -> None:
+    # arrange: room for three jobs; the first admission counts, the second is decided on the
+    # bound (the last count plus the tenant's admission counters)
+    dataset = world.digits(epsilon=100.0)
+    job_spec = spec(dataset.id, epsilon=0.5)
+    size = price(job_spec, dataset, world.settings).compute
+    service = limited(world, 3 * size)
+    for _ in range(3):
+        service.submit(world.tenant_id, job_spec)
+    # act: the bound now says no room, so the jobs are counted: the refusal is exact
+    with pytest.raises(TooManyRequests) as refused:
+        service.submit(world.tenant_id, job_spec)
+    # assert
+    assert refused.value.extra["compute_in_use"] == 3 * size
+
+
+def test_the_bound_follows_the_counters_and_voids_when_they_go_back() -> None:
+    # arrange: a count of 5 jobs' room left and 100 compute in use, at counters (10, 1000)
+    counted = CountedRooms()
+    counted.put("t", (10, 1000), Room(jobs=5, compute=100))
+    # act / assert: two more admissions of 30 since → at most 3 left, at least 160 in use
+    assert counted.bound("t", (12, 1060)) == Room(jobs=3, compute=160)
+    assert counted.bound("t", (9, 1000)) is None  # an older copy of the database
+    assert counted.bound("t", None) is None  # a tenant whose compute counter is capped
+    assert counted.bound("other", (12, 1060)) is None

@@ -138,6 +138,25 @@ class DatasetQueries(Queries):
             stmt = stmt.execution_options(populate_existing=True)
         return self.session.scalar(stmt)
 
+    def lock_budget_of_live(self, dataset_id: str) -> tuple[DatasetBudget | None, bool | None]:
+        """The budget row locked as ``budget(lock=True)`` locks it, and whether its dataset
+        was deleted, in one statement; ``(None, None)`` when the dataset has no budget.
+
+        For admission, which asks both under the tenant's row lock: a deletion takes that
+        lock too, so ``deleted_at`` cannot change between this statement and the commit.
+        """
+        stmt = (
+            select(DatasetBudget, Dataset.deleted_at)
+            .join(Dataset, Dataset.id == DatasetBudget.dataset_id)
+            .where(DatasetBudget.dataset_id == dataset_id)
+            .with_for_update(of=DatasetBudget)
+            .execution_options(populate_existing=True)
+        )
+        row = self.session.execute(stmt).first()
+        if row is None:
+            return None, None
+        return row[0], row[1] is not None
+
     def budget_version(self, dataset_id: str) -> int | None:
         """The budget row's version alone (it changes with every ledger write), or None."""
         stmt = select(DatasetBudget.version).where(DatasetBudget.dataset_id == dataset_id)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import func, select, text, update
+from sqlalchemy import case, func, select, text, update
 
 from ppml.db.models import (
+    ADMITTED_COMPUTE_CAP,
     ApiKey,
     AuditEvent,
     Job,
@@ -48,6 +49,33 @@ class TenantQueries(Queries):
         """
         stmt = select(Tenant.id).where(Tenant.id == tenant_id).with_for_update(key_share=True)
         return self.session.scalar(stmt) is not None
+
+    def lock_tenant_admitting(
+        self, tenant_id: str, jobs: int, compute: int
+    ) -> tuple[int, int] | None:
+        """Lock the tenant's row as :meth:`lock_tenant` does (an ``UPDATE`` of columns that
+        are no key takes the same ``FOR NO KEY UPDATE`` lock), adding ``jobs`` and
+        ``compute`` to its admission counters; returns the counters as they were before, or
+        None (no such tenant, or a compute counter at its cap). One statement."""
+        cap = ADMITTED_COMPUTE_CAP
+        stmt = (
+            update(Tenant)
+            .where(Tenant.id == tenant_id)
+            .values(
+                admitted_jobs=Tenant.admitted_jobs + jobs,
+                # Saturates instead of overflowing (compared, never added past the cap).
+                admitted_compute=case(
+                    (Tenant.admitted_compute > cap - compute, cap),
+                    else_=Tenant.admitted_compute + compute,
+                ),
+            )
+            .returning(Tenant.admitted_jobs, Tenant.admitted_compute)
+            .execution_options(synchronize_session=False)
+        )
+        row = self.session.execute(stmt).first()
+        if row is None or row[1] >= cap:
+            return None
+        return int(row[0]) - jobs, int(row[1]) - compute
 
     def api_key_by_hash(self, key_hash: str) -> ApiKey | None:
         """The key with this hash, revoked or expired ones included."""
