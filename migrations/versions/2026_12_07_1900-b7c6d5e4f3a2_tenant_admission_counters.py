@@ -6,8 +6,8 @@ them from above, and admission skips the scan when that bound leaves room
 (ppml.services.rooms). Existing tenants start at 0: a process counts once before it bounds.
 
 Revision ID: b7c6d5e4f3a2
-Revises: a9d8e7f6c5b4
-Create Date: 2026-12-07 18:00:00+00:00
+Revises: c4d5e6f7a8b9
+Create Date: 2026-12-07 19:00:00+00:00
 """
 
 from collections.abc import Sequence
@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "b7c6d5e4f3a2"
-down_revision: str | None = "a9d8e7f6c5b4"
+down_revision: str | None = "c4d5e6f7a8b9"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
