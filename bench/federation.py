@@ -1,6 +1,6 @@
 """A federation job over local ``ppml node`` processes against the in-process simulation (#16).
 
-    python bench/federation.py [--nodes 3 10] [--rounds 3] [--rows 200] [--json PATH]
+    python bench/federation.py [--nodes 3 10] [--rounds 3] [--rows 200] [--json PATH] [--keep DIR]
 
 For each node count N: MNIST-1D (built-in generator) is split into N IID shards of
 ``--rows`` rows, each written to its own CSV; a real stack runs (PostgreSQL, Redis,
@@ -201,11 +201,19 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--rows", type=int, default=200, help="rows per node")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument(
+        "--keep", type=Path, default=None, help="keep the logs (API, worker, nodes) under this dir"
+    )
     args = parser.parse_args()
     results, table = [], []
     for nodes in args.nodes:
-        with tempfile.TemporaryDirectory() as tmp:
-            remote = _remote(nodes, args.rounds, args.rows, Path(tmp))
+        if args.keep is not None:
+            root = args.keep / f"nodes{nodes}"
+            root.mkdir(parents=True)
+            remote = _remote(nodes, args.rounds, args.rows, root)
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                remote = _remote(nodes, args.rounds, args.rows, Path(tmp))
         simulated = _simulated(nodes, args.rounds, args.rows)
         overhead = (remote["seconds"] - simulated) / args.rounds
         row = {
