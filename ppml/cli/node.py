@@ -80,6 +80,7 @@ def run(
     ] = 1,
 ) -> None:
     """Enrol (once, with --enrol) or come back, then train the federation's rounds."""
+    from ppml.node.ledger import prepare_accounting
     from ppml.node.runner import NodeError, NodeOptions, NodeRunner
     from ppml.node.train import prepare_torch
 
@@ -103,7 +104,8 @@ def run(
         max_tasks=max_tasks,
         poll_wait_s=poll_wait,
     )
-    prepare_torch(threads)
+    prepare_torch(threads)  # before polling, what a first round would otherwise pay for
+    prepare_accounting()
     runner = NodeRunner(options)
     try:
         runner.start()
