@@ -1,6 +1,7 @@
 """A federation job over local ``ppml node`` processes against the in-process simulation (#16).
 
-    python bench/federation.py [--nodes 3 10] [--rounds 3] [--rows 200] [--json PATH]
+    python bench/federation.py [--nodes 3 10] [--rounds 3] [--rows 200] [--json PATH] [--keep DIR]
+        [--sim-threads 1]
 
 For each node count N: MNIST-1D (built-in generator) is split into N IID shards of
 ``--rows`` rows, each written to its own CSV; a real stack runs (PostgreSQL, Redis,
@@ -14,7 +15,9 @@ The simulation (``train_federated``, 'column' partition over the same shards, th
 each node's plan) runs the same rounds in this process. Overhead per round = (remote time −
 simulated time) / rounds: polling, transfers, the database and the nodes' own processes.
 Every process shares this machine's cores, so the N nodes train in parallel only as far as
-there are cores for them.
+there are cores for them. Each node trains on one torch thread (``ppml node run``'s default),
+and so does the simulation (``--sim-threads``): on a loaded machine torch's spinning threads
+made the simulation 3-4 times slower at 2 threads than at 1.
 """
 
 from __future__ import annotations
@@ -138,7 +141,9 @@ def _remote(nodes: int, rounds: int, rows: int, root: Path) -> dict[str, float]:
     }
 
 
-def _simulated(nodes: int, rounds: int, rows: int) -> float:
+def _simulated(nodes: int, rounds: int, rows: int, threads: int) -> float:
+    import torch
+
     from ppml.federation.privacy import node_sample_plan
     from ppml.specs import JobSpec, ModelSpec
     from ppml.training import TrainingPlan
@@ -178,6 +183,7 @@ def _simulated(nodes: int, rounds: int, rows: int) -> float:
         sample_rate=node.sample_rate,
         delta=node.delta,
     )
+    torch.set_num_threads(threads)  # as each node trains (ppml node run --threads)
     started = time.perf_counter()
     train_federated(
         x_train=x,
@@ -201,12 +207,23 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--rows", type=int, default=200, help="rows per node")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument(
+        "--sim-threads", type=int, default=1, help="torch threads of the simulation (nodes: 1)"
+    )
+    parser.add_argument(
+        "--keep", type=Path, default=None, help="keep the logs (API, worker, nodes) under this dir"
+    )
     args = parser.parse_args()
     results, table = [], []
     for nodes in args.nodes:
-        with tempfile.TemporaryDirectory() as tmp:
-            remote = _remote(nodes, args.rounds, args.rows, Path(tmp))
-        simulated = _simulated(nodes, args.rounds, args.rows)
+        if args.keep is not None:
+            root = args.keep / f"nodes{nodes}"
+            root.mkdir(parents=True)
+            remote = _remote(nodes, args.rounds, args.rows, root)
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                remote = _remote(nodes, args.rounds, args.rows, Path(tmp))
+        simulated = _simulated(nodes, args.rounds, args.rows, args.sim_threads)
         overhead = (remote["seconds"] - simulated) / args.rounds
         row = {
             "nodes": nodes,
@@ -216,6 +233,7 @@ def main() -> None:
             "remote_round_p50_s": remote["round_p50_s"],
             "remote_rounds_per_s": args.rounds / remote["seconds"],
             "simulated_s": simulated,
+            "simulation_threads": args.sim_threads,
             "simulated_rounds_per_s": args.rounds / simulated,
             "overhead_per_round_s": overhead,
         }

@@ -39,8 +39,9 @@ from ppml.services import nodes as service
 router = APIRouter(prefix="/v1/node", tags=["node"])
 
 TaskId = Annotated[str, Path(max_length=64)]
-#: How often a long poll looks for a task, and the most polls one node may hold open.
-POLL_INTERVAL_S = 0.5
+#: How often a long poll looks for a task (a read after the first look; at 0.5 s a task
+#: waited 0.25 s on average to be handed out), and the most polls one node may hold open.
+POLL_INTERVAL_S = 0.2
 MAX_POLLS_PER_NODE = 2
 _polls: Counter[str] = Counter()  # open long polls per node, in this process
 
@@ -116,10 +117,11 @@ async def node_poll(body: Poll, node: CurrentNode, db: DatabaseDep, request: Req
         )
     _polls[node.node_id] += 1
     try:
-        end = time.monotonic() + body.wait_s
+        end, touch = time.monotonic() + body.wait_s, True
         while True:
             # Each look is its own short transaction: no connection is held while waiting.
-            task = await run_in_threadpool(service.poll_once, db, node)
+            task = await run_in_threadpool(service.poll_once, db, node, touch=touch)
+            touch = False
             if task is not None:
                 return JSONResponse({"task": task})
             if time.monotonic() >= end or await request.is_disconnected():

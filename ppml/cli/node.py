@@ -69,9 +69,20 @@ def run(
     poll_wait: Annotated[
         int, typer.Option("--poll-wait", min=0, max=25, help="Long-poll wait, seconds.")
     ] = 25,
+    threads: Annotated[
+        int,
+        typer.Option(
+            "--threads",
+            min=1,
+            help="Torch threads for local training (1 suits small models and nodes that "
+            "share a machine; raise it for large models on a machine of the node's own).",
+        ),
+    ] = 1,
 ) -> None:
     """Enrol (once, with --enrol) or come back, then train the federation's rounds."""
+    from ppml.node.ledger import prepare_accounting
     from ppml.node.runner import NodeError, NodeOptions, NodeRunner
+    from ppml.node.train import prepare_torch
 
     # force: importing opacus (under ppml.node.runner) already configured the root logger at
     # WARNING, which would hide the node's record of its rounds and of what it sent
@@ -93,6 +104,8 @@ def run(
         max_tasks=max_tasks,
         poll_wait_s=poll_wait,
     )
+    prepare_torch(threads)  # before polling, what a first round would otherwise pay for
+    prepare_accounting()
     runner = NodeRunner(options)
     try:
         runner.start()

@@ -62,6 +62,9 @@ class StoreChannel:
         self.db, self.store, self.job = db, store, job
         self.federation_id = fed.federation_id
         self.opened: dict[int, set[str]] = {}  # round → the task ids of its latest opening
+        # update key → its bytes: the loop asks for the answers at every look while a round
+        # waits; an accepted update never changes while its opening lasts (open_round clears)
+        self._updates: dict[str, bytes] = {}
 
     def nodes(self) -> list[str]:
         return [node.id for node in self._active()]
@@ -74,6 +77,7 @@ class StoreChannel:
         self, round_index: int, node_ids: Sequence[str], weights: bytes, timeout_s: float
     ) -> None:
         self.store.write(global_key(self.job.id, round_index), lambda p: p.write_bytes(weights))
+        self._updates.clear()  # the earlier rounds' were collected
         chosen = set(node_ids)
         with self.db.session(write=True) as session:
             repos = Repositories(session)
@@ -116,8 +120,10 @@ class StoreChannel:
         ]
 
     def _update(self, key: str) -> bytes:
-        with self.store.open_plain(key) as path:
-            return path.read_bytes()
+        if key not in self._updates:
+            with self.store.open_plain(key) as path:
+                self._updates[key] = path.read_bytes()
+        return self._updates[key]
 
     def close_round(self, round_index: int) -> None:
         with self.db.session(write=True) as session:

@@ -174,9 +174,15 @@ def hello(
     return federation
 
 
-def poll_once(db: Database, node: NodePrincipal) -> dict[str, Any] | None:
-    """Mark the node seen; its oldest open task whose deadline has not passed, or None."""
+def poll_once(db: Database, node: NodePrincipal, *, touch: bool = True) -> dict[str, Any] | None:
+    """The node's oldest open task whose deadline has not passed, or None; ``touch`` marks
+    the node seen (the first look of a long poll: its later looks only read, so a waiting
+    node costs one indexed read per look, not a write transaction)."""
     now = utcnow()
+    if not touch:
+        with db.read_one() as session:
+            task = Repositories(session).oldest_open_task(node.node_id, now=now)
+            return None if task is None else dict(task.payload)
     with db.session(write=True) as session:
         repos = Repositories(session)
         repos.touch_node(node.node_id, now=now)

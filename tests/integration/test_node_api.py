@@ -15,6 +15,7 @@ from ppml.config import Settings
 from ppml.db.repositories import Repositories
 from ppml.db.session import Database
 from ppml.federation.keys import update_key
+from ppml.jobs.federation import StoreChannel
 from ppml.services import federations as service
 from ppml.storage import ArtifactStore
 from tests.conftest import new_tenant
@@ -197,6 +198,31 @@ def test_updates_are_checked_recorded_and_stored(
         assert path.read_bytes() == update
     again = _upload(client, node, tasks[3].id, update)
     assert again.status_code == 409
+
+
+def test_the_workers_channel_hands_over_each_openings_own_update(
+    client: TestClient, settings: Settings, database: Database
+) -> None:
+    # arrange: the worker's channel opens a round for one node
+    owner = new_tenant(client)
+    federation = create_federation(client, owner)
+    node_id, node = enrolled_node(client, owner, federation["id"], "a")
+    job = federated_job(client, owner, federation["id"])
+    with database.session() as session:
+        row = Repositories(session).job_by_id(job["id"])
+    assert row is not None
+    channel = StoreChannel(database, ArtifactStore.for_settings(settings), row)
+    weights, eps = tensors_bytes(zeros()), {"epsilon": "0.5", "epsilon_total": "0.5"}
+    channel.open_round(0, [node_id], weights, 60)
+    first, second = tensors_bytes(zeros(0.01), eps), tensors_bytes(zeros(0.02), eps)
+    # act / assert: the accepted update, at every look (it is read once and kept)
+    assert _upload(client, node, next(iter(channel.opened[0])), first).status_code == 202
+    assert [a.update for a in channel.answers(0)] == [first]
+    assert [a.update for a in channel.answers(0)] == [first]
+    # act / assert: opened again (short of a quorum), the round hands over the new update
+    channel.open_round(0, [node_id], weights, 60)
+    assert _upload(client, node, next(iter(channel.opened[0])), second).status_code == 202
+    assert [a.update for a in channel.answers(0)] == [second]
 
 
 def test_a_closed_round_answers_stale(

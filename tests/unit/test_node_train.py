@@ -13,7 +13,7 @@ from safetensors.torch import save
 
 from ppml.errors import InvalidInput
 from ppml.node.tasks import Task
-from ppml.node.train import expected_shapes, local_update, model_of
+from ppml.node.train import expected_shapes, local_update, model_of, prepare_torch
 from ppml.node.updates import decode_weights, encode_update, sha256_hex
 from tests.unit.node_helpers import local_data
 
@@ -148,3 +148,15 @@ def test_global_weights_must_match_the_tasks_digest() -> None:
 def test_a_sample_task_needs_its_mechanism() -> None:
     with pytest.raises(ValueError, match="noise_multiplier"):
         _task("sample", {k: v for k, v in SAMPLE.items() if k != "noise_multiplier"})
+
+
+def test_prepare_torch_sets_the_nodes_threads() -> None:
+    # arrange
+    before = torch.get_num_threads()
+    try:
+        # act
+        prepare_torch(1)
+        # assert
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
