@@ -16,6 +16,7 @@ thread path, so behaviour never depends on it.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -23,11 +24,12 @@ from typing import Any, NamedTuple
 import psycopg
 from anyio import to_thread
 from psycopg.types.json import Json as PgJson
-from psycopg.types.json import Jsonb
+from psycopg.types.json import Jsonb, set_json_loads
 from sqlalchemy import JSON, bindparam, select
 from sqlalchemy.dialects.postgresql import JSONB, insert
 from sqlalchemy.engine import Dialect, make_url
 
+from ppml.db.base import Typed
 from ppml.db.models import AuditEvent, Job, JobEvent
 from ppml.db.repositories import Repositories
 from ppml.db.session import Database
@@ -133,6 +135,7 @@ class AsyncReads:
             # No check query per checkout (a round trip per poll): see _fetch.
             kwargs={"autocommit": True, "application_name": APPLICATION_NAME},
             name="ppml-reads",
+            configure=_raw_json,
         )
         try:
             await pool.open(wait=True, timeout=10)
@@ -233,6 +236,23 @@ def _bind_processor(type_: Any, dialect: Any) -> Callable[[Any], Any] | None:
 
 
 def _processor(type_: Any, dialect: Any) -> Callable[[Any], Any] | None:
-    """The column type's result processing (e.g. UTC datetimes), as the ORM applies it."""
+    """The column type's result processing (e.g. UTC datetimes), as the ORM applies it.
+
+    The pool's connections return JSON as its text (:func:`_raw_json`): a typed JSON column
+    validates the text directly (:meth:`Typed.from_json`), others parse it first."""
     processor: Callable[[Any], Any] | None = type_.result_processor(dialect, None)
+    if isinstance(type_, Typed):
+        return type_.from_json
+    if isinstance(type_.dialect_impl(dialect), JSON):
+        after = processor
+        return json.loads if after is None else lambda raw: after(json.loads(raw))
     return processor
+
+
+def _unparsed(data: str | bytes) -> str | bytes:
+    return data
+
+
+async def _raw_json(conn: psycopg.AsyncConnection[Any]) -> None:
+    """Have ``conn`` return json and jsonb values as their text, for :func:`_processor`."""
+    set_json_loads(_unparsed, conn)

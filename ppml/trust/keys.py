@@ -104,6 +104,12 @@ class SigningKeys:
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
+        # (key id, public key) → the parsed private key: a key's private part never changes,
+        # so each signature need not read and parse its PEM again (which key is active is
+        # still read every time, so a rotation by another process is seen at once)
+        self._parsed: dict[tuple[str, str], Ed25519PrivateKey] = {}
+        # (identity of keys.json, its keys) as last read
+        self._index: tuple[tuple[int, ...], list[dict[str, Any]]] | None = None
 
     @classmethod
     def for_settings(cls, settings: Settings, store: ArtifactStore | None = None) -> SigningKeys:
@@ -132,10 +138,16 @@ class SigningKeys:
 
     def _read(self) -> list[dict[str, Any]]:
         index = self.folder / _INDEX
-        if not index.exists():
+        try:
+            stat = os.stat(index)
+        except FileNotFoundError:
             return []
-        keys: list[dict[str, Any]] = json.loads(index.read_text())["keys"]
-        return keys
+        # keys.json is only ever replaced (os.replace: a new inode), so a file with the same
+        # identity as the last one read holds the same keys
+        identity = (stat.st_ino, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_size)
+        if self._index is None or self._index[0] != identity:
+            self._index = (identity, json.loads(index.read_text())["keys"])
+        return [dict(key) for key in self._index[1]]  # copies: callers may change them
 
     def _write(self, keys: list[dict[str, Any]]) -> None:
         staged = self.folder / f".{_INDEX}.tmp"
@@ -171,9 +183,17 @@ class SigningKeys:
     def sign(self, payload: bytes) -> Signature:
         """Sign with the active key."""
         key = self.active()
-        private = serialization.load_pem_private_key(self._private_pem(key["key_id"]), None)
-        assert isinstance(private, Ed25519PrivateKey)
-        return Signature(key_id=key["key_id"], value=_b64(private.sign(payload)))
+        return Signature(key_id=key["key_id"], value=_b64(self._private(key).sign(payload)))
+
+    def _private(self, key: Mapping[str, Any]) -> Ed25519PrivateKey:
+        """The private key of the public record ``key``, parsed once per process."""
+        cache_key = (str(key["key_id"]), str(key["public_key"]))
+        private = self._parsed.get(cache_key)
+        if private is None:
+            loaded = serialization.load_pem_private_key(self._private_pem(cache_key[0]), None)
+            assert isinstance(loaded, Ed25519PrivateKey)
+            private = self._parsed[cache_key] = loaded
+        return private
 
     def rotate(self) -> dict[str, Any]:
         """A new active key; the old active key is retired now (it keeps verifying what it
@@ -216,8 +236,9 @@ class StoredSigningKeys(SigningKeys):
     that uses the store: ``{"keys": [public records], "private": {key id: PEM}}``.
 
     The first key is created with a conditional write (create-if-absent), so of processes
-    starting together one keyring wins and every process signs with it. Nothing is cached:
-    each signature reads the current document, so a rotation reaches every process at once.
+    starting together one keyring wins and every process signs with it. Only parsed private
+    keys are cached (they never change): each signature reads the current document to find
+    the active key, so a rotation reaches every process at once.
     """
 
     KEY = "keys/signing.json"
@@ -227,6 +248,7 @@ class StoredSigningKeys(SigningKeys):
         if not store.seals(self.KEY):
             raise ValueError("a stored keyring needs a store with the data key, to seal it")
         self.store = store
+        self._parsed = {}
 
     def __str__(self) -> str:
         return f"{self.KEY} of {self.store!r}"

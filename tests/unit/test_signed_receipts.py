@@ -146,6 +146,19 @@ def test_rotation_keeps_old_receipts_valid(keys: SigningKeys, model: Path) -> No
     assert json.loads(old)["signature"]["key_id"] != new_key["key_id"]
 
 
+def test_a_rotation_by_another_process_reaches_a_signer_at_once(
+    keys: SigningKeys, model: Path, tmp_path: Path
+) -> None:
+    # arrange: this signer has signed (and parsed its key) before the other one rotates
+    _signed(keys)
+    new_key = SigningKeys(tmp_path / "keys").rotate()
+    # act
+    receipt = _signed(keys)
+    # assert
+    assert json.loads(receipt)["signature"]["key_id"] == new_key["key_id"]
+    assert check_receipt(model, receipt, _keys_file(keys)).ok
+
+
 def test_malformed_files_fail_with_a_reason_instead_of_a_crash(
     keys: SigningKeys, model: Path, tmp_path: Path
 ) -> None:
