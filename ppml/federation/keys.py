@@ -15,6 +15,8 @@ def global_key(job_id: str, round_: int) -> str:
     return f"federations/{job_id}.round-{round_}.global.safetensors"
 
 
-def update_key(job_id: str, round_: int, node_id: str) -> str:
-    """A node's accepted update for ``round_`` (local − global, safetensors, float32)."""
-    return f"federations/{job_id}.round-{round_}.update.{node_id}.safetensors"
+def update_key(job_id: str, round_: int, node_id: str, upload: str) -> str:
+    """A node's update for ``round_`` (local − global, safetensors, float32). ``upload``
+    names one upload: two uploads racing for the same task write files of their own, so the
+    one that loses the task's conditional update deletes its own file, never the winner's."""
+    return f"federations/{job_id}.round-{round_}.update.{node_id}.{upload}.safetensors"

@@ -251,7 +251,7 @@ def accept_update(
                 task_id, TaskStatus.REJECTED, now=utcnow(), detail=refusal.detail
             )
         raise
-    key = update_key(job_id, round_, node.node_id)
+    key = update_key(job_id, round_, node.node_id, secrets.token_hex(8))
     store.write(key, lambda path: path.write_bytes(body))
     with db.session(write=True) as session:
         repos = Repositories(session)

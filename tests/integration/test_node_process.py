@@ -20,7 +20,7 @@ from ppml.config import Settings
 from ppml.db.models import utcnow
 from ppml.db.repositories import Repositories
 from ppml.db.session import Database
-from ppml.federation.keys import global_key, update_key
+from ppml.federation.keys import global_key
 from ppml.federation.updates import read_header
 from ppml.privacy import accounting as acc
 from ppml.services import federations as service
@@ -133,10 +133,12 @@ def test_a_node_enrols_trains_a_round_and_its_update_is_accepted(tmp_path: Path)
             task = Repositories(session).task(task_id)
             assert task is not None
             assert task.status == "accepted", task.detail
-            node_id = task.node_id
+            node_id, stored_at = task.node_id, task.update_key
         db.dispose()
+        assert stored_at is not None
+        assert stored_at.startswith(f"federations/{job.json()['id']}.round-0.update.{node_id}.")
         store = ArtifactStore.for_settings(settings)
-        with store.open_plain(update_key(job.json()["id"], 0, node_id)) as path:
+        with store.open_plain(stored_at) as path:
             metadata = read_header(path.read_bytes())["__metadata__"]
         # the node priced the round itself from (q, σ, steps), with ppml's accountant
         privacy = payload["privacy"]
