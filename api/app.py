@@ -158,6 +158,7 @@ def _body_limits(limits: Limits) -> list[RouteLimit]:
         RouteLimit("POST", "/v1/jobs/[^/]+/predict", limits.max_predict_bytes),
         # Checked exactly against the model's size by the route (ppml.services.nodes).
         RouteLimit("POST", "/v1/node/tasks/[^/]+/update", 4 * limits.max_parameters + (1 << 20)),
-        # Unauthenticated until the body's token is checked: small bodies only.
-        RouteLimit("POST", "/v1/node/(schema|enrol)", 16 * 1024),
+        # Unauthenticated until the body's token is checked: small bodies only, yet room for
+        # any valid one (a 2,000-character message of JSON-escaped surrogate pairs is 24 KB).
+        RouteLimit("POST", "/v1/node/(schema|enrol)", 256 * 1024),
     ]

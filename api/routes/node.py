@@ -60,7 +60,7 @@ def _check(body: Enrolment | Hello) -> service.SchemaCheck:
 
 
 @router.post(
-    "/schema", operation_id="node_schema", responses=errors(), response_model=FederationInfo
+    "/schema", operation_id="node_schema", responses=errors(413), response_model=FederationInfo
 )
 def node_schema(body: EnrolmentToken, db: DatabaseDep) -> FederationInfo:
     """The schema an enrolment token's federation declares (the token is not used up)."""
@@ -72,7 +72,7 @@ def node_schema(body: EnrolmentToken, db: DatabaseDep) -> FederationInfo:
     "/enrol",
     status_code=201,
     operation_id="node_enrol",
-    responses=errors(),
+    responses=errors(413),
     response_model=NodeEnrolled,
 )
 def node_enrol(body: Enrolment, db: DatabaseDep) -> NodeEnrolled:
