@@ -67,9 +67,9 @@ class StoreChannel:
         self._updates: dict[str, bytes] = {}
 
     def nodes(self) -> list[str]:
-        return [node.id for node in self._active()]
+        return [node.id for node in self.active_nodes()]
 
-    def _active(self) -> Sequence[FederationNode]:
+    def active_nodes(self) -> Sequence[FederationNode]:
         with self.db.session() as session:
             return list(Repositories(session).active_nodes(self.federation_id))
 
@@ -207,7 +207,7 @@ def train_federation_job(
     channel = StoreChannel(db, store, job)
     with db.session(write=True) as session:  # an earlier attempt's tasks are void now
         federations.mark_stale(Repositories(session), job.id)
-    nodes = {n.id: (n.name, n.rows or 0) for n in channel._active()}
+    nodes = {n.id: (n.name, n.rows or 0) for n in channel.active_nodes()}
     result = train_remote(
         module=module,
         plan=_remote_plan(job, sum(p.numel() for p in module.parameters()), nodes, steps_per_round),
@@ -219,7 +219,7 @@ def train_federation_job(
     )
     with db.session(write=True) as session:
         federations.mark_stale(Repositories(session), job.id, detail="the job ended")
-    nodes |= {n.id: (n.name, n.rows or 0) for n in channel._active()}
+    nodes |= {n.id: (n.name, n.rows or 0) for n in channel.active_nodes()}
     return FederationOutcome(
         state_dict=result.state_dict,
         steps_done=result.rounds_done * steps_per_round,
