@@ -38,7 +38,7 @@ from ppml.training import (  # noqa: E402
     steppers,
     train,
 )
-from ppml.training.fast_dp import FastDPEngine, unsupported_layers  # noqa: E402
+from ppml.training.fast_dp import FastDPEngine, small_maps, unsupported_layers  # noqa: E402
 from ppml.training.fast_dp.bilinear import _channel_minor, prefer_ghost  # noqa: E402
 from ppml.training.fast_dp.rules import GroupNormRule, Rule  # noqa: E402
 from tests.unit.shapes import input_shape_for  # noqa: E402
@@ -273,9 +273,11 @@ def test_group_norm_without_saved_statistics_recomputes_them(
     ],
 )
 def test_wide_convolutions_on_small_maps_build_channel_minor_patches_and_match_opacus(
-    conv: dict[str, Any],
+    conv: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # 16 input channels on a 5x6 map: patches in (offset, channel) order
+    # 16 input channels on a 5x6 map: patches in (offset, channel) order (the pixel-Gram
+    # route, which would take the one-position case, is switched off)
+    monkeypatch.setattr(small_maps, "MAX_POSITION_PAIRS", 0)
     torch.manual_seed(8)
     layer = nn.Conv2d(16, 6, **conv)
     with torch.no_grad():
@@ -296,8 +298,10 @@ def test_channel_minor_patches_follow_non_zero_padding_modes() -> None:
 
 
 @pytest.mark.parametrize("groups", [1, 4])
-def test_ghost_norm_convolutions_match_opacus(groups: int) -> None:
-    # a 2x2 stride-2 convolution on a 2x2 map has one position: the ghost path
+def test_ghost_norm_convolutions_match_opacus(groups: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    # a 2x2 stride-2 convolution on a 2x2 map has one position: the ghost path (not the
+    # pixel-Gram route, switched off here, which one group would otherwise take)
+    monkeypatch.setattr(small_maps, "MAX_POSITION_PAIRS", 0)
     torch.manual_seed(6)
     conv = nn.Conv2d(8, 16, 2, stride=2, groups=groups)
     model = nn.Sequential(nn.Conv2d(3, 8, 2, stride=2), nn.ReLU(), conv, nn.Flatten())
@@ -447,6 +451,52 @@ def test_inplace_activation_after_a_layer_keeps_the_right_gradient() -> None:
 
 
 # --- the mixed strategy --------------------------------------------------------------
+
+
+class _CountingPixelGram(small_maps.PixelGram):
+    made = 0
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        _CountingPixelGram.made += 1
+
+
+@pytest.mark.parametrize(
+    ("conv", "shape"),
+    [
+        (dict(kernel_size=3, padding="same"), (16, 4, 4)),  # cnn2d's second block, digits
+        (dict(kernel_size=5, padding="same"), (16, 4, 4)),  # ... with the 5x5 default
+        (dict(kernel_size=4, padding="same", dilation=2), (3, 4, 4)),  # asymmetric "same"
+        (dict(kernel_size=3, stride=2, padding=2, bias=False), (5, 4, 3)),
+        (dict(kernel_size=(2, 3), padding=(1, 0)), (2, 3, 5)),
+        (dict(kernel_size=3, padding=1, padding_mode="reflect"), (4, 3, 3)),
+        (dict(kernel_size=5, padding=2), (8, 12)),  # 1-D
+        (dict(kernel_size=3, stride=3, dilation=2), (6, 16)),
+    ],
+)
+def test_convolutions_on_small_maps_take_pixel_grams_and_match_per_sample_gradients(
+    conv: dict[str, Any], shape: tuple[int, ...], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(small_maps, "PixelGram", _CountingPixelGram)
+    _CountingPixelGram.made = 0
+    torch.manual_seed(11)
+    layer = (nn.Conv2d if len(shape) == 3 else nn.Conv1d)(shape[0], 7, **conv)
+    with torch.no_grad():
+        flat = layer(torch.zeros(1, *shape)).numel()
+    model = nn.Sequential(layer, nn.Tanh(), nn.Flatten(), nn.Linear(flat, 3))
+    batch = (torch.randn(17, *shape), labels(17, 3))
+
+    # per-sample autograd: Opacus departs from it for non-zero padding modes
+    check(model, batch, 0.5, reference=looped_grads)
+    check(model, batch, 50.0, reference=looped_grads)  # nothing clipped: the plain sum
+    assert _CountingPixelGram.made == 2
+
+
+def test_pixel_grams_only_on_small_maps_of_one_group() -> None:
+    conv = nn.Conv2d(16, 32, 3, padding="same")
+    assert small_maps.fits(conv, 16, 16)  # 4x4 in, 4x4 out
+    assert not small_maps.fits(conv, 64, 64)  # 8x8: M would be 4096 x 4096
+    assert not small_maps.fits(nn.Conv2d(16, 32, 3, groups=4), 16, 16)
 
 
 def test_ghost_norm_for_flat_inputs_and_materialised_for_long_sequences() -> None:

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from ppml.training.fast_dp import small_maps
 from ppml.training.fast_dp.rules import Buffers, Call, Rule, join, row_norms
 
 __all__ = ["ConvRule", "LinearRule", "prefer_ghost"]
@@ -259,6 +260,7 @@ class ConvRule(Rule):
         self._weight = grads[module.weight]
         self._bias = None if module.bias is None else grads[module.bias]
         self._bilinear: _Bilinear | None = None
+        self._pixel_gram: small_maps.PixelGram | None = None
         self._samples = torch.empty(0)
         self._bias_samples = torch.empty(0)
         self._channel_minor = False
@@ -273,7 +275,10 @@ class ConvRule(Rule):
         d = conv.in_channels // conv.groups * math.prod(conv.kernel_size)
         ghost = prefer_ghost(positions, d, k)
         self._channel_minor = False
-        if ghost or positions < GROUPED_MIN_POSITIONS or d < GROUPED_MIN_WIDTH:
+        self._pixel_gram = self._small_map(calls, g)
+        if self._pixel_gram is not None:
+            norms = [self._pixel_gram.norm()]
+        elif ghost or positions < GROUPED_MIN_POSITIONS or d < GROUPED_MIN_WIDTH:
             self._channel_minor = _channel_minor(conv)
             # one buffer of patches: a module called several times joins fresh ones
             buffers = self._buffers if len(calls) == 1 else None
@@ -293,8 +298,21 @@ class ConvRule(Rule):
             norms.append(row_norms(self._bias_samples))
         return norms
 
+    def _small_map(self, calls: Sequence[Call], g: Tensor) -> small_maps.PixelGram | None:
+        """The pixel-Gram route for one call on a small map, else None."""
+        conv, x = self.conv, calls[0].inputs[0]
+        # padding only adds pixels: the unpadded count rules most maps out unpadded
+        if len(calls) > 1 or not small_maps.fits(conv, math.prod(x.shape[2:]), g.shape[2]):
+            return None
+        x, padding = _conv_input(conv, x)
+        if not small_maps.fits(conv, math.prod(x.shape[2:]), g.shape[2]):
+            return None
+        return small_maps.PixelGram(x, padding, g, conv)
+
     def accumulate(self, scale: Tensor, alpha: float, beta: float) -> None:
-        if self._bilinear is not None and self._channel_minor:
+        if self._pixel_gram is not None:
+            self._pixel_gram.accumulate(self._weight, scale, alpha, beta)
+        elif self._bilinear is not None and self._channel_minor:
             # the clipped sum in (C_out, kh, kw, C_in) order, then into the weight's order
             out_channels, in_channels, height, width = self._weight.shape
             update = self._weight.new_empty(out_channels, height, width, in_channels)
@@ -306,4 +324,5 @@ class ConvRule(Rule):
             self._weight.view(-1).addmv_(self._samples.t(), scale, beta=beta, alpha=alpha)
         if self._bias is not None:
             self._bias.addmv_(self._bias_samples.t(), scale, beta=beta, alpha=alpha)
-        self._bilinear, self._samples, self._bias_samples = None, torch.empty(0), torch.empty(0)
+        self._bilinear, self._pixel_gram = None, None
+        self._samples, self._bias_samples = torch.empty(0), torch.empty(0)
