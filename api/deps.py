@@ -14,6 +14,7 @@ from typing import Annotated, Any
 from fastapi import Depends, Path, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
+from starlette.requests import HTTPConnection
 
 from api.auth import (
     NODE_SCOPE_KEY,
@@ -49,7 +50,21 @@ __all__ = [
     "StoreDep",
 ]
 
-_bearer = HTTPBearer(auto_error=False, description="An API key, or the admin token.")
+
+class _Bearer(HTTPBearer):
+    """The bearer scheme OpenAPI declares; it leaves the header unread when
+    :class:`api.auth.Authenticate` already resolved the request's key or node credential."""
+
+    async def __call__(self, request: HTTPConnection) -> HTTPAuthorizationCredentials | None:
+        scope = request.scope
+        if PRINCIPAL_SCOPE_KEY in scope or NODE_SCOPE_KEY in scope:
+            return None
+        return await super().__call__(request)
+
+
+_bearer = _Bearer(
+    auto_error=False, scheme_name="HTTPBearer", description="An API key, or the admin token."
+)
 
 
 async def _database(request: Request) -> Database:
@@ -105,7 +120,7 @@ async def _admin(credentials: Credentials, settings: SettingsDep) -> None:
         raise Unauthorized("invalid admin token")
 
 
-async def _principal(request: Request, credentials: Credentials, db: DatabaseDep) -> Principal:
+async def _principal(request: Request, credentials: Credentials) -> Principal:
     found: Principal | None = request.scope.get(PRINCIPAL_SCOPE_KEY)
     if found is not None:
         return found
@@ -113,6 +128,7 @@ async def _principal(request: Request, credentials: Credentials, db: DatabaseDep
         raise Unauthorized("missing bearer token")
     if credentials.credentials.startswith(CREDENTIAL_PREFIX):
         raise Unauthorized("node credentials are accepted only on /v1/node/ routes")
+    db: Database = request.app.state.db
     principal = await principal_for_token(db, credentials.credentials)
     if principal is None:
         raise Unauthorized("invalid API key")
@@ -122,12 +138,13 @@ async def _principal(request: Request, credentials: Credentials, db: DatabaseDep
 CurrentPrincipal = Annotated[Principal, Depends(_principal)]
 
 
-async def _node(request: Request, credentials: Credentials, db: DatabaseDep) -> NodePrincipal:
+async def _node(request: Request, credentials: Credentials) -> NodePrincipal:
     found: NodePrincipal | None = request.scope.get(NODE_SCOPE_KEY)
     if found is not None:
         return found
     if credentials is None:
         raise Unauthorized("missing bearer token")
+    db: Database = request.app.state.db
     node = await node_for_credential(db, credentials.credentials)
     if node is None:
         raise Unauthorized("invalid node credential")
@@ -148,6 +165,8 @@ async def _owner(principal: CurrentPrincipal) -> Principal:
 
 async def reject_unknown_query(request: Request) -> None:
     """A query parameter the route does not declare is a 422 (a typo must not pass silently)."""
+    if not request.scope.get("query_string"):  # most requests: nothing to check
+        return
     route = request.scope.get("route")
     dependant = getattr(route, "dependant", None)
     if dependant is None:
@@ -186,12 +205,13 @@ def _owned_dataset(
 
 async def _owned_job(
     request: Request,
-    tenant_id: CurrentTenant,
+    principal: CurrentPrincipal,
     job_id: Annotated[str, Path(max_length=64)],
 ) -> Job:
-    # No thread on PostgreSQL: the read runs on the event loop (ppml.db.reads).
+    # No thread on PostgreSQL: the read runs on the event loop (ppml.db.reads). The tenant
+    # comes from the principal directly: one dependency less to solve on every poll.
     reads: AsyncReads = request.app.state.reads
-    job = await reads.job(tenant_id, job_id)
+    job = await reads.job(principal.tenant_id, job_id)
     if job is None:
         raise NotFound("job not found")
     return job

@@ -56,6 +56,9 @@ class BodySizeLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        if not _may_have_body(scope):  # a GET, say: no byte to count
+            await self.app(scope, receive, send)
+            return
         limit = self.limit(scope)
         declared = _content_length(scope)
         if declared is not None and declared > limit:
@@ -81,6 +84,15 @@ def _too_large(limit: int) -> Response:
     )
     response.headers["Connection"] = "close"
     return response
+
+
+def _may_have_body(scope: Scope) -> bool:
+    """False only for a request that declares no body: neither ``Transfer-Encoding`` nor a
+    ``Content-Length`` other than 0 (HTTP/1.1 then allows none to follow)."""
+    for name, value in scope.get("headers", []):
+        if name == b"transfer-encoding" or (name == b"content-length" and value.strip() != b"0"):
+            return True
+    return False
 
 
 def _content_length(scope: Scope) -> int | None:

@@ -10,11 +10,11 @@ from collections.abc import Iterator
 from enum import StrEnum
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Request
+from fastapi import Query, Request
 from fastapi.responses import StreamingResponse
 
 from api.deps import DatabaseDep, ReposDep, RequireOwner
-from api.routes.common import DEFAULT_PAGE_SIZE, PageSize, PageToken, errors
+from api.routes.common import DEFAULT_PAGE_SIZE, PageSize, PageToken, Router, errors
 from api.schemas import AuditEvent, AuditPage
 from ppml.db.repositories import Repositories
 from ppml.db.session import Database
@@ -22,7 +22,7 @@ from ppml.services import audit
 
 __all__ = ["AUDIT_RESPONSES", "JSONL_MEDIA_TYPE", "audit_answer", "router"]
 
-router = APIRouter(prefix="/v1/audit", tags=["audit"])
+router = Router(prefix="/v1/audit", tags=["audit"])
 
 JSONL_MEDIA_TYPE = "application/x-ndjson"
 

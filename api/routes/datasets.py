@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, BackgroundTasks, Form, Path, Query, Response, UploadFile
+from fastapi import BackgroundTasks, Form, Path, Query, Response, UploadFile
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from api.deps import (
@@ -16,7 +16,7 @@ from api.deps import (
     SettingsDep,
     StoreDep,
 )
-from api.routes.common import DEFAULT_PAGE_SIZE, PageSize, PageToken, errors
+from api.routes.common import DEFAULT_PAGE_SIZE, PageSize, PageToken, Router, errors
 from api.schemas import (
     Budget,
     Dataset,
@@ -45,7 +45,7 @@ BUDGET_NEEDS_OWNER = (
     "an analyst key may register public data (no budget)"
 )
 
-router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+router = Router(prefix="/v1/datasets", tags=["datasets"])
 
 
 class DatasetUpload(BaseModel):

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Response
+from fastapi import Path, Response
 
 from api.deps import CurrentPrincipal, ReposDep
-from api.routes.common import DEFAULT_PAGE_SIZE, PageSize, PageToken, errors
+from api.routes.common import DEFAULT_PAGE_SIZE, PageSize, PageToken, Router, errors
 from api.schemas.federations import (
     Federation,
     FederationBudget,
@@ -25,7 +25,7 @@ from ppml.privacy.budgets import budget_status
 from ppml.services import federations as service
 from ppml.services.datasets import BudgetRequest
 
-router = APIRouter(prefix="/v1/federations", tags=["federations"])
+router = Router(prefix="/v1/federations", tags=["federations"])
 
 FederationId = Annotated[str, Path(max_length=64)]
 

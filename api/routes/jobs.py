@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Annotated
 
-from fastapi import APIRouter, BackgroundTasks, Depends, Header, Path, Query, Request, Response
+from fastapi import BackgroundTasks, Depends, Header, Path, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
@@ -28,7 +28,7 @@ from api.deps import (
 )
 from api.events import EventStream, StreamSlots, follow
 from api.rates import TokenBuckets
-from api.routes.common import DEFAULT_PAGE_SIZE, PageSize, PageToken, errors
+from api.routes.common import DEFAULT_PAGE_SIZE, PageSize, PageToken, Router, errors
 from api.schemas import (
     ExactMetrics,
     ExactScores,
@@ -48,7 +48,7 @@ from ppml.jobs import webhooks
 from ppml.jobs.records import Progress
 from ppml.trust.sealing import DataKeys
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+router = Router(prefix="/v1/jobs", tags=["jobs"])
 
 StatusFilter = Annotated[JobStatusFilter | None, Query(description="Only jobs in this status.")]
 

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Response
+from fastapi import Path, Response
 
 from api.deps import CurrentPrincipal, ReposDep, RequireOwner
-from api.routes.common import DEFAULT_PAGE_SIZE, PageSize, PageToken, errors
+from api.routes.common import DEFAULT_PAGE_SIZE, PageSize, PageToken, Router, errors
 from api.schemas import ApiKey, ApiKeyPage
 from ppml.db.repositories import Repositories
 from ppml.services import tenants
 
-router = APIRouter(prefix="/v1/api-keys", tags=["keys"])
+router = Router(prefix="/v1/api-keys", tags=["keys"])
 
 
 @router.get("", operation_id="list_own_api_keys", responses=errors(403), response_model=ApiKeyPage)

@@ -11,12 +11,12 @@ import struct
 from typing import Annotated, Any, Literal
 
 import numpy as np
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import Depends, Query, Request
 from fastapi.responses import FileResponse, Response
 
 from api.deps import CurrentPrincipal, DatabaseDep, OwnedJob, SettingsDep, StoreDep
 from api.downloads import serve_artifact
-from api.routes.common import errors
+from api.routes.common import Router, errors
 from api.routes.pate import answer_privately
 from api.schemas import (
     ModelArchitecture,
@@ -35,7 +35,7 @@ from ppml.jobs.records import Receipt
 from ppml.services import audit
 from ppml.storage import ArtifactStore
 
-router = APIRouter(prefix="/v1/jobs", tags=["models"])
+router = Router(prefix="/v1/jobs", tags=["models"])
 
 _MAX_HEADER = 16 * 1024 * 1024
 

@@ -14,12 +14,12 @@ import time
 from collections import Counter
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Request, Response
+from fastapi import Path, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
 from api.deps import CurrentNode, DatabaseDep, StoreDep
-from api.routes.common import errors
+from api.routes.common import Router, errors
 from api.schemas.federations import (
     Enrolment,
     EnrolmentToken,
@@ -36,7 +36,7 @@ from ppml.db.federations import Federation
 from ppml.errors import TooManyRequests
 from ppml.services import nodes as service
 
-router = APIRouter(prefix="/v1/node", tags=["node"])
+router = Router(prefix="/v1/node", tags=["node"])
 
 TaskId = Annotated[str, Path(max_length=64)]
 #: How often a long poll looks for a task (a read after the first look; at 0.5 s a task

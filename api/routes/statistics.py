@@ -4,16 +4,16 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path
+from fastapi import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.deps import CurrentPrincipal, DatabaseDep, OwnedDataset
-from api.routes.common import errors
+from api.routes.common import Router, errors
 from ppml.datasets.statistics import DatasetStatistics
 from ppml.errors import NotFound
 from ppml.services.statistics import release_statistics, statistics_of
 
-router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+router = Router(prefix="/v1/datasets", tags=["datasets"])
 
 
 class StatisticsRequest(BaseModel):

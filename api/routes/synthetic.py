@@ -12,13 +12,13 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
 from api.deps import CurrentPrincipal, OwnedJob, StoreDep
 from api.downloads import serve_artifact
-from api.routes.common import errors
+from api.routes.common import Router, errors
 from ppml.db.models import Job, JobStatus
 from ppml.db.reads import AsyncReads
 from ppml.errors import Conflict, Gone
@@ -26,7 +26,7 @@ from ppml.jobs.synthesis import REPORT, SYNTHETIC
 from ppml.services import audit
 from ppml.storage import ArtifactStore
 
-router = APIRouter(prefix="/v1/jobs", tags=["synthetic"])
+router = Router(prefix="/v1/jobs", tags=["synthetic"])
 
 
 class SyntheticNotReady(Conflict):

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Path, Request, Response
+from fastapi import Body, Path, Request, Response
 
 from api.deps import AdminAuth, DatabaseDep, ReposDep
 from api.routes.audit import AUDIT_RESPONSES, ActionFilter, Format, ObjectFilter, audit_answer
-from api.routes.common import DEFAULT_PAGE_SIZE, PageSize, PageToken, errors
+from api.routes.common import DEFAULT_PAGE_SIZE, PageSize, PageToken, Router, errors
 from api.routes.keys import key_page
 from api.schemas import (
     ApiKeyCreate,
@@ -22,7 +22,7 @@ from api.schemas import (
 from ppml.errors import NotFound
 from ppml.services import tenants
 
-router = APIRouter(prefix="/v1/tenants", tags=["tenants"])
+router = Router(prefix="/v1/tenants", tags=["tenants"])
 
 
 @router.post(

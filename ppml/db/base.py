@@ -10,12 +10,14 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
-from pydantic import TypeAdapter, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 from sqlalchemy import JSON, DateTime, MetaData, TypeDecorator
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase
 from sqlalchemy.types import TypeEngine
+
+from ppml.cache import LRUCache
 
 __all__ = ["NAMING_CONVENTION", "Base", "JSONType", "Typed", "UTCDateTime", "new_id", "utcnow"]
 
@@ -73,6 +75,13 @@ class Typed(TypeDecorator[Any]):
         super().__init__()
         self.shape = shape
         self.adapter: TypeAdapter[Any] = TypeAdapter(shape)
+        frozen = isinstance(shape, type) and issubclass(shape, BaseModel)
+        self._frozen = frozen and bool(shape.model_config.get("frozen"))
+        # A frozen record's values by their JSON text (with the text's length, their
+        # weight): at most 1024 of them and 4 MB of text per column (see from_json).
+        self._texts: LRUCache[bytes | str, tuple[Any, int]] = LRUCache(
+            1024, max_weight=4 << 20, weigh=lambda kept: kept[1]
+        )
 
     def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
         return dialect.type_descriptor(JSONB() if dialect.name == "postgresql" else JSON())
@@ -91,9 +100,23 @@ class Typed(TypeDecorator[Any]):
     def from_json(self, raw: bytes | str) -> Any:
         """The column's value from the JSON text the database returned: what
         :meth:`process_result_value` gives for the parsed text, parsed and validated in one
-        pass (no intermediate Python objects)."""
+        pass (no intermediate Python objects).
+
+        A frozen record's value is kept by its text, so polling one job validates each
+        record of its row once, not at every poll: the same text makes the same frozen value,
+        which no reader can change.
+        """
         if raw in (b"null", "null"):  # JSON null (jsonb's text form of it), as SQL NULL
             return None
+        if not self._frozen:
+            return self._validate_json(raw)
+        kept = self._texts.get(raw)
+        if kept is None:
+            kept = (self._validate_json(raw), len(raw))
+            self._texts.put(raw, kept)
+        return kept[0]
+
+    def _validate_json(self, raw: bytes | str) -> Any:
         try:
             return self.adapter.validate_json(raw)
         except ValidationError:  # what JSON mode refuses, Python mode decides, as before
