@@ -31,6 +31,7 @@ __all__ = [
     "ObjectType",
     "event_of",
     "events_after",
+    "fields_of",
     "page",
     "record",
     "record_async",
@@ -71,17 +72,31 @@ def event_of(
 ) -> AuditEvent:
     """The event row (not yet added). A principal's events belong to its tenant; the
     admin's to ``tenant_id`` (None: no tenant)."""
-    return AuditEvent(
-        id=new_id("aud"),
-        tenant_id=by.tenant_id if by is not None else tenant_id,
-        actor_key_id=by.key_id if by is not None else None,
-        actor_role=by.role if by is not None else ADMIN_ROLE,
-        action=action,
-        object_type=object_type,
-        object_id=object_id,
-        detail=dict(detail or {}),
-        created_at=utcnow(),
-    )
+    return AuditEvent(**fields_of(by, action, object_type, object_id, detail, tenant_id=tenant_id))
+
+
+def fields_of(
+    by: Principal | None,
+    action: AuditAction,
+    object_type: ObjectType,
+    object_id: str | None,
+    detail: Mapping[str, Any] | None = None,
+    *,
+    tenant_id: str | None = None,
+) -> dict[str, Any]:
+    """The event's columns, as :func:`event_of` fills them: what
+    :meth:`~ppml.db.repositories.Repositories.insert_audit_events` inserts in bulk."""
+    return {
+        "id": new_id("aud"),
+        "tenant_id": by.tenant_id if by is not None else tenant_id,
+        "actor_key_id": by.key_id if by is not None else None,
+        "actor_role": by.role if by is not None else ADMIN_ROLE,
+        "action": action,
+        "object_type": object_type,
+        "object_id": object_id,
+        "detail": dict(detail or {}),
+        "created_at": utcnow(),
+    }
 
 
 def record(
