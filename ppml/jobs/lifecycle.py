@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from ppml.db.models import Job, JobEventKind, JobStatus, LedgerEntry, utcnow
 from ppml.db.repositories import Repositories
@@ -47,6 +48,7 @@ __all__ = [
     "finish",
     "move",
     "new_job",
+    "new_job_columns",
     "preempt",
     "requeue",
 ]
@@ -84,11 +86,28 @@ def move(repos: Repositories, job: Job, to: JobStatus, *, now: datetime | None =
 
 def new_job(*, spec: JobSpec, progress: Progress, **fields: object) -> Job:
     """A job row in its first status, ``queued``."""
+    return Job(**new_job_columns(spec=spec, progress=progress, **fields))
+
+
+def new_job_columns(*, spec: JobSpec, progress: Progress, **fields: object) -> dict[str, Any]:
+    """The columns of :func:`new_job`'s row, defaults included: what a bulk insert of new
+    jobs writes (the row a flush of the :class:`Job` would write)."""
+    now = utcnow()
     # The columns with server defaults get their values here, as their Python defaults would:
     # a row that leaves one to the server makes the ORM insert a batch of jobs with RETURNING,
     # as one long multi-row statement that is rendered, and parsed by psycopg, anew each time.
-    fields = {"preemptions": 0, "last_event_seq": 0, **fields}
-    return Job(status=QUEUED, spec=spec, progress=progress, **fields)
+    defaults = {
+        "preemptions": 0,
+        "last_event_seq": 0,
+        "attempts": 0,
+        "cancel_requested": False,
+        "data_touched": False,
+        "steps_done": 0,
+        "queued_at": now,
+        "created_at": now,
+        "updated_at": now,
+    }
+    return {**defaults, **fields, "status": QUEUED, "spec": spec, "progress": progress}
 
 
 def claim(repos: Repositories, job_id: str, *, owner: str, lease_until: datetime) -> bool:

@@ -120,7 +120,7 @@ class MechanismEvent:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready description, with the grid and library versions that priced it."""
-        return {**asdict(self), "grid_version": GRID_VERSION, "libraries": library_versions()}
+        return {**_fields_of(self), "grid_version": GRID_VERSION, "libraries": library_versions()}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MechanismEvent:
@@ -140,6 +140,17 @@ class MechanismEvent:
             zcdp_rho=float(data.get("zcdp_rho") or 0.0),
             mechanism=str(data["mechanism"]) if data.get("mechanism") else None,
         )
+
+
+@lru_cache(maxsize=4096)
+def _event_fields(event: MechanismEvent) -> dict[str, Any]:
+    return asdict(event)
+
+
+def _fields_of(event: MechanismEvent) -> dict[str, Any]:
+    """``asdict(event)`` (a fresh dict; the fields are scalars), computed once per event:
+    each admission of a job shape stores the same event with its ledger entry."""
+    return dict(_event_fields(event))
 
 
 @lru_cache(maxsize=1)
@@ -238,6 +249,12 @@ def rdp_curve(event: MechanismEvent) -> Curve:
 
 def epsilon(curve: Sequence[int], delta: float) -> float:
     """(ε, δ) conversion of a curve (Balle et al. 2020, as in ``dp-accounting``)."""
+    return _epsilon(tuple(curve), delta)
+
+
+@lru_cache(maxsize=4096)
+def _epsilon(curve: tuple[int, ...], delta: float) -> float:
+    """:func:`epsilon`, kept: every admission of one job shape converts the same curve."""
     from dp_accounting.rdp import rdp_privacy_accountant as rdp_lib
 
     if all(value == 0 for value in curve):

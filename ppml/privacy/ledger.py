@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 from ppml.db.models import DatasetBudget, Job, LedgerEntry, LedgerKind, new_id, utcnow
 from ppml.db.repositories import Repositories
@@ -41,8 +42,20 @@ log = logging.getLogger(__name__)
 class Ledger:
     """Ledger operations over one unit of work (the caller commits the transaction)."""
 
-    def __init__(self, repos: Repositories) -> None:
+    def __init__(self, repos: Repositories, *, bulk: bool = False) -> None:
+        """``bulk``: :meth:`reserve` keeps its entries as columns, which :meth:`write`
+        inserts in one statement (a batch of admissions makes no ORM row per entry)."""
         self.repos = repos
+        self._rows: list[dict[str, Any]] | None = [] if bulk else None
+        # Entry hashes read under the budget locks this unit of work holds (they cannot
+        # change while it holds them), by (dataset, seq)
+        self._hashes: dict[tuple[str, int], str | None] = {}
+
+    def write(self) -> None:
+        """Insert the entries :meth:`reserve` kept (``bulk``), in chain order."""
+        if self._rows:
+            self.repos.insert_ledger_entries(self._rows)
+            self._rows = []
 
     def open_budget(
         self, *, dataset_id: str, epsilon_total: float, delta_total: float, unit: str
@@ -92,6 +105,7 @@ class Ledger:
         self, budget: DatasetBudget, job: Job, event: acc.MechanismEvent
     ) -> LedgerEntry | None:
         """Reserve a job's full curve on a locked budget; raises if the filter refuses.
+        Returns the RESERVE entry (None with ``bulk``: :meth:`write` inserts it).
 
         A mechanism that protects another unit than the budget's is refused here too, not
         only at pricing: a client-level guarantee says nothing about one record's
@@ -110,7 +124,11 @@ class Ledger:
             raise self.refusal(
                 budget, requested=acc.epsilon(curve, budget.delta_total), job_curve=curve
             )
-        entry = self._append(budget, job.id, LedgerKind.RESERVE, curve, event)
+        entry = None
+        if self._rows is None:
+            entry = self._append(budget, job.id, LedgerKind.RESERVE, curve, event)
+        else:
+            self._rows.append(self._entry(budget, job.id, LedgerKind.RESERVE, curve, event))
         budget.reserved = units_of(acc.add(curve_of(budget.reserved), curve))
         self._touch(budget)
         return entry
@@ -268,30 +286,45 @@ class Ledger:
         note: str | None = None,
         key: str | None = None,
     ) -> LedgerEntry:
-        if budget.grid_version != acc.GRID_VERSION:
-            raise Conflict("the dataset's budget was priced on another grid of orders")
-        previous = self._head(budget.dataset_id)
-        entry = LedgerEntry(
-            id=new_id("led"),
-            dataset_id=budget.dataset_id,
-            job_id=job_id,
-            kind=kind,
-            idempotency_key=f"{key or job_id or budget.dataset_id}:{kind}",
-            rdp=units_of(curve),
-            event=event.to_dict(),
-            epsilon=float(acc.epsilon(curve, budget.delta_total)),
-            note=note,
-            created_at=utcnow(),
-            seq=previous.seq + 1,
-            prev_hash=previous.entry_hash,
-        )
-        entry.entry_hash = chain.hash_of(entry)
-        written = heads.written(self.repos.session)
-        written.heads[budget.dataset_id] = chain.Link(entry.seq, entry.entry_hash)
-        written.appended.add(budget.dataset_id)
+        entry = LedgerEntry(**self._entry(budget, job_id, kind, curve, event, note=note, key=key))
         # Staged: the transaction's commit (or its next query) flushes it with the rest.
         self.repos.stage(entry)
         return entry
+
+    def _entry(
+        self,
+        budget: DatasetBudget,
+        job_id: str | None,
+        kind: LedgerKind,
+        curve: Sequence[int],
+        event: acc.MechanismEvent,
+        *,
+        note: str | None = None,
+        key: str | None = None,
+    ) -> dict[str, Any]:
+        """The columns of the entry that extends the dataset's chain (its new head)."""
+        if budget.grid_version != acc.GRID_VERSION:
+            raise Conflict("the dataset's budget was priced on another grid of orders")
+        previous = self._head(budget.dataset_id)
+        fields: dict[str, Any] = {
+            "dataset_id": budget.dataset_id,
+            "job_id": job_id,
+            "kind": kind,
+            "idempotency_key": f"{key or job_id or budget.dataset_id}:{kind}",
+            "rdp": units_of(curve),
+            "event": event.to_dict(),
+            "epsilon": float(acc.epsilon(curve, budget.delta_total)),
+            "note": note,
+            "created_at": utcnow(),
+            "seq": previous.seq + 1,
+            "prev_hash": previous.entry_hash,
+        }
+        fields["entry_hash"] = chain.entry_hash(**fields)
+        fields["id"] = new_id("led")
+        written = heads.written(self.repos.session)
+        written.heads[budget.dataset_id] = chain.Link(fields["seq"], fields["entry_hash"])
+        written.appended.add(budget.dataset_id)
+        return fields
 
     def _head(self, dataset_id: str) -> chain.Link:
         """The chain's newest link: read once per transaction (under the budget lock), then
@@ -299,8 +332,13 @@ class Ledger:
         written = heads.written(self.repos.session)
         link = written.heads.get(dataset_id)
         if link is None:
+            known = self._file_head(dataset_id)
             with self.repos.session.no_autoflush:  # staged rows stay staged: one flush
-                found = self.repos.ledger_head(dataset_id)
+                if known is None or known.seq == 0:
+                    found = self.repos.ledger_head(dataset_id)
+                else:  # and the entry that _behind compares with the file's, at once
+                    found, at_known = self.repos.ledger_head_and_hash_at(dataset_id, known.seq)
+                    self._hashes[(dataset_id, known.seq)] = at_known
             link = chain.EMPTY if found is None else chain.Link(*found)
             written.heads[dataset_id] = link
             if self._extends_head_file(dataset_id, link):
@@ -327,9 +365,25 @@ class Ledger:
             log.error("dataset %s: the head file keeps its newer head: %s", dataset_id, reason)
         return reason is None
 
+    def _file_head(self, dataset_id: str) -> chain.Link | None:
+        """The head file's link for the dataset; None without one (or with an invalid file,
+        which the callers that read it then report)."""
+        head_file = heads.head_file_of(self.repos.session)
+        try:
+            return None if head_file is None else head_file.read().get(dataset_id)
+        except LedgerHeadsInvalid:
+            return None
+
     def _behind(self, dataset_id: str, link: chain.Link, known: chain.Link) -> str | None:
-        with self.repos.session.no_autoflush:
-            return chain.behind(link, known, lambda seq: self.repos.ledger_hash_at(dataset_id, seq))
+        # Asked twice per admission (may appends move the file; is the chain current), with
+        # the entry at the file's seq that _head read with the chain's head.
+        def hash_at(seq: int) -> str | None:
+            if (dataset_id, seq) not in self._hashes:
+                with self.repos.session.no_autoflush:
+                    self._hashes[(dataset_id, seq)] = self.repos.ledger_hash_at(dataset_id, seq)
+            return self._hashes[(dataset_id, seq)]
+
+        return chain.behind(link, known, hash_at)
 
     @staticmethod
     def _touch(budget: DatasetBudget) -> None:

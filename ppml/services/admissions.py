@@ -5,8 +5,9 @@ the idempotency check of a replay, and the submit's audit event
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
-from ppml.db.models import Dataset, Job, new_id, utcnow
+from ppml.db.models import AuditEvent, Dataset, Job, new_id, utcnow
 from ppml.db.repositories import Repositories
 from ppml.errors import IdempotencyMismatch
 from ppml.jobs import lifecycle
@@ -16,7 +17,14 @@ from ppml.services.pricing import Pricing
 from ppml.services.tenants import Principal
 from ppml.specs import JobSpec
 
-__all__ = ["Admission", "check_same_request", "new_job", "record_submit"]
+__all__ = [
+    "Admission",
+    "check_same_request",
+    "new_job",
+    "new_job_columns",
+    "record_submit",
+    "submit_event",
+]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -32,10 +40,17 @@ class Admission:
 
 def new_job(admission: Admission, digest: str, idempotency_key: str | None) -> Job:
     """The queued job row an admitted request becomes (not yet added to the session)."""
+    return Job(**new_job_columns(admission, digest, idempotency_key))
+
+
+def new_job_columns(
+    admission: Admission, digest: str, idempotency_key: str | None
+) -> dict[str, Any]:
+    """The columns of :func:`new_job`'s row, for a bulk insert of a batch's jobs."""
     spec = admission.spec
     # A federated job reports rounds from 0, as its worker will.
     progress = Progress(fraction=0.0, epoch=0, round=None if spec.federated is None else 0, steps=0)
-    return lifecycle.new_job(
+    return lifecycle.new_job_columns(
         id=new_id("job"),
         tenant_id=admission.tenant_id,
         dataset_id=admission.dataset.id,
@@ -63,11 +78,17 @@ def check_same_request(job: Job, digest: str) -> None:
 
 def record_submit(repos: Repositories, admission: Admission, job: Job) -> None:
     """The created job's audit event, staged with it (replays are not recorded)."""
+    repos.stage(AuditEvent(**submit_event(admission, job)))
+
+
+def submit_event(admission: Admission, job: Job) -> dict[str, Any]:
+    """The columns of the created job's audit event (``job.submit``), for
+    :func:`record_submit` or a batch's bulk insert."""
     privacy = admission.spec.privacy
     detail = {
         "dataset_id": job.dataset_id,
         "target_epsilon": privacy.target_epsilon if privacy is not None else None,
     }
-    audit.record(
-        repos, admission.by, "job.submit", "job", job.id, detail, tenant_id=admission.tenant_id
+    return audit.fields_of(
+        admission.by, "job.submit", "job", job.id, detail, tenant_id=admission.tenant_id
     )

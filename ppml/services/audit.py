@@ -31,6 +31,7 @@ __all__ = [
     "ObjectType",
     "event_of",
     "events_after",
+    "fields_of",
     "page",
     "record",
     "record_async",
@@ -71,18 +72,20 @@ def event_of(
 ) -> AuditEvent:
     """The event row (not yet added). A principal's events belong to its tenant; the
     admin's to ``tenant_id`` (None: no tenant)."""
-    return AuditEvent(**_columns(by, action, object_type, object_id, detail, tenant_id))
+    return AuditEvent(**fields_of(by, action, object_type, object_id, detail, tenant_id=tenant_id))
 
 
-def _columns(
+def fields_of(
     by: Principal | None,
     action: AuditAction,
     object_type: ObjectType,
     object_id: str | None,
-    detail: Mapping[str, Any] | None,
-    tenant_id: str | None,
+    detail: Mapping[str, Any] | None = None,
+    *,
+    tenant_id: str | None = None,
 ) -> dict[str, Any]:
-    """The event's columns, as :func:`event_of` sets them."""
+    """The event's columns, as :func:`event_of` fills them: what
+    :meth:`~ppml.db.repositories.Repositories.insert_audit_events` inserts in bulk."""
     return {
         "id": new_id("aud"),
         "tenant_id": by.tenant_id if by is not None else tenant_id,
@@ -147,7 +150,7 @@ async def record_async(
     :func:`record_now`'s transaction in a thread. Raises as it does. The row goes to the
     pool as its columns: an ORM object's construction would cost more than the ``INSERT``'s
     own work here."""
-    await reads.append_audit(_columns(by, action, object_type, object_id, detail, None))
+    await reads.append_audit(fields_of(by, action, object_type, object_id, detail))
 
 
 def page(

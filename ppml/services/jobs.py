@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Hashable, Iterable, Sequence
+from typing import Any
 
 from celery import Celery
 from sqlalchemy.exc import IntegrityError
@@ -47,7 +48,14 @@ from ppml.privacy import heads
 from ppml.privacy.ledger import Ledger
 from ppml.queue import enqueue_job
 from ppml.services import audit
-from ppml.services.admissions import Admission, check_same_request, new_job, record_submit
+from ppml.services.admissions import (
+    Admission,
+    check_same_request,
+    new_job,
+    new_job_columns,
+    record_submit,
+    submit_event,
+)
 from ppml.services.datasets import require_live
 from ppml.services.defaults import with_defaults
 from ppml.services.federation_jobs import federation_target
@@ -263,9 +271,10 @@ class JobService:
         arrival order), then all are written in one flush. Raises, writing nothing, if the
         transaction fails."""
         decided: list[Job | PPMLError] = []
+        events: list[dict[str, Any]] = []  # the admitted jobs' audit events, inserted at once
         with self.db.session(write=True) as session:
             repos = Repositories(session)
-            ledger = Ledger(repos)
+            ledger = Ledger(repos, bulk=True)  # the entries too, after their jobs
             # A dataset has one tenant, so this is one more lock per batch, not per item.
             room = self.rooms.locked(repos, _demands(a for a, _ in items))
             budget, deleted = repos.lock_budget_of_live(dataset_id)
@@ -278,8 +287,10 @@ class JobService:
                 self._refuse_if_deleted(repos, dataset_id, deleted)
             except DatasetDeleted as refusal:  # nothing written
                 return [DatasetDeleted(refusal.detail, **refusal.extra) for _ in items]
+            rows: list[dict[str, Any]] = []  # the admitted jobs, inserted at once
             for admission, digest in items:
-                job = new_job(admission, digest, None)
+                row = new_job_columns(admission, digest, None)
+                job = Job(**row)  # the answer's; the row is inserted from ``row``
                 try:
                     self.rooms.refuse_if_no_room(
                         room[admission.tenant_id], admission.pricing.compute
@@ -289,10 +300,14 @@ class JobService:
                 except (BudgetExceeded, TooManyRequests) as refusal:
                     decided.append(refusal)
                     continue
-                repos.stage(job)
-                record_submit(repos, admission, job)
+                rows.append(row)
+                events.append(submit_event(admission, job))
                 room[admission.tenant_id].admit(admission.pricing.compute)
                 decided.append(job)
+            with repos.pipelined():  # three statements, one round trip
+                repos.insert_jobs(rows)  # before their ledger entries, which refer to them
+                ledger.write()
+                repos.insert_audit_events(events)
         for outcome in decided:
             if isinstance(outcome, Job):
                 self.rooms.admitted(outcome.tenant_id)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from sqlalchemy.orm import Session
@@ -28,6 +30,22 @@ class Queries:
     def stage(self, *objects: Any) -> None:
         """Add without flushing: the next query or the commit writes them, in one flush."""
         self.session.add_all(objects)
+
+    @contextmanager
+    def pipelined(self) -> Iterator[None]:
+        """Send the block's statements to PostgreSQL together and wait once for all of them
+        (psycopg's pipeline mode), for writes whose results nobody reads: the bulk inserts of
+        a batch of admissions, one round trip instead of one each while the locks are held.
+        Staged rows are flushed first. Elsewhere (SQLite: no round trips) a plain block."""
+        self.session.flush()
+        connection = self.session.connection()
+        if connection.dialect.name != "postgresql":
+            yield
+            return
+        driver = connection.connection.driver_connection
+        assert driver is not None
+        with driver.pipeline():
+            yield
 
     # --- helpers ----------------------------------------------------------------------
     def _page(

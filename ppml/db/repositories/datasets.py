@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 
-from sqlalchemy import func, select, update
+from sqlalchemy import bindparam, func, select, update
 
 from ppml.db.models import (
     Dataset,
@@ -16,6 +16,15 @@ from ppml.db.models import (
     utcnow,
 )
 from ppml.db.repositories.base import Page, Queries
+
+# Built once (admission runs it under the tenant's lock; see lock_budget_of_live).
+_LOCK_BUDGET_OF_LIVE = (
+    select(DatasetBudget, Dataset.deleted_at)
+    .join(Dataset, Dataset.id == DatasetBudget.dataset_id)
+    .where(DatasetBudget.dataset_id == bindparam("dataset_id"))
+    .with_for_update(of=DatasetBudget)
+    .execution_options(populate_existing=True)
+)
 
 
 class DatasetQueries(Queries):
@@ -145,14 +154,7 @@ class DatasetQueries(Queries):
         For admission, which asks both under the tenant's row lock: a deletion takes that
         lock too, so ``deleted_at`` cannot change between this statement and the commit.
         """
-        stmt = (
-            select(DatasetBudget, Dataset.deleted_at)
-            .join(Dataset, Dataset.id == DatasetBudget.dataset_id)
-            .where(DatasetBudget.dataset_id == dataset_id)
-            .with_for_update(of=DatasetBudget)
-            .execution_options(populate_existing=True)
-        )
-        row = self.session.execute(stmt).first()
+        row = self.session.execute(_LOCK_BUDGET_OF_LIVE, {"dataset_id": dataset_id}).first()
         if row is None:
             return None, None
         return row[0], row[1] is not None

@@ -24,6 +24,12 @@ class JobQueries(Queries):
     """Jobs and their events."""
 
     # --- jobs -------------------------------------------------------------------------
+    def insert_jobs(self, rows: Sequence[dict[str, Any]]) -> None:
+        """Insert new jobs given as their columns (``ppml.jobs.lifecycle.new_job_columns``)
+        in one bulk statement, now: a batch of admissions flushes no ORM row per job."""
+        if rows:
+            self.session.execute(insert(Job), list(rows))
+
     def job(self, tenant_id: str, job_id: str) -> Job | None:
         return self.session.scalar(select(Job).where(Job.id == job_id, Job.tenant_id == tenant_id))
 

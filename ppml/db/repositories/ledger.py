@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, insert, select
+from sqlalchemy.orm import aliased
 
 from ppml.db.models import (
     DatasetBudget,
@@ -13,11 +15,32 @@ from ppml.db.models import (
 )
 from ppml.db.repositories.base import Page, Queries
 
+# Built once: every admission's transaction runs it under the budget's lock.
+_LEDGER_HEAD = (
+    select(LedgerEntry.seq, LedgerEntry.entry_hash)
+    .where(LedgerEntry.dataset_id == bindparam("dataset_id"))
+    .order_by(LedgerEntry.seq.desc())
+    .limit(1)
+)
+
+_HASH_AT = aliased(LedgerEntry)
+_LEDGER_HEAD_AND_HASH_AT = _LEDGER_HEAD.add_columns(
+    select(_HASH_AT.entry_hash)
+    .where(_HASH_AT.dataset_id == bindparam("dataset_id"), _HASH_AT.seq == bindparam("seq"))
+    .scalar_subquery()
+)
+
 
 class LedgerQueries(Queries):
     """Ledger entries, chains, acknowledgements."""
 
     # --- ledger -----------------------------------------------------------------------
+    def insert_ledger_entries(self, rows: Sequence[dict[str, Any]]) -> None:
+        """Insert entries given as their columns in one bulk statement, now (the staged rows
+        they refer to, their jobs, are flushed first)."""
+        if rows:
+            self.session.execute(insert(LedgerEntry), list(rows))
+
     def ledger_entry(self, idempotency_key: str) -> LedgerEntry | None:
         return self.session.scalar(
             select(LedgerEntry).where(LedgerEntry.idempotency_key == idempotency_key)
@@ -47,14 +70,18 @@ class LedgerQueries(Queries):
     def ledger_head(self, dataset_id: str) -> tuple[int, str] | None:
         """``(seq, entry_hash)`` of the dataset's last chained entry (None: no entries): one
         probe of the ``(dataset_id, seq)`` index."""
-        stmt = (
-            select(LedgerEntry.seq, LedgerEntry.entry_hash)
-            .where(LedgerEntry.dataset_id == dataset_id)
-            .order_by(LedgerEntry.seq.desc())
-            .limit(1)
-        )
-        row = self.session.execute(stmt).first()
+        row = self.session.execute(_LEDGER_HEAD, {"dataset_id": dataset_id}).first()
         return None if row is None else (int(row[0]), str(row[1]))
+
+    def ledger_head_and_hash_at(
+        self, dataset_id: str, seq: int
+    ) -> tuple[tuple[int, str] | None, str | None]:
+        """:meth:`ledger_head` and :meth:`ledger_hash_at` ``seq``, in one statement."""
+        params = {"dataset_id": dataset_id, "seq": seq}
+        row = self.session.execute(_LEDGER_HEAD_AND_HASH_AT, params).first()
+        if row is None:
+            return None, None
+        return (int(row[0]), str(row[1])), None if row[2] is None else str(row[2])
 
     def ledger_hash_at(self, dataset_id: str, seq: int) -> str | None:
         """The ``entry_hash`` of the dataset's entry ``seq``, or None."""

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import case, func, select, text, update
+from sqlalchemy import BigInteger, bindparam, case, func, insert, select, text, update
 
 from ppml.db.models import (
     ADMITTED_COMPUTE_CAP,
@@ -14,6 +16,26 @@ from ppml.db.models import (
     Tenant,
 )
 from ppml.db.repositories.base import Page, Queries
+
+# Built once: admission runs it under the tenant's lock, where building it anew each time
+# (expressions, coercions, a cache key) was a good part of what the lock was held for.
+_LOCK_TENANT_ADMITTING = (
+    update(Tenant)
+    .where(Tenant.id == bindparam("tenant_id"))
+    .values(
+        admitted_jobs=Tenant.admitted_jobs + bindparam("jobs", type_=BigInteger),
+        # Saturates instead of overflowing (compared, never added past the cap).
+        admitted_compute=case(
+            (
+                Tenant.admitted_compute > bindparam("below_cap", type_=BigInteger),
+                bindparam("cap", type_=BigInteger),
+            ),
+            else_=Tenant.admitted_compute + bindparam("compute", type_=BigInteger),
+        ),
+    )
+    .returning(Tenant.admitted_jobs, Tenant.admitted_compute)
+    .execution_options(synchronize_session=False)
+)
 
 
 class TenantQueries(Queries):
@@ -58,21 +80,14 @@ class TenantQueries(Queries):
         ``compute`` to its admission counters; returns the counters as they were before, or
         None (no such tenant, or a compute counter at its cap). One statement."""
         cap = ADMITTED_COMPUTE_CAP
-        stmt = (
-            update(Tenant)
-            .where(Tenant.id == tenant_id)
-            .values(
-                admitted_jobs=Tenant.admitted_jobs + jobs,
-                # Saturates instead of overflowing (compared, never added past the cap).
-                admitted_compute=case(
-                    (Tenant.admitted_compute > cap - compute, cap),
-                    else_=Tenant.admitted_compute + compute,
-                ),
-            )
-            .returning(Tenant.admitted_jobs, Tenant.admitted_compute)
-            .execution_options(synchronize_session=False)
-        )
-        row = self.session.execute(stmt).first()
+        params = {
+            "tenant_id": tenant_id,
+            "jobs": jobs,
+            "compute": compute,
+            "cap": cap,
+            "below_cap": cap - compute,
+        }
+        row = self.session.execute(_LOCK_TENANT_ADMITTING, params).first()
         if row is None or row[1] >= cap:
             return None
         return int(row[0]) - jobs, int(row[1]) - compute
@@ -101,6 +116,12 @@ class TenantQueries(Queries):
         )
 
     # --- audit trail (append-only: no statement here updates or deletes a row) ----------
+    def insert_audit_events(self, rows: Sequence[dict[str, Any]]) -> None:
+        """Insert events given as their columns (``ppml.services.audit.fields_of``) in one
+        bulk statement, now: many events of one transaction cost no ORM objects."""
+        if rows:
+            self.session.execute(insert(AuditEvent), list(rows))
+
     def list_audit(
         self,
         tenant_id: str,
