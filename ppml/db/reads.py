@@ -63,8 +63,10 @@ class _Select:
         self.processors = [_processor(c.type, dialect) for c in columns]
 
     def values(self, row: Sequence[Any]) -> dict[str, Any]:
+        # SQL NULL is None whatever the column (a bulk insert leaves a JSON column SQL NULL
+        # where the ORM's insert of the same row wrote JSON null)
         return {
-            name: value if proc is None else proc(value)
+            name: value if proc is None or value is None else proc(value)
             for name, value, proc in zip(self.names, row, self.processors, strict=True)
         }
 

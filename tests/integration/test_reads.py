@@ -11,11 +11,17 @@ from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
+from ppml.config import Settings
 from ppml.db import models
 from ppml.db.reads import APPLICATION_NAME, AsyncReads
 from ppml.db.repositories import Repositories
 from ppml.db.session import Database
+from ppml.services.admissions import Admission
+from ppml.services.pricing import price
+from ppml.specs import request_hash
 from tests.conftest import PG_ADMIN_URL, dp_job_spec, new_tenant, register_digits
+from tests.unit.worlds import job_spec as world_job_spec
+from tests.unit.worlds import make_service_world
 
 
 def _columns(job: models.Job | None) -> dict[str, Any] | None:
@@ -83,6 +89,33 @@ def test_the_async_read_returns_the_orm_row(client: TestClient, database: Databa
     )
     assert _columns(found) == expected
     assert other_tenant is None and unknown is None
+
+
+def test_jobs_admitted_together_read_as_the_orm_reads_them(
+    database: Database, settings: Settings
+) -> None:
+    """A batch's bulk insert leaves the JSON columns never set SQL NULL (the ORM's insert of
+    one job writes JSON null): both read as None, on the pool's path too."""
+    world = make_service_world(database, settings)
+    dataset = world.digits(epsilon=100.0)
+    job_spec = world_job_spec(dataset.id, epsilon=0.5)
+    admission = Admission(
+        tenant_id=world.tenant_id,
+        dataset=dataset,
+        spec=job_spec,
+        pricing=price(job_spec, dataset, world.settings),
+    )
+    decided = world.service._decide_together(dataset.id, [(admission, request_hash(job_spec))] * 2)
+    world.sent()  # leave nothing in the process-wide memory broker
+    jobs = [job for job in decided if isinstance(job, models.Job)]
+    assert len(jobs) == 2
+    with database.read_one() as session:
+        expected = [_columns(Repositories(session).job(world.tenant_id, j.id)) for j in jobs]
+    assert all(e is not None and e["metrics"] is None and e["receipt"] is None for e in expected)
+
+    found = asyncio.run(_read(AsyncReads(database), *((world.tenant_id, j.id) for j in jobs)))
+
+    assert [_columns(job) for job in found] == expected
 
 
 def test_reads_run_on_the_event_loop_only_on_postgres(
