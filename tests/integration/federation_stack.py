@@ -103,6 +103,17 @@ class Node:
 
     def ledger_epsilon(self, delta: float) -> float:
         """ε this node's own ledger holds: all its commits' curves composed at ``delta``."""
+        entries = self._commits()
+        if not entries:
+            return 0.0
+        curve = np.sum([e.rdp["units"] for e in entries], axis=0)
+        return float(acc.epsilon(tuple(int(v) for v in curve), delta))
+
+    def charged_rounds(self) -> int:
+        """The rounds this node charged its own ledger for (one commit each)."""
+        return len(self._commits())
+
+    def _commits(self) -> list[Any]:
         db = Database(f"sqlite:///{self.data_dir / 'ledger.sqlite'}")
         try:
             with db.session() as session:
@@ -110,11 +121,7 @@ class Node:
                 tenant = repos.tenant_by_name("local")
                 assert tenant is not None
                 (dataset,), _ = repos.list_datasets(tenant.id, page_size=1, page_token=None)
-                entries = [e for e in repos.ledger_entries(dataset.id) if e.kind == "commit"]
-            if not entries:
-                return 0.0
-            curve = np.sum([e.rdp["units"] for e in entries], axis=0)
-            return float(acc.epsilon(tuple(int(v) for v in curve), delta))
+                return [e for e in repos.ledger_entries(dataset.id) if e.kind == "commit"]
         finally:
             db.dispose()
 
