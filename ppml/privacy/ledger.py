@@ -126,7 +126,7 @@ class Ledger:
             )
         entry = None
         if self._rows is None:
-            entry = self._append(budget, job.id, LedgerKind.RESERVE, curve, event)
+            entry = self._append(self._entry(budget, job.id, LedgerKind.RESERVE, curve, event))
         else:
             self._rows.append(self._entry(budget, job.id, LedgerKind.RESERVE, curve, event))
         budget.reserved = units_of(acc.add(curve_of(budget.reserved), curve))
@@ -154,8 +154,8 @@ class Ledger:
             requested = acc.epsilon(curve, budget.delta_total)
             raise self.refusal(budget, requested=requested, job_curve=curve)
         key = f"{job_id or budget.dataset_id}:{batch}"
-        self._append(budget, job_id, LedgerKind.RESERVE, curve, event, key=key)
-        commit = self._append(budget, job_id, LedgerKind.COMMIT, curve, event, key=key)
+        self._append(self._entry(budget, job_id, LedgerKind.RESERVE, curve, event, key=key))
+        commit = self._append(self._entry(budget, job_id, LedgerKind.COMMIT, curve, event, key=key))
         budget.committed = units_of(acc.add(curve_of(budget.committed), curve))
         self._touch(budget)
         return commit
@@ -189,10 +189,14 @@ class Ledger:
             committed = tuple(
                 min(a, b) for a, b in zip(acc.rdp_curve(used_event), reserved_curve, strict=True)
             )
-            commit_entry = self._append(budget, job_id, LedgerKind.COMMIT, committed, used_event)
+            commit_entry = self._append(
+                self._entry(budget, job_id, LedgerKind.COMMIT, committed, used_event)
+            )
             budget.committed = units_of(acc.add(curve_of(budget.committed), committed))
         rest = acc.subtract(reserved_curve, committed)
-        release_entry = self._append(budget, job_id, LedgerKind.RELEASE, rest, planned, note=note)
+        release_entry = self._append(
+            self._entry(budget, job_id, LedgerKind.RELEASE, rest, planned, note=note)
+        )
         budget.reserved = units_of(acc.subtract(curve_of(budget.reserved), reserved_curve))
         self._touch(budget)
         return commit_entry, release_entry
@@ -275,19 +279,10 @@ class Ledger:
                     self._touch(budget)
         return mismatched
 
-    def _append(
-        self,
-        budget: DatasetBudget,
-        job_id: str | None,
-        kind: LedgerKind,
-        curve: Sequence[int],
-        event: acc.MechanismEvent,
-        *,
-        note: str | None = None,
-        key: str | None = None,
-    ) -> LedgerEntry:
-        entry = LedgerEntry(**self._entry(budget, job_id, kind, curve, event, note=note, key=key))
-        # Staged: the transaction's commit (or its next query) flushes it with the rest.
+    def _append(self, columns: dict[str, Any]) -> LedgerEntry:
+        """Stage the entry of :meth:`_entry`'s ``columns``: the transaction's commit (or its
+        next query) flushes it with the rest."""
+        entry = LedgerEntry(**columns)
         self.repos.stage(entry)
         return entry
 

@@ -29,7 +29,6 @@ __all__ = [
     "ACTIONS",
     "AuditAction",
     "ObjectType",
-    "event_of",
     "events_after",
     "fields_of",
     "page",
@@ -61,20 +60,6 @@ ADMIN_ROLE = "admin"
 EXPORT_BATCH = 500  # events per read while a JSON-lines export streams
 
 
-def event_of(
-    by: Principal | None,
-    action: AuditAction,
-    object_type: ObjectType,
-    object_id: str | None,
-    detail: Mapping[str, Any] | None = None,
-    *,
-    tenant_id: str | None = None,
-) -> AuditEvent:
-    """The event row (not yet added). A principal's events belong to its tenant; the
-    admin's to ``tenant_id`` (None: no tenant)."""
-    return AuditEvent(**fields_of(by, action, object_type, object_id, detail, tenant_id=tenant_id))
-
-
 def fields_of(
     by: Principal | None,
     action: AuditAction,
@@ -84,8 +69,9 @@ def fields_of(
     *,
     tenant_id: str | None = None,
 ) -> dict[str, Any]:
-    """The event's columns, as :func:`event_of` fills them: what
-    :meth:`~ppml.db.repositories.Repositories.insert_audit_events` inserts in bulk."""
+    """The event's columns (not yet added): what :func:`record` stages as a row and
+    :meth:`~ppml.db.repositories.Repositories.insert_audit_events` inserts in bulk. A
+    principal's events belong to its tenant; the admin's to ``tenant_id`` (None: no tenant)."""
     return {
         "id": new_id("aud"),
         "tenant_id": by.tenant_id if by is not None else tenant_id,
@@ -110,7 +96,7 @@ def record(
     tenant_id: str | None = None,
 ) -> AuditEvent:
     """Stage the event in the caller's transaction: it commits with the action, or not at all."""
-    row = event_of(by, action, object_type, object_id, detail, tenant_id=tenant_id)
+    row = AuditEvent(**fields_of(by, action, object_type, object_id, detail, tenant_id=tenant_id))
     repos.stage(row)
     return row
 
