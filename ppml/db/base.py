@@ -8,18 +8,28 @@ import json
 import secrets
 import time
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
 from sqlalchemy import JSON, DateTime, MetaData, TypeDecorator
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase
+from sqlalchemy.orm.attributes import instance_dict
 from sqlalchemy.types import TypeEngine
 
 from ppml.cache import LRUCache
 
-__all__ = ["NAMING_CONVENTION", "Base", "JSONType", "Typed", "UTCDateTime", "new_id", "utcnow"]
+__all__ = [
+    "NAMING_CONVENTION",
+    "Base",
+    "JSONType",
+    "Typed",
+    "UTCDateTime",
+    "detached",
+    "new_id",
+    "utcnow",
+]
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -30,8 +40,21 @@ NAMING_CONVENTION = {
 }
 
 
+_M = TypeVar("_M")
+
+
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def detached(model: type[_M], values: dict[str, Any]) -> _M:
+    """A detached ``model`` holding ``values`` (each already of its column's Python type),
+    built as the ORM's loader builds a query's objects: no constructor, so no attribute
+    events and no validators, a fraction of the cost of ``model(**values)``. A column left
+    out reads as None."""
+    instance: _M = model.__mapper__.class_manager.new_instance()  # type: ignore[attr-defined]
+    instance_dict(instance).update(values)
+    return instance
 
 
 def new_id(prefix: str) -> str:

@@ -9,7 +9,7 @@ from typing import Any
 
 from ppml.db.models import AuditEvent, Dataset, Job, new_id, utcnow
 from ppml.db.repositories import Repositories
-from ppml.errors import IdempotencyMismatch
+from ppml.errors import DatasetDeleted, IdempotencyMismatch
 from ppml.jobs import lifecycle
 from ppml.jobs.records import Progress
 from ppml.services import audit
@@ -23,6 +23,7 @@ __all__ = [
     "new_job",
     "new_job_columns",
     "record_submit",
+    "refuse_if_deleted",
     "submit_event",
 ]
 
@@ -92,3 +93,16 @@ def submit_event(admission: Admission, job: Job) -> dict[str, Any]:
     return audit.fields_of(
         admission.by, "job.submit", "job", job.id, detail, tenant_id=admission.tenant_id
     )
+
+
+def refuse_if_deleted(repos: Repositories, dataset_id: str, deleted: bool | None) -> None:
+    """Under the tenant's lock, which a deletion holds too: the cached dataset may have
+    been deleted since it was read. ``deleted``: what the budget's lock read under that
+    lock already (None: ask)."""
+    if deleted is None:
+        deleted = repos.dataset_deleted(dataset_id)
+    if deleted:
+        raise DatasetDeleted(
+            f"dataset {dataset_id} was deleted; its ledger, budget and audit trail are kept",
+            field="dataset_id",
+        )

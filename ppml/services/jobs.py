@@ -19,7 +19,8 @@ that version, and is priced again only after the budget changed.
 from __future__ import annotations
 
 import logging
-from collections.abc import Hashable, Iterable, Sequence
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from celery import Celery
@@ -27,7 +28,8 @@ from sqlalchemy.exc import IntegrityError
 
 from ppml.cache import LRUCache
 from ppml.config import Settings
-from ppml.db.models import Dataset, DatasetStatus, Job, JobStatus, utcnow
+from ppml.db.base import detached
+from ppml.db.models import Dataset, DatasetBudget, DatasetStatus, Job, JobStatus, utcnow
 from ppml.db.repositories import Repositories
 from ppml.db.session import Database
 from ppml.errors import (
@@ -39,7 +41,6 @@ from ppml.errors import (
     LedgerRollback,
     NotFound,
     PPMLError,
-    TooManyRequests,
 )
 from ppml.jobs import lifecycle
 from ppml.jobs.checkpoints import JobCheckpoints
@@ -54,6 +55,7 @@ from ppml.services.admissions import (
     new_job,
     new_job_columns,
     record_submit,
+    refuse_if_deleted,
     submit_event,
 )
 from ppml.services.datasets import require_live
@@ -64,7 +66,7 @@ from ppml.services.hints import largest_target
 from ppml.services.pate import check_student
 from ppml.services.pricing import Pricing, price
 from ppml.services.quotes import Quote, Quotes
-from ppml.services.rooms import TenantRooms
+from ppml.services.rooms import TenantRooms, demands_of
 from ppml.services.statistics import require_statistics
 from ppml.services.tenants import Principal
 from ppml.specs import JobSpec, request_hash
@@ -78,7 +80,16 @@ log = logging.getLogger(__name__)
 ADMISSION_BATCH = 64
 
 
-_Queued = Pending[tuple[Admission, str], Job]
+@dataclass(frozen=True)
+class _Refused:
+    """A batch's 409 for a job that does not fit, with the budget row as the batch committed
+    it: the refusal's hint (``max_target_epsilon``) is computed on that row, not read again."""
+
+    error: BudgetExceeded
+    budget: DatasetBudget
+
+
+_Queued = Pending[tuple[Admission, str], Job | _Refused]
 
 
 class JobService:
@@ -93,7 +104,7 @@ class JobService:
         self.rooms = TenantRooms(db, settings)
         self.quotes = Quotes(db, settings)
         # Concurrent admissions to one dataset share one budget lock and one commit.
-        self._admissions: GroupCommit[tuple[Admission, str], Job] = GroupCommit(
+        self._admissions: GroupCommit[tuple[Admission, str], Job | _Refused] = GroupCommit(
             self._admit_batch, max_batch=ADMISSION_BATCH
         )
 
@@ -153,12 +164,16 @@ class JobService:
         self._check_student(tenant_id, spec, dataset)
         return self.quotes.quote(tenant_id, dataset, spec)
 
-    def _largest_fitting(self, dataset: Dataset, spec: JobSpec, pricing: Pricing) -> float | None:
-        """After a refusal, outside any lock: the largest target ε of this shape that fits."""
+    def _largest_fitting(
+        self, dataset: Dataset, spec: JobSpec, pricing: Pricing, budget: DatasetBudget | None
+    ) -> float | None:
+        """After a refusal, outside any lock: the largest target ε of this shape that fits
+        ``budget`` (None: the budget row as it is now)."""
         if pricing.event is None:
             return None
-        with self.db.read_one() as session:
-            budget = Repositories(session).budget(dataset.id)
+        if budget is None:
+            with self.db.read_one() as session:
+                budget = Repositories(session).budget(dataset.id)
         assert budget is not None
         return largest_target(spec, dataset, budget, pricing, self.settings)
 
@@ -184,13 +199,19 @@ class JobService:
         admission = Admission(
             tenant_id=tenant_id, dataset=dataset, spec=spec, pricing=pricing, by=by
         )
+        after: DatasetBudget | None = None  # the budget as the batch that refused it left it
         try:
             if idempotency_key is None and pricing.event is not None:
-                job, created = self._admissions.submit(dataset.id, (admission, digest)), True
+                outcome = self._admissions.submit(dataset.id, (admission, digest))
+                if isinstance(outcome, _Refused):
+                    after = outcome.budget
+                    raise outcome.error
+                job, created = outcome, True
             else:
                 job, created = self._admit(admission, digest, idempotency_key)
         except BudgetExceeded as refusal:
-            refusal.extra["max_target_epsilon"] = self._largest_fitting(dataset, spec, pricing)
+            hint = self._largest_fitting(dataset, spec, pricing, after)
+            refusal.extra["max_target_epsilon"] = hint
             raise
         except IntegrityError:
             # A concurrent request with the same Idempotency-Key won the insert.
@@ -230,7 +251,7 @@ class JobService:
                     return existing, False
             if budget is not None:
                 ledger.require_current(dataset.id)  # 409 on a rolled-back ledger
-            self._refuse_if_deleted(repos, dataset.id, deleted)
+            refuse_if_deleted(repos, dataset.id, deleted)
             self.rooms.refuse_if_no_room(room, pricing.compute)  # only for a new job, not a replay
             job = new_job(admission, digest, idempotency_key)
             # Staged, not flushed: the commit writes the job, its entry and the totals in one
@@ -243,19 +264,21 @@ class JobService:
         return job, True
 
     def _admit_batch(self, dataset_id: Hashable, batch: Sequence[_Queued]) -> None:
-        """Decide a batch of admissions to one dataset (see :mod:`ppml.services.grouping`)."""
-        if len(batch) > 1:
-            try:
-                decided = self._decide_together(str(dataset_id), [p.item for p in batch])
-            except Exception:
-                log.exception("grouped admission failed; deciding the batch one by one")
-            else:
-                for pending, outcome in zip(batch, decided, strict=True):
-                    if isinstance(outcome, Job):
-                        pending.resolve(outcome)
-                    else:
-                        pending.fail(outcome)
-                return
+        """Decide a batch of admissions to one dataset (see :mod:`ppml.services.grouping`);
+        a batch of one too: its bulk inserts, sent together, cost less than a flush of rows."""
+        try:
+            decided, budget = self._decide(str(dataset_id), [p.item for p in batch])
+        except Exception:
+            log.exception("grouped admission failed; deciding the batch one by one")
+        else:
+            for pending, outcome in zip(batch, decided, strict=True):
+                if isinstance(outcome, Job):
+                    pending.resolve(outcome)
+                elif isinstance(outcome, BudgetExceeded) and budget is not None:
+                    pending.resolve(_Refused(outcome, budget))
+                else:
+                    pending.fail(outcome)
+            return
         for pending in batch:  # alone, in arrival order: the same decisions, one lock each
             admission, digest = pending.item
             try:
@@ -266,38 +289,44 @@ class JobService:
     def _decide_together(
         self, dataset_id: str, items: Sequence[tuple[Admission, str]]
     ) -> list[Job | PPMLError]:
+        """:meth:`_decide`'s decisions."""
+        return self._decide(dataset_id, items)[0]
+
+    def _decide(
+        self, dataset_id: str, items: Sequence[tuple[Admission, str]]
+    ) -> tuple[list[Job | PPMLError], DatasetBudget | None]:
         """One transaction under the tenant's lock and one budget lock: each item is decided
         on the totals and job counts that include the items before it (a serial replay in
         arrival order), then all are written in one flush. Raises, writing nothing, if the
-        transaction fails."""
+        transaction fails. Returns the decisions and the budget row as committed."""
         decided: list[Job | PPMLError] = []
         events: list[dict[str, Any]] = []  # the admitted jobs' audit events, inserted at once
         with self.db.session(write=True) as session:
             repos = Repositories(session)
             ledger = Ledger(repos, bulk=True)  # the entries too, after their jobs
             # A dataset has one tenant, so this is one more lock per batch, not per item.
-            room = self.rooms.locked(repos, _demands(a for a, _ in items))
+            room = self.rooms.locked(repos, demands_of(a for a, _ in items))
             budget, deleted = repos.lock_budget_of_live(dataset_id)
             if budget is not None:
                 try:
                     ledger.require_current(dataset_id)
                 except (LedgerRollback, LedgerHeadsInvalid) as refusal:  # nothing written
-                    return [type(refusal)(refusal.detail, **refusal.extra) for _ in items]
+                    return [type(refusal)(refusal.detail, **refusal.extra) for _ in items], None
             try:
-                self._refuse_if_deleted(repos, dataset_id, deleted)
+                refuse_if_deleted(repos, dataset_id, deleted)
             except DatasetDeleted as refusal:  # nothing written
-                return [DatasetDeleted(refusal.detail, **refusal.extra) for _ in items]
+                return [DatasetDeleted(refusal.detail, **refusal.extra) for _ in items], None
             rows: list[dict[str, Any]] = []  # the admitted jobs, inserted at once
             for admission, digest in items:
                 row = new_job_columns(admission, digest, None)
-                job = Job(**row)  # the answer's; the row is inserted from ``row``
+                job = detached(Job, row)  # the answer's; the row is inserted from ``row``
                 try:
                     self.rooms.refuse_if_no_room(
                         room[admission.tenant_id], admission.pricing.compute
                     )
                     if budget is not None and admission.pricing.event is not None:
                         ledger.reserve(budget, job, admission.pricing.event)
-                except (BudgetExceeded, TooManyRequests) as refusal:
+                except PPMLError as refusal:  # raised before anything is reserved
                     decided.append(refusal)
                     continue
                 rows.append(row)
@@ -311,7 +340,7 @@ class JobService:
         for outcome in decided:
             if isinstance(outcome, Job):
                 self.rooms.admitted(outcome.tenant_id)
-        return decided
+        return decided, budget
 
     def enqueue(self, job_id: str) -> None:
         """Send the job; if the broker is down, leave it to the reaper, which re-sends it."""
@@ -363,27 +392,5 @@ class JobService:
 
     def forget_dataset(self, tenant_id: str, dataset_id: str) -> None:
         """Drop a deleted dataset from this process's cache (admission re-checks it under the
-        tenant's lock in every process anyway: :meth:`_refuse_if_deleted`)."""
+        tenant's lock in every process anyway: ``admissions.refuse_if_deleted``)."""
         self._datasets.pop((tenant_id, dataset_id))
-
-    @staticmethod
-    def _refuse_if_deleted(repos: Repositories, dataset_id: str, deleted: bool | None) -> None:
-        """Under the tenant's lock, which a deletion holds too: the cached dataset may have
-        been deleted since it was read. ``deleted``: what the budget's lock read under that
-        lock already (None: ask)."""
-        if deleted is None:
-            deleted = repos.dataset_deleted(dataset_id)
-        if deleted:
-            raise DatasetDeleted(
-                f"dataset {dataset_id} was deleted; its ledger, budget and audit trail are kept",
-                field="dataset_id",
-            )
-
-
-def _demands(admissions: Iterable[Admission]) -> dict[str, tuple[int, int]]:
-    """Per tenant, the jobs and compute that admissions may add at most."""
-    demands: dict[str, tuple[int, int]] = {}
-    for admission in admissions:
-        jobs, compute = demands.get(admission.tenant_id, (0, 0))
-        demands[admission.tenant_id] = (jobs + 1, compute + admission.pricing.compute)
-    return demands

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ppml.cache import LRUCache
 from ppml.config import Settings
@@ -16,7 +17,10 @@ from ppml.errors import (
     TooManyRequests,
 )
 
-__all__ = ["RETRY_WHEN_FULL_S", "ActiveJobs", "Room", "TenantRooms"]
+if TYPE_CHECKING:
+    from ppml.services.admissions import Admission
+
+__all__ = ["RETRY_WHEN_FULL_S", "ActiveJobs", "Room", "TenantRooms", "demands_of"]
 
 # What a 429 for a tenant at its active-job or compute limit asks clients to wait.
 RETRY_WHEN_FULL_S = 30
@@ -203,3 +207,12 @@ class TenantRooms:
                 compute_requested=compute,
                 retry_after=RETRY_WHEN_FULL_S,
             )
+
+
+def demands_of(admissions: Iterable[Admission]) -> dict[str, tuple[int, int]]:
+    """Per tenant, the jobs and compute that admissions may add at most."""
+    demands: dict[str, tuple[int, int]] = {}
+    for admission in admissions:
+        jobs, compute = demands.get(admission.tenant_id, (0, 0))
+        demands[admission.tenant_id] = (jobs + 1, compute + admission.pricing.compute)
+    return demands

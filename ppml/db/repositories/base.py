@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+from sqlalchemy import Table, insert
 from sqlalchemy.orm import Session
 
-from ppml.db.models import JobStatus
+from ppml.db.models import Base, JobStatus
 
 __all__ = ["TERMINAL", "Page", "Queries"]
 
@@ -30,6 +31,23 @@ class Queries:
     def stage(self, *objects: Any) -> None:
         """Add without flushing: the next query or the commit writes them, in one flush."""
         self.session.add_all(objects)
+
+    def insert_rows(self, model: type[Base], rows: Sequence[dict[str, Any]]) -> None:
+        """Insert rows given as their columns, now: what ``session.execute(insert(model),
+        rows)`` (the ORM's bulk insert) writes, as plain Core inserts, at a fraction of its
+        cost. As there, the staged rows are flushed first, and a column whose value is None
+        is left out (so it stays SQL NULL, not JSON ``null``, or takes its default): one
+        statement per set of columns present."""
+        self.session.flush()
+        table = model.__table__
+        assert isinstance(table, Table)  # a mapped class's, not the ORM entity
+        statement = insert(table)
+        groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+        for row in rows:
+            present = {key: value for key, value in row.items() if value is not None}
+            groups.setdefault(tuple(present), []).append(present)
+        for group in groups.values():
+            self.session.execute(statement, group)
 
     @contextmanager
     def pipelined(self) -> Iterator[None]:

@@ -28,7 +28,7 @@ class JobQueries(Queries):
         """Insert new jobs given as their columns (``ppml.jobs.lifecycle.new_job_columns``)
         in one bulk statement, now: a batch of admissions flushes no ORM row per job."""
         if rows:
-            self.session.execute(insert(Job), list(rows))
+            self.insert_rows(Job, rows)
 
     def job(self, tenant_id: str, job_id: str) -> Job | None:
         return self.session.scalar(select(Job).where(Job.id == job_id, Job.tenant_id == tenant_id))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import bindparam, insert, select
+from sqlalchemy import bindparam, select
 from sqlalchemy.orm import aliased
 
 from ppml.db.models import (
@@ -39,7 +39,7 @@ class LedgerQueries(Queries):
         """Insert entries given as their columns in one bulk statement, now (the staged rows
         they refer to, their jobs, are flushed first)."""
         if rows:
-            self.session.execute(insert(LedgerEntry), list(rows))
+            self.insert_rows(LedgerEntry, rows)
 
     def ledger_entry(self, idempotency_key: str) -> LedgerEntry | None:
         return self.session.scalar(

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import BigInteger, bindparam, case, func, insert, select, text, update
+from sqlalchemy import BigInteger, bindparam, case, func, select, text, update
 
 from ppml.db.models import (
     ADMITTED_COMPUTE_CAP,
@@ -120,7 +120,7 @@ class TenantQueries(Queries):
         """Insert events given as their columns (``ppml.services.audit.fields_of``) in one
         bulk statement, now: many events of one transaction cost no ORM objects."""
         if rows:
-            self.session.execute(insert(AuditEvent), list(rows))
+            self.insert_rows(AuditEvent, rows)
 
     def list_audit(
         self,
