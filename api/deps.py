@@ -48,6 +48,7 @@ __all__ = [
     "RequireOwner",
     "SettingsDep",
     "StoreDep",
+    "request_principal",
 ]
 
 
@@ -121,6 +122,14 @@ async def _admin(credentials: Credentials, settings: SettingsDep) -> None:
 
 
 async def _principal(request: Request, credentials: Credentials) -> Principal:
+    return await _principal_of(request, credentials)
+
+
+async def _principal_of(
+    request: Request, credentials: HTTPAuthorizationCredentials | None
+) -> Principal:
+    """The request's principal: the one the middleware resolved, else the bearer key's
+    (then kept in the scope, as the middleware keeps it, for the request's other uses)."""
     found: Principal | None = request.scope.get(PRINCIPAL_SCOPE_KEY)
     if found is not None:
         return found
@@ -132,6 +141,13 @@ async def _principal(request: Request, credentials: Credentials) -> Principal:
     principal = await principal_for_token(db, credentials.credentials)
     if principal is None:
         raise Unauthorized("invalid API key")
+    request.scope[PRINCIPAL_SCOPE_KEY] = principal
+    return principal
+
+
+def request_principal(request: Request) -> Principal:
+    """The principal a resolved :data:`OwnedJob` (or :data:`CurrentPrincipal`) found."""
+    principal: Principal = request.scope[PRINCIPAL_SCOPE_KEY]
     return principal
 
 
@@ -205,11 +221,14 @@ def _owned_dataset(
 
 async def _owned_job(
     request: Request,
-    principal: CurrentPrincipal,
+    credentials: Credentials,
     job_id: Annotated[str, Path(max_length=64)],
 ) -> Job:
-    # No thread on PostgreSQL: the read runs on the event loop (ppml.db.reads). The tenant
-    # comes from the principal directly: one dependency less to solve on every poll.
+    # No thread on PostgreSQL: the read runs on the event loop (ppml.db.reads). The principal
+    # is resolved here rather than by a CurrentPrincipal dependency: one dependency less to
+    # solve on every poll and download (a route that also takes CurrentPrincipal finds it in
+    # the scope).
+    principal = await _principal_of(request, credentials)
     reads: AsyncReads = request.app.state.reads
     job = await reads.job(principal.tenant_id, job_id)
     if job is None:
