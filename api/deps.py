@@ -9,7 +9,7 @@ the job lookup behind polls and downloads makes none on PostgreSQL (``ppml.db.re
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import Depends, Path, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -28,7 +28,7 @@ from ppml.db.models import Dataset, Job
 from ppml.db.reads import AsyncReads
 from ppml.db.repositories import Repositories
 from ppml.db.session import Database
-from ppml.errors import InvalidInput, NotFound, Unauthorized
+from ppml.errors import NotFound, Unauthorized
 from ppml.services.datasets import require_live
 from ppml.services.jobs import JobService
 from ppml.services.nodes import CREDENTIAL_PREFIX, NodePrincipal
@@ -177,27 +177,6 @@ async def _tenant(principal: CurrentPrincipal) -> str:
 async def _owner(principal: CurrentPrincipal) -> Principal:
     require_owner(principal)
     return principal
-
-
-async def reject_unknown_query(request: Request) -> None:
-    """A query parameter the route does not declare is a 422 (a typo must not pass silently)."""
-    if not request.scope.get("query_string"):  # most requests: nothing to check
-        return
-    route = request.scope.get("route")
-    dependant = getattr(route, "dependant", None)
-    if dependant is None:
-        return
-    known = {param.alias for param in _all_query_params(dependant)}
-    for name in request.query_params:
-        if name not in known:
-            raise InvalidInput(f"unknown query parameter {name!r}", field=name)
-
-
-def _all_query_params(dependant: Any) -> list[Any]:
-    params = list(dependant.query_params)
-    for sub in dependant.dependencies:
-        params += _all_query_params(sub)
-    return params
 
 
 AdminAuth = Annotated[None, Depends(_admin)]
