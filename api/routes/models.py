@@ -150,7 +150,8 @@ async def download_model(
     # fewer dependencies to solve on every download.
     state = request.app.state
     principal = request_principal(request)
-    # On PostgreSQL one INSERT on the event loop, no thread or ORM session (ppml.db.reads).
+    # On PostgreSQL an INSERT on the event loop (shared with concurrent downloads' rows,
+    # committed before this returns), no thread or ORM session (ppml.db.reads).
     reads: AsyncReads = state.reads
     await audit.record_async(reads, principal, "model.download", "job", job.id, {"format": format})
     return await serve_artifact(

@@ -6,8 +6,9 @@ thread pool and back) and builds an ORM session around one ``SELECT``. On Postgr
 module runs the same ``SELECT`` on the event loop over an asynchronous psycopg pool, and
 turns the row into a detached ``Job`` (or ``JobEvent``) with the column types' own result
 processing, so callers get what the ORM would give them. An audit event is appended the same
-way: one ``INSERT`` of the model's table, in its own statement, with the columns' own bind
-processing (the row the ORM would have written). SQLite has no asynchronous driver
+way: an ``INSERT`` of the model's table committed before the caller goes on, with the
+columns' own bind processing (the row the ORM would have written); the events of concurrent
+requests share one statement (:class:`_Batches`). SQLite has no asynchronous driver
 here: there the read runs in a worker thread through the ORM, as before.
 
 The pool opens in the app's lifespan; until it is open (or after it closed), reads take the
