@@ -8,11 +8,10 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import Depends, FastAPI
+from fastapi import FastAPI
 
 from api import ui
 from api.auth import Authenticate
-from api.deps import reject_unknown_query
 from api.errors import install_error_handlers
 from api.events import StreamSlots
 from api.heap import FrozenHeap
@@ -79,7 +78,6 @@ def create_app(settings: Settings | None = None, db: Database | None = None) -> 
         lifespan=lifespan,
         docs_url=None,  # served from local files by api.ui, with the dashboard
         redoc_url=None,
-        dependencies=[Depends(reject_unknown_query)],
         openapi_tags=[
             {"name": "tenants", "description": "Admin: tenants and API keys."},
             {"name": "keys", "description": "Owners: their tenant's API keys."},

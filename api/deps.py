@@ -9,7 +9,7 @@ the job lookup behind polls and downloads makes none on PostgreSQL (``ppml.db.re
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import Depends, Path, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -28,7 +28,7 @@ from ppml.db.models import Dataset, Job
 from ppml.db.reads import AsyncReads
 from ppml.db.repositories import Repositories
 from ppml.db.session import Database
-from ppml.errors import InvalidInput, NotFound, Unauthorized
+from ppml.errors import NotFound, Unauthorized
 from ppml.services.datasets import require_live
 from ppml.services.jobs import JobService
 from ppml.services.nodes import CREDENTIAL_PREFIX, NodePrincipal
@@ -48,6 +48,7 @@ __all__ = [
     "RequireOwner",
     "SettingsDep",
     "StoreDep",
+    "request_principal",
 ]
 
 
@@ -121,6 +122,14 @@ async def _admin(credentials: Credentials, settings: SettingsDep) -> None:
 
 
 async def _principal(request: Request, credentials: Credentials) -> Principal:
+    return await _principal_of(request, credentials)
+
+
+async def _principal_of(
+    request: Request, credentials: HTTPAuthorizationCredentials | None
+) -> Principal:
+    """The request's principal: the one the middleware resolved, else the bearer key's
+    (then kept in the scope, as the middleware keeps it, for the request's other uses)."""
     found: Principal | None = request.scope.get(PRINCIPAL_SCOPE_KEY)
     if found is not None:
         return found
@@ -132,6 +141,13 @@ async def _principal(request: Request, credentials: Credentials) -> Principal:
     principal = await principal_for_token(db, credentials.credentials)
     if principal is None:
         raise Unauthorized("invalid API key")
+    request.scope[PRINCIPAL_SCOPE_KEY] = principal
+    return principal
+
+
+def request_principal(request: Request) -> Principal:
+    """The principal a resolved :data:`OwnedJob` (or :data:`CurrentPrincipal`) found."""
+    principal: Principal = request.scope[PRINCIPAL_SCOPE_KEY]
     return principal
 
 
@@ -163,27 +179,6 @@ async def _owner(principal: CurrentPrincipal) -> Principal:
     return principal
 
 
-async def reject_unknown_query(request: Request) -> None:
-    """A query parameter the route does not declare is a 422 (a typo must not pass silently)."""
-    if not request.scope.get("query_string"):  # most requests: nothing to check
-        return
-    route = request.scope.get("route")
-    dependant = getattr(route, "dependant", None)
-    if dependant is None:
-        return
-    known = {param.alias for param in _all_query_params(dependant)}
-    for name in request.query_params:
-        if name not in known:
-            raise InvalidInput(f"unknown query parameter {name!r}", field=name)
-
-
-def _all_query_params(dependant: Any) -> list[Any]:
-    params = list(dependant.query_params)
-    for sub in dependant.dependencies:
-        params += _all_query_params(sub)
-    return params
-
-
 AdminAuth = Annotated[None, Depends(_admin)]
 CurrentTenant = Annotated[str, Depends(_tenant)]
 # An owner key of the tenant, else 403. FastAPI resolves parameters in order: put it after
@@ -205,11 +200,14 @@ def _owned_dataset(
 
 async def _owned_job(
     request: Request,
-    principal: CurrentPrincipal,
+    credentials: Credentials,
     job_id: Annotated[str, Path(max_length=64)],
 ) -> Job:
-    # No thread on PostgreSQL: the read runs on the event loop (ppml.db.reads). The tenant
-    # comes from the principal directly: one dependency less to solve on every poll.
+    # No thread on PostgreSQL: the read runs on the event loop (ppml.db.reads). The principal
+    # is resolved here rather than by a CurrentPrincipal dependency: one dependency less to
+    # solve on every poll and download (a route that also takes CurrentPrincipal finds it in
+    # the scope).
+    principal = await _principal_of(request, credentials)
     reads: AsyncReads = request.app.state.reads
     job = await reads.job(principal.tenant_id, job_id)
     if job is None:

@@ -184,7 +184,10 @@ async def _refusing(
 def _nul_in_url(scope: Scope) -> str | None:
     if "\x00" in scope.get("path", ""):
         return "path"
-    query = scope.get("query_string", b"").decode("latin-1")
+    raw = scope.get("query_string", b"")
+    if not raw:  # most requests: no query to parse
+        return None
+    query = raw.decode("latin-1")
     for name, value in parse_qsl(query, keep_blank_values=True):
         if "\x00" in name or "\x00" in value:
             return name.replace("\x00", "") or "query"

@@ -10,11 +10,12 @@ from pydantic import BaseModel
 from api.deps import AdminAuth, DatabaseDep
 from api.errors import PROBLEM_MEDIA_TYPE, problem
 from api.events import StreamSlots
+from api.routes.common import CheckedRoute
 from api.schemas import Problem
 from ppml.db.repositories import Repositories
 from ppml.telemetry import ServiceCollector, scrape
 
-router = APIRouter(tags=["health"])
+router = APIRouter(tags=["health"], route_class=CheckedRoute)
 
 
 class Health(BaseModel):

@@ -13,7 +13,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from api.deps import OwnedJob
-from api.routes.common import Router, errors
+from api.routes.common import CheckedRoute, Router, errors
 from api.routes.models import ModelNotReady
 from api.schemas import SignedReceiptFile, SigningKeys
 from ppml.config import Settings
@@ -26,7 +26,7 @@ from ppml.trust.records import SignedReceipt
 __all__ = ["router", "well_known"]
 
 router = Router(prefix="/v1/jobs", tags=["receipts"])
-well_known = APIRouter(tags=["receipts"])
+well_known = APIRouter(tags=["receipts"], route_class=CheckedRoute)
 
 KEYS_PATH = "/.well-known/ppml-signing-keys.json"
 # Short: a verifier that holds the keys from before a rotation fetches them again soon.

@@ -23,6 +23,8 @@ from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
+from api.routes.common import CheckedRoute
+
 __all__ = ["STATIC_DIR", "VENDOR_DIR", "install"]
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
@@ -43,7 +45,7 @@ REFERENCE_POLICY = (
     "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
 )
 
-router = APIRouter(include_in_schema=False)
+router = APIRouter(include_in_schema=False, route_class=CheckedRoute)
 
 
 @router.get("/ui")

@@ -6,8 +6,9 @@ thread pool and back) and builds an ORM session around one ``SELECT``. On Postgr
 module runs the same ``SELECT`` on the event loop over an asynchronous psycopg pool, and
 turns the row into a detached ``Job`` (or ``JobEvent``) with the column types' own result
 processing, so callers get what the ORM would give them. An audit event is appended the same
-way: one ``INSERT`` of the model's table, in its own statement, with the columns' own bind
-processing (the row the ORM would have written). SQLite has no asynchronous driver
+way: an ``INSERT`` of the model's table committed before the caller goes on, with the
+columns' own bind processing (the row the ORM would have written); the events of concurrent
+requests share one statement (:class:`_Batches`). SQLite has no asynchronous driver
 here: there the read runs in a worker thread through the ORM, as before.
 
 The pool opens in the app's lifespan; until it is open (or after it closed), reads take the
@@ -16,9 +17,11 @@ thread path, so behaviour never depends on it.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import json
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, NamedTuple, TypeVar
 
 import psycopg
@@ -72,28 +75,96 @@ class _Select:
 
 
 class _Insert:
-    """One ``INSERT`` (PostgreSQL's: only the pool runs it) of every column of a table,
-    rendered once, with the columns' bind processing (JSON, UTC datetimes) applied to a
-    row's values."""
+    """``INSERT`` statements (PostgreSQL's: only the pool runs them) of every column of a
+    table, of 1 to ``most`` rows each, rendered once per row count, with the columns' bind
+    processing (JSON, UTC datetimes) applied to the rows' values."""
 
-    def __init__(self, table: Any, dialect: Dialect) -> None:
-        columns = list(table.columns)
-        # A retry after a dropped connection may find its row written: the id says so.
-        stmt = (
-            insert(table)
-            .values({c.key: bindparam(c.key) for c in columns})
-            .on_conflict_do_nothing(index_elements=[table.c.id])
-        )
-        self.sql = str(stmt.compile(dialect=dialect))
-        self.processors = {c.key: _bind_processor(c.type, dialect) for c in columns}
+    def __init__(self, table: Any, dialect: Dialect, *, most: int = 32) -> None:
+        self.table, self.dialect, self.most = table, dialect, most
+        processors = [(c.key, _bind_processor(c.type, dialect)) for c in table.columns]
+        # each row's parameters: (column, parameter name, bind processing)
+        self._names = [[(key, f"{key}_{i}", proc) for key, proc in processors] for i in range(most)]
+        self._sql: dict[int, str] = {}
 
-    def params(self, values: Mapping[str, Any]) -> dict[str, Any]:
-        """The statement's parameters for a row's column values (every column named)."""
+    def sql(self, rows: int) -> str:
+        """The statement inserting ``rows`` rows (parameters named ``{column}_{row}``)."""
+        sql = self._sql.get(rows)
+        if sql is None:
+            table = self.table
+            values: list[dict[str, Any]] = [
+                {key: bindparam(name) for key, name, _ in self._names[i]} for i in range(rows)
+            ]
+            # A retry after a dropped connection may find its rows written: the ids say so.
+            stmt = insert(table).values(values).on_conflict_do_nothing(index_elements=[table.c.id])
+            sql = self._sql[rows] = str(stmt.compile(dialect=self.dialect))
+        return sql
+
+    def params(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        """The statement's parameters for the rows' column values (every column named)."""
         params = {}
-        for key, proc in self.processors.items():
-            value = values[key]
-            params[key] = value if proc is None or value is None else proc(value)
+        for names, values in zip(self._names, rows, strict=False):
+            for key, name, proc in names:
+                value = values[key]
+                params[name] = value if proc is None or value is None else proc(value)
         return params
+
+
+class _Batches:
+    """Rows appended by concurrent requests, inserted together by ``insert``.
+
+    A row that finds no insert under way starts one at once; the rows that arrive while it
+    runs wait for it, then go together in the next statement (at most ``most`` rows each).
+    Each statement commits on its own (autocommit), and each caller's await returns once
+    the statement holding its row has committed, or raises that statement's error: a caller
+    serves nothing whose row is not committed, as with a statement of its own.
+    """
+
+    def __init__(
+        self, insert: Callable[[Sequence[Mapping[str, Any]]], Awaitable[None]], most: int
+    ) -> None:
+        self._insert, self._most = insert, most
+        self._waiting: list[tuple[Mapping[str, Any], asyncio.Future[None]]] = []
+        self._drain: asyncio.Task[None] | None = None
+
+    async def append(self, row: Mapping[str, Any]) -> None:
+        done = asyncio.get_running_loop().create_future()
+        self._waiting.append((row, done))
+        if self._drain is None:
+            self._drain = asyncio.ensure_future(self._drained())
+        await done
+
+    async def _drained(self) -> None:
+        batch: list[tuple[Mapping[str, Any], asyncio.Future[None]]] = []
+        try:
+            while self._waiting:
+                batch, self._waiting = self._waiting[: self._most], self._waiting[self._most :]
+                try:
+                    await self._insert([row for row, _ in batch])
+                except Exception as exc:
+                    _settle(batch, exc)
+                else:
+                    _settle(batch, None)
+                batch = []
+        except BaseException as exc:  # cancelled (the loop shuts down): no caller waits forever
+            _settle(batch + self._waiting, exc)
+            self._waiting = []
+            raise
+        finally:
+            self._drain = None
+
+
+def _settle(
+    batch: Sequence[tuple[Mapping[str, Any], asyncio.Future[None]]], error: BaseException | None
+) -> None:
+    for _, done in batch:
+        if done.done():  # its caller went away
+            continue
+        if error is None:
+            done.set_result(None)
+        elif isinstance(error, asyncio.CancelledError):
+            done.cancel()
+        else:
+            done.set_exception(error)
 
 
 class AsyncReads:
@@ -119,6 +190,7 @@ class AsyncReads:
             dialect,
         )
         self._audit = _Insert(AuditEvent.__table__, dialect)
+        self._audits: _Batches | None = None
 
     @property
     def asynchronous(self) -> bool:
@@ -150,9 +222,11 @@ class AsyncReads:
             await pool.close()
             return
         self._pool = pool
+        self._audits = _Batches(functools.partial(self._insert_audits, pool), self._audit.most)
 
     async def close(self) -> None:
         pool, self._pool = self._pool, None
+        self._audits = None
         if pool is not None:
             await pool.close()
 
@@ -184,14 +258,20 @@ class AsyncReads:
 
     async def append_audit(self, row: Mapping[str, Any]) -> None:
         """Insert the audit event of these column values (every column of the table),
-        committed before this returns (its own statement).
+        committed before this returns.
 
-        Raises the database's errors (a transient one after one retry): the caller serves
-        nothing it could not record."""
-        pool = self._pool
-        if pool is None:
+        On PostgreSQL, the events that concurrent requests append while an insert is under
+        way go together in the next ``INSERT``, each caller returning once its own row's
+        statement committed (:class:`_Batches`): one round trip and commit for several
+        downloads. Raises the database's errors (a transient one after one retry): the caller
+        serves nothing it could not record."""
+        audits = self._audits
+        if audits is None:
             return await to_thread.run_sync(self._audit_in_thread, row)
-        await self._fetch(pool, self._audit.sql, self._audit.params(row), rows=False)
+        await audits.append(row)
+
+    async def _insert_audits(self, pool: Any, rows: Sequence[Mapping[str, Any]]) -> None:
+        await self._fetch(pool, self._audit.sql(len(rows)), self._audit.params(rows), rows=False)
 
     async def _fetch(
         self, pool: Any, query: _Select | str, params: dict[str, Any], *, rows: bool = True

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import psycopg
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, select, text
 from sqlalchemy.engine import make_url
 
 from ppml.config import Settings
@@ -16,10 +18,18 @@ from ppml.db import models
 from ppml.db.reads import APPLICATION_NAME, AsyncReads
 from ppml.db.repositories import Repositories
 from ppml.db.session import Database
+from ppml.services import audit
 from ppml.services.admissions import Admission
 from ppml.services.pricing import price
+from ppml.services.tenants import Principal
 from ppml.specs import request_hash
-from tests.conftest import PG_ADMIN_URL, dp_job_spec, new_tenant, register_digits
+from tests.conftest import (
+    PG_ADMIN_URL,
+    dp_job_spec,
+    new_tenant,
+    new_tenant_id,
+    register_digits,
+)
 from tests.unit.worlds import job_spec as world_job_spec
 from tests.unit.worlds import make_service_world
 
@@ -206,3 +216,65 @@ def test_a_database_outage_answers_503_changes_nothing_and_passes(
     assert polled.status_code == 200, polled.text
     page = client.get("/v1/jobs", headers=headers).json()
     assert [job["id"] for job in page["items"]] == [job_id]  # the refused submit left nothing
+
+
+def _audit_row(tenant_id: str, n: int) -> dict[str, Any]:
+    by = Principal(tenant_id=tenant_id, key_id=f"key_{n}", role="analyst")
+    return audit.fields_of(by, "model.download", "job", f"job_{n}", {"format": "onnx"})
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+def test_concurrent_audit_rows_share_inserts_and_each_caller_waits_for_its_commit(
+    client: TestClient, database: Database
+) -> None:
+    """Rows appended while an insert is under way go together in one statement; each caller
+    returns once its row is committed (another connection reads it at once), or with the
+    statement's error."""
+    tenant_id = new_tenant_id(client)
+    reads = AsyncReads(database)
+    statements: list[int] = []
+    insert = reads._insert_audits
+
+    async def counted(pool: Any, batch: Sequence[Mapping[str, Any]]) -> None:
+        statements.append(len(batch))
+        await insert(pool, batch)
+
+    reads._insert_audits = counted  # type: ignore[method-assign]
+    rows = [_audit_row(tenant_id, n) for n in range(12)]
+
+    def committed() -> set[str]:
+        with database.read_one() as session:
+            column = models.AuditEvent.id
+            return set(session.scalars(select(column).where(column.in_([r["id"] for r in rows]))))
+
+    async def append(row: dict[str, Any]) -> set[str]:
+        await reads.append_audit(row)
+        return await asyncio.to_thread(committed)
+
+    async def scenario() -> list[Any]:
+        await reads.open()
+        try:
+            return await asyncio.gather(*(append(row) for row in rows))
+        finally:
+            await reads.close()
+
+    seen = asyncio.run(scenario())
+
+    assert sum(statements) == 12 and len(statements) < 12
+    assert all(row["id"] in found for row, found in zip(rows, seen, strict=True))
+
+    async def broken(pool: Any, batch: Sequence[Mapping[str, Any]]) -> None:
+        await asyncio.sleep(0)
+        raise psycopg.OperationalError("gone")
+
+    reads._insert_audits = broken  # type: ignore[method-assign]
+
+    async def failing() -> list[Any]:
+        await reads.open()
+        try:
+            appends = (reads.append_audit(_audit_row(tenant_id, n)) for n in range(12, 15))
+            return await asyncio.gather(*appends, return_exceptions=True)
+        finally:
+            await reads.close()
+
+    assert [type(e) for e in asyncio.run(failing())] == [psycopg.OperationalError] * 3

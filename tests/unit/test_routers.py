@@ -2,10 +2,31 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, FastAPI
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, FastAPI
 from fastapi.testclient import TestClient
 
-from api.routes.common import Router
+from api import ui
+from api.errors import install_error_handlers
+from api.routes import (
+    audit,
+    datasets,
+    federations,
+    health,
+    jobs,
+    keys,
+    models,
+    node,
+    receipts,
+    statistics,
+    synthetic,
+    tenants,
+)
+from api.routes.common import CheckedRoute, Router
+
+ROUTES = (audit, datasets, federations, jobs, keys, models, node, receipts, statistics)
+ROUTES += (synthetic, tenants)
 
 
 def _app(kind: type[APIRouter] = Router) -> FastAPI:
@@ -53,3 +74,35 @@ def test_every_answer_is_the_one_fastapis_own_router_gives() -> None:
                 for r in (client.request(m, p, follow_redirects=False) for m, p in requests)
             ]
     assert answers[Router] == answers[APIRouter]
+
+
+calls: list[str] = []
+
+
+async def counted(page: int = 0) -> int:
+    calls.append("dependency")
+    return page
+
+
+def test_a_query_parameter_no_route_declares_is_refused_before_the_route_runs() -> None:
+    """422 (invalid-input, naming the parameter) for an unknown one, before any dependency,
+    on the real app's routes (its routers and the health router alike)."""
+    calls.clear()
+    items = Router(prefix="/v1/items")
+
+    @items.get("/{item_id}")
+    async def item(item_id: str, page: Annotated[int, Depends(counted)]) -> dict[str, Any]:
+        return {"item": item_id, "page": page}
+
+    app = FastAPI()
+    install_error_handlers(app)
+    app.include_router(items)
+    with TestClient(app) as client:
+        assert client.get("/v1/items/a", params={"page": 2}).json() == {"item": "a", "page": 2}
+        refused = client.get("/v1/items/a", params={"page": 2, "pgae": 3})
+    assert refused.status_code == 422
+    assert refused.json()["type"] == "/problems/invalid-input"
+    assert refused.json()["field"] == "pgae" and calls == ["dependency"]
+    routers = [module.router for module in (*ROUTES, health, ui)] + [receipts.well_known]
+    routes = [route for router in routers for route in router.routes]
+    assert routes and all(isinstance(route, CheckedRoute) for route in routes)
