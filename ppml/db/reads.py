@@ -22,7 +22,7 @@ import functools
 import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple
 
 import psycopg
 from anyio import to_thread
@@ -31,9 +31,8 @@ from psycopg.types.json import Jsonb, set_json_loads
 from sqlalchemy import JSON, bindparam, select
 from sqlalchemy.dialects.postgresql import JSONB, insert
 from sqlalchemy.engine import Dialect, make_url
-from sqlalchemy.orm.attributes import instance_dict
 
-from ppml.db.base import Typed
+from ppml.db.base import Typed, detached
 from ppml.db.models import AuditEvent, Job, JobEvent
 from ppml.db.repositories import Repositories
 from ppml.db.session import Database
@@ -44,8 +43,6 @@ APPLICATION_NAME = "ppml-api-reads"  # how the pool's connections show in pg_sta
 EVENT_BATCH = 500  # events per read of a job's stream
 
 log = logging.getLogger(__name__)
-
-_M = TypeVar("_M")
 
 
 class EventHead(NamedTuple):
@@ -235,7 +232,7 @@ class AsyncReads:
         if pool is None:
             return await to_thread.run_sync(self._job_in_thread, tenant_id, job_id)
         rows = await self._fetch(pool, self._job, {"job_id": job_id, "tenant_id": tenant_id})
-        return _loaded(Job, self._job.values(rows[0])) if rows else None
+        return detached(Job, self._job.values(rows[0])) if rows else None
 
     async def event_head(self, tenant_id: str, job_id: str) -> EventHead | None:
         """The tenant's job's status and newest event seq (what a stream polls), or None."""
@@ -254,7 +251,7 @@ class AsyncReads:
             return await to_thread.run_sync(self._events_in_thread, job_id, after, limit)
         params = {"job_id": job_id, "after": after, "limit": limit}
         rows = await self._fetch(pool, self._events, params)
-        return [_loaded(JobEvent, self._events.values(row)) for row in rows]
+        return [detached(JobEvent, self._events.values(row)) for row in rows]
 
     async def append_audit(self, row: Mapping[str, Any]) -> None:
         """Insert the audit event of these column values (every column of the table),
@@ -310,16 +307,6 @@ class AsyncReads:
     def _events_in_thread(self, job_id: str, after: int, limit: int) -> list[JobEvent]:
         with self.db.read_one() as session:
             return list(Repositories(session).job_events(job_id, after=after, limit=limit))
-
-
-def _loaded(model: type[_M], values: dict[str, Any]) -> _M:
-    """A detached ``model`` holding ``values``, built as the ORM's loader builds the objects
-    of a query's rows: no constructor, so no attribute events and no validators (a typed
-    column's value was validated from the database's text already: :func:`_processor`).
-    ``Job(**values)`` cost over 20 times as much, in every poll."""
-    instance: _M = model.__mapper__.class_manager.new_instance()  # type: ignore[attr-defined]
-    instance_dict(instance).update(values)
-    return instance
 
 
 def _bind_processor(type_: Any, dialect: Any) -> Callable[[Any], Any] | None:

@@ -215,7 +215,9 @@ class HeadFile:
         document["signature"] = self.keys.sign(canonical(document)).as_dict()
         staged = self.path.with_name(f".{self.path.name}.tmp")
         with staged.open("w") as handle:
-            json.dump(document, handle, indent=1, sort_keys=True)
+            # One line, by json's C encoder (an indent makes it take the Python one): the
+            # file is rewritten after every batch of ledger appends.
+            handle.write(json.dumps(document, sort_keys=True))
             handle.flush()
             os.fsync(handle.fileno())  # never a renamed empty file after a crash
         os.replace(staged, self.path)

@@ -308,17 +308,21 @@ class JobSpec(Spec):
         return self
 
 
+# The defaults request_hash compares with (built once: it runs on every submit).
+_DEFAULT_RESOURCES, _DEFAULT_PREPROCESSING = ResourcesSpec(), PreprocessingSpec()
+
+
 def request_hash(spec: JobSpec) -> str:
     """Canonical hash of a job request, for ``Idempotency-Key`` comparisons (a spec without a
     webhook or resources hashes as it did before the field existed)."""
     later = {"webhook_url"} if not spec.webhook_url else set()
     if not spec.defaults_applied:
         later.add("defaults_applied")
-    if spec.resources == ResourcesSpec():
+    if spec.resources == _DEFAULT_RESOURCES:
         later.add("resources")
     if spec.pate is None:
         later.add("pate")
-    if spec.preprocessing == PreprocessingSpec():
+    if spec.preprocessing == _DEFAULT_PREPROCESSING:
         later.add("preprocessing")
     if spec.kind == "train":
         later |= {"kind", "synthesize"}
