@@ -336,6 +336,23 @@ def test_cancel_of_a_queued_job_releases_everything_and_a_second_cancel_is_refus
     assert snapshot(world, dataset.id) == settled
 
 
+def test_a_jobs_entries_read_back_in_chain_order_whatever_their_ids(world: World) -> None:
+    # arrange: a settled job whose reservation's id sorts after its release's (ids made in
+    # one millisecond sort at random; a receipt lists the entries in this order)
+    dataset = world.digits(epsilon=8.0)
+    job, _ = world.service.submit(world.tenant_id, spec(dataset.id))
+    world.service.cancel(world.tenant_id, job.id)
+    with world.db.session(write=True) as session:
+        reserve = Repositories(session).ledger_entry(f"{job.id}:{LedgerKind.RESERVE}")
+        assert reserve is not None
+        reserve.id = "led_zzzzzzzzzzzz" + reserve.id[16:]
+    # act
+    entries = world.job_ledger(job.id)
+    # assert
+    assert [e.kind for e in entries] == [LedgerKind.RESERVE, LedgerKind.RELEASE]
+    assert [e.seq for e in entries] == sorted(e.seq for e in entries)
+
+
 def test_cancel_of_a_running_job_only_asks_its_worker_to_stop(world: World) -> None:
     # arrange
     dataset = world.digits(epsilon=8.0)

@@ -53,8 +53,10 @@ class LedgerQueries(Queries):
         return self.session.scalars(stmt.order_by(LedgerEntry.seq)).all()
 
     def job_ledger_entries(self, job_id: str) -> Sequence[LedgerEntry]:
+        """The job's entries in chain order (by dataset, then ``seq``): ids made in the same
+        millisecond, as a settlement's commit and release are, do not sort by time."""
         stmt = select(LedgerEntry).where(LedgerEntry.job_id == job_id)
-        return self.session.scalars(stmt.order_by(LedgerEntry.id)).all()
+        return self.session.scalars(stmt.order_by(LedgerEntry.dataset_id, LedgerEntry.seq)).all()
 
     def newest_ledger_entry(self, dataset_id: str) -> LedgerEntry | None:
         """The dataset's newest ledger entry, the head of its chain (signed receipts bind
