@@ -94,6 +94,36 @@ def test_entries_chain_per_dataset_and_the_head_file_follows(
     assert check_chains(database, HeadFile.of(settings)).ok
 
 
+def test_the_ledger_lists_in_chain_order_page_by_page_whatever_the_ids(
+    client: TestClient, tenant: dict[str, str], database: Database
+) -> None:
+    # arrange: five entries; the first one's id made to sort last (ids made in the same
+    # millisecond, as a settlement's commit and release are, sort at random)
+    dataset_id = register_digits(client, tenant)
+    jobs = [_submit(client, tenant, dataset_id).json()["id"] for _ in range(3)]
+    for job_id in jobs[:2]:
+        assert client.post(f"/v1/jobs/{job_id}/cancel", headers=tenant).status_code == 202
+    with database.session(write=True) as session:
+        session.execute(
+            update(LedgerEntry)
+            .where(LedgerEntry.dataset_id == dataset_id, LedgerEntry.seq == 1)
+            .values(id="led_zzzzzzzzzzzzzzzzzzzzzzzzzzzz")
+        )
+    # act: two entries a page
+    url, pages, token = f"/v1/datasets/{dataset_id}/ledger", [], None
+    while True:
+        params: dict[str, Any] = {"page_size": 2, **({"page_token": token} if token else {})}
+        page = client.get(url, params=params, headers=tenant).json()
+        pages.append([e["seq"] for e in page["items"]])
+        token = page["next_page_token"]
+        if token is None:
+            break
+    bad = client.get(url, params={"page_token": "led_0123"}, headers=tenant)
+    # assert: oldest first by the chain, each entry once; a foreign token is a 422
+    assert pages == [[1, 2], [3, 4], [5]]
+    assert bad.status_code == 422 and bad.json()["field"] == "page_token"
+
+
 def test_an_edited_entry_is_found_by_db_check(
     client: TestClient, tenant: dict[str, str], database: Database, settings: Settings
 ) -> None:

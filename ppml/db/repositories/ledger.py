@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,6 +15,9 @@ from ppml.db.models import (
     LedgerEntry,
 )
 from ppml.db.repositories.base import Page, Queries
+from ppml.errors import InvalidInput
+
+_SEQ_TOKEN = re.compile(r"[0-9]{1,18}")  # a ledger page token: the last seq served
 
 # Built once: every admission's transaction runs it under the budget's lock.
 _LEDGER_HEAD = (
@@ -65,8 +69,17 @@ class LedgerQueries(Queries):
         return self.session.scalars(stmt.order_by(LedgerEntry.seq.desc()).limit(1)).first()
 
     def list_ledger(self, dataset_id: str, *, page_size: int, page_token: str | None) -> Page:
+        """A page of the dataset's entries in chain order (``seq``: ids made in the same
+        millisecond do not sort by time); the token is the last ``seq`` served."""
         stmt = select(LedgerEntry).where(LedgerEntry.dataset_id == dataset_id)
-        return self._page(stmt, LedgerEntry.id, page_size, page_token, descending=False)
+        if page_token is not None:
+            if not _SEQ_TOKEN.fullmatch(page_token):  # a seq fits a bigint
+                raise InvalidInput("not a page token of this ledger", field="page_token")
+            stmt = stmt.where(LedgerEntry.seq > int(page_token))
+        rows = list(self.session.scalars(stmt.order_by(LedgerEntry.seq).limit(page_size + 1)))
+        if len(rows) > page_size:
+            return rows[:page_size], str(rows[page_size - 1].seq)
+        return rows, None
 
     # --- the ledger's hash chains (ppml.privacy.chain) ---------------------------------
     def ledger_head(self, dataset_id: str) -> tuple[int, str] | None:
