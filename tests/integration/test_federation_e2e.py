@@ -266,7 +266,11 @@ def test_sample_level_job_over_four_node_processes(stack: FederationStack, shard
     a = stack.nodes["a"]  # the process started again, on the same data dir and ledger
     assert nodes["a"]["epsilon"] >= a.ledger_epsilon(1e-5)
     assert a.charged_rounds() <= nodes["a"]["rounds"] <= a.charged_rounds() + 1
-    assert nodes["b"]["rounds"] == ROUNDS and nodes["a"]["rounds"] < ROUNDS
+    # a's rounds: every round it delivered, at most every round it was asked (the expired one
+    # counts when a fetched its weights before the kill, so a may count all of them)
+    a_tasks = [s for n, _, s, _ in tasks if n == "a"]
+    assert a_tasks.count("accepted") <= nodes["a"]["rounds"] <= len(a_tasks)
+    assert nodes["b"]["rounds"] == ROUNDS
     assert nodes["d"]["rounds"] == 0 and nodes["d"]["epsilon"] == 0
     assert nodes["d"]["refused"].startswith("budget: would spend ε="), nodes["d"]
 
