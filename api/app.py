@@ -39,7 +39,7 @@ from ppml.queue import make_celery
 from ppml.services.jobs import JobService
 from ppml.storage import ArtifactStore
 
-__all__ = ["create_app"]
+__all__ = ["ROUTERS", "create_app"]
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,24 @@ Register a dataset with a privacy budget (ε, δ), submit DP-SGD jobs, poll them
 the trained model with its privacy receipt. A ledger refuses any job that would overspend a
 dataset's budget. All `/v1` routes take `Authorization: Bearer <key>`.
 """
+
+
+# Every router the app serves besides the dashboard's (ui.install), in the order included.
+ROUTERS = (
+    tenants.router,
+    keys.router,
+    datasets.router,
+    statistics.router,
+    federations.router,
+    node.router,
+    jobs.router,
+    models.router,
+    synthetic.router,
+    receipts.router,
+    audit.router,
+    health.router,
+    receipts.well_known,
+)
 
 
 def create_app(settings: Settings | None = None, db: Database | None = None) -> FastAPI:
@@ -122,22 +140,8 @@ def create_app(settings: Settings | None = None, db: Database | None = None) -> 
     app.state.quotes = TokenBuckets(rate=limits.quotes_per_second, burst=limits.quote_burst)
     app.state.jobs = JobService(db, settings, make_celery(settings))
     install_error_handlers(app)
-    for module in (
-        tenants,
-        keys,
-        datasets,
-        statistics,
-        federations,
-        node,
-        jobs,
-        models,
-        synthetic,
-        receipts,
-        audit,
-        health,
-    ):
-        app.include_router(module.router)
-    app.include_router(receipts.well_known)
+    for router in ROUTERS:
+        app.include_router(router)
     ui.install(app)
     # The last added runs first: authentication, then body limits, before any route reads.
     app.add_middleware(NulGuard)
