@@ -286,12 +286,6 @@ class JobService:
             except Exception as exc:
                 pending.fail(exc)
 
-    def _decide_together(
-        self, dataset_id: str, items: Sequence[tuple[Admission, str]]
-    ) -> list[Job | PPMLError]:
-        """:meth:`_decide`'s decisions."""
-        return self._decide(dataset_id, items)[0]
-
     def _decide(
         self, dataset_id: str, items: Sequence[tuple[Admission, str]]
     ) -> tuple[list[Job | PPMLError], DatasetBudget | None]:

@@ -45,7 +45,7 @@ class ActiveJobs:
 
     A tenant at its limit that keeps submitting is refused here, before it prices a job or
     queues for its tenant's lock; the exact check is the count under that lock (``_admit``,
-    ``_decide_together``). A count read from the database is reused for ``ttl`` seconds, plus
+    ``_decide``). A count read from the database is reused for ``ttl`` seconds, plus
     the jobs this process admitted since; a count at or over the limit is always read again
     before a refusal, so a refusal here is one the exact check would also make.
     """

@@ -115,7 +115,7 @@ def test_jobs_admitted_together_read_as_the_orm_reads_them(
         spec=job_spec,
         pricing=price(job_spec, dataset, world.settings),
     )
-    decided = world.service._decide_together(dataset.id, [(admission, request_hash(job_spec))] * 2)
+    decided = world.service._decide(dataset.id, [(admission, request_hash(job_spec))] * 2)[0]
     world.sent()  # leave nothing in the process-wide memory broker
     jobs = [job for job in decided if isinstance(job, models.Job)]
     assert len(jobs) == 2

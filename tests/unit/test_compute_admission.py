@@ -49,7 +49,7 @@ def test_a_batch_counts_the_compute_admitted_before_each_decision(world: World) 
         tenant_id=world.tenant_id, dataset=dataset, spec=job_spec, pricing=pricing
     )
     # act: five admissions decided together in one transaction
-    decided = service._decide_together(dataset.id, [(admission, request_hash(job_spec))] * 5)
+    decided = service._decide(dataset.id, [(admission, request_hash(job_spec))] * 5)[0]
     # assert: two admitted, three refused with the figures of the moment
     assert [isinstance(d, Job) for d in decided] == [True, True, False, False, False]
     for refusal in decided[2:]:

@@ -71,16 +71,17 @@ class Queries:
         stmt: Any,
         key: Any,
         page_size: int,
-        page_token: str | None,
+        page_token: Any,
         *,
         descending: bool = True,
     ) -> Page:
-        """Keyset pagination on a creation-ordered id; the token is the last id served."""
+        """Keyset pagination on ``key`` (a creation-ordered id, or a ledger's ``seq``); the
+        token is the ``key`` of the last row served."""
         if page_token is not None:
             stmt = stmt.where(key < page_token if descending else key > page_token)
         stmt = stmt.order_by(key.desc() if descending else key.asc()).limit(page_size + 1)
         rows = list(self.session.scalars(stmt).all())
         if len(rows) > page_size:
             rows = rows[:page_size]
-            return rows, str(getattr(rows[-1], "id"))  # noqa: B009
+            return rows, str(getattr(rows[-1], key.key))
         return rows, None

@@ -72,14 +72,12 @@ class LedgerQueries(Queries):
         """A page of the dataset's entries in chain order (``seq``: ids made in the same
         millisecond do not sort by time); the token is the last ``seq`` served."""
         stmt = select(LedgerEntry).where(LedgerEntry.dataset_id == dataset_id)
+        after = None
         if page_token is not None:
             if not _SEQ_TOKEN.fullmatch(page_token):  # a seq fits a bigint
                 raise InvalidInput("not a page token of this ledger", field="page_token")
-            stmt = stmt.where(LedgerEntry.seq > int(page_token))
-        rows = list(self.session.scalars(stmt.order_by(LedgerEntry.seq).limit(page_size + 1)))
-        if len(rows) > page_size:
-            return rows[:page_size], str(rows[page_size - 1].seq)
-        return rows, None
+            after = int(page_token)
+        return self._page(stmt, LedgerEntry.seq, page_size, after, descending=False)
 
     # --- the ledger's hash chains (ppml.privacy.chain) ---------------------------------
     def ledger_head(self, dataset_id: str) -> tuple[int, str] | None:
