@@ -122,12 +122,6 @@ async def _admin(credentials: Credentials, settings: SettingsDep) -> None:
 
 
 async def _principal(request: Request, credentials: Credentials) -> Principal:
-    return await _principal_of(request, credentials)
-
-
-async def _principal_of(
-    request: Request, credentials: HTTPAuthorizationCredentials | None
-) -> Principal:
     """The request's principal: the one the middleware resolved, else the bearer key's
     (then kept in the scope, as the middleware keeps it, for the request's other uses)."""
     found: Principal | None = request.scope.get(PRINCIPAL_SCOPE_KEY)
@@ -207,7 +201,7 @@ async def _owned_job(
     # is resolved here rather than by a CurrentPrincipal dependency: one dependency less to
     # solve on every poll and download (a route that also takes CurrentPrincipal finds it in
     # the scope).
-    principal = await _principal_of(request, credentials)
+    principal = await _principal(request, credentials)
     reads: AsyncReads = request.app.state.reads
     job = await reads.job(principal.tenant_id, job_id)
     if job is None:
